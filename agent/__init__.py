@@ -1,0 +1,1 @@
+"""The edgefleet agent: the daemon on each device. Never imports torch."""

@@ -1,0 +1,193 @@
+"""ONNX Runtime sessions on the best local execution provider, and the set of loaded models.
+
+The inference server reads from ``ModelRepository``; the reconciler publishes into it. A new
+version is loaded and smoke-tested before it is published, and the old one is dropped only
+after the swap, so requests never see a half-loaded model (load new, switch, unload old).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from agent.errors import ArtifactRejected, ModelNotFound
+from edgefleet.tensors import ORT_TO_DATATYPE
+
+log = logging.getLogger(__name__)
+
+# Best first. Providers not in this list (Azure, ...) are never chosen automatically.
+PROVIDER_PREFERENCE: tuple[str, ...] = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+def available_providers() -> list[str]:
+    """Execution providers this ONNX Runtime build offers, in our order of preference."""
+    have = set(ort.get_available_providers())
+    return [p for p in PROVIDER_PREFERENCE if p in have]
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    # Preferred providers, best first; empty means PROVIDER_PREFERENCE.
+    providers: Sequence[str] = ()
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    inter_op_threads: int = 0
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str  # Open Inference Protocol name, e.g. FP32
+    shape: tuple[int, ...]  # -1 for dynamic dimensions
+
+
+def create_session(model_path: Path, options: SessionOptions) -> tuple[ort.InferenceSession, str]:
+    """A session on the best provider that loads the model, and that provider's name.
+
+    Each preferred provider is tried in turn; a failure is logged with its reason and the
+    next one is tried, down to CPU. Only when no provider loads the model is it rejected.
+    """
+    wanted = list(options.providers) or list(PROVIDER_PREFERENCE)
+    have = set(ort.get_available_providers())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    errors: list[str] = []
+    for provider in wanted:
+        if provider not in have:
+            log.info("execution provider %s is not available in this onnxruntime build", provider)
+            continue
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=so, providers=[provider])
+        except Exception as err:  # ORT raises its own types; each is a reason to fall back
+            reason = f"{provider}: {type(err).__name__}: {err}"
+            log.warning("falling back from %s", reason)
+            errors.append(reason)
+            continue
+        return session, provider
+    detail = "; ".join(errors) or f"none of {wanted} is available (have {sorted(have)})"
+    raise ArtifactRejected(f"ONNX Runtime cannot load {model_path.name}: {detail}")
+
+
+def _tensor_infos(nodes: Sequence[ort.NodeArg]) -> tuple[TensorInfo, ...]:
+    infos = []
+    for node in nodes:
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+        infos.append(TensorInfo(node.name, ORT_TO_DATATYPE.get(node.type, node.type), shape))
+    return tuple(infos)
+
+
+@dataclass
+class LoadedModel:
+    """One version of one model, loaded and ready to run."""
+
+    name: str
+    version: int
+    digest: str  # manifest digest
+    session: ort.InferenceSession
+    execution_provider: str
+    inputs: tuple[TensorInfo, ...] = field(init=False)
+    outputs: tuple[TensorInfo, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = _tensor_infos(self.session.get_inputs())
+        self.outputs = _tensor_infos(self.session.get_outputs())
+
+    def run(
+        self, feeds: dict[str, npt.NDArray[np.generic]], output_names: Sequence[str] | None = None
+    ) -> list[npt.NDArray[np.generic]]:
+        names = list(output_names) if output_names else [o.name for o in self.outputs]
+        result: list[npt.NDArray[np.generic]] = self.session.run(names, feeds)
+        return result
+
+
+def load_model(
+    name: str, version: int, digest: str, model_path: Path, options: SessionOptions
+) -> LoadedModel:
+    session, provider = create_session(model_path, options)
+    return LoadedModel(name, version, digest, session, provider)
+
+
+class ModelRepository:
+    """The models being served, by name and version. Thread-safe; reads take no lock.
+
+    Each model has a default version (the one requests without ``model_version`` get) and
+    may have others loaded at the same time (e.g. the previous one, for rollback).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # name -> (default version, {version: model}); replaced whole, never mutated, so
+        # readers see either the old or the new mapping.
+        self._models: dict[str, tuple[int, dict[int, LoadedModel]]] = {}
+
+    def publish(self, model: LoadedModel, *, keep: Sequence[int] = ()) -> list[LoadedModel]:
+        """Make `model` the default version of its name; keep only `keep` other versions.
+
+        Returns the models dropped, so the caller can release them after the switch.
+        """
+        with self._lock:
+            _, current = self._models.get(model.name, (0, {}))
+            retained = {v: m for v, m in current.items() if v in keep and v != model.version}
+            dropped = [m for v, m in current.items() if v not in retained and m is not model]
+            retained[model.version] = model
+            new = dict(self._models)
+            new[model.name] = (model.version, retained)
+            self._models = new
+        return dropped
+
+    def remove(self, name: str) -> list[LoadedModel]:
+        with self._lock:
+            new = dict(self._models)
+            _, gone = new.pop(name, (0, {}))
+            self._models = new
+        return list(gone.values())
+
+    def get(self, name: str, version: str | int | None = None) -> LoadedModel:
+        entry = self._models.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFound(f"model {name!r} is not served here (serving: {known})")
+        default, versions = entry
+        if version in (None, "", 0):
+            return versions[default]
+        try:
+            v = int(version)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; versions are whole numbers"
+            ) from None
+        model = versions.get(v)
+        if model is None:
+            have = ", ".join(str(x) for x in sorted(versions))
+            raise ModelNotFound(f"model {name!r} has no version {v} loaded (loaded: {have})")
+        return model
+
+    def default_version(self, name: str) -> int:
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not served here")
+        return entry[0]
+
+    def versions(self, name: str) -> list[int]:
+        entry = self._models.get(name)
+        return sorted(entry[1]) if entry else []
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def ready(self) -> bool:
+        """True when at least one model is loaded."""
+        return bool(self._models)

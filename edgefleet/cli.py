@@ -1,0 +1,78 @@
+"""The `edgefleet` command. Each sub-command's module is imported only when it runs, so
+`edgefleet agent run` works with only the agent extra installed (no torch, no onnx)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import click
+
+from edgefleet import __version__
+
+# command name -> "module:attribute" of a click command or group.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("edgefleet.demo:demo", "Run the whole loop on this machine: cloud, 3 agents, v1 -> v2."),
+    "cloud": ("cloudsvc.cli:cloud", "Run the cloud service (registry, fleet, agent API)."),
+    "agent": ("agent.cli:agent", "Run the device agent (reconcile, serve inference)."),
+    "models": ("edgefleet.admin_cli:models", "Push and inspect models and their versions."),
+    "deploy": ("edgefleet.admin_cli:deploy", "Set the version a group of devices should run."),
+    "devices": ("edgefleet.admin_cli:devices", "List devices: labels, online, versions, errors."),
+    "enroll-token": ("edgefleet.admin_cli:enroll_token", "Create a token devices enroll with."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            module_name, attr = LAZY_COMMANDS[cmd_name][0].split(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as err:
+                raise click.ClickException(
+                    f"`edgefleet {cmd_name}` needs a package that is not installed ({err.name}). "
+                    f"Install the extra it belongs to, e.g. pip install 'edgefleet[cloud]'."
+                ) from err
+            command: click.Command = getattr(module, attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help comes from the table above so that `--help` imports no command module.
+        rows = [(name, LAZY_COMMANDS[name][1]) for name in sorted(LAZY_COMMANDS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgefleet")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """edgefleet: fine-tune, compile and roll out ML models to a fleet of edge devices.
+
+    \b
+    Start here:
+      edgefleet demo                      the whole loop on this machine in under a minute
+      edgefleet cloud serve               run the cloud service
+      edgefleet agent run --cloud H:P     run an agent on a device
+      edgefleet models push NAME m.onnx   upload a model version
+      edgefleet deploy NAME --version 1   roll it out
+      edgefleet devices                   see where every device stands
+
+    Admin commands read the cloud address and admin token from --cloud/--token or
+    EDGEFLEET_CLOUD / EDGEFLEET_ADMIN_TOKEN.
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return cli.main(args=argv, prog_name="edgefleet")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,10 @@ from edgefleet import __version__
 
 # command name -> "module:attribute" of a click command or group.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("edgefleet.demo:demo", "Run the whole loop on this machine: cloud, 3 agents, v1 -> v2."),
+    "demo": (
+        "edgefleet.demo:demo",
+        "Run the whole loop on this machine: cloud, 3 agents, v1 -> v2.",
+    ),
     "cloud": ("cloudsvc.cli:cloud", "Run the cloud service (registry, fleet, agent API)."),
     "agent": ("agent.cli:agent", "Run the device agent (reconcile, serve inference)."),
     "models": ("edgefleet.admin_cli:models", "Push and inspect models and their versions."),
@@ -67,7 +70,9 @@ def cli(verbose: int) -> None:
     EDGEFLEET_CLOUD / EDGEFLEET_ADMIN_TOKEN.
     """
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def main(argv: list[str] | None = None) -> Any:

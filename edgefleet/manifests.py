@@ -79,7 +79,9 @@ def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def sign_manifest(manifest: artifact_pb2.Manifest, key: Ed25519PrivateKey) -> artifact_pb2.SignedManifest:
+def sign_manifest(
+    manifest: artifact_pb2.Manifest, key: Ed25519PrivateKey
+) -> artifact_pb2.SignedManifest:
     body = manifest_bytes(manifest)
     return artifact_pb2.SignedManifest(
         manifest=body, signature=key.sign(body), key_id=key_id(public_key_bytes(key))
@@ -98,7 +100,9 @@ def verify_manifest(
     """The manifest, once its digest and its signature by a trusted key are checked."""
     digest = manifest_digest(signed)
     if expected_digest is not None and digest != expected_digest:
-        raise ManifestError(f"manifest digest {digest[:12]} does not match the expected {expected_digest[:12]}")
+        raise ManifestError(
+            f"manifest digest {digest[:12]} does not match the expected {expected_digest[:12]}"
+        )
     keys = {key_id(k): k for k in trusted_keys}
     raw = keys.get(signed.key_id)
     if raw is None:

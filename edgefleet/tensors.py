@@ -64,7 +64,9 @@ def datatype_of(array: npt.NDArray[np.generic]) -> str:
     try:
         return NUMPY_TO_DATATYPE[np.dtype(dtype)]
     except KeyError:
-        raise InvalidArgument(f"numpy dtype {array.dtype} has no Open Inference Protocol type") from None
+        raise InvalidArgument(
+            f"numpy dtype {array.dtype} has no Open Inference Protocol type"
+        ) from None
 
 
 def to_raw(array: npt.NDArray[np.generic]) -> bytes:
@@ -73,7 +75,9 @@ def to_raw(array: npt.NDArray[np.generic]) -> bytes:
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
-def from_raw(data: bytes, datatype: str, shape: list[int] | tuple[int, ...]) -> npt.NDArray[np.generic]:
+def from_raw(
+    data: bytes, datatype: str, shape: list[int] | tuple[int, ...]
+) -> npt.NDArray[np.generic]:
     """The array that raw bytes hold, checking their size against datatype and shape."""
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":

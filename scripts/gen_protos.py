@@ -21,9 +21,8 @@ def proto_files(root: Path) -> list[Path]:
 
 def generate(out_dir: Path, root: Path = ROOT) -> None:
     """Write *_pb2.py, *_pb2_grpc.py and their .pyi stubs for every proto into out_dir."""
-    from grpc_tools import protoc  # dev-only dependency
-
     import grpc_tools
+    from grpc_tools import protoc  # dev-only dependency
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +45,7 @@ def generate(out_dir: Path, root: Path = ROOT) -> None:
         while folder != out_dir:
             (folder / "__init__.py").touch(exist_ok=True)
             folder = folder.parent
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)

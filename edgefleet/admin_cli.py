@@ -1,0 +1,317 @@
+"""Operator commands (models, deploy, devices, enroll-token): thin click layers over
+`edgefleet.client.AdminClient`, each ending with a clear summary."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from edgefleet.client import AdminClient, Device
+from edgefleet.errors import EdgefleetError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console()
+
+
+def cloud_options(fn: F) -> F:
+    fn = click.option(
+        "--token",
+        envvar="EDGEFLEET_ADMIN_TOKEN",
+        help="Admin token [env EDGEFLEET_ADMIN_TOKEN]; `edgefleet cloud serve` prints where it is kept.",
+    )(fn)
+    fn = click.option(
+        "--cloud",
+        envvar="EDGEFLEET_CLOUD",
+        default="127.0.0.1:50051",
+        show_default=True,
+        help="Cloud service address HOST:PORT [env EDGEFLEET_CLOUD].",
+    )(fn)
+    return fn
+
+
+@contextmanager
+def admin(cloud: str, token: str | None) -> Iterator[AdminClient]:
+    """An AdminClient whose errors end the command with their message and a non-zero exit."""
+    try:
+        with AdminClient(cloud, token) as client:
+            yield client
+    except EdgefleetError as err:
+        raise click.ClickException(f"{err.message} [{err.code.value}]") from None
+
+
+def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: write {what} as key=value, e.g. site=plant-1")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def ago(ts: int) -> str:
+    if not ts:
+        return "never"
+    s = max(0, int(time.time()) - ts)
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+# models ---------------------------------------------------------------------------------
+
+
+@click.group()
+def models() -> None:
+    """Push model versions to the registry and inspect them.
+
+    \b
+      edgefleet models push defect-classifier model.onnx -d "first cut"
+      edgefleet models list
+      edgefleet models versions defect-classifier
+    """
+
+
+@models.command("push")
+@click.argument("name")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-d", "--description", default="", help="What changed in this version.")
+@click.option("--target", default="", help="Compile profile of the file [default: onnx-cpu-fp32].")
+@click.option(
+    "--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata to record (repeatable)."
+)
+@click.option("--parent", type=int, default=0, help="Version this one derives from (lineage).")
+@click.option(
+    "--skip-verify",
+    is_flag=True,
+    help="Do not load the model in the cloud (for models only the device runtime can load); "
+    "golden samples are then not made.",
+)
+@cloud_options
+def push(
+    name: str,
+    model_file: Path,
+    description: str,
+    target: str,
+    meta: tuple[str, ...],
+    parent: int,
+    skip_verify: bool,
+    cloud: str,
+    token: str | None,
+) -> None:
+    """Upload MODEL_FILE (ONNX) as the next version of NAME.
+
+    The cloud checks that the model loads in ONNX Runtime, records its input and output
+    signature, makes golden samples for the on-device smoke test by running it, cuts it into
+    content-addressed chunks and signs the manifest.
+    """
+    metadata = parse_pairs(meta, "--meta")
+    with (
+        admin(cloud, token) as client,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+            transient=True,
+        ) as bar,
+    ):
+        task = bar.add_task(f"uploading {model_file.name}", total=model_file.stat().st_size)
+        version = client.push_model(
+            name,
+            model_file,
+            description=description,
+            target=target,
+            metadata=metadata,
+            skip_verify=skip_verify,
+            parent_version=parent,
+            progress=lambda sent, _total: bar.update(task, completed=sent),
+        )
+    art = version.artifacts[0] if version.artifacts else None
+    console.print(
+        f"[green]pushed[/] {version.model} [bold]v{version.version}[/]"
+        f" ({human_bytes(art.size_bytes) if art else '?'}, {art.chunk_count if art else 0} chunks,"
+        f" {version.golden_sample_count} golden samples)"
+    )
+    console.print(f"  inputs:  {', '.join(str(s) for s in version.inputs)}")
+    console.print(f"  outputs: {', '.join(str(s) for s in version.outputs)}")
+    if art:
+        console.print(f"  artifact {art.target}: manifest sha256:{art.manifest_digest[:16]}")
+    console.print(
+        f"next: edgefleet deploy {version.model} --version {version.version} --selector KEY=VALUE"
+    )
+
+
+@models.command("list")
+@cloud_options
+def list_models(cloud: str, token: str | None) -> None:
+    """List models with their latest version."""
+    with admin(cloud, token) as client:
+        rows = client.models()
+    table = Table("model", "latest", "versions", "created", "description")
+    for m in rows:
+        table.add_row(
+            m.name, f"v{m.latest_version}", str(m.version_count), ago(m.created_at), m.description
+        )
+    console.print(table)
+    console.print(f"{len(rows)} model(s)")
+
+
+@models.command("versions")
+@click.argument("name")
+@cloud_options
+def versions(name: str, cloud: str, token: str | None) -> None:
+    """List the versions of NAME with lineage, signature and artifacts."""
+    with admin(cloud, token) as client:
+        rows = client.versions(name)
+    table = Table("version", "parent", "created", "inputs", "outputs", "artifacts", "description")
+    for v in rows:
+        arts = ", ".join(f"{a.target} ({human_bytes(a.size_bytes)})" for a in v.artifacts)
+        table.add_row(
+            f"v{v.version}",
+            f"v{v.parent_version}" if v.parent_version else "-",
+            ago(v.created_at),
+            ", ".join(str(s) for s in v.inputs),
+            ", ".join(str(s) for s in v.outputs),
+            arts,
+            v.description,
+        )
+    console.print(table)
+    console.print(f"{len(rows)} version(s) of {name}")
+
+
+# deploy ---------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("name")
+@click.option("--version", "version", type=int, required=True, help="Version to run.")
+@click.option(
+    "--selector",
+    "-l",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only devices with this label (repeatable; all must match). None: every device.",
+)
+@click.option("--target", default="", help="Artifact target [default: the device's best].")
+@click.option("--wait/--no-wait", default=False, help="Wait until every selected device runs it.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait.")
+@cloud_options
+def deploy(
+    name: str,
+    version: int,
+    selector: tuple[str, ...],
+    target: str,
+    wait: bool,
+    timeout: float,
+    cloud: str,
+    token: str | None,
+) -> None:
+    """Set version VERSION of model NAME as the desired state of every matching device.
+
+    Each device's desired-state generation moves on by one; agents converge on their own
+    (download what they lack, verify, smoke-test, switch) and report back. Watch with
+    `edgefleet devices` or pass --wait.
+    """
+    labels = parse_pairs(selector, "--selector")
+    with admin(cloud, token) as client:
+        generations = client.deploy(name, version, selector=labels, target=target)
+        where = ", ".join(f"{k}={v}" for k, v in labels.items()) or "every device"
+        console.print(
+            f"[green]deployed[/] {name} v{version} to {len(generations)} device(s) ({where})"
+        )
+        for device_id, gen in sorted(generations.items()):
+            console.print(f"  {device_id}: desired generation {gen}")
+        if wait:
+            with console.status(f"waiting for {len(generations)} device(s)...") as status:
+
+                def show(devs: list[Device]) -> None:
+                    done = sum(1 for d in devs if d.running(name) == version)
+                    status.update(f"{done}/{len(generations)} device(s) run {name} v{version}")
+
+                client.wait_converged(
+                    name, version, list(generations), timeout=timeout, on_change=show
+                )
+            console.print(f"all {len(generations)} device(s) run {name} v{version}")
+
+
+# devices --------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--selector", "-l", multiple=True, metavar="KEY=VALUE", help="Only devices with this label."
+)
+@cloud_options
+def devices(selector: tuple[str, ...], cloud: str, token: str | None) -> None:
+    """List devices: labels, online state, running versions, desired vs reported generation,
+    and the last error."""
+    with admin(cloud, token) as client:
+        rows = client.devices(parse_pairs(selector, "--selector"))
+    console.print(render_devices(rows))
+    online = sum(1 for d in rows if d.online)
+    converged = sum(1 for d in rows if d.converged)
+    failing = sum(1 for d in rows if d.last_error)
+    console.print(
+        f"{len(rows)} device(s): {online} online, {converged} converged, {failing} with errors"
+    )
+
+
+def render_devices(rows: list[Device]) -> Table:
+    table = Table("device", "labels", "online", "running", "generation", "last error")
+    for d in rows:
+        running = (
+            ", ".join(
+                f"{m.model} v{m.active_version}"
+                + (
+                    f" ({m.phase} v{m.desired_version})"
+                    if m.phase not in ("ready", "unknown")
+                    else ""
+                )
+                for m in d.models
+            )
+            or "-"
+        )
+        gen = f"{d.reported_generation}/{d.desired_generation}"
+        if d.reported_generation < d.desired_generation:
+            gen = f"[yellow]{gen}[/]"
+        table.add_row(
+            d.device_id,
+            ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())),
+            "[green]yes[/]" if d.online else f"[red]no[/] ({ago(d.last_seen_at)})",
+            running,
+            gen,
+            f"[red]{d.last_error}[/]" if d.last_error else "",
+        )
+    return table
+
+
+@click.command("enroll-token")
+@click.option("--ttl", type=int, default=0, help="Seconds the token is valid (0: no expiry).")
+@click.option("--note", default="", help="What the token is for.")
+@cloud_options
+def enroll_token(ttl: int, note: str, cloud: str, token: str | None) -> None:
+    """Create a token that agents enroll with (`edgefleet agent run --enroll-token ...`)."""
+    with admin(cloud, token) as client:
+        value, expires = client.create_enroll_token(ttl, note)
+    click.echo(value)
+    console.print(
+        f"expires: {time.ctime(expires) if expires else 'never'}", style="dim", highlight=False
+    )

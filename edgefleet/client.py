@@ -1,0 +1,383 @@
+"""A typed client for the cloud's admin API: what the CLI uses, and what a notebook or a CI
+pipeline uses to drive everything the CLI can.
+
+    from edgefleet.client import AdminClient
+    with AdminClient("127.0.0.1:50051", token="...") as cloud:
+        v = cloud.push_model("defect-classifier", "model.onnx")
+        cloud.deploy("defect-classifier", v.version, selector={"site": "plant-1"})
+        for d in cloud.devices():
+            print(d.device_id, d.online, d.models)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from edgefleet.auth import bearer_metadata
+from edgefleet.errors import InvalidArgument
+from edgefleet.grpc_errors import error_from_rpc
+from protos.admin.v1 import admin_pb2, admin_pb2_grpc
+from protos.artifact.v1 import artifact_pb2
+from protos.fleet.v1 import fleet_pb2
+
+# 1 MiB pieces: well under gRPC's default 4 MiB message limit.
+UPLOAD_PIECE = 1 << 20
+MAX_MESSAGE = 64 << 20
+
+T = TypeVar("T")
+
+PHASE_NAMES = {
+    fleet_pb2.MODEL_PHASE_UNSPECIFIED: "unknown",
+    fleet_pb2.MODEL_PHASE_DOWNLOADING: "downloading",
+    fleet_pb2.MODEL_PHASE_ACTIVATING: "activating",
+    fleet_pb2.MODEL_PHASE_READY: "ready",
+    fleet_pb2.MODEL_PHASE_FAILED: "failed",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        dims = ",".join("?" if d < 0 else str(d) for d in self.shape)
+        return f"{self.name}:{self.datatype}[{dims}]"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    target: str
+    manifest_digest: str
+    size_bytes: int
+    chunk_count: int
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    model: str
+    version: int
+    description: str
+    parent_version: int
+    created_at: int
+    created_by: str
+    source_sha256: str
+    golden_sample_count: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    artifacts: tuple[Artifact, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    description: str
+    latest_version: int
+    version_count: int
+    created_at: int
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What a device reports for one model."""
+
+    model: str
+    active_version: int
+    previous_version: int
+    desired_version: int
+    phase: str
+    error: str
+    execution_provider: str
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    labels: dict[str, str]
+    online: bool
+    last_seen_at: int
+    enrolled_at: int
+    desired_generation: int
+    reported_generation: int
+    desired: dict[str, int]  # model -> desired version
+    models: tuple[ModelState, ...]
+    last_error: str
+    inference_endpoint: str
+    arch: str
+    execution_providers: tuple[str, ...]
+    memory_bytes: int
+
+    @property
+    def converged(self) -> bool:
+        """The device observed its desired generation and runs every desired version."""
+        if self.reported_generation < self.desired_generation:
+            return False
+        running = {m.model: m.active_version for m in self.models}
+        return all(running.get(name) == v for name, v in self.desired.items())
+
+    def running(self, model: str) -> int:
+        return next((m.active_version for m in self.models if m.model == model), 0)
+
+
+def _specs(specs: Sequence[artifact_pb2.TensorSpec]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in specs)
+
+
+def _version(v: admin_pb2.ModelVersion) -> ModelVersion:
+    return ModelVersion(
+        model=v.model,
+        version=v.version,
+        description=v.description,
+        parent_version=v.parent_version,
+        created_at=v.created_at,
+        created_by=v.created_by,
+        source_sha256=v.source_sha256,
+        golden_sample_count=v.golden_sample_count,
+        inputs=_specs(v.inputs),
+        outputs=_specs(v.outputs),
+        artifacts=tuple(
+            Artifact(a.target, a.manifest_digest, a.size_bytes, a.chunk_count) for a in v.artifacts
+        ),
+        metadata=dict(v.metadata),
+    )
+
+
+def _device(d: admin_pb2.Device) -> Device:
+    return Device(
+        device_id=d.device_id,
+        labels=dict(d.labels),
+        online=d.online,
+        last_seen_at=d.last_seen_at,
+        enrolled_at=d.enrolled_at,
+        desired_generation=d.desired_generation,
+        reported_generation=d.reported_generation,
+        desired={m.model: m.version for m in d.desired_models},
+        models=tuple(
+            ModelState(
+                model=m.model,
+                active_version=m.active_version,
+                previous_version=m.previous_version,
+                desired_version=m.desired_version,
+                phase=PHASE_NAMES.get(m.phase, "unknown"),
+                error=m.error,
+                execution_provider=m.execution_provider,
+            )
+            for m in d.models
+        ),
+        last_error=d.last_error,
+        inference_endpoint=d.inference_endpoint,
+        arch=d.capabilities.arch,
+        execution_providers=tuple(d.capabilities.execution_providers),
+        memory_bytes=d.capabilities.memory_bytes,
+    )
+
+
+class AdminClient:
+    """Blocking client for `edgefleet.admin.v1.AdminService`.
+
+    Failed calls raise `edgefleet.errors.EdgefleetError` whose `.code` says what kind of
+    failure it was and whose message says what to fix.
+    """
+
+    def __init__(
+        self, address: str | None = None, token: str | None = None, *, timeout: float = 30.0
+    ) -> None:
+        address = address or os.environ.get("EDGEFLEET_CLOUD") or "127.0.0.1:50051"
+        token = token or os.environ.get("EDGEFLEET_ADMIN_TOKEN")
+        if not token:
+            raise InvalidArgument(
+                "no admin token: pass --token or set EDGEFLEET_ADMIN_TOKEN "
+                "(the cloud prints where it keeps its token when it starts)"
+            )
+        self.address = address
+        self.timeout = timeout
+        self._metadata = bearer_metadata(token)
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ],
+        )
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    # models ---------------------------------------------------------------------------
+
+    def push_model(
+        self,
+        model: str,
+        path: str | Path,
+        *,
+        description: str = "",
+        target: str = "",
+        metadata: Mapping[str, str] | None = None,
+        golden_samples: Sequence[artifact_pb2.GoldenSample] = (),
+        skip_verify: bool = False,
+        parent_version: int = 0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ModelVersion:
+        """Upload an ONNX file as the next version of `model`, streamed in 1 MiB pieces.
+
+        `progress(sent, total)` is called after each piece.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidArgument(f"{path} is not a file; give the path of an .onnx model")
+        total = path.stat().st_size
+        header = admin_pb2.PushModelHeader(
+            model=model,
+            description=description,
+            target=target,
+            size=total,
+            golden_samples=list(golden_samples),
+            metadata=dict(metadata or {}),
+            skip_verify=skip_verify,
+            parent_version=parent_version,
+        )
+
+        def requests() -> Iterator[admin_pb2.PushModelRequest]:
+            yield admin_pb2.PushModelRequest(header=header)
+            sent = 0
+            with path.open("rb") as f:
+                while piece := f.read(UPLOAD_PIECE):
+                    sent += len(piece)
+                    yield admin_pb2.PushModelRequest(data=piece)
+                    if progress:
+                        progress(sent, total)
+
+        response: admin_pb2.PushModelResponse = self._call(
+            self._stub.PushModel, requests(), timeout=max(self.timeout, 600.0)
+        )
+        return _version(response.version)
+
+    def models(self) -> list[Model]:
+        response = self._call(self._stub.ListModels, admin_pb2.ListModelsRequest())
+        return [
+            Model(m.name, m.description, m.latest_version, m.version_count, m.created_at)
+            for m in response.models
+        ]
+
+    def versions(self, model: str) -> list[ModelVersion]:
+        response = self._call(self._stub.ListVersions, admin_pb2.ListVersionsRequest(model=model))
+        return [_version(v) for v in response.versions]
+
+    def version(self, model: str, version: int) -> ModelVersion:
+        return _version(
+            self._call(
+                self._stub.GetVersion, admin_pb2.GetVersionRequest(model=model, version=version)
+            )
+        )
+
+    # fleet ----------------------------------------------------------------------------
+
+    def deploy(
+        self,
+        model: str,
+        version: int,
+        *,
+        selector: Mapping[str, str] | None = None,
+        target: str = "",
+    ) -> dict[str, int]:
+        """Set `model` to `version` on every device matching `selector`; device -> generation."""
+        response = self._call(
+            self._stub.Deploy,
+            admin_pb2.DeployRequest(
+                model=model, version=version, selector=dict(selector or {}), target=target
+            ),
+        )
+        return {d.device_id: d.generation for d in response.devices}
+
+    def devices(self, selector: Mapping[str, str] | None = None) -> list[Device]:
+        response = self._call(
+            self._stub.ListDevices, admin_pb2.ListDevicesRequest(selector=dict(selector or {}))
+        )
+        return [_device(d) for d in response.devices]
+
+    def device(self, device_id: str) -> Device:
+        return _device(
+            self._call(self._stub.GetDevice, admin_pb2.GetDeviceRequest(device_id=device_id))
+        )
+
+    def create_enroll_token(self, ttl_seconds: int = 0, note: str = "") -> tuple[str, int]:
+        """A new enrollment token and its expiry (unix seconds, 0 = never)."""
+        response = self._call(
+            self._stub.CreateEnrollToken,
+            admin_pb2.CreateEnrollTokenRequest(ttl_seconds=ttl_seconds, note=note),
+        )
+        return response.enroll_token, response.expires_at
+
+    def wait_converged(
+        self,
+        model: str,
+        version: int,
+        device_ids: Sequence[str],
+        *,
+        timeout: float = 120.0,
+        poll: float = 0.2,
+        on_change: Callable[[list[Device]], None] | None = None,
+    ) -> list[Device]:
+        """Block until every named device runs `version` of `model`; the final device list.
+
+        Raises `Unavailable` on timeout, naming the devices that did not converge and why.
+        """
+        import time
+
+        from edgefleet.errors import Unavailable
+
+        deadline = time.monotonic() + timeout
+        wanted = set(device_ids)
+        last: list[Device] = []
+        seen: tuple[tuple[str, int, str], ...] = ()
+        while True:
+            last = [d for d in self.devices() if d.device_id in wanted]
+            state = tuple(
+                (
+                    d.device_id,
+                    d.running(model),
+                    next((m.phase for m in d.models if m.model == model), ""),
+                )
+                for d in last
+            )
+            if on_change and state != seen:
+                on_change(last)
+                seen = state
+            if len(last) == len(wanted) and all(
+                d.running(model) == version and d.converged for d in last
+            ):
+                return last
+            if time.monotonic() > deadline:
+                behind = [
+                    f"{d.device_id} (runs v{d.running(model)}, error: {d.last_error or 'none'})"
+                    for d in last
+                    if d.running(model) != version
+                ]
+                raise Unavailable(
+                    f"not converged to {model} v{version} within {timeout:.0f}s: {', '.join(behind)}"
+                )
+            time.sleep(poll)

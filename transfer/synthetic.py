@@ -15,7 +15,7 @@ IMAGE_SHAPE = (3, 32, 32)
 
 
 def make_images(
-    count: int, seed: int = 0, noise: float = 0.6
+    count: int, seed: int = 0, noise: float = 1.0
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """`count` images (N,3,32,32 float32, roughly zero-mean) and their class indices."""
     rng = np.random.default_rng(seed)

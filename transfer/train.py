@@ -53,7 +53,7 @@ def train_classifier(
             loss = loss_fn(logits, y[idx])
             loss.backward()
             optimiser.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
         result = EpochResult(epoch, total_loss / len(x), correct / len(x))
         results.append(result)

@@ -1,0 +1,242 @@
+"""Everything the agent says to the cloud, behind the small `CloudLink` interface.
+
+The reconciler depends only on the Protocol, so its tests use an in-memory fake; the real
+link is gRPC (AgentService) with keepalive, deadlines and the device token as
+`authorization: Bearer` metadata. Failed calls become EdgefleetErrors via error_from_rpc.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
+
+import grpc
+
+from agent.state import Identity
+from edgefleet.auth import bearer_metadata
+from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.grpc_errors import error_from_rpc
+from edgefleet.retry import Backoff
+from protos.artifact.v1 import artifact_pb2
+from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class CloudLink(Protocol):
+    """The cloud as the agent sees it. Every method raises EdgefleetError on failure."""
+
+    def enroll(
+        self,
+        enroll_token: str,
+        device_id: str,
+        labels: dict[str, str],
+        capabilities: fleet_pb2.Capabilities,
+    ) -> fleet_pb2.EnrollResponse: ...
+
+    def authenticate(self, identity: Identity) -> None: ...
+
+    def get_desired_state(self) -> fleet_pb2.DesiredState: ...
+
+    def report_state(self, report: fleet_pb2.ReportStateRequest) -> int:
+        """Send a report; returns the cloud's desired generation."""
+        ...
+
+    def get_manifest(self, digest: str) -> artifact_pb2.SignedManifest: ...
+
+    def fetch_chunk(self, sha256: str, offset: int) -> Iterator[bytes]: ...
+
+    def watch(self, known_generation: int) -> Iterator[int]:
+        """Generations as the cloud announces them; ends or raises when the stream breaks."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as err:
+        raise error_from_rpc(err) from None
+
+
+class GrpcCloudLink:
+    def __init__(
+        self,
+        address: str,
+        *,
+        rpc_timeout_s: float = 15.0,
+        chunk_timeout_s: float = 120.0,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        self.address = address
+        self._rpc_timeout = rpc_timeout_s
+        self._chunk_timeout = chunk_timeout_s
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                # Reconnect quickly after the cloud returns; the reconciler paces retries.
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 5_000),
+            ],
+        )
+        self._stub = fleet_pb2_grpc.AgentServiceStub(self._channel)
+        self._identity: Identity | None = None
+        self._watch_call: grpc.Future | None = None
+        self._lock = threading.Lock()
+
+    def _meta(self) -> tuple[tuple[str, str], ...]:
+        if self._identity is None:
+            raise EdgefleetError(
+                "the agent has no device credential yet; it must enroll first",
+                code=ErrorCode.UNAUTHENTICATED,
+            )
+        return bearer_metadata(self._identity.device_token)
+
+    @property
+    def device_id(self) -> str:
+        return self._identity.device_id if self._identity else ""
+
+    def authenticate(self, identity: Identity) -> None:
+        self._identity = identity
+
+    def enroll(
+        self,
+        enroll_token: str,
+        device_id: str,
+        labels: dict[str, str],
+        capabilities: fleet_pb2.Capabilities,
+    ) -> fleet_pb2.EnrollResponse:
+        request = fleet_pb2.EnrollRequest(
+            enroll_token=enroll_token, device_id=device_id, labels=labels, capabilities=capabilities
+        )
+        response: fleet_pb2.EnrollResponse = _call(
+            lambda: self._stub.Enroll(request, timeout=self._rpc_timeout)
+        )
+        return response
+
+    def get_desired_state(self) -> fleet_pb2.DesiredState:
+        request = fleet_pb2.GetDesiredStateRequest(device_id=self.device_id)
+        state: fleet_pb2.DesiredState = _call(
+            lambda: self._stub.GetDesiredState(
+                request, timeout=self._rpc_timeout, metadata=self._meta()
+            )
+        )
+        return state
+
+    def report_state(self, report: fleet_pb2.ReportStateRequest) -> int:
+        response: fleet_pb2.ReportStateResponse = _call(
+            lambda: self._stub.ReportState(report, timeout=self._rpc_timeout, metadata=self._meta())
+        )
+        return int(response.desired_generation)
+
+    def get_manifest(self, digest: str) -> artifact_pb2.SignedManifest:
+        request = fleet_pb2.GetManifestRequest(device_id=self.device_id, digest=digest)
+        signed: artifact_pb2.SignedManifest = _call(
+            lambda: self._stub.GetManifest(request, timeout=self._rpc_timeout, metadata=self._meta())
+        )
+        return signed
+
+    def fetch_chunk(self, sha256: str, offset: int) -> Iterator[bytes]:
+        request = fleet_pb2.FetchChunkRequest(device_id=self.device_id, sha256=sha256, offset=offset)
+        stream = self._stub.FetchChunk(request, timeout=self._chunk_timeout, metadata=self._meta())
+        expected = offset
+        try:
+            for piece in stream:
+                if piece.offset != expected:
+                    stream.cancel()
+                    raise EdgefleetError(
+                        f"chunk {sha256[:12]}: the cloud sent bytes from offset {piece.offset}, "
+                        f"expected {expected}",
+                        code=ErrorCode.INTERNAL,
+                    )
+                expected += len(piece.data)
+                yield piece.data
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            stream.cancel()
+
+    def watch(self, known_generation: int) -> Iterator[int]:
+        request = fleet_pb2.WatchDesiredStateRequest(
+            device_id=self.device_id, known_generation=known_generation
+        )
+        call = self._stub.WatchDesiredState(request, metadata=self._meta())
+        with self._lock:
+            self._watch_call = call
+        try:
+            for notice in call:
+                yield int(notice.generation)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise error_from_rpc(err) from None
+        finally:
+            with self._lock:
+                self._watch_call = None
+
+    def cancel_watch(self) -> None:
+        with self._lock:
+            call = self._watch_call
+        if call is not None:
+            call.cancel()
+
+    def close(self) -> None:
+        self.cancel_watch()
+        self._channel.close()
+
+
+class Watcher:
+    """A background thread that follows WatchDesiredState and calls `on_generation` with
+    each announced generation; it reconnects with backoff when the stream breaks."""
+
+    def __init__(
+        self,
+        link: CloudLink,
+        known_generation: Callable[[], int],
+        on_generation: Callable[[int], None],
+        backoff: Backoff,
+    ) -> None:
+        self._link = link
+        self._known = known_generation
+        self._on_generation = on_generation
+        self._backoff = backoff
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgefleet-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        cancel = getattr(self._link, "cancel_watch", None)
+        if cancel is not None:
+            cancel()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for generation in self._link.watch(self._known()):
+                    self._backoff.reset()
+                    self._on_generation(generation)
+                    if self._stop.is_set():
+                        return
+            except EdgefleetError as err:
+                if err.code == ErrorCode.UNAUTHENTICATED and not self._stop.is_set():
+                    log.debug("watch waits for enrollment: %s", err)
+                else:
+                    log.info("desired-state watch broke: %s", err)
+            except Exception:
+                log.exception("desired-state watch failed")
+            self._stop.wait(self._backoff.next_delay())

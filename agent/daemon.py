@@ -1,0 +1,169 @@
+"""The agent process: local state, the inference server and the reconcile loop together.
+
+`start()` serves what is on disk before any cloud call, so a device that reboots while
+offline keeps answering inference; the reconcile loop then converges when the cloud is
+reachable. Every step is crash-safe: chunks, version folders and the switch commit are
+each published atomically, so a kill at any instant restarts cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from agent.artifacts import ArtifactStore
+from agent.chunks import ChunkStore
+from agent.cloud_link import CloudLink, GrpcCloudLink, Watcher
+from agent.inference.server import InferenceServer, start_inference_server
+from agent.reconciler import Reconciler
+from agent.runtime import ModelRepository
+from agent.settings import AgentSettings
+from agent.state import StateStore
+from edgefleet.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+
+def advertised_endpoint(settings: AgentSettings, port: int) -> str:
+    """The inference address to report: the configured one, else the local address the
+    cloud is reached from (so a wildcard bind still reports something dialable)."""
+    if settings.advertise_address:
+        return settings.advertise_address
+    host = settings.inference_host
+    if host in ("0.0.0.0", "::", ""):
+        cloud_host = settings.cloud.rpartition(":")[0].strip("[]")
+        try:
+            # A UDP "connect" sends nothing; it only picks the route's source address.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((cloud_host, 9))
+                host = probe.getsockname()[0]
+        except OSError:
+            host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        link: CloudLink | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repository = ModelRepository()
+        self._link = link
+        self._on_event = on_event
+        self._server: InferenceServer | None = None
+        self._state: StateStore | None = None
+        self._reconciler: Reconciler | None = None
+        self._watcher: Watcher | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    @property
+    def inference_port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the agent is not started")
+        return self._server.port
+
+    @property
+    def reconciler(self) -> Reconciler:
+        if self._reconciler is None:
+            raise RuntimeError("the agent is not started")
+        return self._reconciler
+
+    @property
+    def device_id(self) -> str:
+        identity = self._state.identity() if self._state else None
+        return identity.device_id if identity else ""
+
+    def start(self, *, reconcile: bool = True) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self._state = StateStore(s.db_path)
+        chunks = ChunkStore(s.data_dir / "chunks")
+        artifacts = ArtifactStore(s.data_dir, chunks)
+        if self._link is None:
+            self._link = GrpcCloudLink(
+                s.cloud,
+                rpc_timeout_s=s.rpc_timeout_s,
+                chunk_timeout_s=s.chunk_timeout_s,
+            )
+        self._reconciler = Reconciler(
+            s, self._state, chunks, artifacts, self._link, self.repository, on_event=self._on_event
+        )
+        self._reconciler.restore()
+        self._server = start_inference_server(
+            self.repository,
+            s.inference_host,
+            s.inference_port,
+            max_message_bytes=s.max_request_bytes,
+        )
+        self._reconciler.inference_endpoint = advertised_endpoint(s, self._server.port)
+        if not reconcile:
+            return
+        self._spawn("edgefleet-reconcile", self._reconciler.run)
+        self._spawn("edgefleet-report", self._report_loop)
+        self._watcher = Watcher(
+            self._link,
+            self._state.observed_generation,
+            self._reconciler.notice,
+            Backoff(base=s.backoff_base_s, cap=s.backoff_cap_s),
+        )
+        self._watcher.start()
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _report_loop(self) -> None:
+        while not self._stopping.wait(self.settings.report_interval_s):
+            if self._reconciler is not None:
+                self._reconciler.report()
+
+    def stop(self) -> None:
+        """Stop reconciling, let in-flight inference finish (grace period), close the db."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._reconciler is not None:
+            self._reconciler.stop()
+        if self._server is not None:
+            self._server.stop(self.settings.stop_grace_s)
+        for thread in self._threads:
+            # A pass in the middle of a download finishes its current chunk; a kill instead
+            # would also be safe, just wasteful.
+            thread.join(timeout=self.settings.rpc_timeout_s + 5)
+        if self._reconciler is not None and not any(t.is_alive() for t in self._threads):
+            self._reconciler.report()
+        if self._link is not None:
+            self._link.close()
+        if self._state is not None and not any(t.is_alive() for t in self._threads):
+            self._state.close()
+
+    def run_forever(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+        done = threading.Event()
+
+        def _handle(signum: int, frame: FrameType | None) -> None:
+            log.info("received signal %d; stopping", signum)
+            done.set()
+
+        previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if self._server is None:
+                self.start()
+            while not done.wait(1.0):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()

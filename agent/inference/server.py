@@ -1,0 +1,244 @@
+"""The agent's Open Inference Protocol (KServe v2) gRPC endpoint over a ModelRepository.
+
+A thin servicer: it looks the model up, hands the request to ``validation`` and runs the
+session. Existing clients (Triton's, KServe's, ``edgefleet.oip_client``) work unchanged.
+gRPC health checking answers SERVING while the server is serving and a model is loaded;
+reflection is on so ``grpcurl`` can list the service.
+
+    server = start_inference_server(repository, "127.0.0.1", 0)
+    print(server.port)
+    ...
+    server.stop(grace=2.0)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import edgefleet
+from agent.errors import AgentError
+from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
+from agent.runtime import LoadedModel, ModelRepository
+from edgefleet.errors import ErrorCode
+from edgefleet.grpc_errors import grpc_method
+from protos.inference.v2 import grpc_predict_v2_pb2 as pb
+from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "edgefleet-agent"
+PLATFORM = "onnxruntime_onnx"
+SERVICE_NAME = "inference.GRPCInferenceService"
+# Protocol extensions served beyond the core (Triton's names); none yet beyond the core.
+EXTENSIONS: tuple[str, ...] = ()
+
+_PLAN_CACHE_LIMIT = 64
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Open Inference Protocol over the models in a repository."""
+
+    def __init__(self, repository: ModelRepository, is_serving: threading.Event) -> None:
+        self._repository = repository
+        self._serving = is_serving
+        # id(model) -> plan; a plan holds its model, so an id is never reused while cached.
+        self._plans: dict[int, ModelPlan] = {}
+        self._live = pb.ServerLiveResponse(live=True)
+        self._ready_true = pb.ServerReadyResponse(ready=True)
+        self._ready_false = pb.ServerReadyResponse(ready=False)
+        self._metadata = pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=edgefleet.__version__, extensions=EXTENSIONS
+        )
+
+    def ready(self) -> bool:
+        return self._serving.is_set() and self._repository.ready()
+
+    def _plan(self, model: LoadedModel) -> ModelPlan:
+        plan = self._plans.get(id(model))
+        if plan is None or plan.model is not model:
+            plan = plan_for(model)
+            plans = self._plans if len(self._plans) < _PLAN_CACHE_LIMIT else {}
+            # Replaced whole rather than mutated while other threads read it.
+            self._plans = {**plans, id(model): plan}
+        return plan
+
+    @grpc_method
+    def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return self._live
+
+    @grpc_method
+    def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return self._ready_true if self.ready() else self._ready_false
+
+    @grpc_method
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return self._metadata
+
+    @grpc_method
+    def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        if not self._serving.is_set():
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            self._repository.get(request.name, request.version)
+        except AgentError as err:
+            if err.code is ErrorCode.NOT_FOUND:
+                return pb.ModelReadyResponse(ready=False)
+            raise
+        return pb.ModelReadyResponse(ready=True)
+
+    @grpc_method
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model = self._repository.get(request.name, request.version)
+        T = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in self._repository.versions(model.name)],
+            platform=PLATFORM,
+            inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs],
+            outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs],
+        )
+
+    @grpc_method
+    def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
+        model = self._repository.get(request.model_name, request.model_version)
+        plan = self._plan(model)
+        decoded = decode_request(plan, request)
+        results = model.session.run(decoded.output_names, decoded.feeds)
+        return encode_response(plan, request, decoded, results)
+
+
+class _HealthServicer(health.HealthServicer):  # type: ignore[misc]
+    """Health that follows readiness at the moment of each Check, not only on set_serving."""
+
+    def __init__(self, ready: Any) -> None:
+        super().__init__()
+        self._ready = ready
+
+    def refresh(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self._ready()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self.set("", status)
+        self.set(SERVICE_NAME, status)
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.refresh()
+        return super().Check(request, context)
+
+
+class InferenceServer:
+    """A running inference endpoint; made by :func:`start_inference_server`."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        servicer: InferenceServicer,
+        health_servicer: _HealthServicer,
+        serving: threading.Event,
+    ) -> None:
+        self._server = server
+        self.port = port
+        self._servicer = servicer
+        self._health = health_servicer
+        self._serving = serving
+
+    def set_serving(self, serving: bool) -> None:
+        """Serving (the default) answers ready once a model is loaded; not serving answers
+        not ready (to drain before a stop) while live calls and inference keep working."""
+        if serving:
+            self._serving.set()
+        else:
+            self._serving.clear()
+        self._health.refresh()
+
+    def ready(self) -> bool:
+        return self._servicer.ready()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls; running calls get `grace` seconds to finish."""
+        self._serving.clear()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or `timeout` passes); True when it stopped."""
+        return bool(self._server.wait_for_termination(timeout))
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Two agents on one port would split traffic silently; fail the second bind instead.
+        ("grpc.so_reuseport", 0),
+        ("grpc.optimization_target", "latency"),
+    ]
+
+
+def start_inference_server(
+    repository: ModelRepository,
+    host: str,
+    port: int,
+    *,
+    max_workers: int = 8,
+    max_message_bytes: int = 64 << 20,
+) -> InferenceServer:
+    """Serve the repository's models over the Open Inference Protocol on host:port.
+
+    Port 0 picks a free port; the returned server's ``port`` says which. Requests larger than
+    `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server keeps serving.
+    """
+    serving = threading.Event()
+    serving.set()
+    servicer = InferenceServicer(repository, serving)
+    health_servicer = _HealthServicer(servicer.ready)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),
+        options=server_options(max_message_bytes),
+        maximum_concurrent_rpcs=None,
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise AgentError(
+            f"cannot serve inference on {address}: {err}; pick a free port or use port 0",
+            code=ErrorCode.UNAVAILABLE,
+        ) from None
+    if not bound:
+        raise AgentError(
+            f"cannot serve inference on {address}: the port is taken or the host is not "
+            "an address of this machine; pick a free port or use port 0",
+            code=ErrorCode.UNAVAILABLE,
+        )
+    server.start()
+    health_servicer.refresh()
+    log.info("inference server listening on %s (port %d)", host, bound)
+    return InferenceServer(server, bound, servicer, health_servicer, serving)

@@ -1,0 +1,336 @@
+"""Open Inference Protocol requests to ONNX Runtime feeds, and ONNX Runtime outputs back.
+
+Transport-free: the servicer hands a parsed ``ModelInferRequest`` and the ``LoadedModel`` it
+addresses to :func:`decode_request`, runs the model, and builds the answer with
+:func:`encode_response`. Everything a client can get wrong raises ``InvalidRequest`` with a
+message that names the tensor, what was expected and what arrived.
+
+Per model, what the checks need (input specs by name, numpy dtypes, output names) is worked
+out once in a :class:`ModelPlan` and reused by every request, so the hot path does only
+dictionary look-ups, one ``np.frombuffer`` per raw input and one ``tobytes`` per output.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import InvalidRequest
+from agent.runtime import LoadedModel, TensorInfo
+from edgefleet.tensors import DATATYPE_TO_NUMPY
+from protos.inference.v2 import grpc_predict_v2_pb2 as pb
+
+# OIP datatype -> the field of InferTensorContents that carries it when sent typed.
+# FP16 has no typed field in the protocol: it travels only as raw bytes.
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+Array = npt.NDArray[np.generic]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for dynamic dimensions
+    dtype: np.dtype[np.generic]
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d < 0 else str(d) for d in self.shape)
+        return f"{self.datatype}[{dims}]"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the checks of one loaded model version need, computed once."""
+
+    model: LoadedModel
+    version: str  # echoed as model_version
+    inputs: dict[str, InputSpec]
+    input_order: tuple[str, ...]
+    output_names: tuple[str, ...]
+    output_datatypes: dict[str, str]
+
+
+def plan_for(model: LoadedModel) -> ModelPlan:
+    inputs = {info.name: _spec(info) for info in model.inputs}
+    return ModelPlan(
+        model=model,
+        version=str(model.version),
+        inputs=inputs,
+        input_order=tuple(info.name for info in model.inputs),
+        output_names=tuple(o.name for o in model.outputs),
+        output_datatypes={o.name: o.datatype for o in model.outputs},
+    )
+
+
+def _spec(info: TensorInfo) -> InputSpec:
+    dtype = DATATYPE_TO_NUMPY.get(info.datatype, np.dtype(np.object_))
+    return InputSpec(info.name, info.datatype, info.shape, dtype)
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    feeds: dict[str, Array]
+    output_names: tuple[str, ...]
+    typed: bool  # the request sent typed contents, so the answer uses typed contents too
+
+
+def decode_request(plan: ModelPlan, request: pb.ModelInferRequest) -> DecodedRequest:
+    """The ONNX Runtime feeds and output names a request asks for, after checking all of it."""
+    tensors = request.inputs
+    raw = request.raw_input_contents
+    n_raw = len(raw)
+    if n_raw and n_raw != len(tensors):
+        raise InvalidRequest(
+            f"raw_input_contents has {n_raw} entries but the request has {len(tensors)} inputs; "
+            "send one raw_input_contents entry per input, in the order of inputs"
+        )
+    specs = plan.inputs
+    feeds: dict[str, Array] = {}
+    typed = False
+    for index, tensor in enumerate(tensors):
+        name = tensor.name
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidRequest(
+                f"model {plan.model.name!r} has no input named {name!r}; "
+                f"its inputs are {_listing(plan.input_order)}"
+            )
+        if name in feeds:
+            raise InvalidRequest(f"input {name!r} is given more than once; send each input once")
+        if tensor.datatype != spec.datatype:
+            raise InvalidRequest(
+                f"input {name!r} has datatype {tensor.datatype or '(empty)'} but model "
+                f"{plan.model.name!r} takes {spec.datatype}; send {spec.describe()}"
+            )
+        shape = _check_shape(spec, tensor.shape)
+        has_typed = tensor.HasField("contents")
+        if n_raw:
+            if has_typed:
+                raise InvalidRequest(
+                    f"input {name!r} has both typed contents and raw_input_contents; "
+                    "send one or the other"
+                )
+            feeds[name] = _from_raw(spec, shape, raw[index])
+        else:
+            feeds[name] = _from_typed(spec, shape, tensor.contents)
+            typed = True
+    if len(feeds) != len(specs):
+        missing = [n for n in plan.input_order if n not in feeds]
+        raise InvalidRequest(
+            f"model {plan.model.name!r} needs input(s) {_listing(missing)} that the request "
+            f"does not give; its inputs are "
+            + ", ".join(f"{n}: {specs[n].describe()}" for n in plan.input_order)
+        )
+    output_names = _requested_outputs(plan, request.outputs)
+    return DecodedRequest(feeds, output_names, typed)
+
+
+def _listing(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names) or "(none)"
+
+
+def _check_shape(spec: InputSpec, shape: Sequence[int]) -> tuple[int, ...]:
+    got = tuple(shape)
+    if len(got) != len(spec.shape):
+        raise InvalidRequest(
+            f"input {spec.name!r} has shape {list(got)} (rank {len(got)}) but the model takes "
+            f"rank {len(spec.shape)}: {spec.describe()}"
+        )
+    for axis, (want, have) in enumerate(zip(spec.shape, got, strict=True)):
+        if have < 0:
+            raise InvalidRequest(
+                f"input {spec.name!r} has shape {list(got)} with negative dimension {axis}; "
+                "send the actual size of every dimension"
+            )
+        if want >= 0 and have != want:
+            raise InvalidRequest(
+                f"input {spec.name!r} has shape {list(got)} but dimension {axis} must be "
+                f"{want}: the model takes {spec.describe()}"
+            )
+    return got
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _from_raw(spec: InputSpec, shape: tuple[int, ...], data: bytes) -> Array:
+    if spec.datatype == "BYTES":
+        return _bytes_from_raw(spec, shape, data)
+    count = _count(shape)
+    expected = count * spec.dtype.itemsize
+    if len(data) != expected:
+        raise InvalidRequest(
+            f"raw contents of input {spec.name!r} are {len(data)} bytes but "
+            f"{spec.datatype} of shape {list(shape)} needs {count} x {spec.dtype.itemsize} = "
+            f"{expected} bytes (row-major, little-endian)"
+        )
+    # Zero-copy view over the request's bytes; ONNX Runtime only reads its inputs.
+    return np.frombuffer(data, dtype=spec.dtype).reshape(shape)
+
+
+def _bytes_from_raw(spec: InputSpec, shape: tuple[int, ...], data: bytes) -> Array:
+    # The protocol's raw BYTES layout: each element is a 4-byte little-endian length, then bytes.
+    items: list[bytes] = []
+    offset = 0
+    size = len(data)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidRequest(
+                f"raw contents of BYTES input {spec.name!r} end inside a length prefix; each "
+                "element is a 4-byte little-endian length followed by that many bytes"
+            )
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidRequest(
+                f"raw contents of BYTES input {spec.name!r}: element {len(items)} claims "
+                f"{length} bytes but only {size - offset} remain"
+            )
+        items.append(data[offset : offset + length])
+        offset += length
+    count = _count(shape)
+    if len(items) != count:
+        raise InvalidRequest(
+            f"raw contents of BYTES input {spec.name!r} hold {len(items)} elements but shape "
+            f"{list(shape)} needs {count}"
+        )
+    return _string_array(items, shape)
+
+
+def _string_array(items: Sequence[bytes], shape: tuple[int, ...]) -> Array:
+    arr = np.empty(len(items), dtype=np.object_)
+    arr[:] = [b.decode("utf-8", errors="replace") for b in items]
+    return arr.reshape(shape)
+
+
+def _from_typed(spec: InputSpec, shape: tuple[int, ...], contents: pb.InferTensorContents) -> Array:
+    field_name = CONTENTS_FIELD.get(spec.datatype)
+    if field_name is None:
+        raise InvalidRequest(
+            f"input {spec.name!r} is {spec.datatype}, which the protocol carries only as raw "
+            "bytes; send it in raw_input_contents"
+        )
+    values = getattr(contents, field_name)
+    count = _count(shape)
+    if len(values) != count:
+        raise InvalidRequest(
+            f"input {spec.name!r} has {len(values)} values in contents.{field_name} but shape "
+            f"{list(shape)} needs {count}"
+        )
+    others = [
+        f for f in set(CONTENTS_FIELD.values()) if f != field_name and len(getattr(contents, f))
+    ]
+    if others:
+        raise InvalidRequest(
+            f"input {spec.name!r} is {spec.datatype}: put its values in contents.{field_name}, "
+            f"not in contents.{', contents.'.join(sorted(others))}"
+        )
+    if spec.datatype == "BYTES":
+        return _string_array(list(values), shape)
+    try:
+        return np.asarray(values, dtype=spec.dtype).reshape(shape)
+    except OverflowError:
+        raise InvalidRequest(
+            f"input {spec.name!r} has values outside the range of {spec.datatype}"
+        ) from None
+
+
+def _requested_outputs(
+    plan: ModelPlan,
+    requested: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor],
+) -> tuple[str, ...]:
+    if not requested:
+        return plan.output_names
+    names: list[str] = []
+    for out in requested:
+        if out.name not in plan.output_datatypes:
+            raise InvalidRequest(
+                f"model {plan.model.name!r} has no output named {out.name!r}; "
+                f"its outputs are {_listing(plan.output_names)}"
+            )
+        if out.name in names:
+            raise InvalidRequest(f"output {out.name!r} is requested more than once")
+        names.append(out.name)
+    return tuple(names)
+
+
+def encode_response(
+    plan: ModelPlan,
+    request: pb.ModelInferRequest,
+    decoded: DecodedRequest,
+    results: Sequence[Array],
+) -> pb.ModelInferResponse:
+    """The answer to `request`: raw_output_contents (as Triton answers), or typed contents
+    when the request sent typed contents."""
+    response = pb.ModelInferResponse(
+        model_name=plan.model.name, model_version=plan.version, id=request.id
+    )
+    outputs = response.outputs
+    datatypes = plan.output_datatypes
+    if decoded.typed:
+        for name, array in zip(decoded.output_names, results, strict=True):
+            datatype = datatypes[name]
+            tensor = outputs.add(name=name, datatype=datatype, shape=array.shape)
+            _fill_typed(tensor.contents, datatype, array)
+    else:
+        raw = response.raw_output_contents
+        for name, array in zip(decoded.output_names, results, strict=True):
+            datatype = datatypes[name]
+            outputs.add(name=name, datatype=datatype, shape=array.shape)
+            raw.append(_to_raw(datatype, array))
+    return response
+
+
+def _to_raw(datatype: str, array: Array) -> bytes:
+    if datatype == "BYTES":
+        parts: list[bytes] = []
+        for item in array.reshape(-1):
+            data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    dtype = DATATYPE_TO_NUMPY[datatype]
+    if array.dtype != dtype:
+        array = array.astype(dtype)
+    return array.tobytes()
+
+
+def _fill_typed(contents: pb.InferTensorContents, datatype: str, array: Array) -> None:
+    field_name = CONTENTS_FIELD.get(datatype)
+    if field_name is None:
+        # FP16 outputs have no typed field; widen to FP32 would change the datatype, so the
+        # protocol leaves raw as the only way: refuse with a message that says so.
+        raise InvalidRequest(
+            f"the model answers {datatype}, which the protocol carries only as raw bytes; "
+            "send the inputs in raw_input_contents to get raw outputs"
+        )
+    values = getattr(contents, field_name)
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        values.extend(
+            item if isinstance(item, bytes) else str(item).encode("utf-8") for item in flat
+        )
+    else:
+        values.extend(flat.tolist())

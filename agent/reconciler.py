@@ -1,0 +1,464 @@
+"""The reconcile loop: converge what this device runs to the cloud's desired state.
+
+One pass: read the desired state; for each model whose desired digest is not the active
+one: fetch and verify the signed manifest, download the missing chunks (resuming), assemble
+and verify the files, load them in ONNX Runtime, smoke-test the golden samples, commit the
+switch in SQLite, publish to the serving repository, and drop what is no longer needed.
+Any failure leaves the active version serving, is recorded and reported, and the pass is
+retried with capped exponential backoff and full jitter; a newer generation retries at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.activation import load_and_check
+from agent.artifacts import ArtifactStore, verify_files
+from agent.capabilities import capabilities
+from agent.chunks import ChunkStore
+from agent.cloud_link import CloudLink
+from agent.errors import AgentError, ArtifactRejected
+from agent.runtime import LoadedModel, ModelRepository, SessionOptions
+from agent.settings import AgentSettings
+from agent.state import Identity, ModelRecord, Slot, StateStore
+from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.manifests import all_chunks, manifest_digest, verify_manifest
+from edgefleet.retry import Backoff
+from protos.artifact.v1 import artifact_pb2
+from protos.fleet.v1 import fleet_pb2
+
+log = logging.getLogger(__name__)
+
+Phase = fleet_pb2.ModelPhase
+
+
+class NotEnrolled(AgentError):
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+@dataclass
+class ModelStatus:
+    """What the agent is doing about one model, as reported to the cloud."""
+
+    desired_version: int = 0
+    desired_digest: str = ""
+    phase: int = Phase.MODEL_PHASE_UNSPECIFIED
+    error: str = ""
+
+
+@dataclass
+class PassResult:
+    generation: int = 0
+    converged: bool = False
+    activated: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    passes: int = 0
+    failed_passes: int = 0
+    activations: int = 0
+    rejections: int = 0
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, EdgefleetError):
+        return err.message
+    return f"{type(err).__name__}: {err}"
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        state: StateStore,
+        chunks: ChunkStore,
+        artifacts: ArtifactStore,
+        link: CloudLink,
+        repository: ModelRepository,
+        *,
+        on_event: Callable[[str], None] | None = None,
+        inference_endpoint: str = "",
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.chunks = chunks
+        self.artifacts = artifacts
+        self.link = link
+        self.repository = repository
+        self.inference_endpoint = inference_endpoint
+        self.counters = Counters()
+        self._on_event = on_event
+        self._options = SessionOptions(
+            providers=tuple(settings.providers), intra_op_threads=settings.intra_op_threads
+        )
+        self._lock = threading.Lock()
+        self._status: dict[str, ModelStatus] = {}
+        self._device_error = ""
+        self._seen_generation = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._capabilities: fleet_pb2.Capabilities | None = None
+
+    # events and status ----------------------------------------------------------------
+    def _event(self, message: str) -> None:
+        log.info("%s", message)
+        if self._on_event is not None:
+            try:
+                self._on_event(message)
+            except Exception:
+                log.exception("event listener failed")
+
+    def _set_status(self, model: str, **changes: object) -> None:
+        with self._lock:
+            status = self._status.setdefault(model, ModelStatus())
+            for key, value in changes.items():
+                setattr(status, key, value)
+
+    def status(self, model: str) -> ModelStatus:
+        with self._lock:
+            s = self._status.get(model, ModelStatus())
+            return ModelStatus(s.desired_version, s.desired_digest, s.phase, s.error)
+
+    @property
+    def device_error(self) -> str:
+        return self._device_error
+
+    # start without the cloud ----------------------------------------------------------
+    def restore(self) -> list[LoadedModel]:
+        """Serve the active versions already on disk, checking every file against the
+        manifest stored at activation. Makes no cloud call, so a rebooted device serves
+        while offline. A version that fails its checks falls back to the previous one."""
+        self.artifacts.clean_staging()
+        loaded: list[LoadedModel] = []
+        keys = self.state.trusted_keys()
+        for record in self.state.models():
+            for slot in (record.active, record.previous):
+                if slot is None:
+                    continue
+                try:
+                    model = self._load_installed(record.model, slot, keys)
+                except EdgefleetError as err:
+                    message = f"{record.model} v{slot.version} on disk cannot be served: {err.message}"
+                    self._event(message)
+                    self.state.record_error(record.model, message)
+                    continue
+                self.repository.publish(model)
+                loaded.append(model)
+                ready = slot is record.active
+                self._set_status(
+                    record.model,
+                    desired_version=slot.version,
+                    desired_digest=slot.digest,
+                    phase=Phase.MODEL_PHASE_READY if ready else Phase.MODEL_PHASE_FAILED,
+                    error="" if ready else record.last_error,
+                )
+                self._event(f"serving {record.model} v{slot.version} from disk ({model.execution_provider})")
+                break
+        return loaded
+
+    def _load_installed(self, name: str, slot: Slot, keys: list[bytes]) -> LoadedModel:
+        raw = self.state.manifest(slot.digest)
+        if raw is None:
+            raise ArtifactRejected(f"no stored manifest for digest {slot.digest[:12]}")
+        signed = artifact_pb2.SignedManifest()
+        signed.ParseFromString(raw)
+        manifest = verify_manifest(signed, keys, slot.digest)
+        verify_files(slot.dir, manifest)
+        return load_and_check(manifest, slot.digest, slot.dir, self._options)
+
+    # identity -------------------------------------------------------------------------
+    def ensure_identity(self) -> Identity:
+        identity = self.state.identity()
+        if identity is None:
+            token = self.settings.enroll_token
+            if token is None or not token.get_secret_value():
+                raise NotEnrolled(
+                    "this device is not enrolled yet: start it with --enroll-token "
+                    "(or EDGEFLEET_ENROLL_TOKEN); create one with `edgefleet enroll-token`"
+                )
+            response = self.link.enroll(
+                token.get_secret_value(),
+                self.settings.device_id,
+                dict(self.settings.labels),
+                self._caps(),
+            )
+            if not response.manifest_public_keys:
+                raise NotEnrolled("the cloud enrolled this device but sent no manifest keys to trust")
+            identity = Identity(response.device_id, response.device_token)
+            self.state.save_identity(identity, list(response.manifest_public_keys))
+            self._event(f"enrolled as device {identity.device_id}")
+        self.link.authenticate(identity)
+        return identity
+
+    def _caps(self) -> fleet_pb2.Capabilities:
+        if self._capabilities is None:
+            self._capabilities = capabilities()
+        return self._capabilities
+
+    # one pass -------------------------------------------------------------------------
+    def reconcile_once(self) -> PassResult:
+        """Converge once. Raises only when the desired state cannot be read at all."""
+        self.counters.passes += 1
+        result = PassResult()
+        try:
+            self.ensure_identity()
+            desired = self.link.get_desired_state()
+        except EdgefleetError as err:
+            if err.code == ErrorCode.UNAUTHENTICATED and self.state.identity() is not None:
+                if self.settings.enroll_token is not None:
+                    # The cloud no longer knows this credential (e.g. its database was reset):
+                    # enroll again on the next pass.
+                    self.state.forget_identity()
+            self._device_error = _describe(err)
+            self.counters.failed_passes += 1
+            raise
+        result.generation = int(desired.generation)
+        self._seen_generation = max(self._seen_generation, result.generation)
+        device_errors: list[str] = []
+        wanted = {a.model: a for a in desired.models}
+        for assignment in desired.models:
+            try:
+                if self._converge(assignment, result.generation):
+                    result.activated.append(f"{assignment.model} v{assignment.version}")
+            except Exception as err:  # one model's failure must not stop the others
+                message = _describe(err)
+                result.errors.append(message)
+                unavailable = isinstance(err, EdgefleetError) and err.code == ErrorCode.UNAVAILABLE
+                if unavailable:
+                    device_errors.append(message)
+                else:
+                    self.counters.rejections += 1
+                    self.state.record_error(assignment.model, message)
+                self._set_status(
+                    assignment.model,
+                    phase=Phase.MODEL_PHASE_FAILED,
+                    error=message,
+                )
+                if not isinstance(err, EdgefleetError):
+                    log.exception("unexpected failure converging %s", assignment.model)
+                self._event(f"{assignment.model} v{assignment.version} failed: {message}")
+        for record in self.state.models():
+            if record.model not in wanted:
+                self._retire(record)
+        self.state.set_observed_generation(result.generation)
+        self._device_error = "; ".join(device_errors)
+        self._collect_garbage(desired)
+        result.converged = not result.errors
+        if not result.converged:
+            self.counters.failed_passes += 1
+        return result
+
+    def _converge(self, assignment: fleet_pb2.ModelAssignment, generation: int) -> bool:
+        """Make `assignment` the active version; True when a switch happened."""
+        name, digest = assignment.model, assignment.manifest_digest
+        record = self.state.model(name)
+        if record is not None and record.active is not None and record.active.digest == digest:
+            if self._serving(name, record.active):
+                self._set_status(
+                    name,
+                    desired_version=assignment.version,
+                    desired_digest=digest,
+                    phase=Phase.MODEL_PHASE_READY,
+                    error="",
+                )
+                if record.observed_generation != generation:
+                    self.state.mark_observed(name, generation)
+                return False
+        self._set_status(
+            name,
+            desired_version=assignment.version,
+            desired_digest=digest,
+            phase=Phase.MODEL_PHASE_DOWNLOADING,
+            error="",
+        )
+        label = f"{name} v{assignment.version}"
+        signed = self.link.get_manifest(digest)
+        manifest = verify_manifest(signed, self.state.trusted_keys(), digest)
+        if manifest.model != name or manifest.version != assignment.version:
+            raise ArtifactRejected(
+                f"manifest {digest[:12]} describes {manifest.model} v{manifest.version}, "
+                f"but the desired state assigns {label}"
+            )
+        self.state.save_manifest(digest, signed.SerializeToString())
+        self.artifacts.preflight(manifest, self.settings.min_free_disk_bytes)
+        every = all_chunks(manifest)
+        missing = self.chunks.missing(manifest)
+        missing_names = {c.sha256 for c in missing}
+        self.chunks.count_skipped(c for c in every if c.sha256 not in missing_names)
+        if missing:
+            self._event(
+                f"{label}: downloading {len(missing)}/{len(every)} chunks "
+                f"({sum(c.size for c in missing)} bytes; {len(every) - len(missing)} already held)"
+            )
+        step = max(1, len(missing) // 10)
+        for index, ref in enumerate(missing, start=1):
+            self.chunks.fetch(ref, self.link.fetch_chunk)
+            if index % step == 0 or index == len(missing):
+                self._event(f"{label}: downloaded {index}/{len(missing)} chunks")
+        self._set_status(name, phase=Phase.MODEL_PHASE_ACTIVATING)
+        self._event(f"activating {label}")
+        folder = self._assemble(name, digest, manifest)
+        model = load_and_check(manifest, digest, folder, self._options)
+        switched = self.state.switch(name, Slot(assignment.version, digest, folder), generation)
+        keep = [switched.previous.version] if switched.previous else []
+        dropped = self.repository.publish(model, keep=keep)
+        del dropped  # released with their sessions once no request holds them
+        self.counters.activations += 1
+        self._set_status(name, phase=Phase.MODEL_PHASE_READY, error="")
+        self._event(f"serving {label} on {model.execution_provider}")
+        return True
+
+    def _serving(self, name: str, slot: Slot) -> bool:
+        try:
+            return self.repository.get(name, slot.version).digest == slot.digest
+        except EdgefleetError:
+            return False
+
+    def _assemble(
+        self, name: str, digest: str, manifest: artifact_pb2.Manifest
+    ) -> Path:
+        try:
+            return self.artifacts.assemble(name, digest, manifest)
+        except ArtifactRejected:
+            # A file did not verify: find the chunk that rotted on disk and drop it (and the
+            # bad folder), so the next pass downloads it again instead of failing forever.
+            self.artifacts.discard(name, digest)
+            self.chunks.drop_corrupt(all_chunks(manifest))
+            raise
+
+    def _retire(self, record: ModelRecord) -> None:
+        self.repository.remove(record.model)
+        self.state.remove_model(record.model)
+        with self._lock:
+            self._status.pop(record.model, None)
+        self._event(f"stopped serving {record.model}: no longer in the desired state")
+
+    def _collect_garbage(self, desired: fleet_pb2.DesiredState) -> None:
+        keep: dict[str, set[str]] = {}
+        digests: set[str] = set()
+        for record in self.state.models():
+            for slot in (record.active, record.previous):
+                if slot is not None:
+                    keep.setdefault(record.model, set()).add(slot.digest)
+                    digests.add(slot.digest)
+        # Chunks of a version still being downloaded stay, so the next try resumes.
+        digests.update(a.manifest_digest for a in desired.models)
+        manifests: list[artifact_pb2.Manifest] = []
+        for digest in digests:
+            raw = self.state.manifest(digest)
+            if raw is None:
+                continue
+            signed = artifact_pb2.SignedManifest()
+            signed.ParseFromString(raw)
+            if manifest_digest(signed) != digest:
+                continue
+            manifest = artifact_pb2.Manifest()
+            manifest.ParseFromString(signed.manifest)
+            manifests.append(manifest)
+        try:
+            freed = self.artifacts.gc(keep, manifests)
+        except OSError as err:
+            log.warning("garbage collection failed: %s", err)
+            return
+        self.state.prune_manifests(digests)
+        if freed:
+            log.info("freed %d bytes of unused versions and chunks", freed)
+
+    # reports --------------------------------------------------------------------------
+    def build_report(self) -> fleet_pb2.ReportStateRequest:
+        identity = self.state.identity()
+        records = {r.model: r for r in self.state.models()}
+        with self._lock:
+            statuses = {k: ModelStatus(**vars(v)) for k, v in self._status.items()}
+        report = fleet_pb2.ReportStateRequest(
+            device_id=identity.device_id if identity else "",
+            observed_generation=self.state.observed_generation(),
+            capabilities=self._caps(),
+            last_error=self._device_error,
+            labels=dict(self.settings.labels),
+            inference_endpoint=self.inference_endpoint,
+        )
+        for name in sorted(set(records) | set(statuses)):
+            record = records.get(name)
+            status = statuses.get(name, ModelStatus())
+            active = record.active if record else None
+            provider = ""
+            if active is not None:
+                try:
+                    provider = self.repository.get(name, active.version).execution_provider
+                except EdgefleetError:
+                    provider = ""
+            report.models.add(
+                model=name,
+                active_version=active.version if active and provider else 0,
+                active_digest=active.digest if active and provider else "",
+                previous_version=record.previous.version if record and record.previous else 0,
+                desired_version=status.desired_version,
+                phase=status.phase,
+                error=status.error or (record.last_error if record else ""),
+                execution_provider=provider,
+            )
+        return report
+
+    def report(self) -> bool:
+        """Send the state; True when the cloud took it. Wakes the loop if the cloud is ahead."""
+        if self.state.identity() is None:
+            return False
+        try:
+            desired_generation = self.link.report_state(self.build_report())
+        except EdgefleetError as err:
+            log.info("state report not delivered: %s", err.message)
+            return False
+        if desired_generation > self._seen_generation:
+            self.notice(desired_generation)
+        return True
+
+    # the loop -------------------------------------------------------------------------
+    def notice(self, generation: int) -> None:
+        """The cloud announced `generation`; reconcile now if it is news."""
+        if generation > self._seen_generation:
+            self._event(f"desired state moved to generation {generation}")
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Reconcile until stop(): on a notice, on the resync timer, or after a backoff."""
+        backoff = Backoff(base=self.settings.backoff_base_s, cap=self.settings.backoff_cap_s)
+        while not self._stop.is_set():
+            self._wake.clear()
+            started = time.monotonic()
+            try:
+                result = self.reconcile_once()
+                converged = result.converged
+            except EdgefleetError as err:
+                converged = False
+                self._event(f"cannot read the desired state: {err.message}")
+            except Exception as err:  # keep serving whatever went wrong
+                converged = False
+                self._device_error = _describe(err)
+                log.exception("reconcile pass failed")
+            self.report()
+            if converged:
+                backoff.reset()
+                delay = self.settings.resync_interval_s
+            else:
+                delay = backoff.next_delay()
+                log.info("retrying in %.2fs (pass took %.2fs)", delay, time.monotonic() - started)
+            self._wake.wait(delay)

@@ -1,0 +1,136 @@
+"""The agent's settings: one pydantic-settings model, from a TOML file and `EDGEFLEET_*` env vars.
+
+Nothing is read at import time: `load()` builds the settings when the daemon starts.
+Precedence, highest first: explicit overrides (CLI flags), environment, config file, defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from agent.errors import AgentError
+from agent.runtime import PROVIDER_PREFERENCE
+from edgefleet.errors import ErrorCode
+
+
+class SettingsError(AgentError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class AgentSettings(BaseSettings):
+    """How one device agent runs. Every field can be set as EDGEFLEET_<NAME>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="forbid"
+    )
+    # Set by load(); a class-level default keeps direct construction file-free.
+    _config_file: ClassVar[Path | None] = None
+
+    cloud: str = Field("127.0.0.1:7000", description="host:port of the cloud's AgentService.")
+    enroll_token: SecretStr | None = Field(
+        None, description="Enrollment token; needed only until the device has enrolled."
+    )
+    device_id: str = Field("", description="Device id to ask for at enrollment; empty lets the cloud choose.")
+    data_dir: Path = Field(Path("./edgefleet-agent"), description="Where state, chunks and models live.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels sent at enrollment and in reports.")
+    inference_host: str = Field("0.0.0.0", description="Address the Open Inference Protocol server binds.")
+    inference_port: int = Field(8001, ge=0, le=65535, description="Port of the inference server; 0 picks a free one.")
+    advertise_address: str = Field(
+        "", description="host:port reported to the cloud as the inference endpoint; empty derives it."
+    )
+    providers: list[str] = Field(
+        default_factory=lambda: list(PROVIDER_PREFERENCE),
+        description="ONNX Runtime execution providers to try, best first.",
+    )
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core).")
+    resync_interval_s: float = Field(30.0, gt=0, description="Re-check the desired state this often even without a notice.")
+    report_interval_s: float = Field(10.0, gt=0, description="Send a state report (heartbeat) this often.")
+    backoff_base_s: float = Field(0.5, gt=0, description="First retry delay ceiling after a failed pass.")
+    backoff_cap_s: float = Field(30.0, gt=0, description="Largest retry delay ceiling.")
+    min_free_disk_bytes: int = Field(
+        64 << 20, ge=0, description="Free space that must remain on the data disk after a download."
+    )
+    max_request_bytes: int = Field(64 << 20, gt=0, description="Largest inference request accepted.")
+    rpc_timeout_s: float = Field(15.0, gt=0, description="Deadline of unary calls to the cloud.")
+    chunk_timeout_s: float = Field(120.0, gt=0, description="Deadline of one chunk download stream.")
+    stop_grace_s: float = Field(5.0, ge=0, description="Grace period for in-flight requests at shutdown.")
+
+    @field_validator("cloud")
+    @classmethod
+    def _check_cloud(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"cloud must be host:port, e.g. 127.0.0.1:7000 (got {value!r})")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _parse_labels(cls, value: Any) -> Any:
+        # EDGEFLEET_LABELS=site=a,hw=pi reads naturally on a device; JSON also works.
+        if isinstance(value, str) and not value.lstrip().startswith("{"):
+            return parse_labels(value.split(",")) if value.strip() else {}
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._config_file))
+        return tuple(sources)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "agent.db"
+
+    def describe(self) -> dict[str, Any]:
+        """The settings to print at start-up, secrets masked."""
+        out = self.model_dump(mode="json")
+        if self.enroll_token is not None:
+            out["enroll_token"] = "****"
+        return out
+
+
+def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`k=v` strings as a dict; a malformed one says how to write it."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"label {item!r} is not key=value, e.g. --label site=plant-1")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def load(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Settings from the config file (if any), the environment and `overrides` (CLI flags).
+
+    Overrides that are None are ignored, so CLI options left unset fall through.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist; pass an existing TOML file")
+    given = {k: v for k, v in overrides.items() if v is not None}
+
+    class _FromFile(AgentSettings):
+        _config_file: ClassVar[Path | None] = config_file
+
+    try:
+        loaded = _FromFile(**given)
+    except ValueError as err:
+        raise SettingsError(f"invalid agent settings: {err}") from None
+    return AgentSettings.model_construct(**dict(loaded))

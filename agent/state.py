@@ -1,0 +1,287 @@
+"""The agent's durable state: one SQLite file (`data_dir/agent.db`).
+
+It holds the device identity, the keys it trusts, and per model the active and previous
+version. Every switch is one transaction, and that commit IS the atomic switch: a kill at
+any instant leaves either the old or the new version active, never a mix. WAL with
+synchronous=FULL, so a committed switch survives power loss.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import AgentError
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records how far we are.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE identity (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        device_id TEXT NOT NULL,
+        device_token TEXT NOT NULL,
+        enrolled_at REAL NOT NULL
+    );
+    CREATE TABLE trusted_keys (public_key BLOB PRIMARY KEY);
+    CREATE TABLE manifests (digest TEXT PRIMARY KEY, signed BLOB NOT NULL);
+    CREATE TABLE models (
+        model TEXT PRIMARY KEY,
+        active_version INTEGER,
+        active_digest TEXT,
+        active_dir TEXT,
+        previous_version INTEGER,
+        previous_digest TEXT,
+        previous_dir TEXT,
+        observed_generation INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        switched_at REAL
+    );
+    CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+
+class StateError(AgentError):
+    """The state file cannot be opened or is from a newer agent."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    device_id: str
+    device_token: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One installed version of a model: where its verified files are."""
+
+    version: int
+    digest: str
+    dir: Path
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    model: str
+    active: Slot | None
+    previous: Slot | None
+    observed_generation: int
+    last_error: str
+
+
+class StateStore:
+    """Thread-safe access to agent.db; every write is a single durable transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except sqlite3.DatabaseError as err:
+            raise StateError(
+                f"cannot open agent state {path}: {err}; move the file aside to start fresh "
+                "(the device will re-enroll and re-download its models)"
+            ) from None
+
+    def _migrate(self) -> None:
+        (current,) = self._db.execute("PRAGMA user_version").fetchone()
+        if current > len(_MIGRATIONS):
+            raise StateError(
+                f"{self.path} has schema {current}, newer than this agent ({len(_MIGRATIONS)}); "
+                "upgrade the agent"
+            )
+        for number in range(current, len(_MIGRATIONS)):
+            with self._tx() as db:
+                db.executescript_in_tx(_MIGRATIONS[number])
+                db.execute(f"PRAGMA user_version={number + 1}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Tx]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # identity -------------------------------------------------------------------------
+    def identity(self) -> Identity | None:
+        with self._lock:
+            row = self._db.execute("SELECT device_id, device_token FROM identity").fetchone()
+        return Identity(row[0], row[1]) if row else None
+
+    def save_identity(self, identity: Identity, public_keys: list[bytes]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO identity (id, device_id, device_token, enrolled_at) "
+                "VALUES (1, ?, ?, ?)",
+                (identity.device_id, identity.device_token, time.time()),
+            )
+            db.execute("DELETE FROM trusted_keys")
+            db.executemany(
+                "INSERT OR IGNORE INTO trusted_keys (public_key) VALUES (?)",
+                [(k,) for k in public_keys],
+            )
+
+    def forget_identity(self) -> None:
+        """Drop the credential (e.g. the cloud no longer accepts it) so the next start re-enrolls."""
+        with self._tx() as db:
+            db.execute("DELETE FROM identity")
+
+    def trusted_keys(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(r[0]) for r in self._db.execute("SELECT public_key FROM trusted_keys")]
+
+    # manifests ------------------------------------------------------------------------
+    def save_manifest(self, digest: str, signed: bytes) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO manifests (digest, signed) VALUES (?, ?)", (digest, signed)
+            )
+
+    def manifest(self, digest: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT signed FROM manifests WHERE digest = ?", (digest,)
+            ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def prune_manifests(self, keep: set[str]) -> None:
+        with self._tx() as db:
+            for (digest,) in db.execute("SELECT digest FROM manifests").fetchall():
+                if digest not in keep:
+                    db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
+
+    # models ---------------------------------------------------------------------------
+    def models(self) -> list[ModelRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM models ORDER BY model").fetchall()
+        return [_record(r) for r in rows]
+
+    def model(self, name: str) -> ModelRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM models WHERE model = ?", (name,)).fetchone()
+        return _record(row) if row else None
+
+    def switch(
+        self,
+        name: str,
+        new: Slot,
+        generation: int,
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> ModelRecord:
+        """Make `new` active and the current active the previous, in one transaction.
+
+        `before_commit` runs inside the transaction (tests use it to die mid-switch).
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM models WHERE model = ?", (name,)).fetchone()
+            old = _record(row) if row else None
+            previous = old.active if old else None
+            if previous is not None and previous.digest == new.digest:
+                previous = old.previous if old else None
+            db.execute(
+                "INSERT OR REPLACE INTO models (model, active_version, active_digest, active_dir,"
+                " previous_version, previous_digest, previous_dir, observed_generation,"
+                " last_error, switched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                (
+                    name,
+                    new.version,
+                    new.digest,
+                    str(new.dir),
+                    previous.version if previous else None,
+                    previous.digest if previous else None,
+                    str(previous.dir) if previous else None,
+                    generation,
+                    time.time(),
+                ),
+            )
+            if before_commit is not None:
+                before_commit()
+        record = self.model(name)
+        assert record is not None
+        return record
+
+    def record_error(self, name: str, error: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO models (model) VALUES (?)", (name,))
+            db.execute("UPDATE models SET last_error = ? WHERE model = ?", (error, name))
+
+    def mark_observed(self, name: str, generation: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE models SET observed_generation = ?, last_error = '' WHERE model = ?",
+                (generation, name),
+            )
+
+    def remove_model(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM models WHERE model = ?", (name,))
+
+    # generation -----------------------------------------------------------------------
+    def observed_generation(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM kv WHERE key = 'observed_generation'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_observed_generation(self, generation: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO kv (key, value) VALUES ('observed_generation', ?)",
+                (str(generation),),
+            )
+
+
+class _Tx:
+    """The connection inside an open transaction (no implicit commits)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+    def executemany(self, sql: str, rows: list[tuple[object, ...]]) -> sqlite3.Cursor:
+        return self._db.executemany(sql, rows)
+
+    def executescript_in_tx(self, script: str) -> None:
+        # executescript() would COMMIT first; run statement by statement instead.
+        for statement in script.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+
+def _record(row: tuple[object, ...]) -> ModelRecord:
+    (model, av, ad, adir, pv, pd, pdir, gen, err, _at) = row
+
+    def slot(v: object, d: object, p: object) -> Slot | None:
+        if v is None or d is None or p is None:
+            return None
+        return Slot(int(str(v)), str(d), Path(str(p)))
+
+    return ModelRecord(
+        model=str(model),
+        active=slot(av, ad, adir),
+        previous=slot(pv, pd, pdir),
+        observed_generation=int(str(gen)),
+        last_error=str(err),
+    )

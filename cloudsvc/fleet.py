@@ -1,0 +1,346 @@
+"""Devices and their states: enrollment, device credentials, deploys, reports, watches.
+
+The cloud only ever says "your desired state is now generation G"; agents converge and
+report back. Watchers block on one condition variable and wake within milliseconds of a
+deploy.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from cloudsvc.errors import Forbidden, InvalidRequest, NotAuthenticated, NotReady, UnknownResource
+from cloudsvc.registry import DEFAULT_TARGET, Registry
+from cloudsvc.store.metadata import (
+    ArtifactRecord,
+    Assignment,
+    CapabilitiesRecord,
+    DesiredStateRecord,
+    DeviceRecord,
+    EnrollTokenRecord,
+    MetadataStore,
+    ModelStatusRecord,
+    ReportedStateRecord,
+    VersionRecord,
+)
+from edgefleet.auth import hash_token, new_token, same_secret
+
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Writing last_seen on every chunk fetch would be an fsync per chunk; once a second is plenty
+# for an "online within 30 s" view.
+_TOUCH_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    device_id: str
+    device_token: str
+    manifest_public_keys: list[bytes]
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What an operator sees of one device."""
+
+    device: DeviceRecord
+    online: bool
+    desired: DesiredStateRecord
+    reported: ReportedStateRecord | None
+
+
+def best_target(artifacts: Sequence[ArtifactRecord], caps: CapabilitiesRecord) -> str | None:
+    """The artifact target a device with these capabilities runs best; None if none fits."""
+    providers = set(caps.execution_providers)
+    ranked: list[tuple[int, str]] = []
+    for a in artifacts:
+        t = a.target
+        if t.startswith("tensorrt"):
+            rank = 0 if "TensorrtExecutionProvider" in providers else -1
+        elif "cuda" in t:
+            rank = 1 if "CUDAExecutionProvider" in providers else -1
+        elif t == DEFAULT_TARGET:
+            rank = 2
+        else:
+            rank = 3
+        if rank >= 0:
+            ranked.append((rank, t))
+    return min(ranked)[1] if ranked else None
+
+
+class Fleet:
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        registry: Registry,
+        trusted_keys: Sequence[bytes],
+        static_enroll_tokens: Sequence[str] = (),
+        offline_after_s: float = 30.0,
+    ) -> None:
+        self.metadata = metadata
+        self.registry = registry
+        self.trusted_keys = list(trusted_keys)
+        self.static_enroll_tokens = list(static_enroll_tokens)
+        self.offline_after_s = offline_after_s
+        self._changed = threading.Condition()
+        self._closed = False
+        self._deploy_lock = threading.Lock()
+        self._touched: dict[str, float] = {}
+
+    # enrollment ------------------------------------------------------------------------
+    def create_enroll_token(self, ttl_seconds: int = 0, note: str = "") -> tuple[str, int]:
+        """A new enrollment token (only its hash is kept) and its expiry (0 = never)."""
+        token = new_token("enr")
+        now = int(time.time())
+        expires = now + ttl_seconds if ttl_seconds else 0
+        self.metadata.add_enroll_token(EnrollTokenRecord(hash_token(token), now, expires, note))
+        return token, expires
+
+    def _check_enroll_token(self, token: str) -> None:
+        if not token:
+            raise NotAuthenticated(
+                "enrollment needs an enroll token; create one with `edgefleet enroll-token`"
+            )
+        if any(same_secret(token, t) for t in self.static_enroll_tokens):
+            return
+        record = self.metadata.get_enroll_token(hash_token(token))
+        if record is None:
+            raise NotAuthenticated(
+                "the enroll token is not valid; create one with `edgefleet enroll-token`"
+            )
+        if not record.valid_at(time.time()):
+            raise NotAuthenticated(
+                "the enroll token expired; create a new one with `edgefleet enroll-token`"
+            )
+
+    def enroll(
+        self,
+        enroll_token: str,
+        device_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        capabilities: CapabilitiesRecord | None = None,
+    ) -> Enrollment:
+        """A device id and a fresh credential; re-enrolling an id rotates its credential."""
+        self._check_enroll_token(enroll_token)
+        if device_id and not DEVICE_ID_PATTERN.match(device_id):
+            raise InvalidRequest(
+                f"device id {device_id[:80]!r} is not valid: 1-63 characters of letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit"
+            )
+        check_labels(labels or {})
+        device_id = device_id or self._new_device_id()
+        token = new_token("dev")
+        now = time.time()
+        existing = self.metadata.get_device(device_id)
+        record = DeviceRecord(
+            device_id=device_id,
+            token_hash=hash_token(token),
+            enrolled_at=int(now),
+            labels=dict(labels or (existing.labels if existing else {})),
+            capabilities=capabilities or (existing.capabilities if existing else CapabilitiesRecord()),
+            last_seen_at=now,
+        )
+        self.metadata.put_device(record)
+        return Enrollment(device_id, token, list(self.trusted_keys))
+
+    def _new_device_id(self) -> str:
+        while True:
+            candidate = f"dev-{secrets.token_hex(4)}"
+            if self.metadata.get_device(candidate) is None:
+                return candidate
+
+    def authenticate(self, device_token: str | None) -> str:
+        """The id of the device this credential belongs to; notes that it was seen."""
+        if not device_token:
+            raise NotAuthenticated(
+                "this call needs the device token from enrollment as "
+                "`authorization: Bearer <token>` metadata"
+            )
+        device = self.metadata.device_by_token_hash(hash_token(device_token))
+        if device is None:
+            raise NotAuthenticated(
+                "the device token is not valid (revoked or rotated by a re-enroll); enroll again"
+            )
+        self.touch(device.device_id)
+        return device.device_id
+
+    @staticmethod
+    def authorize(caller: str, requested: str) -> str:
+        """The device id a call acts on: the caller's own (an empty request means itself)."""
+        if requested and requested != caller:
+            raise Forbidden(
+                f"device {caller!r} may not act for device {requested!r}; "
+                "each device reads and writes only its own state"
+            )
+        return caller
+
+    def touch(self, device_id: str) -> None:
+        now = time.time()
+        if now - self._touched.get(device_id, 0.0) >= _TOUCH_EVERY_S:
+            self._touched[device_id] = now
+            self.metadata.touch_device(device_id, now)
+
+    # deploys ---------------------------------------------------------------------------
+    def deploy(
+        self, model: str, version: int, selector: Mapping[str, str] | None = None, target: str = ""
+    ) -> list[tuple[str, int]]:
+        """Assign `model` v`version` to every device whose labels contain `selector`.
+
+        Each matching device keeps its other models' assignments and gets its generation
+        bumped by one. Returns (device id, new generation) per device.
+        """
+        selector = dict(selector or {})
+        record = self.registry.get_version(model, version)
+        if not record.artifacts:
+            raise NotReady(f"{model} v{version} has no artifact to deploy; push it again")
+        if target and record.artifact(target) is None:
+            have = ", ".join(a.target for a in record.artifacts)
+            raise NotReady(
+                f"{model} v{version} has no {target!r} artifact (it has: {have}); "
+                "compile it for that target or deploy one of those"
+            )
+        devices = [d for d in self.metadata.list_devices() if d.matches(selector)]
+        if not devices:
+            raise NotReady(self._no_match_message(selector))
+        plan = [(d, self._assignment(record, d, target)) for d in devices]
+        results = []
+        with self._deploy_lock:
+            for device, assignment in plan:
+                results.append((device.device_id, self._assign(device.device_id, assignment)))
+        with self._changed:
+            self._changed.notify_all()
+        return results
+
+    def _assignment(self, record: VersionRecord, device: DeviceRecord, target: str) -> Assignment:
+        chosen = target or best_target(record.artifacts, device.capabilities)
+        artifact = record.artifact(chosen) if chosen else None
+        if artifact is None:
+            have = ", ".join(a.target for a in record.artifacts)
+            raise NotReady(
+                f"none of {record.model} v{record.version}'s artifacts ({have}) runs on "
+                f"{device.device_id} (providers: {list(device.capabilities.execution_providers)})"
+            )
+        return Assignment(record.model, record.version, artifact.target, artifact.manifest_digest)
+
+    def _assign(self, device_id: str, assignment: Assignment) -> int:
+        while True:
+            current = self.metadata.get_desired(device_id)
+            kept = tuple(a for a in current.assignments if a.model != assignment.model)
+            models = tuple(sorted((*kept, assignment), key=lambda a: a.model))
+            new = DesiredStateRecord(device_id, current.generation + 1, models)
+            if self.metadata.put_desired(new, current.generation):
+                return new.generation
+
+    def _no_match_message(self, selector: Mapping[str, str]) -> str:
+        devices = self.metadata.list_devices()
+        if not devices:
+            return "no device is enrolled yet; start an agent with an enroll token first"
+        pairs = sorted({f"{k}={v}" for d in devices for k, v in d.labels.items()})
+        wanted = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return (
+            f"no device matches the selector {wanted!r}; labels in use: "
+            f"{', '.join(pairs[:50]) or '(none)'}"
+        )
+
+    # desired state and watches -------------------------------------------------------------
+    def desired_state(self, device_id: str) -> DesiredStateRecord:
+        return self.metadata.get_desired(device_id)
+
+    def wait_for_change(self, device_id: str, known_generation: int, timeout: float) -> int | None:
+        """The device's generation once it exceeds `known_generation`, or the current one
+        after `timeout` seconds; None when the fleet is closing (streams should end)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if self._closed:
+                    return None
+                generation = self.metadata.get_desired(device_id).generation
+                remaining = deadline - time.monotonic()
+                if generation > known_generation or remaining <= 0:
+                    return generation
+                self._changed.wait(remaining)
+
+    def close(self) -> None:
+        """Wake every watcher so streams end before the server stops."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # reports ---------------------------------------------------------------------------
+    def report(
+        self,
+        device_id: str,
+        observed_generation: int,
+        models: Sequence[ModelStatusRecord] = (),
+        last_error: str = "",
+        inference_endpoint: str = "",
+        labels: Mapping[str, str] | None = None,
+        capabilities: CapabilitiesRecord | None = None,
+    ) -> int:
+        """Store what the device runs; the cloud's desired generation for it."""
+        device = self.metadata.get_device(device_id)
+        if device is None:
+            raise UnknownResource(f"device {device_id!r} is not enrolled; enroll it first")
+        now = time.time()
+        self.metadata.put_reported(
+            ReportedStateRecord(
+                device_id=device_id,
+                observed_generation=observed_generation,
+                models=tuple(models),
+                last_error=last_error,
+                inference_endpoint=inference_endpoint,
+                reported_at=now,
+            )
+        )
+        if labels:
+            check_labels(labels)
+        changed = replace(
+            device,
+            labels=dict(labels) if labels else device.labels,
+            capabilities=capabilities or device.capabilities,
+            last_seen_at=now,
+        )
+        if changed != device:
+            self.metadata.put_device(changed)
+        return self.metadata.get_desired(device_id).generation
+
+    # listing ---------------------------------------------------------------------------
+    def view(self, device: DeviceRecord, now: float | None = None) -> DeviceView:
+        now = time.time() if now is None else now
+        return DeviceView(
+            device=device,
+            online=now - device.last_seen_at <= self.offline_after_s,
+            desired=self.metadata.get_desired(device.device_id),
+            reported=self.metadata.get_reported(device.device_id),
+        )
+
+    def devices(self, selector: Mapping[str, str] | None = None) -> list[DeviceView]:
+        now = time.time()
+        return [
+            self.view(d, now) for d in self.metadata.list_devices() if d.matches(selector or {})
+        ]
+
+    def device(self, device_id: str) -> DeviceView:
+        device = self.metadata.get_device(device_id)
+        if device is None:
+            raise UnknownResource(
+                f"no device {device_id[:80]!r} is enrolled; list them with `edgefleet devices`"
+            )
+        return self.view(device)
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    for key, value in labels.items():
+        if not key or len(key) > 63 or len(value) > 255:
+            raise InvalidRequest(
+                f"label {key[:80]!r}={value[:80]!r} is not valid: keys need 1-63 characters, "
+                "values at most 255"
+            )

@@ -1,0 +1,267 @@
+"""The model registry: immutable, numbered versions with lineage, and their artifacts.
+
+A push verifies the file loads in ONNX Runtime, reads its signature, makes golden samples
+when none came with it, cuts it into content-addressed chunks, and records a signed
+manifest. Chunks shared with earlier versions are stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cloudsvc.errors import BadModel, InvalidRequest, UnknownResource
+from cloudsvc.golden import DEFAULT_ATOL, DEFAULT_RTOL, cpu_session, make_golden_samples
+from cloudsvc.signing import ManifestSigner
+from cloudsvc.store.blobs import BlobStore
+from cloudsvc.store.metadata import (
+    ArtifactRecord,
+    MetadataStore,
+    ModelRecord,
+    TensorSpecRecord,
+    VersionRecord,
+)
+from edgefleet.errors import EdgefleetError
+from edgefleet.manifests import DEFAULT_CHUNK_SIZE, iter_file_chunks, sha256_hex, sign_manifest
+from edgefleet.tensors import ORT_TO_DATATYPE, from_raw
+from protos.artifact.v1 import artifact_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "onnx-cpu-fp32"
+ENTRYPOINT = "model.onnx"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise InvalidRequest(
+            f"{kind} name {name[:80]!r} is not valid: use 1-63 characters of a-z, 0-9, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _dims(shape: Sequence[object]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _specs_from_session(path: Path) -> tuple[
+    tuple[TensorSpecRecord, ...], tuple[TensorSpecRecord, ...], list[artifact_pb2.GoldenSample]
+]:
+    session = cpu_session(path)
+    inputs = tuple(
+        TensorSpecRecord(i.name, ORT_TO_DATATYPE.get(i.type, "BYTES"), _dims(i.shape))
+        for i in session.get_inputs()
+    )
+    outputs = tuple(
+        TensorSpecRecord(o.name, ORT_TO_DATATYPE.get(o.type, "BYTES"), _dims(o.shape))
+        for o in session.get_outputs()
+    )
+    return inputs, outputs, make_golden_samples(session)
+
+
+# ONNX TensorProto element types -> Open Inference Protocol names (for unverified pushes).
+_ONNX_ELEM_TO_DATATYPE = {
+    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
+    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64",
+}  # fmt: skip
+
+
+def _specs_from_graph(
+    path: Path,
+) -> tuple[tuple[TensorSpecRecord, ...], tuple[TensorSpecRecord, ...]]:
+    """The signature read from the graph alone, for files ONNX Runtime is not asked to load."""
+    import onnx  # the cloud extra has onnx; imported here so the agent never pulls it in
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise BadModel(f"the uploaded file is not an ONNX model: {err}") from None
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(value: object) -> TensorSpecRecord:
+        tensor = value.type.tensor_type  # type: ignore[attr-defined]
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        name: str = value.name  # type: ignore[attr-defined]
+        return TensorSpecRecord(name, _ONNX_ELEM_TO_DATATYPE.get(tensor.elem_type, "BYTES"), dims)
+
+    inputs = tuple(spec(i) for i in model.graph.input if i.name not in initializers)
+    return inputs, tuple(spec(o) for o in model.graph.output)
+
+
+def _check_golden(samples: Sequence[artifact_pb2.GoldenSample]) -> list[artifact_pb2.GoldenSample]:
+    checked = []
+    for n, sample in enumerate(samples):
+        if not sample.inputs or not sample.outputs:
+            raise InvalidRequest(f"golden sample {n} needs at least one input and one output")
+        for tensor in [*sample.inputs, *sample.outputs]:
+            try:
+                from_raw(tensor.data, tensor.datatype, list(tensor.shape))
+            except EdgefleetError as err:
+                raise InvalidRequest(f"golden sample {n}, tensor {tensor.name!r}: {err}") from None
+        copy = artifact_pb2.GoldenSample()
+        copy.CopyFrom(sample)
+        if copy.rtol == 0 and copy.atol == 0:
+            # proto3 cannot tell "exact" from "unset"; exact float equality across
+            # execution providers is never what anyone wants.
+            copy.rtol, copy.atol = DEFAULT_RTOL, DEFAULT_ATOL
+        checked.append(copy)
+    return checked
+
+
+def _spec_proto(s: TensorSpecRecord) -> artifact_pb2.TensorSpec:
+    return artifact_pb2.TensorSpec(name=s.name, datatype=s.datatype, shape=list(s.shape))
+
+
+class Registry:
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        blobs: BlobStore,
+        signer: ManifestSigner,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.metadata = metadata
+        self.blobs = blobs
+        self.signer = signer
+        self.chunk_size = chunk_size
+        # Numbering a version and recording it must not interleave with another push.
+        self._push_lock = threading.Lock()
+
+    def push(
+        self,
+        model: str,
+        path: Path,
+        description: str = "",
+        target: str = "",
+        golden_samples: Sequence[artifact_pb2.GoldenSample] = (),
+        metadata: Mapping[str, str] | None = None,
+        skip_verify: bool = False,
+        parent_version: int = 0,
+        created_by: str = "",
+    ) -> VersionRecord:
+        """Record `path` as the next version of `model`; the new version's record."""
+        check_name("model", model)
+        target = check_name("target", target or DEFAULT_TARGET)
+        if not path.is_file():
+            raise InvalidRequest(f"{path} is not a file; give the path of an .onnx model")
+        if path.stat().st_size == 0:
+            raise BadModel("the uploaded file is empty; push a complete .onnx file")
+        if parent_version and self.metadata.get_version(model, parent_version) is None:
+            raise UnknownResource(
+                f"parent version {parent_version} of {model} does not exist; "
+                f"see `edgefleet models versions {model}`"
+            )
+        samples = _check_golden(golden_samples)
+        if skip_verify:
+            inputs, outputs = _specs_from_graph(path)
+        else:
+            inputs, outputs, made = _specs_from_session(path)
+            if not samples:
+                samples = made
+
+        entry, source_sha256 = self._store_chunks(path)
+        with self._push_lock:
+            current = self.metadata.get_model(model)
+            number = (current.latest_version if current else 0) + 1
+            now = int(time.time())
+            manifest = artifact_pb2.Manifest(
+                model=model,
+                version=number,
+                target=target,
+                format="onnx",
+                entrypoint=ENTRYPOINT,
+                files=[entry],
+                inputs=[_spec_proto(s) for s in inputs],
+                outputs=[_spec_proto(s) for s in outputs],
+                golden_samples=samples,
+                metadata=dict(metadata or {}),
+                created_at=now,
+            )
+            signed = sign_manifest(manifest, self.signer.key)
+            digest = sha256_hex(signed.manifest)
+            self.blobs.put(digest, signed.manifest)
+            artifact = ArtifactRecord(
+                model=model,
+                version=number,
+                target=target,
+                manifest_digest=digest,
+                size_bytes=entry.size,
+                chunk_count=len({c.sha256 for c in entry.chunks}),
+                created_at=now,
+                signature_hex=signed.signature.hex(),
+                key_id=signed.key_id,
+            )
+            record = VersionRecord(
+                model=model,
+                version=number,
+                description=description,
+                created_at=now,
+                source_sha256=source_sha256,
+                parent_version=parent_version,
+                metadata=dict(metadata or {}),
+                inputs=inputs,
+                outputs=outputs,
+                golden_sample_count=len(samples),
+                created_by=created_by,
+                artifacts=(artifact,),
+            )
+            self.metadata.add_version(record)
+        log.info(
+            "pushed %s v%d (%s, %d bytes, %d chunks, %d golden samples)",
+            model, number, target, entry.size, artifact.chunk_count, len(samples),
+        )  # fmt: skip
+        return record
+
+    def _store_chunks(self, path: Path) -> tuple[artifact_pb2.ArtifactFile, str]:
+        # Streamed chunk by chunk so a 2 GiB model never sits in memory whole.
+        whole = hashlib.sha256()
+        entry = artifact_pb2.ArtifactFile(path=ENTRYPOINT)
+        for block in iter_file_chunks(path, self.chunk_size):
+            whole.update(block)
+            digest = sha256_hex(block)
+            self.blobs.put(digest, block)
+            entry.chunks.add(sha256=digest, size=len(block))
+        entry.size = sum(c.size for c in entry.chunks)
+        entry.sha256 = whole.hexdigest()
+        return entry, entry.sha256
+
+    # reads -------------------------------------------------------------------------------
+    def list_models(self) -> list[ModelRecord]:
+        return self.metadata.list_models()
+
+    def list_versions(self, model: str) -> list[VersionRecord]:
+        if self.metadata.get_model(model) is None:
+            raise self._unknown_model(model)
+        return self.metadata.list_versions(model)
+
+    def get_version(self, model: str, version: int) -> VersionRecord:
+        record = self.metadata.get_version(model, version)
+        if record is None:
+            if self.metadata.get_model(model) is None:
+                raise self._unknown_model(model)
+            raise UnknownResource(
+                f"{model} has no version {version}; see `edgefleet models versions {model}`"
+            )
+        return record
+
+    def signed_manifest(self, digest: str) -> artifact_pb2.SignedManifest:
+        """The SignedManifest whose manifest bytes hash to `digest`."""
+        artifact = self.metadata.find_artifact(digest)
+        if artifact is None or not self.blobs.has(digest):
+            raise UnknownResource(f"no manifest has digest {digest[:80]!r}")
+        return artifact_pb2.SignedManifest(
+            manifest=self.blobs.get(digest),
+            signature=bytes.fromhex(artifact.signature_hex),
+            key_id=artifact.key_id,
+        )
+
+    def _unknown_model(self, model: str) -> UnknownResource:
+        known = ", ".join(m.name for m in self.metadata.list_models()[:20]) or "none yet"
+        return UnknownResource(f"no model is named {model!r} (known: {known}); push it first")

@@ -1,0 +1,133 @@
+"""The cloud process's settings: defaults < TOML file < EDGEFLEET_* environment < arguments."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edgefleet.manifests import DEFAULT_CHUNK_SIZE
+
+# The TOML file `load` was given; read by the settings sources of that one construction.
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("edgefleet_cloud_config", default=None)
+
+
+class CloudSettings(BaseSettings):
+    """Settings of `edgefleet cloud serve`. Environment: EDGEFLEET_<FIELD>, nested with __."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Field(
+        Path("./edgefleet-cloud"),
+        description="Folder for the metadata database, blobs, keys and the admin token.",
+    )
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 for every interface.")
+    port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Token admin calls must carry; when unset one is made and kept in "
+        "data_dir/admin-token.",
+    )
+    enroll_tokens: list[SecretStr] = Field(
+        default_factory=list,
+        description="Enrollment tokens accepted besides those made by CreateEnrollToken.",
+    )
+    max_upload_bytes: int = Field(2 << 30, gt=0, description="Largest model file a push may send.")
+    chunk_size: int = Field(
+        DEFAULT_CHUNK_SIZE, gt=0, description="Bytes per content-addressed artifact chunk."
+    )
+    offline_after_s: float = Field(
+        30.0, gt=0, description="A device counts as online if it called within this many seconds."
+    )
+    max_workers: int = Field(
+        32,
+        ge=2,
+        description="gRPC worker threads; every open WatchDesiredState stream holds one.",
+    )
+    watch_keepalive_s: float = Field(
+        15.0, gt=0, description="Seconds between keep-alive notices on idle watch streams."
+    )
+    metadata_backend: str = Field(
+        "sqlite", pattern="^(sqlite|memory)$", description="sqlite (durable) or memory (tests)."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> CloudSettings:
+        """Settings from an optional TOML file, the environment and explicit overrides.
+
+        Overrides whose value is None are ignored, so CLI options left out fall through.
+        """
+        if config_file is not None and not config_file.is_file():
+            from cloudsvc.errors import InvalidRequest
+
+            raise InvalidRequest(f"config file {config_file} does not exist; check the path")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        token = _CONFIG_FILE.set(config_file)
+        try:
+            return cls(**given)
+        finally:
+            _CONFIG_FILE.reset(token)
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "metadata.db"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.data_dir / "keys" / "manifest-signing.key"
+
+    def describe(self) -> str:
+        """One `name = value` line per setting, secrets masked."""
+        lines = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                shown = "********"
+            elif name == "admin_token" and value is None:
+                shown = f"(kept in {self.admin_token_path})"
+            elif isinstance(value, list) and value and isinstance(value[0], SecretStr):
+                shown = f"[{len(value)} token(s), masked]"
+            elif isinstance(value, Path):
+                shown = os.fspath(value)
+            else:
+                shown = repr(value)
+            lines.append(f"  {name} = {shown}")
+        return "\n".join(lines)

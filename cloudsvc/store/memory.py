@@ -1,0 +1,145 @@
+"""Metadata kept in dictionaries: for tests and throw-away demos (lost on exit)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from cloudsvc.errors import Conflict, UnknownResource
+from cloudsvc.store.metadata import (
+    ArtifactRecord,
+    DesiredStateRecord,
+    DeviceRecord,
+    EnrollTokenRecord,
+    MetadataStore,
+    ModelRecord,
+    ReportedStateRecord,
+    VersionRecord,
+)
+
+
+class MemoryMetadataStore(MetadataStore):
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._models: dict[str, ModelRecord] = {}
+        self._versions: dict[tuple[str, int], VersionRecord] = {}
+        self._devices: dict[str, DeviceRecord] = {}
+        self._desired: dict[str, DesiredStateRecord] = {}
+        self._reported: dict[str, ReportedStateRecord] = {}
+        self._tokens: dict[str, EnrollTokenRecord] = {}
+
+    def ensure_model(self, name: str, description: str, created_at: int) -> ModelRecord:
+        with self._lock:
+            if name not in self._models:
+                self._models[name] = ModelRecord(name, description, created_at)
+            return self._model_view(name)
+
+    def _model_view(self, name: str) -> ModelRecord:
+        base = self._models[name]
+        numbers = [v for (m, v) in self._versions if m == name]
+        return dataclasses.replace(
+            base, latest_version=max(numbers, default=0), version_count=len(numbers)
+        )
+
+    def get_model(self, name: str) -> ModelRecord | None:
+        with self._lock:
+            return self._model_view(name) if name in self._models else None
+
+    def list_models(self) -> list[ModelRecord]:
+        with self._lock:
+            return [self._model_view(n) for n in sorted(self._models)]
+
+    def add_version(self, version: VersionRecord) -> VersionRecord:
+        with self._lock:
+            key = (version.model, version.version)
+            if key in self._versions:
+                raise Conflict(
+                    f"{version.model} version {version.version} exists; versions are immutable"
+                )
+            self.ensure_model(version.model, version.description, version.created_at)
+            self._versions[key] = version
+            return version
+
+    def add_artifact(self, artifact: ArtifactRecord) -> None:
+        with self._lock:
+            key = (artifact.model, artifact.version)
+            current = self._versions.get(key)
+            if current is None:
+                raise UnknownResource(f"{artifact.model} has no version {artifact.version}")
+            if current.artifact(artifact.target) is not None:
+                raise Conflict(
+                    f"{artifact.model} v{artifact.version} already has a {artifact.target} artifact"
+                )
+            self._versions[key] = dataclasses.replace(
+                current, artifacts=(*current.artifacts, artifact)
+            )
+
+    def get_version(self, model: str, version: int) -> VersionRecord | None:
+        with self._lock:
+            return self._versions.get((model, version))
+
+    def list_versions(self, model: str) -> list[VersionRecord]:
+        with self._lock:
+            return sorted(
+                (v for (m, _), v in self._versions.items() if m == model),
+                key=lambda v: v.version,
+            )
+
+    def find_artifact(self, manifest_digest: str) -> ArtifactRecord | None:
+        with self._lock:
+            for v in self._versions.values():
+                for a in v.artifacts:
+                    if a.manifest_digest == manifest_digest:
+                        return a
+            return None
+
+    def put_device(self, device: DeviceRecord) -> None:
+        with self._lock:
+            self._devices[device.device_id] = device
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        with self._lock:
+            return self._devices.get(device_id)
+
+    def device_by_token_hash(self, token_hash: str) -> DeviceRecord | None:
+        with self._lock:
+            return next((d for d in self._devices.values() if d.token_hash == token_hash), None)
+
+    def list_devices(self) -> list[DeviceRecord]:
+        with self._lock:
+            return [self._devices[k] for k in sorted(self._devices)]
+
+    def touch_device(self, device_id: str, seen_at: float) -> None:
+        with self._lock:
+            device = self._devices.get(device_id)
+            if device is not None:
+                self._devices[device_id] = dataclasses.replace(device, last_seen_at=seen_at)
+
+    def get_desired(self, device_id: str) -> DesiredStateRecord:
+        with self._lock:
+            return self._desired.get(device_id, DesiredStateRecord(device_id))
+
+    def put_desired(self, state: DesiredStateRecord, expected_generation: int) -> bool:
+        with self._lock:
+            if self.get_desired(state.device_id).generation != expected_generation:
+                return False
+            self._desired[state.device_id] = state
+            return True
+
+    def get_reported(self, device_id: str) -> ReportedStateRecord | None:
+        with self._lock:
+            return self._reported.get(device_id)
+
+    def put_reported(self, state: ReportedStateRecord) -> None:
+        with self._lock:
+            self._reported[state.device_id] = state
+
+    def add_enroll_token(self, token: EnrollTokenRecord) -> None:
+        with self._lock:
+            if token.token_hash in self._tokens:
+                raise Conflict("that enrollment token exists already")
+            self._tokens[token.token_hash] = token
+
+    def get_enroll_token(self, token_hash: str) -> EnrollTokenRecord | None:
+        with self._lock:
+            return self._tokens.get(token_hash)

@@ -1,0 +1,438 @@
+"""Metadata in one SQLite file: WAL, synchronous=FULL (an acknowledged write survives power
+loss), schema migrations registered in code and applied in order at open.
+
+One connection shared by the gRPC worker threads behind a lock: the cloud's metadata writes
+are small and rare next to chunk transfers, so serialising them costs nothing measurable.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from cloudsvc.errors import Conflict, UnknownResource
+from cloudsvc.store.metadata import (
+    ArtifactRecord,
+    Assignment,
+    CapabilitiesRecord,
+    DesiredStateRecord,
+    DeviceRecord,
+    EnrollTokenRecord,
+    MetadataStore,
+    ModelRecord,
+    ModelStatusRecord,
+    ReportedStateRecord,
+    TensorSpecRecord,
+    VersionRecord,
+)
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[int, str, Migration]] = []
+
+
+def migration(number: int, name: str) -> Callable[[Migration], Migration]:
+    """Register a schema step; steps run once each, in number order, inside a transaction."""
+
+    def register(fn: Migration) -> Migration:
+        MIGRATIONS.append((number, name, fn))
+        MIGRATIONS.sort(key=lambda m: m[0])
+        return fn
+
+    return register
+
+
+@migration(1, "registry, devices, states, enroll tokens")
+def _initial(db: sqlite_utils.Database) -> None:
+    db["models"].create({"name": str, "description": str, "created_at": int}, pk="name")
+    db["versions"].create(
+        {
+            "model": str,
+            "version": int,
+            "description": str,
+            "created_at": int,
+            "source_sha256": str,
+            "parent_version": int,
+            "metadata": str,
+            "inputs": str,
+            "outputs": str,
+            "golden_sample_count": int,
+            "created_by": str,
+        },
+        pk=("model", "version"),
+    )
+    db["artifacts"].create(
+        {
+            "model": str,
+            "version": int,
+            "target": str,
+            "manifest_digest": str,
+            "size_bytes": int,
+            "chunk_count": int,
+            "created_at": int,
+            "signature_hex": str,
+            "key_id": str,
+        },
+        pk=("model", "version", "target"),
+    )
+    db["artifacts"].create_index(["manifest_digest"])
+    db["devices"].create(
+        {
+            "device_id": str,
+            "token_hash": str,
+            "enrolled_at": int,
+            "labels": str,
+            "capabilities": str,
+            "last_seen_at": float,
+        },
+        pk="device_id",
+    )
+    db["devices"].create_index(["token_hash"], unique=True)
+    db["desired"].create(
+        {"device_id": str, "generation": int, "assignments": str}, pk="device_id"
+    )
+    db["reported"].create(
+        {
+            "device_id": str,
+            "observed_generation": int,
+            "models": str,
+            "last_error": str,
+            "inference_endpoint": str,
+            "reported_at": float,
+        },
+        pk="device_id",
+    )
+    db["enroll_tokens"].create(
+        {"token_hash": str, "created_at": int, "expires_at": int, "note": str}, pk="token_hash"
+    )
+
+
+def _specs(text: str) -> tuple[TensorSpecRecord, ...]:
+    return tuple(TensorSpecRecord(s["name"], s["datatype"], tuple(s["shape"])) for s in json.loads(text))
+
+
+class SqliteMetadataStore(MetadataStore):
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path) if str(path) != ":memory:" else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT).
+        self._conn = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._db = sqlite_utils.Database(self._conn)
+        if self.path is not None:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (number INTEGER PRIMARY KEY, name TEXT, applied_at INTEGER)"
+            )
+            done = {r[0] for r in conn.execute("SELECT number FROM schema_migrations")}
+            for number, name, fn in MIGRATIONS:
+                if number not in done:
+                    fn(self._db)
+                    conn.execute(
+                        "INSERT INTO schema_migrations VALUES (?, ?, strftime('%s','now'))",
+                        (number, name),
+                    )
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT max(number) FROM schema_migrations").fetchone()
+            return int(row[0] or 0)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, params))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # models and versions -------------------------------------------------------------------
+    _MODEL_SQL = (
+        "SELECT m.name, m.description, m.created_at,"
+        " coalesce(max(v.version), 0) AS latest, count(v.version) AS n"
+        " FROM models m LEFT JOIN versions v ON v.model = m.name"
+    )
+
+    def _model(self, row: sqlite3.Row) -> ModelRecord:
+        return ModelRecord(row[0], row[1], row[2], int(row[3]), int(row[4]))
+
+    def ensure_model(self, name: str, description: str, created_at: int) -> ModelRecord:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO models (name, description, created_at) VALUES (?, ?, ?)",
+                (name, description, created_at),
+            )
+        model = self.get_model(name)
+        assert model is not None
+        return model
+
+    def get_model(self, name: str) -> ModelRecord | None:
+        rows = self._rows(self._MODEL_SQL + " WHERE m.name = ? GROUP BY m.name", (name,))
+        return self._model(rows[0]) if rows else None
+
+    def list_models(self) -> list[ModelRecord]:
+        rows = self._rows(self._MODEL_SQL + " GROUP BY m.name ORDER BY m.name")
+        return [self._model(r) for r in rows]
+
+    def add_version(self, version: VersionRecord) -> VersionRecord:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO models (name, description, created_at) VALUES (?, ?, ?)",
+                (version.model, version.description, version.created_at),
+            )
+            try:
+                conn.execute(
+                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        version.model,
+                        version.version,
+                        version.description,
+                        version.created_at,
+                        version.source_sha256,
+                        version.parent_version,
+                        json.dumps(dict(version.metadata), sort_keys=True),
+                        json.dumps([asdict(s) for s in version.inputs]),
+                        json.dumps([asdict(s) for s in version.outputs]),
+                        version.golden_sample_count,
+                        version.created_by,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(
+                    f"{version.model} version {version.version} exists; versions are immutable"
+                ) from None
+            for a in version.artifacts:
+                self._insert_artifact(conn, a)
+        return version
+
+    def _insert_artifact(self, conn: sqlite3.Connection, a: ArtifactRecord) -> None:
+        try:
+            conn.execute(
+                "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    a.model,
+                    a.version,
+                    a.target,
+                    a.manifest_digest,
+                    a.size_bytes,
+                    a.chunk_count,
+                    a.created_at,
+                    a.signature_hex,
+                    a.key_id,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise Conflict(f"{a.model} v{a.version} already has a {a.target} artifact") from None
+
+    def add_artifact(self, artifact: ArtifactRecord) -> None:
+        with self._tx() as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM versions WHERE model = ? AND version = ?",
+                (artifact.model, artifact.version),
+            ).fetchone()
+            if exists is None:
+                raise UnknownResource(f"{artifact.model} has no version {artifact.version}")
+            self._insert_artifact(conn, artifact)
+
+    def _artifact(self, r: sqlite3.Row) -> ArtifactRecord:
+        return ArtifactRecord(
+            r["model"],
+            r["version"],
+            r["target"],
+            r["manifest_digest"],
+            r["size_bytes"],
+            r["chunk_count"],
+            r["created_at"],
+            r["signature_hex"],
+            r["key_id"],
+        )
+
+    def _version(self, r: sqlite3.Row, artifacts: tuple[ArtifactRecord, ...]) -> VersionRecord:
+        return VersionRecord(
+            model=r["model"],
+            version=r["version"],
+            description=r["description"],
+            created_at=r["created_at"],
+            source_sha256=r["source_sha256"],
+            parent_version=r["parent_version"],
+            metadata=json.loads(r["metadata"]),
+            inputs=_specs(r["inputs"]),
+            outputs=_specs(r["outputs"]),
+            golden_sample_count=r["golden_sample_count"],
+            created_by=r["created_by"],
+            artifacts=artifacts,
+        )
+
+    def get_version(self, model: str, version: int) -> VersionRecord | None:
+        with self._lock:
+            rows = self._rows(
+                "SELECT * FROM versions WHERE model = ? AND version = ?", (model, version)
+            )
+            if not rows:
+                return None
+            arts = self._rows(
+                "SELECT * FROM artifacts WHERE model = ? AND version = ? ORDER BY target",
+                (model, version),
+            )
+            return self._version(rows[0], tuple(self._artifact(a) for a in arts))
+
+    def list_versions(self, model: str) -> list[VersionRecord]:
+        with self._lock:
+            rows = self._rows("SELECT * FROM versions WHERE model = ? ORDER BY version", (model,))
+            arts: dict[int, list[ArtifactRecord]] = {}
+            for a in self._rows(
+                "SELECT * FROM artifacts WHERE model = ? ORDER BY target", (model,)
+            ):
+                arts.setdefault(a["version"], []).append(self._artifact(a))
+            return [self._version(r, tuple(arts.get(r["version"], ()))) for r in rows]
+
+    def find_artifact(self, manifest_digest: str) -> ArtifactRecord | None:
+        rows = self._rows(
+            "SELECT * FROM artifacts WHERE manifest_digest = ? LIMIT 1", (manifest_digest,)
+        )
+        return self._artifact(rows[0]) if rows else None
+
+    # devices -------------------------------------------------------------------------------
+    def _device(self, r: sqlite3.Row) -> DeviceRecord:
+        caps = json.loads(r["capabilities"])
+        caps["execution_providers"] = tuple(caps.get("execution_providers", ()))
+        return DeviceRecord(
+            device_id=r["device_id"],
+            token_hash=r["token_hash"],
+            enrolled_at=r["enrolled_at"],
+            labels=json.loads(r["labels"]),
+            capabilities=CapabilitiesRecord(**caps),
+            last_seen_at=r["last_seen_at"],
+        )
+
+    def put_device(self, device: DeviceRecord) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    device.device_id,
+                    device.token_hash,
+                    device.enrolled_at,
+                    json.dumps(dict(device.labels), sort_keys=True),
+                    json.dumps(asdict(device.capabilities)),
+                    device.last_seen_at,
+                ),
+            )
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        rows = self._rows("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        return self._device(rows[0]) if rows else None
+
+    def device_by_token_hash(self, token_hash: str) -> DeviceRecord | None:
+        rows = self._rows("SELECT * FROM devices WHERE token_hash = ?", (token_hash,))
+        return self._device(rows[0]) if rows else None
+
+    def list_devices(self) -> list[DeviceRecord]:
+        return [self._device(r) for r in self._rows("SELECT * FROM devices ORDER BY device_id")]
+
+    def touch_device(self, device_id: str, seen_at: float) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE devices SET last_seen_at = ? WHERE device_id = ?", (seen_at, device_id)
+            )
+
+    # desired and reported state ----------------------------------------------------------
+    def get_desired(self, device_id: str) -> DesiredStateRecord:
+        rows = self._rows("SELECT * FROM desired WHERE device_id = ?", (device_id,))
+        if not rows:
+            return DesiredStateRecord(device_id)
+        assignments = tuple(Assignment(**a) for a in json.loads(rows[0]["assignments"]))
+        return DesiredStateRecord(device_id, rows[0]["generation"], assignments)
+
+    def put_desired(self, state: DesiredStateRecord, expected_generation: int) -> bool:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT generation FROM desired WHERE device_id = ?", (state.device_id,)
+            ).fetchone()
+            if (row[0] if row else 0) != expected_generation:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO desired VALUES (?, ?, ?)",
+                (
+                    state.device_id,
+                    state.generation,
+                    json.dumps([asdict(a) for a in state.assignments]),
+                ),
+            )
+            return True
+
+    def get_reported(self, device_id: str) -> ReportedStateRecord | None:
+        rows = self._rows("SELECT * FROM reported WHERE device_id = ?", (device_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return ReportedStateRecord(
+            device_id=r["device_id"],
+            observed_generation=r["observed_generation"],
+            models=tuple(ModelStatusRecord(**m) for m in json.loads(r["models"])),
+            last_error=r["last_error"],
+            inference_endpoint=r["inference_endpoint"],
+            reported_at=r["reported_at"],
+        )
+
+    def put_reported(self, state: ReportedStateRecord) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO reported VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    state.device_id,
+                    state.observed_generation,
+                    json.dumps([asdict(m) for m in state.models]),
+                    state.last_error,
+                    state.inference_endpoint,
+                    state.reported_at,
+                ),
+            )
+
+    # enrollment tokens -------------------------------------------------------------------
+    def add_enroll_token(self, token: EnrollTokenRecord) -> None:
+        with self._tx() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO enroll_tokens VALUES (?, ?, ?, ?)",
+                    (token.token_hash, token.created_at, token.expires_at, token.note),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("that enrollment token exists already") from None
+
+    def get_enroll_token(self, token_hash: str) -> EnrollTokenRecord | None:
+        rows = self._rows("SELECT * FROM enroll_tokens WHERE token_hash = ?", (token_hash,))
+        if not rows:
+            return None
+        r = rows[0]
+        return EnrollTokenRecord(r["token_hash"], r["created_at"], r["expires_at"], r["note"])

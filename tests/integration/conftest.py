@@ -1,0 +1,146 @@
+"""A real cloud process and real agent processes on loopback, for integration tests."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from edgefleet.client import AdminClient, Device
+from edgefleet.oip_client import InferenceClient
+from edgefleet.processes import ManagedProcess, agent_process, cloud_process
+from tests.onnx_models import expected_logits, linear_model
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Fleet:
+    workdir: Path
+    admin_token: str
+    enroll_token: str
+    cloud: ManagedProcess
+    agents: dict[str, ManagedProcess] = field(default_factory=dict)
+    _client: AdminClient | None = None
+
+    @property
+    def admin(self) -> AdminClient:
+        if self._client is None:
+            self._client = AdminClient(self.cloud.address, self.admin_token, timeout=15)
+        return self._client
+
+    def start_agent(
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        enroll_token: str | None = None,
+        wait: bool = True,
+    ) -> ManagedProcess:
+        proc = agent_process(
+            self.workdir,
+            name,
+            self.cloud.address,
+            enroll_token or self.enroll_token,
+            labels or {"site": "test"},
+            env={"EDGEFLEET_REPORT_INTERVAL_S": "1", "EDGEFLEET_BACKOFF_CAP_S": "2", **(env or {})},
+        )
+        proc.start()
+        if wait:
+            proc.wait_ready(60)
+        self.agents[name] = proc
+        return proc
+
+    def restart_agent(self, name: str, *, env: dict[str, str] | None = None) -> ManagedProcess:
+        old = self.agents[name]
+        old.stop()
+        proc = ManagedProcess(
+            old.name, old.args, old.log_path, old.port_file, {**old.env, **(env or {})}
+        )
+        proc.start().wait_ready(60)
+        self.agents[name] = proc
+        return proc
+
+    def restart_cloud(self) -> None:
+        port = self.cloud.port
+        self.cloud.stop()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.cloud = cloud_process(self.workdir, self.admin_token, self.enroll_token, port=port)
+        self.cloud.start().wait_ready(60)
+
+    def infer(
+        self, agent: str, x: npt.NDArray[np.float32], version: int | None = None, model: str = "m"
+    ) -> tuple[int, npt.NDArray[np.float32]]:
+        with InferenceClient(self.agents[agent].address) as client:
+            result = client.infer(model, {"x": x}, version=version)
+            logits: npt.NDArray[np.float32] = result.outputs["logits"]
+            return int(result.model_version), logits
+
+    def wait_for(
+        self, predicate: Callable[[list[Device]], bool], timeout: float = 60.0, what: str = ""
+    ) -> list[Device]:
+        deadline = time.monotonic() + timeout
+        devices: list[Device] = []
+        while time.monotonic() < deadline:
+            devices = self.admin.devices()
+            if predicate(devices):
+                return devices
+            time.sleep(0.2)
+        summary = [(d.device_id, d.models, d.last_error) for d in devices]
+        raise AssertionError(f"timed out waiting for {what}: {summary}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.log_tail(30)}" for p in [self.cloud, *self.agents.values()]
+        )
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        for proc in [*self.agents.values(), self.cloud]:
+            proc.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    admin_token, enroll_token = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
+    cloud = cloud_process(tmp_path, admin_token, enroll_token)
+    cloud.start().wait_ready(60)
+    f = Fleet(tmp_path, admin_token, enroll_token, cloud)
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+@dataclass(frozen=True)
+class Versions:
+    v1: Path
+    v2: Path
+    x: npt.NDArray[np.float32]
+
+    def expected(self, version: int) -> npt.NDArray[np.float32]:
+        return expected_logits(self.v1 if version == 1 else self.v2, self.x)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Versions:
+    x = np.random.default_rng(7).normal(size=(4, 8)).astype(np.float32)
+    return Versions(
+        linear_model(tmp_path / "m-v1.onnx", seed=1),
+        linear_model(tmp_path / "m-v2.onnx", seed=2),
+        x,
+    )
+
+
+def running(devices: list[Device], model: str = "m") -> dict[str, int]:
+    return {d.device_id: d.running(model) for d in devices}

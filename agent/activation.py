@@ -67,7 +67,9 @@ def load_and_check(
             f"{manifest.model} v{manifest.version} has format {manifest.format!r}; this agent runs onnx"
         )
     if not manifest.entrypoint:
-        raise ArtifactRejected(f"{manifest.model} v{manifest.version}: the manifest names no entrypoint")
+        raise ArtifactRejected(
+            f"{manifest.model} v{manifest.version}: the manifest names no entrypoint"
+        )
     path = folder / manifest.entrypoint
     if not path.is_file():
         raise ArtifactRejected(

@@ -37,7 +37,9 @@ class DiskNeed:
 def _relative(path: str) -> PurePosixPath:
     rel = PurePosixPath(path)
     if not path or rel.is_absolute() or ".." in rel.parts:
-        raise ArtifactRejected(f"manifest names file {path!r}, which is not a relative path inside the artifact")
+        raise ArtifactRejected(
+            f"manifest names file {path!r}, which is not a relative path inside the artifact"
+        )
     return rel
 
 
@@ -73,8 +75,12 @@ class ArtifactStore:
         """The version's folder, built from chunks and verified file by file."""
         final = self.version_dir(model, digest)
         if final.is_dir():
-            verify_files(final, manifest)
-            return final
+            try:
+                verify_files(final, manifest)
+                return final
+            except ArtifactRejected:
+                # Rotted or tampered on disk: rebuild it from the verified chunks.
+                shutil.rmtree(final)
         staging = final.with_name(f"{digest}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -85,7 +91,9 @@ class ArtifactStore:
                 for chunk in entry.chunks:
                     src = self.chunks.path(chunk.sha256)
                     if not src.is_file():
-                        raise ArtifactRejected(f"chunk {chunk.sha256[:12]} of {entry.path} is not downloaded")
+                        raise ArtifactRejected(
+                            f"chunk {chunk.sha256[:12]} of {entry.path} is not downloaded"
+                        )
                     with src.open("rb") as f:
                         shutil.copyfileobj(f, out)
                 out.flush()
@@ -139,7 +147,9 @@ def verify_files(folder: Path, manifest: artifact_pb2.Manifest) -> None:
     for entry in manifest.files:
         path = folder / _relative(entry.path)
         if not path.is_file():
-            raise ArtifactRejected(f"{manifest.model} v{manifest.version}: file {entry.path} is missing")
+            raise ArtifactRejected(
+                f"{manifest.model} v{manifest.version}: file {entry.path} is missing"
+            )
         size = path.stat().st_size
         if size != entry.size:
             raise ArtifactRejected(

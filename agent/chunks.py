@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ArtifactRejected
+from agent.ratelimit import RateLimiter
 from edgefleet.manifests import ChunkRef, all_chunks
 from protos.artifact.v1 import artifact_pb2
 
@@ -57,8 +58,9 @@ def file_sha256(path: Path) -> str:
 
 
 class ChunkStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, rate_limit: RateLimiter | None = None) -> None:
         self.root = root
+        self.rate_limit = rate_limit or RateLimiter(0)
         root.mkdir(parents=True, exist_ok=True)
         self.stats = TransferStats()
         self._lock = threading.Lock()
@@ -112,6 +114,7 @@ class ChunkStore:
         if offset < ref.size:
             with part.open("ab") as out:
                 for data in source(ref.sha256, offset):
+                    self.rate_limit.acquire(len(data))
                     out.write(data)
                     offset += len(data)
                     with self._lock:

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class _Cancellable(Protocol):
+    def cancel(self) -> bool: ...
+
+
 class CloudLink(Protocol):
     """The cloud as the agent sees it. Every method raises EdgefleetError on failure."""
 
@@ -92,7 +96,7 @@ class GrpcCloudLink:
         )
         self._stub = fleet_pb2_grpc.AgentServiceStub(self._channel)
         self._identity: Identity | None = None
-        self._watch_call: grpc.Future | None = None
+        self._watch_call: _Cancellable | None = None
         self._lock = threading.Lock()
 
     def _meta(self) -> tuple[tuple[str, str], ...]:
@@ -143,12 +147,16 @@ class GrpcCloudLink:
     def get_manifest(self, digest: str) -> artifact_pb2.SignedManifest:
         request = fleet_pb2.GetManifestRequest(device_id=self.device_id, digest=digest)
         signed: artifact_pb2.SignedManifest = _call(
-            lambda: self._stub.GetManifest(request, timeout=self._rpc_timeout, metadata=self._meta())
+            lambda: self._stub.GetManifest(
+                request, timeout=self._rpc_timeout, metadata=self._meta()
+            )
         )
         return signed
 
     def fetch_chunk(self, sha256: str, offset: int) -> Iterator[bytes]:
-        request = fleet_pb2.FetchChunkRequest(device_id=self.device_id, sha256=sha256, offset=offset)
+        request = fleet_pb2.FetchChunkRequest(
+            device_id=self.device_id, sha256=sha256, offset=offset
+        )
         stream = self._stub.FetchChunk(request, timeout=self._chunk_timeout, metadata=self._meta())
         expected = offset
         try:

@@ -19,6 +19,7 @@ from agent.artifacts import ArtifactStore
 from agent.chunks import ChunkStore
 from agent.cloud_link import CloudLink, GrpcCloudLink, Watcher
 from agent.inference.server import InferenceServer, start_inference_server
+from agent.ratelimit import RateLimiter
 from agent.reconciler import Reconciler
 from agent.runtime import ModelRepository
 from agent.settings import AgentSettings
@@ -64,6 +65,7 @@ class Agent:
         self._watcher: Watcher | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._device_id = ""
 
     @property
     def inference_port(self) -> int:
@@ -79,14 +81,16 @@ class Agent:
 
     @property
     def device_id(self) -> str:
-        identity = self._state.identity() if self._state else None
-        return identity.device_id if identity else ""
+        if self._state is not None and not self._stopping.is_set():
+            identity = self._state.identity()
+            self._device_id = identity.device_id if identity else ""
+        return self._device_id
 
     def start(self, *, reconcile: bool = True) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self._state = StateStore(s.db_path)
-        chunks = ChunkStore(s.data_dir / "chunks")
+        chunks = ChunkStore(s.data_dir / "chunks", RateLimiter(s.max_download_bytes_per_s))
         artifacts = ArtifactStore(s.data_dir, chunks)
         if self._link is None:
             self._link = GrpcCloudLink(
@@ -131,6 +135,7 @@ class Agent:
         """Stop reconciling, let in-flight inference finish (grace period), close the db."""
         if self._stopping.is_set():
             return
+        _ = self.device_id  # remember it for the exit summary; the db closes below
         self._stopping.set()
         if self._watcher is not None:
             self._watcher.stop()

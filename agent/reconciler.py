@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +145,9 @@ class Reconciler:
                 try:
                     model = self._load_installed(record.model, slot, keys)
                 except EdgefleetError as err:
-                    message = f"{record.model} v{slot.version} on disk cannot be served: {err.message}"
+                    message = (
+                        f"{record.model} v{slot.version} on disk cannot be served: {err.message}"
+                    )
                     self._event(message)
                     self.state.record_error(record.model, message)
                     continue
@@ -159,7 +161,9 @@ class Reconciler:
                     phase=Phase.MODEL_PHASE_READY if ready else Phase.MODEL_PHASE_FAILED,
                     error="" if ready else record.last_error,
                 )
-                self._event(f"serving {record.model} v{slot.version} from disk ({model.execution_provider})")
+                self._event(
+                    f"serving {record.model} v{slot.version} from disk ({model.execution_provider})"
+                )
                 break
         return loaded
 
@@ -190,7 +194,9 @@ class Reconciler:
                 self._caps(),
             )
             if not response.manifest_public_keys:
-                raise NotEnrolled("the cloud enrolled this device but sent no manifest keys to trust")
+                raise NotEnrolled(
+                    "the cloud enrolled this device but sent no manifest keys to trust"
+                )
             identity = Identity(response.device_id, response.device_token)
             self.state.save_identity(identity, list(response.manifest_public_keys))
             self._event(f"enrolled as device {identity.device_id}")
@@ -211,11 +217,14 @@ class Reconciler:
             self.ensure_identity()
             desired = self.link.get_desired_state()
         except EdgefleetError as err:
-            if err.code == ErrorCode.UNAUTHENTICATED and self.state.identity() is not None:
-                if self.settings.enroll_token is not None:
-                    # The cloud no longer knows this credential (e.g. its database was reset):
-                    # enroll again on the next pass.
-                    self.state.forget_identity()
+            if (
+                err.code == ErrorCode.UNAUTHENTICATED
+                and self.state.identity() is not None
+                and self.settings.enroll_token is not None
+            ):
+                # The cloud no longer knows this credential (e.g. its database was reset):
+                # enroll again on the next pass.
+                self.state.forget_identity()
             self._device_error = _describe(err)
             self.counters.failed_passes += 1
             raise
@@ -259,18 +268,18 @@ class Reconciler:
         """Make `assignment` the active version; True when a switch happened."""
         name, digest = assignment.model, assignment.manifest_digest
         record = self.state.model(name)
-        if record is not None and record.active is not None and record.active.digest == digest:
-            if self._serving(name, record.active):
-                self._set_status(
-                    name,
-                    desired_version=assignment.version,
-                    desired_digest=digest,
-                    phase=Phase.MODEL_PHASE_READY,
-                    error="",
-                )
-                if record.observed_generation != generation:
-                    self.state.mark_observed(name, generation)
-                return False
+        active = record.active if record is not None else None
+        if active is not None and active.digest == digest and self._serving(name, active):
+            self._set_status(
+                name,
+                desired_version=assignment.version,
+                desired_digest=digest,
+                phase=Phase.MODEL_PHASE_READY,
+                error="",
+            )
+            if record is not None and record.observed_generation != generation:
+                self.state.mark_observed(name, generation)
+            return False
         self._set_status(
             name,
             desired_version=assignment.version,
@@ -299,7 +308,7 @@ class Reconciler:
             )
         step = max(1, len(missing) // 10)
         for index, ref in enumerate(missing, start=1):
-            self.chunks.fetch(ref, self.link.fetch_chunk)
+            self.chunks.fetch(ref, self._pieces)
             if index % step == 0 or index == len(missing):
                 self._event(f"{label}: downloaded {index}/{len(missing)} chunks")
         self._set_status(name, phase=Phase.MODEL_PHASE_ACTIVATING)
@@ -315,15 +324,22 @@ class Reconciler:
         self._event(f"serving {label} on {model.execution_provider}")
         return True
 
+    def _pieces(self, sha256: str, offset: int) -> Iterator[bytes]:
+        # Checked between pieces so that stop() does not wait for a whole large chunk.
+        for data in self.link.fetch_chunk(sha256, offset):
+            if self._stop.is_set():
+                raise AgentError(
+                    "download interrupted: the agent is stopping", code=ErrorCode.UNAVAILABLE
+                )
+            yield data
+
     def _serving(self, name: str, slot: Slot) -> bool:
         try:
             return self.repository.get(name, slot.version).digest == slot.digest
         except EdgefleetError:
             return False
 
-    def _assemble(
-        self, name: str, digest: str, manifest: artifact_pb2.Manifest
-    ) -> Path:
+    def _assemble(self, name: str, digest: str, manifest: artifact_pb2.Manifest) -> Path:
         try:
             return self.artifacts.assemble(name, digest, manifest)
         except ArtifactRejected:
@@ -388,24 +404,26 @@ class Reconciler:
         for name in sorted(set(records) | set(statuses)):
             record = records.get(name)
             status = statuses.get(name, ModelStatus())
-            active = record.active if record else None
-            provider = ""
-            if active is not None:
-                try:
-                    provider = self.repository.get(name, active.version).execution_provider
-                except EdgefleetError:
-                    provider = ""
+            # Report what actually answers requests, which after a failed restore can be
+            # the previous version rather than the recorded active one.
+            serving = self._default_model(name)
             report.models.add(
                 model=name,
-                active_version=active.version if active and provider else 0,
-                active_digest=active.digest if active and provider else "",
+                active_version=serving.version if serving else 0,
+                active_digest=serving.digest if serving else "",
                 previous_version=record.previous.version if record and record.previous else 0,
                 desired_version=status.desired_version,
                 phase=status.phase,
                 error=status.error or (record.last_error if record else ""),
-                execution_provider=provider,
+                execution_provider=serving.execution_provider if serving else "",
             )
         return report
+
+    def _default_model(self, name: str) -> LoadedModel | None:
+        try:
+            return self.repository.get(name)
+        except EdgefleetError:
+            return None
 
     def report(self) -> bool:
         """Send the state; True when the cloud took it. Wakes the loop if the cloud is ahead."""
@@ -441,15 +459,22 @@ class Reconciler:
     def run(self) -> None:
         """Reconcile until stop(): on a notice, on the resync timer, or after a backoff."""
         backoff = Backoff(base=self.settings.backoff_base_s, cap=self.settings.backoff_cap_s)
+        last_failure = ""
         while not self._stop.is_set():
             self._wake.clear()
             started = time.monotonic()
             try:
                 result = self.reconcile_once()
                 converged = result.converged
+                if last_failure:
+                    self._event(f"reached the cloud again (generation {result.generation})")
+                last_failure = ""
             except EdgefleetError as err:
                 converged = False
-                self._event(f"cannot read the desired state: {err.message}")
+                message = f"cannot read the desired state: {err.message}"
+                if message != last_failure:  # one line per change, not one per retry
+                    self._event(message)
+                last_failure = message
             except Exception as err:  # keep serving whatever went wrong
                 converged = False
                 self._device_error = _describe(err)

@@ -164,7 +164,7 @@ class ModelRepository:
         if version in (None, "", 0):
             return versions[default]
         try:
-            v = int(version)  # type: ignore[arg-type]
+            v = int(version)
         except (TypeError, ValueError):
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r}; versions are whole numbers"

@@ -6,12 +6,14 @@ Precedence, highest first: explicit overrides (CLI flags), environment, config f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -35,34 +37,76 @@ class AgentSettings(BaseSettings):
     # Set by load(); a class-level default keeps direct construction file-free.
     _config_file: ClassVar[Path | None] = None
 
-    cloud: str = Field("127.0.0.1:7000", description="host:port of the cloud's AgentService.")
-    enroll_token: SecretStr | None = Field(
-        None, description="Enrollment token; needed only until the device has enrolled."
+    cloud: str = Field(
+        default="127.0.0.1:7000", description="host:port of the cloud's AgentService."
     )
-    device_id: str = Field("", description="Device id to ask for at enrollment; empty lets the cloud choose.")
-    data_dir: Path = Field(Path("./edgefleet-agent"), description="Where state, chunks and models live.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels sent at enrollment and in reports.")
-    inference_host: str = Field("0.0.0.0", description="Address the Open Inference Protocol server binds.")
-    inference_port: int = Field(8001, ge=0, le=65535, description="Port of the inference server; 0 picks a free one.")
+    enroll_token: SecretStr | None = Field(
+        default=None, description="Enrollment token; needed only until the device has enrolled."
+    )
+    device_id: str = Field(
+        default="", description="Device id to ask for at enrollment; empty lets the cloud choose."
+    )
+    data_dir: Path = Field(
+        default=Path("./edgefleet-agent"), description="Where state, chunks and models live."
+    )
+    labels: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="Labels sent at enrollment and in reports."
+    )
+    inference_host: str = Field(
+        default="0.0.0.0", description="Address the Open Inference Protocol server binds."
+    )
+    inference_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="Port of the inference server; 0 picks a free one.",
+    )
     advertise_address: str = Field(
-        "", description="host:port reported to the cloud as the inference endpoint; empty derives it."
+        default="",
+        description="host:port reported to the cloud as the inference endpoint; empty derives it.",
     )
     providers: list[str] = Field(
         default_factory=lambda: list(PROVIDER_PREFERENCE),
         description="ONNX Runtime execution providers to try, best first.",
     )
-    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core).")
-    resync_interval_s: float = Field(30.0, gt=0, description="Re-check the desired state this often even without a notice.")
-    report_interval_s: float = Field(10.0, gt=0, description="Send a state report (heartbeat) this often.")
-    backoff_base_s: float = Field(0.5, gt=0, description="First retry delay ceiling after a failed pass.")
-    backoff_cap_s: float = Field(30.0, gt=0, description="Largest retry delay ceiling.")
-    min_free_disk_bytes: int = Field(
-        64 << 20, ge=0, description="Free space that must remain on the data disk after a download."
+    intra_op_threads: int = Field(
+        default=1, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core)."
     )
-    max_request_bytes: int = Field(64 << 20, gt=0, description="Largest inference request accepted.")
-    rpc_timeout_s: float = Field(15.0, gt=0, description="Deadline of unary calls to the cloud.")
-    chunk_timeout_s: float = Field(120.0, gt=0, description="Deadline of one chunk download stream.")
-    stop_grace_s: float = Field(5.0, ge=0, description="Grace period for in-flight requests at shutdown.")
+    resync_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Re-check the desired state this often even without a notice.",
+    )
+    report_interval_s: float = Field(
+        default=10.0, gt=0, description="Send a state report (heartbeat) this often."
+    )
+    backoff_base_s: float = Field(
+        default=0.5, gt=0, description="First retry delay ceiling after a failed pass."
+    )
+    backoff_cap_s: float = Field(default=30.0, gt=0, description="Largest retry delay ceiling.")
+    min_free_disk_bytes: int = Field(
+        default=64 << 20,
+        ge=0,
+        description="Free space that must remain on the data disk after a download.",
+    )
+    max_request_bytes: int = Field(
+        default=64 << 20, gt=0, description="Largest inference request accepted."
+    )
+    rpc_timeout_s: float = Field(
+        default=15.0, gt=0, description="Deadline of unary calls to the cloud."
+    )
+    chunk_timeout_s: float = Field(
+        default=120.0, gt=0, description="Deadline of one chunk download stream."
+    )
+    max_download_bytes_per_s: int = Field(
+        default=0,
+        ge=0,
+        description="Cap on artifact download bandwidth in bytes per second (0: no cap); "
+        "keeps an update from saturating a site's link.",
+    )
+    stop_grace_s: float = Field(
+        default=5.0, ge=0, description="Grace period for in-flight requests at shutdown."
+    )
 
     @field_validator("cloud")
     @classmethod
@@ -76,8 +120,10 @@ class AgentSettings(BaseSettings):
     @classmethod
     def _parse_labels(cls, value: Any) -> Any:
         # EDGEFLEET_LABELS=site=a,hw=pi reads naturally on a device; JSON also works.
-        if isinstance(value, str) and not value.lstrip().startswith("{"):
-            return parse_labels(value.split(",")) if value.strip() else {}
+        if isinstance(value, str):
+            if value.lstrip().startswith("{"):
+                return json.loads(value)
+            return parse_labels([v for v in value.split(",") if v.strip()])
         return value
 
     @classmethod

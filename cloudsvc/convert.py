@@ -21,7 +21,10 @@ from protos.fleet.v1 import fleet_pb2
 
 
 def tensor_specs(specs: Iterable[TensorSpecRecord]) -> list[artifact_pb2.TensorSpec]:
-    return [artifact_pb2.TensorSpec(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
+    return [
+        artifact_pb2.TensorSpec(name=s.name, datatype=s.datatype, shape=list(s.shape))
+        for s in specs
+    ]
 
 
 def model_to_proto(m: ModelRecord) -> admin_pb2.Model:

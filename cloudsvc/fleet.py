@@ -11,7 +11,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from cloudsvc.errors import Forbidden, InvalidRequest, NotAuthenticated, NotReady, UnknownResource
@@ -139,9 +139,10 @@ class Fleet:
         record = DeviceRecord(
             device_id=device_id,
             token_hash=hash_token(token),
-            enrolled_at=int(now),
+            enrolled_at=existing.enrolled_at if existing else int(now),
             labels=dict(labels or (existing.labels if existing else {})),
-            capabilities=capabilities or (existing.capabilities if existing else CapabilitiesRecord()),
+            capabilities=capabilities
+            or (existing.capabilities if existing else CapabilitiesRecord()),
             last_seen_at=now,
         )
         self.metadata.put_device(record)
@@ -250,19 +251,31 @@ class Fleet:
     def desired_state(self, device_id: str) -> DesiredStateRecord:
         return self.metadata.get_desired(device_id)
 
-    def wait_for_change(self, device_id: str, known_generation: int, timeout: float) -> int | None:
+    def wait_for_change(
+        self,
+        device_id: str,
+        known_generation: int,
+        timeout: float,
+        gone: Callable[[], bool] | None = None,
+    ) -> int | None:
         """The device's generation once it exceeds `known_generation`, or the current one
-        after `timeout` seconds; None when the fleet is closing (streams should end)."""
+        after `timeout` seconds. None when the fleet is closing or `gone()` turns true (checked
+        on every wake-up): the stream should end."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                if self._closed:
+                if self._closed or (gone is not None and gone()):
                     return None
                 generation = self.metadata.get_desired(device_id).generation
                 remaining = deadline - time.monotonic()
                 if generation > known_generation or remaining <= 0:
                     return generation
                 self._changed.wait(remaining)
+
+    def wake(self) -> None:
+        """Wake every watcher to re-check (e.g. because its caller went away)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Wake every watcher so streams end before the server stops."""

@@ -16,6 +16,13 @@ from protos.artifact.v1 import artifact_pb2
 
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
+# Golden samples travel inside the manifest, which devices fetch in one message (gRPC's
+# default receive limit is 4 MiB): samples beyond this many bytes in all are left out.
+GOLDEN_BYTES_BUDGET = 3 << 20
+
+
+def sample_bytes(sample: artifact_pb2.GoldenSample) -> int:
+    return sum(len(t.data) for t in [*sample.inputs, *sample.outputs])
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
@@ -66,7 +73,8 @@ def make_golden_samples(
 
     Dynamic dimensions become 1; when every input's first dimension is dynamic a second
     sample with batch 2 checks that batching works on the device too. Models whose inputs
-    include strings get no samples (nothing sensible to invent).
+    include strings get no samples (nothing sensible to invent), and samples are kept only
+    while their bytes fit GOLDEN_BYTES_BUDGET.
     """
     inputs = session.get_inputs()
     datatypes = [ORT_TO_DATATYPE.get(i.type, "") for i in inputs]
@@ -78,11 +86,22 @@ def make_golden_samples(
         batches.append(2)
     rng = np.random.default_rng(seed)
     outputs_meta = session.get_outputs()
-    samples = []
+    samples: list[artifact_pb2.GoldenSample] = []
     for batch in batches:
+        # A sample's inputs alone over budget: do not even run the model on them.
+        feed_bytes = sum(
+            numpy_dtype(dt).itemsize
+            * int(np.prod([batch if (n == 0 and d == -1) else max(d, 1) for n, d in enumerate(sh)]))
+            for dt, sh in zip(datatypes, shapes, strict=True)
+        )
+        if feed_bytes > GOLDEN_BYTES_BUDGET:
+            break
         feed: dict[str, npt.NDArray[np.generic]] = {}
         for meta, datatype, shape in zip(inputs, datatypes, shapes, strict=True):
-            concrete = [batch if (n == 0 and d == -1) else (1 if d == -1 else d) for n, d in enumerate(shape)]
+            concrete = [
+                batch if (n == 0 and d == -1) else (1 if d == -1 else d)
+                for n, d in enumerate(shape)
+            ]
             feed[meta.name] = _random_input(rng, datatype, concrete)
         try:
             results = session.run(None, feed)
@@ -100,5 +119,7 @@ def make_golden_samples(
             if datatype in ("", "BYTES"):
                 return []
             sample.outputs.append(_tensor(meta.name, array, datatype))
+        if sum(map(sample_bytes, samples)) + sample_bytes(sample) > GOLDEN_BYTES_BUDGET:
+            break
         samples.append(sample)
     return samples

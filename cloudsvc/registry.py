@@ -16,7 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cloudsvc.errors import BadModel, InvalidRequest, UnknownResource
-from cloudsvc.golden import DEFAULT_ATOL, DEFAULT_RTOL, cpu_session, make_golden_samples
+from cloudsvc.golden import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    GOLDEN_BYTES_BUDGET,
+    cpu_session,
+    make_golden_samples,
+    sample_bytes,
+)
 from cloudsvc.signing import ManifestSigner
 from cloudsvc.store.blobs import BlobStore
 from cloudsvc.store.metadata import (
@@ -51,7 +58,9 @@ def _dims(shape: Sequence[object]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
 
 
-def _specs_from_session(path: Path) -> tuple[
+def _specs_from_session(
+    path: Path,
+) -> tuple[
     tuple[TensorSpecRecord, ...], tuple[TensorSpecRecord, ...], list[artifact_pb2.GoldenSample]
 ]:
     session = cpu_session(path)
@@ -68,9 +77,20 @@ def _specs_from_session(path: Path) -> tuple[
 
 # ONNX TensorProto element types -> Open Inference Protocol names (for unverified pushes).
 _ONNX_ELEM_TO_DATATYPE = {
-    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
-    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64",
-}  # fmt: skip
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "BYTES",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+}
 
 
 def _specs_from_graph(
@@ -112,6 +132,12 @@ def _check_golden(samples: Sequence[artifact_pb2.GoldenSample]) -> list[artifact
             # execution providers is never what anyone wants.
             copy.rtol, copy.atol = DEFAULT_RTOL, DEFAULT_ATOL
         checked.append(copy)
+    total = sum(map(sample_bytes, checked))
+    if total > GOLDEN_BYTES_BUDGET:
+        raise InvalidRequest(
+            f"the golden samples hold {total} bytes; keep them under {GOLDEN_BYTES_BUDGET} "
+            "(they travel inside the manifest): send fewer or smaller samples"
+        )
     return checked
 
 
@@ -215,8 +241,13 @@ class Registry:
             self.metadata.add_version(record)
         log.info(
             "pushed %s v%d (%s, %d bytes, %d chunks, %d golden samples)",
-            model, number, target, entry.size, artifact.chunk_count, len(samples),
-        )  # fmt: skip
+            model,
+            number,
+            target,
+            entry.size,
+            artifact.chunk_count,
+            len(samples),
+        )
         return record
 
     def _store_chunks(self, path: Path) -> tuple[artifact_pb2.ArtifactFile, str]:

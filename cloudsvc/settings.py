@@ -51,9 +51,10 @@ class CloudSettings(BaseSettings):
         30.0, gt=0, description="A device counts as online if it called within this many seconds."
     )
     max_workers: int = Field(
-        32,
-        ge=2,
-        description="gRPC worker threads; every open WatchDesiredState stream holds one.",
+        128,
+        ge=9,
+        description="gRPC worker threads. Every open WatchDesiredState stream holds one; "
+        "8 are kept for other calls, so at most max_workers - 8 devices watch at once.",
     )
     watch_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds between keep-alive notices on idle watch streams."

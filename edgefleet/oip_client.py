@@ -17,6 +17,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,7 +29,8 @@ from edgefleet.tensors import DATATYPE_TO_NUMPY, datatype_of
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
-Array = npt.NDArray[np.generic]
+# Any: outputs are whatever numeric (or object, for BYTES) dtype the server sent.
+Array = npt.NDArray[Any]
 
 DEFAULT_MAX_MESSAGE = 64 << 20
 

@@ -51,8 +51,8 @@ def migration(number: int, name: str) -> Callable[[Migration], Migration]:
 
 @migration(1, "registry, devices, states, enroll tokens")
 def _initial(db: sqlite_utils.Database) -> None:
-    db["models"].create({"name": str, "description": str, "created_at": int}, pk="name")
-    db["versions"].create(
+    db.table("models").create({"name": str, "description": str, "created_at": int}, pk="name")
+    db.table("versions").create(
         {
             "model": str,
             "version": int,
@@ -68,7 +68,7 @@ def _initial(db: sqlite_utils.Database) -> None:
         },
         pk=("model", "version"),
     )
-    db["artifacts"].create(
+    db.table("artifacts").create(
         {
             "model": str,
             "version": int,
@@ -82,8 +82,8 @@ def _initial(db: sqlite_utils.Database) -> None:
         },
         pk=("model", "version", "target"),
     )
-    db["artifacts"].create_index(["manifest_digest"])
-    db["devices"].create(
+    db.table("artifacts").create_index(["manifest_digest"])
+    db.table("devices").create(
         {
             "device_id": str,
             "token_hash": str,
@@ -94,11 +94,11 @@ def _initial(db: sqlite_utils.Database) -> None:
         },
         pk="device_id",
     )
-    db["devices"].create_index(["token_hash"], unique=True)
-    db["desired"].create(
+    db.table("devices").create_index(["token_hash"], unique=True)
+    db.table("desired").create(
         {"device_id": str, "generation": int, "assignments": str}, pk="device_id"
     )
-    db["reported"].create(
+    db.table("reported").create(
         {
             "device_id": str,
             "observed_generation": int,
@@ -109,13 +109,15 @@ def _initial(db: sqlite_utils.Database) -> None:
         },
         pk="device_id",
     )
-    db["enroll_tokens"].create(
+    db.table("enroll_tokens").create(
         {"token_hash": str, "created_at": int, "expires_at": int, "note": str}, pk="token_hash"
     )
 
 
 def _specs(text: str) -> tuple[TensorSpecRecord, ...]:
-    return tuple(TensorSpecRecord(s["name"], s["datatype"], tuple(s["shape"])) for s in json.loads(text))
+    return tuple(
+        TensorSpecRecord(s["name"], s["datatype"], tuple(s["shape"])) for s in json.loads(text)
+    )
 
 
 class SqliteMetadataStore(MetadataStore):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -68,6 +69,7 @@ def test_cli_lists_what_the_api_holds(fleet: Fleet, models: Versions) -> None:
             capture_output=True,
             text=True,
             timeout=120,
+            env={**os.environ, "COLUMNS": "200"},  # tables unwrapped, as on a wide terminal
         )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout

@@ -1,175 +1,219 @@
-"""Our inference proto against the published KServe v2 contract (kserve/kserve
-docs/predict-api/v2/grpc_predict_v2.proto), field by field, so Triton's and KServe's clients
-keep working against the agent. The expected table is written out here on purpose: a change
-to the .proto that breaks the wire shows up as a diff against the published contract."""
+"""Our inference proto against the published Open Inference Protocol (KServe v2) contract.
+
+The expected tables below are copied by hand from kserve/kserve
+``docs/predict-api/v2/grpc_predict_v2.proto`` (the same file Triton ships as
+``grpc_service.proto``'s core): every message, field name, number, type and label, and
+the service's methods. Any drift in ours (a renumbered field, a changed type, an extra or
+missing field) breaks Triton's and KServe's clients silently, so it fails here instead.
+"""
 
 from __future__ import annotations
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf import descriptor_pb2
 
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 
-# message -> [(field, number, type, label)]; "map<K,V>" for map fields, "oneof:NAME/type" for
-# members of a oneof, message types by their name inside package "inference".
-EXPECTED_MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
+F = descriptor_pb2.FieldDescriptorProto
+OPT, REP = F.LABEL_OPTIONAL, F.LABEL_REPEATED
+BOOL, STRING, BYTES = F.TYPE_BOOL, F.TYPE_STRING, F.TYPE_BYTES
+INT32, INT64, UINT32, UINT64 = F.TYPE_INT32, F.TYPE_INT64, F.TYPE_UINT32, F.TYPE_UINT64
+FLOAT, DOUBLE, MESSAGE = F.TYPE_FLOAT, F.TYPE_DOUBLE, F.TYPE_MESSAGE
+
+PARAMS = ".inference.InferParameter"
+
+# message (dotted path below the package) -> [(field, number, label, type, message type)]
+EXPECTED_MESSAGES: dict[str, list[tuple[str, int, int, int, str]]] = {
     "ServerLiveRequest": [],
-    "ServerLiveResponse": [("live", 1, "bool", "optional")],
+    "ServerLiveResponse": [("live", 1, OPT, BOOL, "")],
     "ServerReadyRequest": [],
-    "ServerReadyResponse": [("ready", 1, "bool", "optional")],
-    "ModelReadyRequest": [("name", 1, "string", "optional"), ("version", 2, "string", "optional")],
-    "ModelReadyResponse": [("ready", 1, "bool", "optional")],
+    "ServerReadyResponse": [("ready", 1, OPT, BOOL, "")],
+    "ModelReadyRequest": [("name", 1, OPT, STRING, ""), ("version", 2, OPT, STRING, "")],
+    "ModelReadyResponse": [("ready", 1, OPT, BOOL, "")],
     "ServerMetadataRequest": [],
     "ServerMetadataResponse": [
-        ("name", 1, "string", "optional"),
-        ("version", 2, "string", "optional"),
-        ("extensions", 3, "string", "repeated"),
+        ("name", 1, OPT, STRING, ""),
+        ("version", 2, OPT, STRING, ""),
+        ("extensions", 3, REP, STRING, ""),
     ],
-    "ModelMetadataRequest": [
-        ("name", 1, "string", "optional"),
-        ("version", 2, "string", "optional"),
-    ],
+    "ModelMetadataRequest": [("name", 1, OPT, STRING, ""), ("version", 2, OPT, STRING, "")],
     "ModelMetadataResponse": [
-        ("name", 1, "string", "optional"),
-        ("versions", 2, "string", "repeated"),
-        ("platform", 3, "string", "optional"),
-        ("inputs", 4, "ModelMetadataResponse.TensorMetadata", "repeated"),
-        ("outputs", 5, "ModelMetadataResponse.TensorMetadata", "repeated"),
+        ("name", 1, OPT, STRING, ""),
+        ("versions", 2, REP, STRING, ""),
+        ("platform", 3, OPT, STRING, ""),
+        ("inputs", 4, REP, MESSAGE, ".inference.ModelMetadataResponse.TensorMetadata"),
+        ("outputs", 5, REP, MESSAGE, ".inference.ModelMetadataResponse.TensorMetadata"),
     ],
     "ModelMetadataResponse.TensorMetadata": [
-        ("name", 1, "string", "optional"),
-        ("datatype", 2, "string", "optional"),
-        ("shape", 3, "int64", "repeated"),
+        ("name", 1, OPT, STRING, ""),
+        ("datatype", 2, OPT, STRING, ""),
+        ("shape", 3, REP, INT64, ""),
     ],
     "ModelInferRequest": [
-        ("model_name", 1, "string", "optional"),
-        ("model_version", 2, "string", "optional"),
-        ("id", 3, "string", "optional"),
-        ("parameters", 4, "map<string,InferParameter>", "repeated"),
-        ("inputs", 5, "ModelInferRequest.InferInputTensor", "repeated"),
-        ("outputs", 6, "ModelInferRequest.InferRequestedOutputTensor", "repeated"),
-        ("raw_input_contents", 7, "bytes", "repeated"),
+        ("model_name", 1, OPT, STRING, ""),
+        ("model_version", 2, OPT, STRING, ""),
+        ("id", 3, OPT, STRING, ""),
+        ("parameters", 4, REP, MESSAGE, ".inference.ModelInferRequest.ParametersEntry"),
+        ("inputs", 5, REP, MESSAGE, ".inference.ModelInferRequest.InferInputTensor"),
+        (
+            "outputs",
+            6,
+            REP,
+            MESSAGE,
+            ".inference.ModelInferRequest.InferRequestedOutputTensor",
+        ),
+        ("raw_input_contents", 7, REP, BYTES, ""),
+    ],
+    "ModelInferRequest.ParametersEntry": [
+        ("key", 1, OPT, STRING, ""),
+        ("value", 2, OPT, MESSAGE, PARAMS),
     ],
     "ModelInferRequest.InferInputTensor": [
-        ("name", 1, "string", "optional"),
-        ("datatype", 2, "string", "optional"),
-        ("shape", 3, "int64", "repeated"),
-        ("parameters", 4, "map<string,InferParameter>", "repeated"),
-        ("contents", 5, "InferTensorContents", "optional"),
+        ("name", 1, OPT, STRING, ""),
+        ("datatype", 2, OPT, STRING, ""),
+        ("shape", 3, REP, INT64, ""),
+        (
+            "parameters",
+            4,
+            REP,
+            MESSAGE,
+            ".inference.ModelInferRequest.InferInputTensor.ParametersEntry",
+        ),
+        ("contents", 5, OPT, MESSAGE, ".inference.InferTensorContents"),
+    ],
+    "ModelInferRequest.InferInputTensor.ParametersEntry": [
+        ("key", 1, OPT, STRING, ""),
+        ("value", 2, OPT, MESSAGE, PARAMS),
     ],
     "ModelInferRequest.InferRequestedOutputTensor": [
-        ("name", 1, "string", "optional"),
-        ("parameters", 2, "map<string,InferParameter>", "repeated"),
+        ("name", 1, OPT, STRING, ""),
+        (
+            "parameters",
+            2,
+            REP,
+            MESSAGE,
+            ".inference.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry",
+        ),
+    ],
+    "ModelInferRequest.InferRequestedOutputTensor.ParametersEntry": [
+        ("key", 1, OPT, STRING, ""),
+        ("value", 2, OPT, MESSAGE, PARAMS),
     ],
     "ModelInferResponse": [
-        ("model_name", 1, "string", "optional"),
-        ("model_version", 2, "string", "optional"),
-        ("id", 3, "string", "optional"),
-        ("parameters", 4, "map<string,InferParameter>", "repeated"),
-        ("outputs", 5, "ModelInferResponse.InferOutputTensor", "repeated"),
-        ("raw_output_contents", 6, "bytes", "repeated"),
+        ("model_name", 1, OPT, STRING, ""),
+        ("model_version", 2, OPT, STRING, ""),
+        ("id", 3, OPT, STRING, ""),
+        ("parameters", 4, REP, MESSAGE, ".inference.ModelInferResponse.ParametersEntry"),
+        ("outputs", 5, REP, MESSAGE, ".inference.ModelInferResponse.InferOutputTensor"),
+        ("raw_output_contents", 6, REP, BYTES, ""),
+    ],
+    "ModelInferResponse.ParametersEntry": [
+        ("key", 1, OPT, STRING, ""),
+        ("value", 2, OPT, MESSAGE, PARAMS),
     ],
     "ModelInferResponse.InferOutputTensor": [
-        ("name", 1, "string", "optional"),
-        ("datatype", 2, "string", "optional"),
-        ("shape", 3, "int64", "repeated"),
-        ("parameters", 4, "map<string,InferParameter>", "repeated"),
-        ("contents", 5, "InferTensorContents", "optional"),
+        ("name", 1, OPT, STRING, ""),
+        ("datatype", 2, OPT, STRING, ""),
+        ("shape", 3, REP, INT64, ""),
+        (
+            "parameters",
+            4,
+            REP,
+            MESSAGE,
+            ".inference.ModelInferResponse.InferOutputTensor.ParametersEntry",
+        ),
+        ("contents", 5, OPT, MESSAGE, ".inference.InferTensorContents"),
+    ],
+    "ModelInferResponse.InferOutputTensor.ParametersEntry": [
+        ("key", 1, OPT, STRING, ""),
+        ("value", 2, OPT, MESSAGE, PARAMS),
     ],
     "InferParameter": [
-        ("bool_param", 1, "oneof:parameter_choice/bool", "optional"),
-        ("int64_param", 2, "oneof:parameter_choice/int64", "optional"),
-        ("string_param", 3, "oneof:parameter_choice/string", "optional"),
+        ("bool_param", 1, OPT, BOOL, ""),
+        ("int64_param", 2, OPT, INT64, ""),
+        ("string_param", 3, OPT, STRING, ""),
     ],
     "InferTensorContents": [
-        ("bool_contents", 1, "bool", "repeated"),
-        ("int_contents", 2, "int32", "repeated"),
-        ("int64_contents", 3, "int64", "repeated"),
-        ("uint_contents", 4, "uint32", "repeated"),
-        ("uint64_contents", 5, "uint64", "repeated"),
-        ("fp32_contents", 6, "float", "repeated"),
-        ("fp64_contents", 7, "double", "repeated"),
-        ("bytes_contents", 8, "bytes", "repeated"),
+        ("bool_contents", 1, REP, BOOL, ""),
+        ("int_contents", 2, REP, INT32, ""),
+        ("int64_contents", 3, REP, INT64, ""),
+        ("uint_contents", 4, REP, UINT32, ""),
+        ("uint64_contents", 5, REP, UINT64, ""),
+        ("fp32_contents", 6, REP, FLOAT, ""),
+        ("fp64_contents", 7, REP, DOUBLE, ""),
+        ("bytes_contents", 8, REP, BYTES, ""),
     ],
 }
 
-EXPECTED_METHODS = [
-    ("ServerLive", "ServerLiveRequest", "ServerLiveResponse"),
-    ("ServerReady", "ServerReadyRequest", "ServerReadyResponse"),
-    ("ModelReady", "ModelReadyRequest", "ModelReadyResponse"),
-    ("ServerMetadata", "ServerMetadataRequest", "ServerMetadataResponse"),
-    ("ModelMetadata", "ModelMetadataRequest", "ModelMetadataResponse"),
-    ("ModelInfer", "ModelInferRequest", "ModelInferResponse"),
-]
+MAP_ENTRIES = {name for name in EXPECTED_MESSAGES if name.endswith(".ParametersEntry")}
 
-SCALARS = {
-    FieldDescriptor.TYPE_BOOL: "bool",
-    FieldDescriptor.TYPE_STRING: "string",
-    FieldDescriptor.TYPE_BYTES: "bytes",
-    FieldDescriptor.TYPE_INT32: "int32",
-    FieldDescriptor.TYPE_INT64: "int64",
-    FieldDescriptor.TYPE_UINT32: "uint32",
-    FieldDescriptor.TYPE_UINT64: "uint64",
-    FieldDescriptor.TYPE_FLOAT: "float",
-    FieldDescriptor.TYPE_DOUBLE: "double",
+# method -> (request, response); all unary.
+EXPECTED_METHODS: dict[str, tuple[str, str]] = {
+    "ServerLive": ("ServerLiveRequest", "ServerLiveResponse"),
+    "ServerReady": ("ServerReadyRequest", "ServerReadyResponse"),
+    "ModelReady": ("ModelReadyRequest", "ModelReadyResponse"),
+    "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse"),
+    "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse"),
+    "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
 }
 
 
-def _local(full_name: str) -> str:
-    assert full_name.startswith("inference."), full_name
-    return full_name.removeprefix("inference.")
+def _file() -> descriptor_pb2.FileDescriptorProto:
+    proto = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(proto)
+    return proto
 
 
-def _type_of(field: FieldDescriptor) -> str:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        message = field.message_type
-        if message.GetOptions().map_entry:
-            key, value = message.fields_by_name["key"], message.fields_by_name["value"]
-            return f"map<{_type_of(key)},{_type_of(value)}>"
-        return _local(message.full_name)
-    name = SCALARS[field.type]
-    oneof = field.containing_oneof
-    return f"oneof:{oneof.name}/{name}" if oneof is not None else name
-
-
-def _label(field: FieldDescriptor) -> str:
-    # proto3 has no "required" (and protobuf 7 dropped .label): repeated or singular.
-    return "repeated" if field.is_repeated else "optional"
-
-
-def _messages(descriptors: list[Descriptor]) -> dict[str, list[tuple[str, int, str, str]]]:
-    found: dict[str, list[tuple[str, int, str, str]]] = {}
-    for message in descriptors:
-        if message.GetOptions().map_entry:
-            continue
-        found[_local(message.full_name)] = [
-            (f.name, f.number, _type_of(f), _label(f)) for f in message.fields
-        ]
-        found.update(_messages(list(message.nested_types)))
+def _messages(
+    messages: list[descriptor_pb2.DescriptorProto], prefix: str = ""
+) -> dict[str, descriptor_pb2.DescriptorProto]:
+    found: dict[str, descriptor_pb2.DescriptorProto] = {}
+    for message in messages:
+        path = prefix + message.name
+        found[path] = message
+        found.update(_messages(list(message.nested_type), path + "."))
     return found
 
 
-def test_package_is_inference() -> None:
-    assert pb.DESCRIPTOR.package == "inference"
+def test_package_and_syntax() -> None:
+    proto = _file()
+    assert proto.package == "inference"
+    assert proto.syntax == "proto3"
 
 
-def test_every_message_matches_the_published_contract() -> None:
-    ours = _messages(list(pb.DESCRIPTOR.message_types_by_name.values()))
+def test_every_message_and_field_matches_the_published_contract() -> None:
+    ours = _messages(list(_file().message_type))
     assert sorted(ours) == sorted(EXPECTED_MESSAGES)
-    for name, fields in EXPECTED_MESSAGES.items():
-        assert sorted(ours[name], key=lambda f: f[1]) == fields, name
+    for path, expected in EXPECTED_MESSAGES.items():
+        fields = [
+            (f.name, f.number, f.label, f.type, f.type_name if f.type == MESSAGE else "")
+            for f in ours[path].field
+        ]
+        assert fields == expected, path
 
 
-def test_map_entries_use_string_keys_and_infer_parameter_values() -> None:
-    entry = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["parameters"].message_type
-    assert [(f.name, f.number) for f in entry.fields] == [("key", 1), ("value", 2)]
+def test_maps_and_oneof_are_as_published() -> None:
+    ours = _messages(list(_file().message_type))
+    for path, message in ours.items():
+        assert message.options.map_entry == (path in MAP_ENTRIES), path
+    params = ours["InferParameter"]
+    assert [o.name for o in params.oneof_decl] == ["parameter_choice"]
+    assert all(f.HasField("oneof_index") and f.oneof_index == 0 for f in params.field)
+    # proto3 scalars elsewhere carry no presence (no synthetic optional oneofs).
+    assert all(not m.oneof_decl for p, m in ours.items() if p != "InferParameter")
 
 
 def test_service_methods_match_the_published_contract() -> None:
-    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    assert service.full_name == "inference.GRPCInferenceService"
-    ours = [
-        (m.name, _local(m.input_type.full_name), _local(m.output_type.full_name))
-        for m in service.methods
-    ]
-    assert ours == EXPECTED_METHODS
-    assert not any(m.client_streaming or m.server_streaming for m in service.methods)
+    services = _file().service
+    assert [s.name for s in services] == ["GRPCInferenceService"]
+    methods = {
+        m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
+        for m in services[0].method
+    }
+    assert methods == {
+        name: (f".inference.{req}", f".inference.{resp}", False, False)
+        for name, (req, resp) in EXPECTED_METHODS.items()
+    }
+    # Clients address the service by its full name in the HTTP/2 path.
+    assert pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == (
+        "inference.GRPCInferenceService"
+    )

@@ -1,0 +1,122 @@
+"""Helpers shared by the benchmarks: the small CNN, its ONNX export, timing and CPU pinning."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+INPUT_SHAPE = (1, 3, 64, 64)
+NUM_CLASSES = 10
+
+
+def pin_to_cpu(index: int) -> str:
+    """Pin this process to one CPU (modulo the CPUs it may use); says what it did."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "not pinned (no sched_setaffinity here)"
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return f"not pinned (only CPU {cpus} available)"
+    cpu = cpus[index % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    return f"pinned to CPU {cpu}"
+
+
+def export_small_cnn(path: Path) -> Any:
+    """A small CNN (3x64x64 in, 10 classes out) in eval mode, exported to ONNX at `path`."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    width = 16
+    net = nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, NUM_CLASSES),
+    ).eval()
+    example = torch.randn(*INPUT_SHAPE)
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},),
+        external_data=False,
+        verbose=False,
+        dynamo=True,
+    )
+    return net
+
+
+@dataclass
+class Figures:
+    name: str
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    req_per_s: float
+
+
+def time_calls(name: str, call: Callable[[], object], *, requests: int, seconds: float) -> Figures:
+    """Sequential calls: at most `requests`, stopping early after `seconds`; warm-up first."""
+    for _ in range(min(50, max(5, requests // 20))):
+        call()
+    samples: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + seconds
+    for _ in range(requests):
+        t0 = clock()
+        call()
+        t1 = clock()
+        samples.append(t1 - t0)
+        if t1 > deadline:
+            break
+    elapsed = clock() - start
+    return summarise(name, samples, elapsed)
+
+
+def summarise(name: str, samples: list[float], elapsed: float) -> Figures:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return Figures(
+        name=name,
+        requests=len(samples),
+        p50_ms=statistics.median(ordered) * 1e3,
+        p99_ms=p99 * 1e3,
+        req_per_s=len(samples) / elapsed if elapsed > 0 else 0.0,
+    )
+
+
+def print_table(title: str, rows: list[Figures]) -> None:
+    print(f"\n{title}")
+    print(f"{'path':<44} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}")
+    for r in rows:
+        print(f"{r.name:<44} {r.requests:>9} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} {r.req_per_s:>9.0f}")
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if not path:
+        return
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, Figures):
+            return asdict(value)
+        raise TypeError(type(value).__name__)
+
+    Path(path).write_text(json.dumps(payload, indent=2, default=encode) + "\n")
+    print(f"\nfigures written to {path}")

@@ -1,0 +1,148 @@
+"""AgentService: what devices call. Every call but Enroll carries the device's credential,
+and a device reads and writes only its own state."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from cloudsvc import convert
+from cloudsvc.errors import InvalidRequest, TooLarge
+from cloudsvc.fleet import Fleet
+from cloudsvc.registry import Registry
+from cloudsvc.store.blobs import check_digest
+from edgefleet.auth import token_from_metadata
+from edgefleet.grpc_errors import grpc_method, grpc_stream_method
+from protos.artifact.v1 import artifact_pb2
+from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PIECE_SIZE = 256 << 10
+
+
+class AgentService(fleet_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self, registry: Registry, fleet: Fleet, keepalive_s: float = 15.0, max_watchers: int = 64
+    ) -> None:
+        self.registry = registry
+        self.fleet = fleet
+        self.keepalive_s = keepalive_s
+        # Each watch stream holds a worker thread; past this many, new watchers are refused
+        # so that deploys, reports and downloads always find a free thread.
+        self.max_watchers = max_watchers
+        self._watchers = threading.BoundedSemaphore(max_watchers)
+
+    def _device(self, context: grpc.ServicerContext, requested: str) -> str:
+        caller = self.fleet.authenticate(token_from_metadata(context.invocation_metadata()))
+        return self.fleet.authorize(caller, requested)
+
+    @grpc_method
+    def Enroll(
+        self, request: fleet_pb2.EnrollRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.EnrollResponse:
+        caps = (
+            convert.capabilities_from_proto(request.capabilities)
+            if request.HasField("capabilities")
+            else None
+        )
+        enrollment = self.fleet.enroll(
+            request.enroll_token, request.device_id, dict(request.labels), caps
+        )
+        log.info("enrolled device %s", enrollment.device_id)
+        return fleet_pb2.EnrollResponse(
+            device_id=enrollment.device_id,
+            device_token=enrollment.device_token,
+            manifest_public_keys=enrollment.manifest_public_keys,
+        )
+
+    @grpc_method
+    def GetDesiredState(
+        self, request: fleet_pb2.GetDesiredStateRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.DesiredState:
+        device_id = self._device(context, request.device_id)
+        return convert.desired_to_proto(self.fleet.desired_state(device_id))
+
+    @grpc_stream_method
+    def WatchDesiredState(
+        self, request: fleet_pb2.WatchDesiredStateRequest, context: grpc.ServicerContext
+    ) -> Iterator[fleet_pb2.DesiredStateNotice]:
+        device_id = self._device(context, request.device_id)
+        if not self._watchers.acquire(blocking=False):
+            raise TooLarge(
+                f"this cloud already serves {self.max_watchers} watch streams; poll "
+                "GetDesiredState instead, or raise max_workers"
+            )
+        try:
+            # A caller that goes away wakes its watcher at once, freeing the thread.
+            context.add_callback(self.fleet.wake)
+            sent = self.fleet.desired_state(device_id).generation
+            yield fleet_pb2.DesiredStateNotice(generation=sent)
+            while context.is_active():
+                generation = self.fleet.wait_for_change(
+                    device_id, sent, self.keepalive_s, gone=lambda: not context.is_active()
+                )
+                if generation is None:  # the server is stopping or the caller went away
+                    return
+                # A repeat of the same generation is the keep-alive: a dead peer fails it.
+                yield fleet_pb2.DesiredStateNotice(generation=generation)
+                sent = max(sent, generation)
+                self.fleet.touch(device_id)
+        finally:
+            self._watchers.release()
+
+    @grpc_method
+    def ReportState(
+        self, request: fleet_pb2.ReportStateRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.ReportStateResponse:
+        device_id = self._device(context, request.device_id)
+        generation = self.fleet.report(
+            device_id,
+            observed_generation=request.observed_generation,
+            models=[convert.model_status_from_proto(m) for m in request.models],
+            last_error=request.last_error,
+            inference_endpoint=request.inference_endpoint,
+            labels=dict(request.labels),
+            capabilities=(
+                convert.capabilities_from_proto(request.capabilities)
+                if request.HasField("capabilities")
+                else None
+            ),
+        )
+        return fleet_pb2.ReportStateResponse(desired_generation=generation)
+
+    @grpc_method
+    def GetManifest(
+        self, request: fleet_pb2.GetManifestRequest, context: grpc.ServicerContext
+    ) -> artifact_pb2.SignedManifest:
+        self._device(context, request.device_id)
+        return self.registry.signed_manifest(check_digest(request.digest))
+
+    @grpc_stream_method
+    def FetchChunk(
+        self, request: fleet_pb2.FetchChunkRequest, context: grpc.ServicerContext
+    ) -> Iterator[fleet_pb2.ChunkPiece]:
+        self._device(context, request.device_id)
+        sha = check_digest(request.sha256)
+        blobs = self.registry.blobs
+        total = blobs.size(sha)
+        if request.offset > total:
+            raise InvalidRequest(
+                f"offset {request.offset} is beyond the chunk's {total} bytes; resume from at "
+                f"most {total}"
+            )
+        offset = request.offset
+        with blobs.open(sha) as f:
+            f.seek(offset)
+            while offset < total and context.is_active():
+                data = f.read(PIECE_SIZE)
+                if not data:
+                    break
+                yield fleet_pb2.ChunkPiece(offset=offset, data=data, total_size=total)
+                offset += len(data)
+        if total == 0 or request.offset == total:
+            # Nothing left to send: one empty piece still tells the device the size.
+            yield fleet_pb2.ChunkPiece(offset=offset, data=b"", total_size=total)

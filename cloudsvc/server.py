@@ -1,0 +1,176 @@
+"""Wire the cloud together: settings -> stores -> registry, fleet -> servicers -> gRPC server."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloudsvc.admin_service import AdminService
+from cloudsvc.agent_service import AgentService
+from cloudsvc.errors import CloudError
+from cloudsvc.fleet import Fleet
+from cloudsvc.registry import Registry
+from cloudsvc.settings import CloudSettings
+from cloudsvc.signing import ManifestSigner, write_private
+from cloudsvc.store.blobs import FolderBlobStore
+from cloudsvc.store.memory import MemoryMetadataStore
+from cloudsvc.store.metadata import MetadataStore
+from cloudsvc.store.sqlite import SqliteMetadataStore
+from protos.admin.v1 import admin_pb2, admin_pb2_grpc
+from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Chunk pieces are 256 KiB and client uploads 1 MiB; 64 MiB leaves room for manifests with
+# many golden samples.
+MAX_MESSAGE_BYTES = 64 << 20
+# Worker threads never taken by watch streams, so unary calls and downloads always run.
+RESERVED_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    value: str
+    # Where it is kept when the service made it; None when it came from settings.
+    path: Path | None
+
+
+def resolve_admin_token(settings: CloudSettings) -> AdminToken:
+    """The configured admin token, or the one kept in data_dir/admin-token (made once)."""
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        return AdminToken(settings.admin_token.get_secret_value(), None)
+    path = settings.admin_token_path
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return AdminToken(value, path)
+    value = f"adm_{secrets.token_urlsafe(32)}"
+    write_private(path, value.encode() + b"\n")
+    return AdminToken(value, path)
+
+
+def open_metadata(settings: CloudSettings) -> MetadataStore:
+    if settings.metadata_backend == "memory":
+        return MemoryMetadataStore()
+    return SqliteMetadataStore(settings.database_path)
+
+
+class CloudServer:
+    """A running cloud service. Stop it with `stop()`; `wait()` blocks until it stops."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_token = resolve_admin_token(settings)
+        self.metadata = open_metadata(settings)
+        self.blobs = FolderBlobStore(settings.blobs_dir)
+        self.signer = ManifestSigner.from_file(settings.signing_key_path)
+        self.registry = Registry(self.metadata, self.blobs, self.signer, settings.chunk_size)
+        self.fleet = Fleet(
+            self.metadata,
+            self.registry,
+            trusted_keys=self.signer.trusted_public_keys,
+            static_enroll_tokens=[t.get_secret_value() for t in settings.enroll_tokens],
+            offline_after_s=settings.offline_after_s,
+        )
+        self.health = health.HealthServicer()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.max_workers, thread_name_prefix="cloud-rpc"
+            ),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminService(
+                self.registry,
+                self.fleet,
+                self.admin_token.value,
+                settings.tmp_dir,
+                settings.max_upload_bytes,
+            ),
+            self._server,
+        )
+        fleet_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentService(
+                self.registry,
+                self.fleet,
+                settings.watch_keepalive_s,
+                max_watchers=max(1, settings.max_workers - RESERVED_WORKERS),
+            ),
+            self._server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        services = (
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            fleet_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, self._server)
+        address = f"{settings.host}:{settings.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as err:
+            self.metadata.close()
+            raise CloudError(
+                f"cannot listen on {address} ({err}); is another process using the port? "
+                "Pick another with --port (0 = any free port)"
+            ) from None
+        self.host = settings.host
+        self.started_at = 0.0
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> CloudServer:
+        self._server.start()
+        self.started_at = time.time()
+        for name in (
+            "",
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            fleet_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+        ):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("cloud serving on %s", self.address)
+        return self
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting calls, end watch streams, let calls in flight finish for `grace` s."""
+        if self._stopped.is_set():
+            return
+        self.health.enter_graceful_shutdown()
+        self.fleet.close()
+        self._server.stop(grace).wait()
+        self.metadata.close()
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stop() completed; False if `timeout` passed first."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> CloudServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0)
+
+
+def serve(settings: CloudSettings) -> CloudServer:
+    """Build and start the cloud service; the running server."""
+    return CloudServer(settings).start()

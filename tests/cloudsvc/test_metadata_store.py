@@ -1,0 +1,183 @@
+"""One suite, run against every MetadataStore implementation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudsvc.errors import Conflict, UnknownResource
+from cloudsvc.store.memory import MemoryMetadataStore
+from cloudsvc.store.metadata import (
+    ArtifactRecord,
+    Assignment,
+    CapabilitiesRecord,
+    DesiredStateRecord,
+    DeviceRecord,
+    EnrollTokenRecord,
+    MetadataStore,
+    ModelStatusRecord,
+    ReportedStateRecord,
+    TensorSpecRecord,
+    VersionRecord,
+)
+from cloudsvc.store.sqlite import SqliteMetadataStore
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetadataStore]:
+    s: MetadataStore = (
+        MemoryMetadataStore()
+        if request.param == "memory"
+        else SqliteMetadataStore(tmp_path / "m.db")
+    )
+    yield s
+    s.close()
+
+
+def _version(model: str, number: int, parent: int = 0) -> VersionRecord:
+    return VersionRecord(
+        model=model,
+        version=number,
+        description=f"{model} v{number}",
+        created_at=1000 + number,
+        source_sha256="ab" * 32,
+        parent_version=parent,
+        metadata={"dataset": "fashion", "lr": "0.01"},
+        inputs=(TensorSpecRecord("x", "FP32", (-1, 4)),),
+        outputs=(TensorSpecRecord("probs", "FP32", (-1, 3)),),
+        golden_sample_count=2,
+        created_by="admin",
+        artifacts=(
+            ArtifactRecord(
+                model, number, "onnx-cpu-fp32", f"{number:064x}", 100, 1, 1000, "aa", "k1"
+            ),
+        ),
+    )
+
+
+def test_versions_round_trip_with_lineage_and_artifacts(store: MetadataStore) -> None:
+    store.add_version(_version("clf", 1))
+    store.add_version(_version("clf", 2, parent=1))
+    got = store.get_version("clf", 2)
+    assert got == _version("clf", 2, parent=1)
+    assert [v.version for v in store.list_versions("clf")] == [1, 2]
+    model = store.get_model("clf")
+    assert model is not None and (model.latest_version, model.version_count) == (2, 2)
+    assert store.get_version("clf", 3) is None
+    assert store.list_versions("other") == []
+
+
+def test_versions_are_immutable(store: MetadataStore) -> None:
+    store.add_version(_version("clf", 1))
+    with pytest.raises(Conflict):
+        store.add_version(_version("clf", 1))
+    assert store.get_version("clf", 1) == _version("clf", 1)
+
+
+def test_models_listed_by_name_and_ensure_is_idempotent(store: MetadataStore) -> None:
+    store.ensure_model("zeta", "z", 1)
+    store.ensure_model("alpha", "a", 2)
+    again = store.ensure_model("alpha", "changed", 3)
+    assert again.description == "a" and again.latest_version == 0
+    assert [m.name for m in store.list_models()] == ["alpha", "zeta"]
+    assert store.get_model("missing") is None
+
+
+def test_artifacts_added_per_target_and_found_by_digest(store: MetadataStore) -> None:
+    store.add_version(_version("clf", 1))
+    extra = ArtifactRecord("clf", 1, "onnx-cpu-int8", "c" * 64, 50, 1, 2000, "bb", "k1")
+    store.add_artifact(extra)
+    version = store.get_version("clf", 1)
+    assert version is not None and version.artifact("onnx-cpu-int8") == extra
+    assert store.find_artifact("c" * 64) == extra
+    assert store.find_artifact("d" * 64) is None
+    with pytest.raises(Conflict):
+        store.add_artifact(extra)
+    with pytest.raises(UnknownResource):
+        store.add_artifact(ArtifactRecord("clf", 9, "x", "e" * 64, 1, 1, 1))
+
+
+def test_devices_round_trip_and_lookup_by_token_hash(store: MetadataStore) -> None:
+    caps = CapabilitiesRecord(
+        "x86_64", "linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2"
+    )
+    device = DeviceRecord("dev-1", "hash-1", 10, {"site": "a"}, caps, 11.5)
+    store.put_device(device)
+    store.put_device(DeviceRecord("dev-0", "hash-0", 10))
+    assert store.get_device("dev-1") == device
+    assert store.device_by_token_hash("hash-1") == device
+    assert store.device_by_token_hash("nope") is None
+    assert [d.device_id for d in store.list_devices()] == ["dev-0", "dev-1"]
+    store.touch_device("dev-1", 99.0)
+    touched = store.get_device("dev-1")
+    assert touched is not None and touched.last_seen_at == 99.0
+    store.put_device(DeviceRecord("dev-1", "hash-2", 12, {"site": "b"}, caps, 100.0))
+    assert store.device_by_token_hash("hash-1") is None
+
+
+def test_desired_state_is_compare_and_set_on_generation(store: MetadataStore) -> None:
+    assert store.get_desired("dev-1") == DesiredStateRecord("dev-1", 0, ())
+    first = DesiredStateRecord("dev-1", 1, (Assignment("clf", 1, "onnx-cpu-fp32", "a" * 64),))
+    assert store.put_desired(first, expected_generation=0)
+    assert store.get_desired("dev-1") == first
+    stale = DesiredStateRecord("dev-1", 1, ())
+    assert not store.put_desired(stale, expected_generation=0)
+    assert store.get_desired("dev-1") == first
+
+
+def test_reported_state_round_trip(store: MetadataStore) -> None:
+    assert store.get_reported("dev-1") is None
+    state = ReportedStateRecord(
+        "dev-1",
+        3,
+        (ModelStatusRecord("clf", 2, "a" * 64, 1, 2, 3, "", "CPUExecutionProvider"),),
+        "disk full",
+        "10.0.0.7:8001",
+        123.0,
+    )
+    store.put_reported(state)
+    assert store.get_reported("dev-1") == state
+
+
+def test_enroll_tokens_by_hash(store: MetadataStore) -> None:
+    token = EnrollTokenRecord("h" * 64, 100, 200, "line 3")
+    store.add_enroll_token(token)
+    assert store.get_enroll_token("h" * 64) == token
+    assert store.get_enroll_token("x") is None
+    with pytest.raises(Conflict):
+        store.add_enroll_token(token)
+    assert token.valid_at(150) and not token.valid_at(200)
+
+
+def test_concurrent_generation_bumps_never_lose_one(store: MetadataStore) -> None:
+    def bump() -> None:
+        for _ in range(25):
+            while True:
+                current = store.get_desired("dev-1")
+                new = DesiredStateRecord("dev-1", current.generation + 1, ())
+                if store.put_desired(new, current.generation):
+                    break
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.get_desired("dev-1").generation == 100
+
+
+def test_sqlite_survives_reopen_and_migrates_once(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    first = SqliteMetadataStore(path)
+    first.add_version(_version("clf", 1))
+    version = first.schema_version
+    first.close()
+    again = SqliteMetadataStore(path)
+    assert again.get_version("clf", 1) == _version("clf", 1)
+    assert again.schema_version == version >= 1
+    mode = again._conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    again.close()

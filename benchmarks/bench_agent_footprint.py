@@ -107,11 +107,7 @@ def start_agent(
 
 
 def time_to_ready(
-    proc: subprocess.Popen[bytes],
-    port_file: Path,
-    started: float,
-    timeout: float,
-    on_waiting: Any = None,
+    proc: subprocess.Popen[bytes], port_file: Path, started: float, timeout: float
 ) -> float:
     """Seconds from `started` until the agent answers ServerReady and ModelReady true."""
     from edgefleet.errors import EdgefleetError
@@ -119,7 +115,6 @@ def time_to_ready(
 
     port = wait_for_file(port_file, proc, timeout)
     deadline = started + timeout
-    nudged = False
     with InferenceClient(f"127.0.0.1:{port}", timeout=1.0) as client:
         while time.perf_counter() < deadline:
             try:
@@ -129,9 +124,6 @@ def time_to_ready(
                 pass
             if proc.poll() is not None:
                 raise SystemExit(f"the agent exited with {proc.returncode} before it was ready")
-            if on_waiting is not None and not nudged and time.perf_counter() - started > 5:
-                on_waiting()
-                nudged = True
             time.sleep(0.005)
     raise SystemExit(f"the agent was not ready with {MODEL!r} within {timeout} s")
 
@@ -205,21 +197,27 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
             )
 
-            def deploy() -> None:
-                subprocess.run(
-                    [*cli, "deploy", MODEL, "--version", "1", *auth],
-                    check=True,
-                    stdout=subprocess.DEVNULL,
-                )
+            def deploy_once_enrolled(deadline: float) -> None:
+                # The cloud refuses a deployment before any device has enrolled.
+                while True:
+                    done = subprocess.run(
+                        [*cli, "deploy", MODEL, "--version", "1", *auth],
+                        capture_output=True,
+                    )
+                    if done.returncode == 0:
+                        return
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"deploy kept failing: {done.stderr.decode()}")
+                    time.sleep(0.1)
 
-            deploy()
             data_dir = work / "agent"
 
-            # 1. First start: enrol, download, verify, smoke-test, load. If the deployment
-            # was recorded before the device existed, deploy again once it has enrolled.
+            # 1. First start: enrol, then (once the device exists) deploy, download, verify,
+            # smoke-test, load. This figure includes the deploy command's own run time.
             agent_proc, port_file, started = start_agent(cli, cloud, enroll, data_dir, work, "1")
+            deploy_once_enrolled(time.monotonic() + args.timeout)
             figures["first_start_to_ready_s"] = time_to_ready(
-                agent_proc, port_file, started, args.timeout, on_waiting=deploy
+                agent_proc, port_file, started, args.timeout
             )
             time.sleep(args.idle)
             figures["idle_rss_mb"] = rss_mb(agent_proc.pid)
@@ -264,7 +262,7 @@ def main() -> None:
         ("idle RSS, MB (first start)", figures["idle_rss_mb"], RSS_TARGET_MB),
         ("idle RSS, MB (restart)", figures["restart_idle_rss_mb"], RSS_TARGET_MB),
         (
-            "start to ready, s (first: enrol + download)",
+            "start to ready, s (first: enrol+deploy+download)",
             figures["first_start_to_ready_s"],
             READY_TARGET_S,
         ),

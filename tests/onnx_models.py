@@ -54,3 +54,19 @@ def expected_logits(path: Path, x: npt.NDArray[np.float32]) -> npt.NDArray[np.fl
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out: npt.NDArray[np.float32] = session.run(["logits"], {"x": x})[0]
     return out
+
+
+def custom_op_model(path: Path, features: int = 8, classes: int = 3) -> Path:
+    """A well-formed ONNX graph using an operator no ONNX Runtime build has: it parses, but
+    no session can load it (as a model built for another device's runtime)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
+    node = helper.make_node("FancyClassifier", ["x"], ["logits"], domain="com.example.edge")
+    graph = helper.make_graph([node], "custom", [x], [y])
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example.edge", 1)],
+    )
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

@@ -12,7 +12,7 @@ import pytest
 from edgefleet.tensors import to_raw
 from protos.artifact.v1 import artifact_pb2
 from tests.integration.conftest import Fleet, Versions, running
-from tests.onnx_models import expected_logits, linear_model
+from tests.onnx_models import custom_op_model, expected_logits, linear_model
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +66,7 @@ def test_corrupt_chunk_is_rejected_and_old_version_keeps_serving(
 
 def test_unloadable_model_is_rejected(fleet: Fleet, models: Versions, tmp_path: Path) -> None:
     _on_v1(fleet, models)
-    broken = tmp_path / "broken.onnx"
-    broken.write_bytes(b"this is not an onnx graph" * 100)
+    broken = custom_op_model(tmp_path / "custom-op.onnx")
     fleet.admin.push_model("m", broken, skip_verify=True)
     fleet.admin.deploy("m", 2)
     _failed(fleet, "load")

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
-from agent.errors import ArtifactRejected, ModelNotFound
+from agent.errors import ArtifactRejected, InvalidRequest, ModelNotFound
 from edgefleet.tensors import ORT_TO_DATATYPE
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,19 @@ class LoadedModel:
     def run(
         self, feeds: dict[str, npt.NDArray[np.generic]], output_names: Sequence[str] | None = None
     ) -> list[npt.NDArray[np.generic]]:
+        """Run the session; inputs the model cannot compute on raise InvalidRequest.
+
+        Each input may pass its own checks and still not fit the others (two dynamic
+        dimensions that must be equal, say); ONNX Runtime then fails inside a node. The
+        model passed its smoke test, so such a failure is the request's, not the server's.
+        """
         names = list(output_names) if output_names else [o.name for o in self.outputs]
-        result: list[npt.NDArray[np.generic]] = self.session.run(names, feeds)
+        try:
+            result: list[npt.NDArray[np.generic]] = self.session.run(names, feeds)
+        except (OrtInvalidArgument, OrtFail) as err:
+            raise InvalidRequest(
+                f"model {self.name!r} v{self.version} cannot run on these inputs: {err}"
+            ) from None
         return result
 
 

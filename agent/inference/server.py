@@ -122,7 +122,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._repository.get(request.model_name, request.model_version)
         plan = self._plan(model)
         decoded = decode_request(plan, request)
-        results = model.session.run(decoded.output_names, decoded.feeds)
+        results = model.run(decoded.feeds, decoded.output_names)
         return encode_response(plan, request, decoded, results)
 
 

@@ -6,6 +6,7 @@ import filecmp
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi", "_pb2_grpc.pyi")
 
 
-def _load_generator():  # type: ignore[no-untyped-def]
+def _load_generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

@@ -142,27 +142,29 @@ def test_inference_port_answers_bad_requests_with_status_codes(
     with grpc.insecure_channel(fleet.agents["a1"].address) as channel:
         stub = pbg.GRPCInferenceServiceStub(channel)
 
-        def infer(**kw: object) -> grpc.StatusCode:
-            x = np.ones((1, 8), np.float32)
-            req = pb.ModelInferRequest(
-                model_name=kw.pop("model", "m"), model_version=str(kw.pop("version", ""))
-            )
-            inp = req.inputs.add(
-                name=str(kw.pop("name", "x")), datatype=str(kw.pop("datatype", "FP32"))
-            )
-            inp.shape.extend(list(kw.pop("shape", [1, 8])))  # type: ignore[call-overload]
-            req.raw_input_contents.append(bytes(kw.pop("raw", x.tobytes())))  # type: ignore[call-overload]
+        def infer(
+            model: str = "m",
+            version: int | None = None,
+            name: str = "x",
+            datatype: str = "FP32",
+            shape: tuple[int, ...] = (1, 8),
+            raw: bytes = np.ones((1, 8), np.float32).tobytes(),
+        ) -> grpc.StatusCode:
+            req = pb.ModelInferRequest(model_name=model, model_version=str(version or ""))
+            req.inputs.add(name=name, datatype=datatype, shape=shape)
+            req.raw_input_contents.append(raw)
             try:
                 stub.ModelInfer(req, timeout=10)
             except grpc.RpcError as err:
-                return err.code()  # type: ignore[no-any-return]
+                code: grpc.StatusCode = err.code()
+                return code
             return grpc.StatusCode.OK
 
         assert infer() is grpc.StatusCode.OK
         assert infer(model="nope") is grpc.StatusCode.NOT_FOUND
         assert infer(version=9) is grpc.StatusCode.NOT_FOUND
         assert infer(datatype="INT64") is grpc.StatusCode.INVALID_ARGUMENT
-        assert infer(shape=[1, 9]) is grpc.StatusCode.INVALID_ARGUMENT
+        assert infer(shape=(1, 9)) is grpc.StatusCode.INVALID_ARGUMENT
         assert infer(raw=b"\x00" * 5) is grpc.StatusCode.INVALID_ARGUMENT
         assert infer(name="y") is grpc.StatusCode.INVALID_ARGUMENT
         assert infer() is grpc.StatusCode.OK  # still serving

@@ -143,14 +143,15 @@ class Agent:
             self._reconciler.stop()
         if self._server is not None:
             self._server.stop(self.settings.stop_grace_s)
-        for thread in self._threads:
-            # A pass in the middle of a download finishes its current chunk; a kill instead
-            # would also be safe, just wasteful.
-            thread.join(timeout=self.settings.rpc_timeout_s + 5)
-        if self._reconciler is not None and not any(t.is_alive() for t in self._threads):
+        if self._reconciler is not None:
+            # A last report before the link closes (best effort: the cloud may be away).
             self._reconciler.report()
         if self._link is not None:
+            # Closing the channel cancels a download in flight, so a stalled chunk cannot
+            # hold the stop for its whole deadline; the .part file resumes on next start.
             self._link.close()
+        for thread in self._threads:
+            thread.join(timeout=self.settings.rpc_timeout_s + 5)
         if self._state is not None and not any(t.is_alive() for t in self._threads):
             self._state.close()
 

@@ -139,32 +139,40 @@ class Reconciler:
         loaded: list[LoadedModel] = []
         keys = self.state.trusted_keys()
         for record in self.state.models():
+            served: dict[int, LoadedModel] = {}
             for slot in (record.active, record.previous):
                 if slot is None:
                     continue
                 try:
-                    model = self._load_installed(record.model, slot, keys)
+                    served[slot.version] = self._load_installed(record.model, slot, keys)
                 except EdgefleetError as err:
                     message = (
                         f"{record.model} v{slot.version} on disk cannot be served: {err.message}"
                     )
                     self._event(message)
                     self.state.record_error(record.model, message)
-                    continue
-                self.repository.publish(model)
-                loaded.append(model)
-                ready = slot is record.active
-                self._set_status(
-                    record.model,
-                    desired_version=slot.version,
-                    desired_digest=slot.digest,
-                    phase=Phase.MODEL_PHASE_READY if ready else Phase.MODEL_PHASE_FAILED,
-                    error="" if ready else record.last_error,
-                )
-                self._event(
-                    f"serving {record.model} v{slot.version} from disk ({model.execution_provider})"
-                )
-                break
+            if not served:
+                continue
+            # The active version is the default; the previous one stays addressable by
+            # version for rollback, as it was before the restart.
+            active = record.active.version if record.active else 0
+            default = served.get(active) or next(iter(served.values()))
+            for model in served.values():
+                if model is not default:
+                    self.repository.publish(model)
+            self.repository.publish(default, keep=[v for v in served if v != default.version])
+            loaded.extend(served.values())
+            ready = default.version == active
+            self._set_status(
+                record.model,
+                desired_version=default.version,
+                desired_digest=default.digest,
+                phase=Phase.MODEL_PHASE_READY if ready else Phase.MODEL_PHASE_FAILED,
+                error="" if ready else record.last_error,
+            )
+            self._event(
+                f"serving {record.model} v{default.version} from disk ({default.execution_provider})"
+            )
         return loaded
 
     def _load_installed(self, name: str, slot: Slot, keys: list[bytes]) -> LoadedModel:

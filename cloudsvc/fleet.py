@@ -7,6 +7,7 @@ deploy.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
@@ -14,12 +15,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from cloudsvc.errors import Forbidden, InvalidRequest, NotAuthenticated, NotReady, UnknownResource
+from cloudsvc.errors import (
+    CloudError,
+    Forbidden,
+    InvalidRequest,
+    NotAuthenticated,
+    NotReady,
+    UnknownResource,
+)
 from cloudsvc.registry import DEFAULT_TARGET, Registry
 from cloudsvc.store.metadata import (
     ArtifactRecord,
     Assignment,
     CapabilitiesRecord,
+    DeploymentRecord,
     DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
@@ -29,6 +38,8 @@ from cloudsvc.store.metadata import (
     VersionRecord,
 )
 from edgefleet.auth import hash_token, new_token, same_secret
+
+log = logging.getLogger(__name__)
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Writing last_seen on every chunk fetch would be an fsync per chunk; once a second is plenty
@@ -146,7 +157,32 @@ class Fleet:
             last_seen_at=now,
         )
         self.metadata.put_device(record)
+        if existing is None:
+            self._apply_standing_deployments(record)
         return Enrollment(device_id, token, list(self.trusted_keys))
+
+    def _apply_standing_deployments(self, device: DeviceRecord) -> None:
+        """Give a newly enrolled device what the deployments matching its labels say, the
+        newest deployment of each model winning. One that cannot apply is logged, not fatal:
+        enrollment must not fail because of an old deployment."""
+        chosen: dict[str, Assignment] = {}
+        for deployment in self.metadata.list_deployments():
+            if not deployment.matches(device.labels):
+                continue
+            try:
+                record = self.registry.get_version(deployment.model, deployment.version)
+                chosen[deployment.model] = self._assignment(record, device, deployment.target)
+            except CloudError as err:
+                log.warning(
+                    "deployment of %s to %s skipped: %s", deployment.model, device.device_id, err
+                )
+        if not chosen:
+            return
+        with self._deploy_lock:
+            for assignment in chosen.values():
+                self._assign(device.device_id, assignment)
+        with self._changed:
+            self._changed.notify_all()
 
     def _new_device_id(self) -> str:
         while True:
@@ -210,6 +246,11 @@ class Fleet:
         plan = [(d, self._assignment(record, d, target)) for d in devices]
         results = []
         with self._deploy_lock:
+            self.metadata.put_deployment(
+                DeploymentRecord(
+                    model, tuple(sorted(selector.items())), version, target, time.time()
+                )
+            )
             for device, assignment in plan:
                 results.append((device.device_id, self._assign(device.device_id, assignment)))
         with self._changed:

@@ -8,6 +8,7 @@ import threading
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.metadata import (
     ArtifactRecord,
+    DeploymentRecord,
     DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
@@ -27,6 +28,7 @@ class MemoryMetadataStore(MetadataStore):
         self._desired: dict[str, DesiredStateRecord] = {}
         self._reported: dict[str, ReportedStateRecord] = {}
         self._tokens: dict[str, EnrollTokenRecord] = {}
+        self._deployments: dict[tuple[str, tuple[tuple[str, str], ...]], DeploymentRecord] = {}
 
     def ensure_model(self, name: str, description: str, created_at: int) -> ModelRecord:
         with self._lock:
@@ -143,3 +145,13 @@ class MemoryMetadataStore(MetadataStore):
     def get_enroll_token(self, token_hash: str) -> EnrollTokenRecord | None:
         with self._lock:
             return self._tokens.get(token_hash)
+
+    def put_deployment(self, deployment: DeploymentRecord) -> None:
+        with self._lock:
+            key = (deployment.model, deployment.selector)
+            self._deployments.pop(key, None)  # re-inserted last: newest wins on replay
+            self._deployments[key] = deployment
+
+    def list_deployments(self) -> list[DeploymentRecord]:
+        with self._lock:
+            return list(self._deployments.values())

@@ -133,6 +133,24 @@ class EnrollTokenRecord:
         return self.expires_at == 0 or now < self.expires_at
 
 
+@dataclass(frozen=True)
+class DeploymentRecord:
+    """A standing intent: devices matching `selector` run `model` v`version`.
+
+    Applied to matching devices when deployed, and again to every device that enrolls
+    later with matching labels (a replaced device at a site gets what the site runs).
+    """
+
+    model: str
+    selector: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
+    version: int
+    target: str = ""
+    created_at: float = 0.0
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.selector)
+
+
 class MetadataStore(ABC):
     """Durable metadata. Methods are safe to call from many threads at once."""
 
@@ -212,6 +230,15 @@ class MetadataStore(ABC):
 
     @abstractmethod
     def get_enroll_token(self, token_hash: str) -> EnrollTokenRecord | None: ...
+
+    # deployments -------------------------------------------------------------------------
+    @abstractmethod
+    def put_deployment(self, deployment: DeploymentRecord) -> None:
+        """Record a deployment; one for the same model and selector is replaced."""
+
+    @abstractmethod
+    def list_deployments(self) -> list[DeploymentRecord]:
+        """Every standing deployment, oldest first."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; the store is unusable afterwards."""

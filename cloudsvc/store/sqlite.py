@@ -23,6 +23,7 @@ from cloudsvc.store.metadata import (
     ArtifactRecord,
     Assignment,
     CapabilitiesRecord,
+    DeploymentRecord,
     DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
@@ -111,6 +112,21 @@ def _initial(db: sqlite_utils.Database) -> None:
     )
     db.table("enroll_tokens").create(
         {"token_hash": str, "created_at": int, "expires_at": int, "note": str}, pk="token_hash"
+    )
+
+
+@migration(2, "standing deployments")
+def _deployments(db: sqlite_utils.Database) -> None:
+    db.table("deployments").create(
+        {
+            "model": str,
+            "selector": str,
+            "version": int,
+            "target": str,
+            "created_at": float,
+            "seq": int,
+        },
+        pk=("model", "selector"),
     )
 
 
@@ -438,3 +454,30 @@ class SqliteMetadataStore(MetadataStore):
             return None
         r = rows[0]
         return EnrollTokenRecord(r["token_hash"], r["created_at"], r["expires_at"], r["note"])
+
+    # deployments -------------------------------------------------------------------------
+    def put_deployment(self, deployment: DeploymentRecord) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?,"
+                " (SELECT coalesce(max(seq), 0) + 1 FROM deployments))",
+                (
+                    deployment.model,
+                    json.dumps(deployment.selector),
+                    deployment.version,
+                    deployment.target,
+                    deployment.created_at,
+                ),
+            )
+
+    def list_deployments(self) -> list[DeploymentRecord]:
+        return [
+            DeploymentRecord(
+                r["model"],
+                tuple((k, v) for k, v in json.loads(r["selector"])),
+                r["version"],
+                r["target"],
+                r["created_at"],
+            )
+            for r in self._rows("SELECT * FROM deployments ORDER BY seq")
+        ]

@@ -163,3 +163,26 @@ def test_best_target_follows_the_device_providers() -> None:
     assert best_target(arts, cpu) == "onnx-cpu-fp32"
     assert best_target(arts, trt) == "tensorrt-fp16"
     assert best_target(arts[2:], cpu) is None
+
+
+def test_device_enrolling_later_gets_what_its_labels_were_deployed(
+    fleet: Fleet, registry: Registry, model_path: Path
+) -> None:
+    registry.push("clf", model_path)
+    registry.push("clf", model_path)
+    registry.push("det", model_path)
+    fleet.enroll(ENROLL_TOKEN, device_id="a1", labels={"site": "a"})
+    fleet.deploy("clf", 1, {"site": "a"})
+    fleet.deploy("clf", 2, {"site": "a"})  # newer deployment of the same model wins
+    fleet.deploy("det", 1)  # every device
+    # A replacement device at site a, and one at another site.
+    fleet.enroll(ENROLL_TOKEN, device_id="a2", labels={"site": "a"})
+    fleet.enroll(ENROLL_TOKEN, device_id="b1", labels={"site": "b"})
+    a2 = fleet.desired_state("a2")
+    assert [(a.model, a.version) for a in a2.assignments] == [("clf", 2), ("det", 1)]
+    assert a2.generation >= 1
+    assert [(a.model, a.version) for a in fleet.desired_state("b1").assignments] == [("det", 1)]
+    # Re-enrolling an existing device rotates its credential and leaves its state alone.
+    before = fleet.desired_state("a1")
+    fleet.enroll(ENROLL_TOKEN, device_id="a1", labels={"site": "a"})
+    assert fleet.desired_state("a1") == before

@@ -14,6 +14,7 @@ from cloudsvc.store.metadata import (
     ArtifactRecord,
     Assignment,
     CapabilitiesRecord,
+    DeploymentRecord,
     DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
@@ -181,3 +182,14 @@ def test_sqlite_survives_reopen_and_migrates_once(tmp_path: Path) -> None:
     mode = again._conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     again.close()
+
+
+def test_deployments_replace_per_model_and_selector_in_order(store: MetadataStore) -> None:
+    site_a = (("site", "a"),)
+    store.put_deployment(DeploymentRecord("clf", site_a, 1, "", 1.0))
+    store.put_deployment(DeploymentRecord("det", (), 1, "", 2.0))
+    store.put_deployment(DeploymentRecord("clf", site_a, 2, "onnx-cpu-fp32", 3.0))
+    got = store.list_deployments()
+    assert [(d.model, d.selector, d.version) for d in got] == [("det", (), 1), ("clf", site_a, 2)]
+    assert got[1].target == "onnx-cpu-fp32"
+    assert got[1].matches({"site": "a", "hw": "x86"}) and not got[1].matches({"site": "b"})

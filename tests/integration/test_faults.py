@@ -170,3 +170,18 @@ def test_sigkill_at_any_moment_of_an_upgrade_never_serves_a_partial_model(
         _assert_serves_a_whole_version(fleet, models.x, expected)
     fleet.wait_for(lambda ds: running(ds) == {"a1": 2}, what="a1 on v2 after repeated kills")
     assert _assert_serves_a_whole_version(fleet, models.x, expected) == 2
+
+
+def test_after_a_restart_the_previous_version_is_still_addressable(
+    fleet: Fleet, models: Versions
+) -> None:
+    _on_v1(fleet, models)
+    fleet.admin.push_model("m", models.v2)
+    fleet.admin.deploy("m", 2)
+    fleet.wait_for(lambda ds: running(ds) == {"a1": 2}, what="a1 on v2")
+    fleet.cloud.stop()  # offline, so nothing but local state can bring v1 back
+    fleet.restart_agent("a1")
+    assert _assert_serves_a_whole_version(fleet, models.x, {2: models.expected(2)}) == 2
+    version, logits = fleet.infer("a1", models.x, version=1)
+    assert version == 1
+    np.testing.assert_allclose(logits, models.expected(1), rtol=1e-5, atol=1e-5)

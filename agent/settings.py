@@ -8,35 +8,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
-    BaseSettings,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from agent.errors import AgentError
 from agent.runtime import PROVIDER_PREFERENCE
-from edgefleet.errors import ErrorCode
+from edgefleet.errors import ErrorCode, InvalidArgument
+from edgefleet.settings import LayeredSettings
 
 
 class SettingsError(AgentError):
     code = ErrorCode.INVALID_ARGUMENT
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(LayeredSettings):
     """How one device agent runs. Every field can be set as EDGEFLEET_<NAME>."""
 
     model_config = SettingsConfigDict(
         env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="forbid"
     )
-    # Set by load(); a class-level default keeps direct construction file-free.
-    _config_file: ClassVar[Path | None] = None
-
     cloud: str = Field(
         default="127.0.0.1:7000", description="host:port of the cloud's AgentService."
     )
@@ -126,20 +121,6 @@ class AgentSettings(BaseSettings):
             return parse_labels([v for v in value.split(",") if v.strip()])
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._config_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._config_file))
-        return tuple(sources)
-
     @property
     def db_path(self) -> Path:
         return self.data_dir / "agent.db"
@@ -168,15 +149,9 @@ def load(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
 
     Overrides that are None are ignored, so CLI options left unset fall through.
     """
-    if config_file is not None and not config_file.is_file():
-        raise SettingsError(f"config file {config_file} does not exist; pass an existing TOML file")
-    given = {k: v for k, v in overrides.items() if v is not None}
-
-    class _FromFile(AgentSettings):
-        _config_file: ClassVar[Path | None] = config_file
-
     try:
-        loaded = _FromFile(**given)
+        return AgentSettings.from_sources(config_file, **overrides)
+    except InvalidArgument as err:
+        raise SettingsError(err.message) from None
     except ValueError as err:
         raise SettingsError(f"invalid agent settings: {err}") from None
-    return AgentSettings.model_construct(**dict(loaded))

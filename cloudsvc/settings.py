@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import os
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
+from edgefleet.errors import InvalidArgument
 from edgefleet.manifests import DEFAULT_CHUNK_SIZE
-
-# The TOML file `load` was given; read by the settings sources of that one construction.
-_CONFIG_FILE: ContextVar[Path | None] = ContextVar("edgefleet_cloud_config", default=None)
+from edgefleet.settings import LayeredSettings
 
 
-class CloudSettings(BaseSettings):
+class CloudSettings(LayeredSettings):
     """Settings of `edgefleet cloud serve`. Environment: EDGEFLEET_<FIELD>, nested with __."""
 
     model_config = SettingsConfigDict(
@@ -64,36 +59,15 @@ class CloudSettings(BaseSettings):
     )
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = _CONFIG_FILE.get()
-        if config_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
-
-    @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> CloudSettings:
-        """Settings from an optional TOML file, the environment and explicit overrides.
+        """Settings from an optional TOML file, the environment and explicit overrides
+        (None values ignored, so CLI options left out fall through)."""
+        from cloudsvc.errors import InvalidRequest
 
-        Overrides whose value is None are ignored, so CLI options left out fall through.
-        """
-        if config_file is not None and not config_file.is_file():
-            from cloudsvc.errors import InvalidRequest
-
-            raise InvalidRequest(f"config file {config_file} does not exist; check the path")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        token = _CONFIG_FILE.set(config_file)
         try:
-            return cls(**given)
-        finally:
-            _CONFIG_FILE.reset(token)
+            return cls.from_sources(config_file, **overrides)
+        except InvalidArgument as err:
+            raise InvalidRequest(err.message) from None
 
     @property
     def blobs_dir(self) -> Path:

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from edgefleet.errors import InvalidArgument
 from edgefleet.grpc_errors import error_from_rpc
-from edgefleet.tensors import DATATYPE_TO_NUMPY, datatype_of
+from edgefleet.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD, datatype_of
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -106,24 +106,8 @@ def _from_raw(datatype: str, shape: tuple[int, ...], data: bytes) -> Array:
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-_TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
-
 def _from_typed(datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents) -> Array:
-    field_name = _TYPED_FIELD.get(datatype)
+    field_name = TYPED_CONTENTS_FIELD.get(datatype)
     if field_name is None:
         raise InvalidArgument(f"the server sent {datatype} as typed contents, which has no field")
     values = list(getattr(contents, field_name))

@@ -31,6 +31,23 @@ NUMPY_TO_DATATYPE: dict[np.dtype[np.generic], str] = {
     v: k for k, v in DATATYPE_TO_NUMPY.items() if k != "BYTES"
 }
 
+# OIP datatype -> the field of InferTensorContents that carries it when sent typed. FP16
+# has no typed field in the protocol: it travels only as raw bytes.
+TYPED_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
 # ONNX Runtime's type strings ("tensor(float)") -> OIP datatype.
 ORT_TO_DATATYPE: dict[str, str] = {
     "tensor(bool)": "BOOL",

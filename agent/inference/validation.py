@@ -21,25 +21,8 @@ import numpy.typing as npt
 
 from agent.errors import InvalidRequest
 from agent.runtime import LoadedModel, TensorInfo
-from edgefleet.tensors import DATATYPE_TO_NUMPY
+from edgefleet.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
-
-# OIP datatype -> the field of InferTensorContents that carries it when sent typed.
-# FP16 has no typed field in the protocol: it travels only as raw bytes.
-CONTENTS_FIELD: dict[str, str] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 Array = npt.NDArray[np.generic]
 
@@ -226,7 +209,7 @@ def _string_array(items: Sequence[bytes], shape: tuple[int, ...]) -> Array:
 
 
 def _from_typed(spec: InputSpec, shape: tuple[int, ...], contents: pb.InferTensorContents) -> Array:
-    field_name = CONTENTS_FIELD.get(spec.datatype)
+    field_name = TYPED_CONTENTS_FIELD.get(spec.datatype)
     if field_name is None:
         raise InvalidRequest(
             f"input {spec.name!r} is {spec.datatype}, which the protocol carries only as raw "
@@ -240,7 +223,9 @@ def _from_typed(spec: InputSpec, shape: tuple[int, ...], contents: pb.InferTenso
             f"{list(shape)} needs {count}"
         )
     others = [
-        f for f in set(CONTENTS_FIELD.values()) if f != field_name and len(getattr(contents, f))
+        f
+        for f in set(TYPED_CONTENTS_FIELD.values())
+        if f != field_name and len(getattr(contents, f))
     ]
     if others:
         raise InvalidRequest(
@@ -318,7 +303,7 @@ def _to_raw(datatype: str, array: Array) -> bytes:
 
 
 def _fill_typed(contents: pb.InferTensorContents, datatype: str, array: Array) -> None:
-    field_name = CONTENTS_FIELD.get(datatype)
+    field_name = TYPED_CONTENTS_FIELD.get(datatype)
     if field_name is None:
         # FP16 outputs have no typed field; widen to FP32 would change the datatype, so the
         # protocol leaves raw as the only way: refuse with a message that says so.

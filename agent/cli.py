@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -89,7 +88,7 @@ def run_agent(settings: AgentSettings, port_file: Path | None = None) -> None:
     # Imported here so that `edgefleet agent --help` stays fast.
     from agent.daemon import Agent
 
-    click.echo("agent settings: " + json.dumps(settings.describe(), sort_keys=True))
+    click.echo("edgefleet agent settings:\n" + settings.describe())
     daemon = Agent(settings, on_event=_echo)
     try:
         daemon.start()

@@ -33,7 +33,7 @@ class AgentSettings(LayeredSettings):
         env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="forbid"
     )
     cloud: str = Field(
-        default="127.0.0.1:7000", description="host:port of the cloud's AgentService."
+        default="127.0.0.1:50051", description="host:port of the cloud's AgentService."
     )
     enroll_token: SecretStr | None = Field(
         default=None, description="Enrollment token; needed only until the device has enrolled."
@@ -108,7 +108,7 @@ class AgentSettings(LayeredSettings):
     def _check_cloud(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError(f"cloud must be host:port, e.g. 127.0.0.1:7000 (got {value!r})")
+            raise ValueError(f"cloud must be host:port, e.g. 127.0.0.1:50051 (got {value!r})")
         return value
 
     @field_validator("labels", mode="before")
@@ -124,13 +124,6 @@ class AgentSettings(LayeredSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "agent.db"
-
-    def describe(self) -> dict[str, Any]:
-        """The settings to print at start-up, secrets masked."""
-        out = self.model_dump(mode="json")
-        if self.enroll_token is not None:
-            out["enroll_token"] = "****"
-        return out
 
 
 def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:

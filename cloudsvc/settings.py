@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -89,20 +88,7 @@ class CloudSettings(LayeredSettings):
     def signing_key_path(self) -> Path:
         return self.data_dir / "keys" / "manifest-signing.key"
 
-    def describe(self) -> str:
-        """One `name = value` line per setting, secrets masked."""
-        lines = []
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if isinstance(value, SecretStr):
-                shown = "********"
-            elif name == "admin_token" and value is None:
-                shown = f"(kept in {self.admin_token_path})"
-            elif isinstance(value, list) and value and isinstance(value[0], SecretStr):
-                shown = f"[{len(value)} token(s), masked]"
-            elif isinstance(value, Path):
-                shown = os.fspath(value)
-            else:
-                shown = repr(value)
-            lines.append(f"  {name} = {shown}")
-        return "\n".join(lines)
+    def shown(self, name: str, value: Any) -> str:
+        if name == "admin_token" and value is None:
+            return f"(kept in {self.admin_token_path})"
+        return super().shown(name, value)

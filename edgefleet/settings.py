@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Self
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
 
 from edgefleet.errors import InvalidArgument
@@ -51,3 +53,20 @@ class LayeredSettings(BaseSettings):
             return cls(**given)
         finally:
             _CONFIG_FILE.reset(token)
+
+    def describe(self) -> str:
+        """One `name = value` line per setting, secrets masked: printed at start-up."""
+        return "\n".join(
+            f"  {name} = {self.shown(name, getattr(self, name))}"
+            for name in type(self).model_fields
+        )
+
+    def shown(self, name: str, value: Any) -> str:
+        """How one setting is printed; subclasses may override for a field of theirs."""
+        if isinstance(value, SecretStr):
+            return "********"
+        if isinstance(value, list) and value and isinstance(value[0], SecretStr):
+            return f"[{len(value)} secret(s), masked]"
+        if isinstance(value, Path):
+            return os.fspath(value)
+        return repr(value)

@@ -22,8 +22,8 @@ def test_precedence_flags_over_env_over_file(
     assert s.resync_interval_s == 5
     assert s.labels == {"site": "a"}
     described = s.describe()
-    assert described["enroll_token"] == "****"
-    assert "s3cret" not in str(described)
+    assert "enroll_token = ********" in described
+    assert "s3cret" not in described
 
 
 def test_labels_from_env_as_pairs(monkeypatch: pytest.MonkeyPatch) -> None:

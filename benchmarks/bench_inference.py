@@ -2,10 +2,13 @@
 the agent's Open Inference Protocol server (in its own process) via edgefleet.oip_client.
 
     python benchmarks/bench_inference.py [--seconds 5] [--requests 5000] [--json out.json]
+                                         [--no-batching]
 
 The server runs in a child process pinned to one CPU, the client (and the in-process
 baselines) on another, so they do not share a GIL or a core. Targets: served p50 overhead over
-in-process ONNX Runtime < 0.3 ms; served throughput >= 2x PyTorch eager.
+in-process ONNX Runtime < 0.3 ms; served throughput >= 2x PyTorch eager. The server batches
+requests that arrive while the model is busy (its default); --no-batching turns that off, to
+compare.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from benchmarks._common import (
 MODEL_NAME = "small-cnn"
 
 
-def serve(model_path: Path, port_file: Path, workers: int, pin: bool) -> None:
+def serve(model_path: Path, port_file: Path, workers: int, pin: bool, batching: bool) -> None:
     """Child process: publish the model, serve it, write the port, run until stdin closes."""
     if pin:
         print(f"server {pin_to_cpu(0)}", file=sys.stderr)
@@ -47,14 +50,16 @@ def serve(model_path: Path, port_file: Path, workers: int, pin: bool) -> None:
     )
     repository = ModelRepository()
     repository.publish(load_model(MODEL_NAME, 1, "bench", model_path, options))
-    server = start_inference_server(repository, "127.0.0.1", 0, max_workers=workers)
+    server = start_inference_server(
+        repository, "127.0.0.1", 0, max_workers=workers, batching=batching
+    )
     port_file.write_text(str(server.port))
     sys.stdin.read()  # the parent closes our stdin when it is done
     server.stop(0)
 
 
 def start_server_process(
-    model_path: Path, workdir: Path, workers: int, pin: bool
+    model_path: Path, workdir: Path, workers: int, pin: bool, batching: bool
 ) -> tuple[subprocess.Popen[bytes], int]:
     port_file = workdir / "port"
     proc = subprocess.Popen(
@@ -68,7 +73,8 @@ def start_server_process(
             "--workers",
             str(workers),
         ]
-        + ([] if pin else ["--no-pin"]),
+        + ([] if pin else ["--no-pin"])
+        + ([] if batching else ["--no-batching"]),
         stdin=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
@@ -118,12 +124,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000, help="request limit per measurement")
     parser.add_argument("--workers", type=int, default=8, help="server thread pool size")
     parser.add_argument("--no-pin", action="store_true", help="let server and client use any CPU")
+    parser.add_argument("--no-batching", action="store_true", help="serve without dynamic batching")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port_file, args.workers, not args.no_pin)
+        serve(args.serve, args.port_file, args.workers, not args.no_pin, not args.no_batching)
         return
 
     import numpy as np
@@ -138,10 +145,16 @@ def main() -> None:
         workdir = Path(tmp)
         model_path = workdir / "small_cnn.onnx"
         net = export_small_cnn(model_path)
-        proc, port = start_server_process(model_path, workdir, args.workers, not args.no_pin)
+        batching = not args.no_batching
+        proc, port = start_server_process(
+            model_path, workdir, args.workers, not args.no_pin, batching
+        )
         try:
             pinned = "not pinned" if args.no_pin else pin_to_cpu(1)
-            print(f"client {pinned}; server pid {proc.pid} on port {port}")
+            print(
+                f"client {pinned}; server pid {proc.pid} on port {port}; "
+                f"batching {'on' if batching else 'off'}"
+            )
             image = np.random.default_rng(0).standard_normal(INPUT_SHAPE, dtype=np.float32)
             n, s = args.requests, args.seconds
 
@@ -185,6 +198,7 @@ def main() -> None:
                     "served, client.infer_prepared()", served_prepared, requests=n, seconds=s
                 ),
                 in_flight(client, request, 8, s, n),
+                in_flight(client, request, 16, s, n),
                 time_calls(
                     "served, ServerLive (empty call: gRPC floor)", live, requests=n, seconds=s
                 ),
@@ -195,7 +209,7 @@ def main() -> None:
             proc.stdin.close()
             proc.wait(timeout=30)
 
-    eager_f, ort_f, served_f, prepared_f, flight_f, floor_f = rows
+    eager_f, ort_f, served_f, prepared_f, flight_f, flight16_f, floor_f = rows
     print_table(
         f"batch 1, input {list(INPUT_SHAPE)}, one thread per runtime, {os.cpu_count()} CPUs", rows
     )
@@ -207,6 +221,7 @@ def main() -> None:
         "served_vs_eager_throughput": served_f.req_per_s / eager_f.req_per_s,
         "served_prepared_vs_eager_throughput": prepared_f.req_per_s / eager_f.req_per_s,
         "served_8_in_flight_vs_eager_throughput": flight_f.req_per_s / eager_f.req_per_s,
+        "served_16_in_flight_vs_eager_throughput": flight16_f.req_per_s / eager_f.req_per_s,
         "ort_vs_eager_throughput": ort_f.req_per_s / eager_f.req_per_s,
         # What this machine's Python gRPC costs for an empty unary call on the same server.
         "grpc_floor_p50_ms": floor_f.p50_ms,
@@ -222,7 +237,8 @@ def main() -> None:
     print(
         f"served throughput / eager throughput: {ratios['served_vs_eager_throughput']:.2f}x "
         f"(prepared: {ratios['served_prepared_vs_eager_throughput']:.2f}x, "
-        f"8 in flight: {ratios['served_8_in_flight_vs_eager_throughput']:.2f}x; target >= 2x)"
+        f"8 in flight: {ratios['served_8_in_flight_vs_eager_throughput']:.2f}x, "
+        f"16 in flight: {ratios['served_16_in_flight_vs_eager_throughput']:.2f}x; target >= 2x)"
     )
     print(
         f"gRPC floor (empty ServerLive call) p50: {floor_f.p50_ms:.3f} ms; served (prepared) p50 "
@@ -231,7 +247,13 @@ def main() -> None:
     print(f"in-process ORT / eager throughput: {ratios['ort_vs_eager_throughput']:.2f}x")
     write_json(
         args.json,
-        {"rows": rows, "ratios": ratios, "workers": args.workers, "pinned": not args.no_pin},
+        {
+            "rows": rows,
+            "ratios": ratios,
+            "workers": args.workers,
+            "pinned": not args.no_pin,
+            "batching": not args.no_batching,
+        },
     )
 
 

@@ -31,7 +31,9 @@ def make_images(
         elif label == 1:
             pattern = np.sin(2 * np.pi * xx / period + phase)
         elif label == 2:
-            pattern = np.sign(np.sin(2 * np.pi * xx / period + phase) * np.sin(2 * np.pi * yy / period))
+            pattern = np.sign(
+                np.sin(2 * np.pi * xx / period + phase) * np.sin(2 * np.pi * yy / period)
+            )
         else:
             cy, cx, r = rng.uniform(8, 24), rng.uniform(8, 24), rng.uniform(4, 10)
             pattern = np.where((yy - cy) ** 2 + (xx - cx) ** 2 < r * r, 1.0, -1.0)

@@ -64,7 +64,9 @@ def train_classifier(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]) -> float:
+def accuracy(
+    model: nn.Module, images: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]
+) -> float:
     model.eval()
     logits = model(torch.from_numpy(images))
     return float((logits.argmax(1).numpy() == labels).mean())

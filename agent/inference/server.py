@@ -1,7 +1,8 @@
 """The agent's Open Inference Protocol (KServe v2) gRPC endpoint over a ModelRepository.
 
 A thin servicer: it looks the model up, hands the request to ``validation`` and runs the
-session. Existing clients (Triton's, KServe's, ``edgefleet.oip_client``) work unchanged.
+session (through ``batching``, which runs requests that arrive while their model is busy
+together as one batch). Existing clients (Triton's, KServe's, ``edgefleet.oip_client``) work unchanged.
 gRPC health checking answers SERVING while the server is serving and a model is loaded;
 reflection is on so ``grpcurl`` can list the service.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 import edgefleet
 from agent.errors import AgentError
+from agent.inference.batching import DEFAULT_MAX_BATCH, DynamicBatcher
 from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
 from agent.runtime import LoadedModel, ModelRepository
 from edgefleet.errors import ErrorCode
@@ -42,14 +45,30 @@ EXTENSIONS: tuple[str, ...] = ()
 _PLAN_CACHE_LIMIT = 64
 
 
+@dataclass(frozen=True)
+class _ModelEntry:
+    plan: ModelPlan
+    batcher: DynamicBatcher | None  # None when batching is off
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol over the models in a repository."""
 
-    def __init__(self, repository: ModelRepository, is_serving: threading.Event) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        is_serving: threading.Event,
+        *,
+        batching: bool = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         self._repository = repository
         self._serving = is_serving
-        # id(model) -> plan; a plan holds its model, so an id is never reused while cached.
-        self._plans: dict[int, ModelPlan] = {}
+        self._batching = batching
+        self._max_batch = max_batch
+        # id(model) -> its plan and batcher; a plan holds its model, so an id is never reused
+        # while cached.
+        self._plans: dict[int, _ModelEntry] = {}
         self._live = pb.ServerLiveResponse(live=True)
         self._ready_true = pb.ServerReadyResponse(ready=True)
         self._ready_false = pb.ServerReadyResponse(ready=False)
@@ -60,14 +79,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ready(self) -> bool:
         return self._serving.is_set() and self._repository.ready()
 
-    def _plan(self, model: LoadedModel) -> ModelPlan:
-        plan = self._plans.get(id(model))
-        if plan is None or plan.model is not model:
-            plan = plan_for(model)
+    def _entry(self, model: LoadedModel) -> _ModelEntry:
+        entry = self._plans.get(id(model))
+        if entry is None or entry.plan.model is not model:
+            batcher = (
+                DynamicBatcher.for_model(model, max_batch=self._max_batch)
+                if self._batching
+                else None
+            )
+            entry = _ModelEntry(plan_for(model), batcher)
             plans = self._plans if len(self._plans) < _PLAN_CACHE_LIMIT else {}
             # Replaced whole rather than mutated while other threads read it.
-            self._plans = {**plans, id(model): plan}
-        return plan
+            self._plans = {**plans, id(model): entry}
+        return entry
 
     @grpc_method
     def ServerLive(
@@ -120,9 +144,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
         model = self._repository.get(request.model_name, request.model_version)
-        plan = self._plan(model)
+        entry = self._entry(model)
+        plan = entry.plan
+        # Decoded (and so checked) on the request's own thread: a bad request is refused
+        # here and never joins, or fails, a batch.
         decoded = decode_request(plan, request)
-        results = model.run(decoded.feeds, decoded.output_names)
+        if entry.batcher is None:
+            results = model.run(decoded.feeds, decoded.output_names)
+        else:
+            results = entry.batcher.run(decoded.feeds, decoded.output_names)
         return encode_response(plan, request, decoded, results)
 
 
@@ -204,15 +234,24 @@ def start_inference_server(
     *,
     max_workers: int = 8,
     max_message_bytes: int = 64 << 20,
+    batching: bool = True,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> InferenceServer:
     """Serve the repository's models over the Open Inference Protocol on host:port.
 
     Port 0 picks a free port; the returned server's ``port`` says which. Requests larger than
     `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server keeps serving.
+    With `batching`, requests to a model that arrive while it is running are run together as
+    one batch of at most `max_batch` rows (see ``agent.inference.batching``); a request that
+    finds its model idle runs at once, so batching adds no wait.
     """
+    if max_batch < 1:
+        raise AgentError(
+            f"max_batch must be at least 1, got {max_batch}", code=ErrorCode.INVALID_ARGUMENT
+        )
     serving = threading.Event()
     serving.set()
-    servicer = InferenceServicer(repository, serving)
+    servicer = InferenceServicer(repository, serving, batching=batching, max_batch=max_batch)
     health_servicer = _HealthServicer(servicer.ready)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),

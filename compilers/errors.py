@@ -13,3 +13,17 @@ class CompileError(EdgefleetError):
 
 class ParityError(CompileError):
     """The exported graph's outputs differ from torch's beyond the stated tolerance."""
+
+
+class UnknownTargetError(CompileError):
+    """A target name that no profile defines."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class TargetUnavailableError(CompileError):
+    """The target needs software or hardware this machine lacks (e.g. TensorRT)."""
+
+
+class AccuracyDropError(CompileError):
+    """A precision change (INT8, FP16) lost more accuracy than the caller allows."""

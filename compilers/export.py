@@ -1,34 +1,29 @@
-"""torch -> ONNX with a dynamic batch dimension, `onnx.checker`, and a parity check of every
-output against torch on sample inputs."""
+"""torch -> ONNX with a dynamic batch dimension and `onnx.checker`; optionally laid out with
+one external-data file per initializer so that unchanged weights give unchanged bytes.
+
+`check_parity` (numerical parity against torch, in a spawned subprocess) lives in
+`compilers.parity` and is re-exported here for callers that import it from this module.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 import torch
 
-from compilers.errors import CompileError, ParityError
+from compilers.errors import CompileError
+from compilers.layout import save_per_tensor
+from compilers.parity import OutputParity, ParityReport, Tolerance, check_parity
+
+__all__ = ["OutputParity", "ParityReport", "Tolerance", "check_parity", "export_onnx"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """Worst absolute difference per output between ONNX Runtime and torch."""
-
-    max_abs_diff: dict[str, float]
-    rtol: float
-    atol: float
 
 
 def export_onnx(
@@ -40,16 +35,73 @@ def export_onnx(
     output_name: str = "output",
     opset: int = 18,
     dynamo: bool = True,
+    external_data: bool = False,
+    max_batch: int = 4096,
 ) -> Path:
-    """Export `model` to a single self-contained ONNX file whose first dim is dynamic.
+    """Export `model` to ONNX at `path` with a dynamic first (batch) dimension.
 
-    The dynamo exporter is the default (stable initializer names); node metadata carrying
-    source paths is cleared so that the bytes do not depend on where the code lives.
+    With `external_data=False` the file is self-contained (weights inside, so under 2 GB).
+    With `external_data=True` each initializer goes to its own file beside `path`, named
+    after its state_dict name (see `compilers.layout`): two exports of the same weights are
+    byte-identical, and a head-only change rewrites only the head's files.
+
+    The dynamo exporter is the default; `optimize=False` keeps state_dict names as
+    initializer names, and node metadata carrying source paths is cleared so that the bytes
+    do not depend on where the code lives. The TorchScript exporter (`dynamo=False`) names
+    tensors after ops, so it cannot give byte-stable external data.
     """
+    if external_data and not dynamo:
+        raise CompileError(
+            "external_data=True needs the dynamo exporter (dynamo=True): the TorchScript "
+            "exporter names weights like 'onnx::Conv_39', so their files would not be stable"
+        )
     model = model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     # torch logs one warning per missing torchvision op at every export; nothing to act on.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-export-") as scratch:
+        raw = Path(scratch) / "exported.onnx"
+        _torch_export(
+            model,
+            sample,
+            raw,
+            input_name=input_name,
+            output_name=output_name,
+            opset=opset,
+            dynamo=dynamo,
+            max_batch=max_batch,
+        )
+        graph = onnx.load(str(raw))  # pulls in torch's external data file, if it wrote one
+    for node in graph.graph.node:
+        del node.metadata_props[:]
+    if external_data:
+        save_per_tensor(graph, path)
+    else:
+        try:
+            onnx.save(graph, str(path))
+        except ValueError as err:
+            raise CompileError(
+                f"{type(model).__name__} is too large for one ONNX file ({err}): "
+                "export with external_data=True"
+            ) from err
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise CompileError(f"exported ONNX graph is invalid: {err}") from err
+    return path
+
+
+def _torch_export(
+    model: torch.nn.Module,
+    sample: torch.Tensor,
+    path: Path,
+    *,
+    input_name: str,
+    output_name: str,
+    opset: int,
+    dynamo: bool,
+    max_batch: int,
+) -> None:
     # The exporters print progress and warnings on stdout/stderr; keep CLI output clean.
     quiet = io.StringIO()
     try:
@@ -61,7 +113,7 @@ def export_onnx(
         ):
             warnings.simplefilter("ignore")
             if dynamo:
-                batch = torch.export.Dim("batch", min=1, max=4096)
+                batch = torch.export.Dim("batch", min=1, max=max_batch)
                 torch.onnx.export(
                     model,
                     (sample,),
@@ -71,7 +123,8 @@ def export_onnx(
                     dynamic_shapes=({0: batch},),
                     opset_version=opset,
                     dynamo=True,
-                    external_data=False,
+                    optimize=False,
+                    external_data=True,
                     verbose=False,
                 )
             else:
@@ -90,45 +143,3 @@ def export_onnx(
         raise CompileError(
             f"torch could not export {type(model).__name__} to ONNX: {err}. {' '.join(detail)}"
         ) from err
-    graph = onnx.load(str(path))
-    for node in graph.graph.node:
-        del node.metadata_props[:]
-    try:
-        onnx.checker.check_model(graph, full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise CompileError(f"exported ONNX graph is invalid: {err}") from err
-    onnx.save(graph, str(path))
-    return path
-
-
-def check_parity(
-    model: torch.nn.Module,
-    onnx_path: Path,
-    inputs: Sequence[npt.NDArray[np.float32]],
-    *,
-    rtol: float = 1e-3,
-    atol: float = 1e-4,
-) -> ParityReport:
-    """Run torch and ONNX Runtime on each input; raise ParityError naming the worst output."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    names = [o.name for o in session.get_outputs()]
-    worst = dict.fromkeys(names, 0.0)
-    model = model.eval()
-    for x in inputs:
-        with torch.no_grad():
-            expected = model(torch.from_numpy(x))
-        expected_list = [expected] if isinstance(expected, torch.Tensor) else list(expected)
-        got = session.run(names, {input_name: x})
-        for name, want, have in zip(names, expected_list, got, strict=True):
-            want_np = want.numpy()
-            diff = float(np.max(np.abs(want_np - have))) if want_np.size else 0.0
-            worst[name] = max(worst[name], diff)
-            if not np.allclose(have, want_np, rtol=rtol, atol=atol):
-                raise ParityError(
-                    f"ONNX output {name!r} differs from torch by up to {diff:.3g} "
-                    f"(allowed rtol={rtol}, atol={atol}) for an input of shape {list(x.shape)}"
-                )
-    return ParityReport(worst, rtol, atol)

@@ -78,9 +78,10 @@ def _train_and_export(
     from compilers.export import check_parity, export_onnx
     from transfer.models import SmallCNN
     from transfer.synthetic import CLASSES
-    from transfer.train import accuracy, train_classifier
+    from transfer.train import accuracy, seed_everything, train_classifier
 
     torch.set_num_threads(1)
+    seed_everything(version)  # the same demo gives the same figures on every run
     net = model if model is not None else SmallCNN(len(CLASSES))
     train_classifier(net, images, labels, epochs=epochs, seed=version)
     acc = accuracy(net, *val)

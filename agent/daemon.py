@@ -107,6 +107,8 @@ class Agent:
             s.inference_host,
             s.inference_port,
             max_message_bytes=s.max_request_bytes,
+            batching=s.inference_batching,
+            max_batch=s.inference_max_batch,
         )
         self._reconciler.inference_endpoint = advertised_endpoint(s, self._server.port)
         if not reconcile:

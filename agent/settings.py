@@ -67,6 +67,15 @@ class AgentSettings(LayeredSettings):
     intra_op_threads: int = Field(
         default=1, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core)."
     )
+    inference_batching: bool = Field(
+        default=False,
+        description="Run inference requests that arrive while their model is busy together as "
+        "one batch (models whose inputs and outputs share a symbolic first dimension); pays "
+        "on GPUs and multi-threaded sessions, not on one CPU thread.",
+    )
+    inference_max_batch: int = Field(
+        default=32, ge=1, description="Most rows in one dynamic batch."
+    )
     resync_interval_s: float = Field(
         default=30.0,
         gt=0,

@@ -2,13 +2,12 @@
 the agent's Open Inference Protocol server (in its own process) via edgefleet.oip_client.
 
     python benchmarks/bench_inference.py [--seconds 5] [--requests 5000] [--json out.json]
-                                         [--no-batching]
+                                         [--batching]
 
 The server runs in a child process pinned to one CPU, the client (and the in-process
 baselines) on another, so they do not share a GIL or a core. Targets: served p50 overhead over
-in-process ONNX Runtime < 0.3 ms; served throughput >= 2x PyTorch eager. The server batches
-requests that arrive while the model is busy (its default); --no-batching turns that off, to
-compare.
+in-process ONNX Runtime < 0.3 ms; served throughput >= 2x PyTorch eager. --batching turns on
+the server's dynamic batching (off by default, as in the agent), to compare.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def start_server_process(
             str(workers),
         ]
         + ([] if pin else ["--no-pin"])
-        + ([] if batching else ["--no-batching"]),
+        + (["--batching"] if batching else []),
         stdin=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
@@ -124,13 +123,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000, help="request limit per measurement")
     parser.add_argument("--workers", type=int, default=8, help="server thread pool size")
     parser.add_argument("--no-pin", action="store_true", help="let server and client use any CPU")
-    parser.add_argument("--no-batching", action="store_true", help="serve without dynamic batching")
+    parser.add_argument("--batching", action="store_true", help="serve with dynamic batching")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port_file, args.workers, not args.no_pin, not args.no_batching)
+        serve(args.serve, args.port_file, args.workers, not args.no_pin, args.batching)
         return
 
     import numpy as np
@@ -145,7 +144,7 @@ def main() -> None:
         workdir = Path(tmp)
         model_path = workdir / "small_cnn.onnx"
         net = export_small_cnn(model_path)
-        batching = not args.no_batching
+        batching = args.batching
         proc, port = start_server_process(
             model_path, workdir, args.workers, not args.no_pin, batching
         )
@@ -252,7 +251,7 @@ def main() -> None:
             "ratios": ratios,
             "workers": args.workers,
             "pinned": not args.no_pin,
-            "batching": not args.no_batching,
+            "batching": args.batching,
         },
     )
 

@@ -1,8 +1,8 @@
 """The agent's Open Inference Protocol (KServe v2) gRPC endpoint over a ModelRepository.
 
 A thin servicer: it looks the model up, hands the request to ``validation`` and runs the
-session (through ``batching``, which runs requests that arrive while their model is busy
-together as one batch). Existing clients (Triton's, KServe's, ``edgefleet.oip_client``) work unchanged.
+session (optionally through ``batching``, which runs requests that arrive while their model is
+busy together as one batch). Existing clients (Triton's, KServe's, ``edgefleet.oip_client``) work unchanged.
 gRPC health checking answers SERVING while the server is serving and a model is loaded;
 reflection is on so ``grpcurl`` can list the service.
 
@@ -59,7 +59,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         repository: ModelRepository,
         is_serving: threading.Event,
         *,
-        batching: bool = True,
+        batching: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self._repository = repository
@@ -234,7 +234,7 @@ def start_inference_server(
     *,
     max_workers: int = 8,
     max_message_bytes: int = 64 << 20,
-    batching: bool = True,
+    batching: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> InferenceServer:
     """Serve the repository's models over the Open Inference Protocol on host:port.
@@ -243,7 +243,10 @@ def start_inference_server(
     `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server keeps serving.
     With `batching`, requests to a model that arrive while it is running are run together as
     one batch of at most `max_batch` rows (see ``agent.inference.batching``); a request that
-    finds its model idle runs at once, so batching adds no wait.
+    finds its model idle runs at once, so batching adds no wait. It is off by default: it pays
+    where a batch of n costs much less than n runs (GPUs, multi-threaded sessions); on one CPU
+    thread a small CNN costs the same per row at any batch size, and the benchmark showed no
+    gain (``benchmarks/bench_inference.py --batching`` compares).
     """
     if max_batch < 1:
         raise AgentError(

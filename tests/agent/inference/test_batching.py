@@ -320,7 +320,9 @@ def batching_stub(
     repo = ModelRepository()
     for model in (scale, fixed, lookup):
         repo.publish(model)
-    server: InferenceServer = start_inference_server(repo, "127.0.0.1", 0, max_workers=8)
+    server: InferenceServer = start_inference_server(
+        repo, "127.0.0.1", 0, max_workers=8, batching=True
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield pb_grpc.GRPCInferenceServiceStub(channel)
     channel.close()

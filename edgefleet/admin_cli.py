@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
@@ -268,7 +269,7 @@ def devices(selector: tuple[str, ...], cloud: str, token: str | None) -> None:
     console.print(render_devices(rows))
     online = sum(1 for d in rows if d.online)
     converged = sum(1 for d in rows if d.converged)
-    failing = sum(1 for d in rows if d.last_error)
+    failing = sum(1 for d in rows if d.errors)
     console.print(
         f"{len(rows)} device(s): {online} online, {converged} converged, {failing} with errors"
     )
@@ -298,7 +299,7 @@ def render_devices(rows: list[Device]) -> Table:
             "[green]yes[/]" if d.online else f"[red]no[/] ({ago(d.last_seen_at)})",
             running,
             gen,
-            f"[red]{d.last_error}[/]" if d.last_error else "",
+            "[red]" + escape("; ".join(d.errors)) + "[/]" if d.errors else "",
         )
     return table
 

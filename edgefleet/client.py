@@ -124,6 +124,13 @@ class Device:
         running = {m.model: m.active_version for m in self.models}
         return all(running.get(name) == v for name, v in self.desired.items())
 
+    @property
+    def errors(self) -> list[str]:
+        """What is wrong on the device: its own error, then each failing model's."""
+        found = [self.last_error] if self.last_error else []
+        found += [f"{m.model} v{m.desired_version}: {m.error}" for m in self.models if m.error]
+        return found
+
     def running(self, model: str) -> int:
         return next((m.active_version for m in self.models if m.model == model), 0)
 
@@ -373,7 +380,7 @@ class AdminClient:
                 return last
             if time.monotonic() > deadline:
                 behind = [
-                    f"{d.device_id} (runs v{d.running(model)}, error: {d.last_error or 'none'})"
+                    f"{d.device_id} (runs v{d.running(model)}, error: {'; '.join(d.errors) or 'none'})"
                     for d in last
                     if d.running(model) != version
                 ]

@@ -94,8 +94,8 @@ class FineTuneResult:
     train_examples: int
     validation_examples: int
     feature_cache: Literal["none", "memory", "disk-hit", "disk-miss"]
-    feature_seconds: float
-    training_seconds: float
+    feature_seconds: float  # the one-time feature pass (head with cache), else 0
+    training_seconds: float  # wall time of the whole run, feature pass included
     epochs_run: int
     best_epoch: int
     stopped_early: bool

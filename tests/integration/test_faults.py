@@ -3,6 +3,9 @@ goes away, and agents killed with SIGKILL mid-download and mid-activation."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +80,18 @@ def test_unloadable_model_is_rejected(fleet: Fleet, models: Versions, tmp_path: 
     fleet.wait_for(lambda ds: running(ds) == {"a1": 3}, what="recovery to v3")
 
 
+def _devices_cli(fleet: Fleet) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "edgefleet.cli", "devices", "--cloud", fleet.cloud.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGEFLEET_ADMIN_TOKEN": fleet.admin_token, "COLUMNS": "400"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_failing_smoke_test_is_rejected(fleet: Fleet, models: Versions) -> None:
     _on_v1(fleet, models)
     x = np.ones((1, 8), np.float32)
@@ -88,6 +103,9 @@ def test_failing_smoke_test_is_rejected(fleet: Fleet, models: Versions) -> None:
     fleet.admin.deploy("m", 2)
     _failed(fleet, "logits")
     _serving_v1(fleet, models)
+    # the operator sees why in `edgefleet devices`
+    out = _devices_cli(fleet)
+    assert "m v2:" in out and "logits" in out and "1 with errors" in out, out
 
 
 def test_cloud_unreachable_agent_serves_restarts_offline_and_converges_later(

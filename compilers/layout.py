@@ -21,6 +21,8 @@ from compilers.errors import CompileError
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_STEM = 120
 TENSOR_SUFFIX = ".bin"
+_INLINE_INT_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
+_INLINE_INT_BYTES = 4096
 
 
 def tensor_file_name(tensor_name: str) -> str:
@@ -31,6 +33,15 @@ def tensor_file_name(tensor_name: str) -> str:
         digest = hashlib.sha256(tensor_name.encode()).hexdigest()[:10]
         safe = f"{safe[:_MAX_STEM]}-{digest}"
     return safe + TENSOR_SUFFIX
+
+
+def _stays_inline(tensor: onnx.TensorProto) -> bool:
+    """Empty tensors, and small integer tensors (shapes, axes, indices) that shape
+    inference must read while loading: ORT refuses to load a graph whose shape-defining
+    inputs live in external files. Neither is weights a fine-tune changes."""
+    if not tensor.raw_data:
+        return True
+    return tensor.data_type in _INLINE_INT_TYPES and len(tensor.raw_data) <= _INLINE_INT_BYTES
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -45,7 +56,8 @@ def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 
 
 def save_per_tensor(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write `model` to `path` with each non-empty initializer in its own file beside it.
+    """Write `model` to `path` with each initializer in its own file beside it (except
+    empty tensors and small integer ones, see `_stays_inline`).
 
     `model` must hold its weights in memory (as `onnx.load` returns it); it is not
     modified. Returns the files written, the graph first. Tensor files are overwritten,
@@ -67,8 +79,8 @@ def save_per_tensor(model: onnx.ModelProto, path: Path) -> list[Path]:
                 # typed fields (float_data, ...) -> raw bytes, so every tensor is a file
                 tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
             data = tensor.raw_data
-            if not data:
-                continue  # empty tensors stay inline: a zero-byte file helps no one
+            if _stays_inline(tensor):
+                continue
             location = tensor_file_name(tensor.name)
             if location.lower() in used:  # e.g. "a.w" vs "A.w" on a case-insensitive disk
                 digest = hashlib.sha256(tensor.name.encode()).hexdigest()[:10]

@@ -30,23 +30,11 @@ def pin_to_cpu(index: int) -> str:
 def export_small_cnn(path: Path) -> Any:
     """A small CNN (3x64x64 in, 10 classes out) in eval mode, exported to ONNX at `path`."""
     import torch
-    from torch import nn
+
+    from transfer.models import SmallCNN
 
     torch.manual_seed(0)
-    width = 16
-    net = nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 4 * width, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4 * width, NUM_CLASSES),
-    ).eval()
+    net = SmallCNN(NUM_CLASSES, width=16).eval()  # the project's own small CNN
     example = torch.randn(*INPUT_SHAPE)
     torch.onnx.export(
         net,

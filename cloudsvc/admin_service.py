@@ -21,6 +21,18 @@ from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def require_admin(context: grpc.ServicerContext, admin_token: str) -> None:
+    """NotAuthenticated unless the call carries the admin token."""
+    token = token_from_metadata(context.invocation_metadata())
+    if not token:
+        raise NotAuthenticated(
+            "admin calls need `authorization: Bearer <admin token>` metadata; the token is "
+            "in the cloud's data_dir/admin-token or EDGEFLEET_ADMIN_TOKEN"
+        )
+    if not same_secret(token, admin_token):
+        raise NotAuthenticated("the admin token is wrong; check EDGEFLEET_ADMIN_TOKEN")
+
+
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
         self,
@@ -37,14 +49,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self.max_upload_bytes = max_upload_bytes
 
     def _require_admin(self, context: grpc.ServicerContext) -> None:
-        token = token_from_metadata(context.invocation_metadata())
-        if not token:
-            raise NotAuthenticated(
-                "admin calls need `authorization: Bearer <admin token>` metadata; the token is "
-                "in the cloud's data_dir/admin-token or EDGEFLEET_ADMIN_TOKEN"
-            )
-        if not same_secret(token, self._admin_token):
-            raise NotAuthenticated("the admin token is wrong; check EDGEFLEET_ADMIN_TOKEN")
+        require_admin(context, self._admin_token)
 
     @grpc_method
     def PushModel(

@@ -82,13 +82,17 @@ def serve(
     if port_file is not None:
         _write_port_file(port_file, server.port)
     click.echo(f"edgefleet cloud listening on {server.address}", err=False)
+    click.echo(
+        f"jobs run on: {', '.join(server.jobs.slots) or 'nothing (job_cpu_slots=0, no GPU)'}"
+    )
     while not stop.wait(1.0):
         pass
     started = server.started_at
     models = len(server.metadata.list_models())
     devices = len(server.metadata.list_devices())
+    jobs = len(server.metadata.list_jobs(limit=1_000_000))
     server.stop(grace=5.0)
     click.echo(
         f"edgefleet cloud stopped ({received[0] if received else 'stop'}) after "
-        f"{time.time() - started:.0f}s: {models} model(s), {devices} device(s)"
+        f"{time.time() - started:.0f}s: {models} model(s), {devices} device(s), {jobs} job(s)"
     )

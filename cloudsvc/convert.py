@@ -5,17 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cloudsvc.fleet import DeviceView
+from cloudsvc.jobs.events import Progress
 from cloudsvc.store.metadata import (
     ArtifactRecord,
     Assignment,
     CapabilitiesRecord,
     DesiredStateRecord,
+    EvaluationRecord,
+    JobEventRecord,
+    JobRecord,
+    JobState,
+    LineageRecord,
     ModelRecord,
     ModelStatusRecord,
     TensorSpecRecord,
     VersionRecord,
 )
-from protos.admin.v1 import admin_pb2
+from protos.admin.v1 import admin_pb2, jobs_pb2
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2
 
@@ -43,6 +49,49 @@ def artifact_to_proto(a: ArtifactRecord) -> admin_pb2.ArtifactInfo:
         manifest_digest=a.manifest_digest,
         size_bytes=a.size_bytes,
         chunk_count=a.chunk_count,
+        metrics=dict(a.metrics),
+        steps=list(a.steps),
+        format=a.format,
+        file_count=a.file_count,
+    )
+
+
+def lineage_to_proto(lineage: LineageRecord | None) -> admin_pb2.Lineage | None:
+    if lineage is None:
+        return None
+    return admin_pb2.Lineage(
+        base_model=lineage.base_model,
+        base_digest=lineage.base_digest,
+        dataset=lineage.dataset,
+        dataset_digest=lineage.dataset_digest,
+        hyperparameters=dict(lineage.hyperparameters),
+        seed=lineage.seed,
+        strategy=lineage.strategy,
+        device=lineage.device,
+        training_seconds=lineage.training_seconds,
+        job_id=lineage.job_id,
+        class_names=list(lineage.class_names),
+        train_examples=lineage.train_examples,
+        validation_examples=lineage.validation_examples,
+        epochs_run=lineage.epochs_run,
+        best_epoch=lineage.best_epoch,
+    )
+
+
+def evaluation_to_proto(evaluation: EvaluationRecord | None) -> admin_pb2.Evaluation | None:
+    if evaluation is None:
+        return None
+    return admin_pb2.Evaluation(
+        accuracy=evaluation.accuracy,
+        count=evaluation.count,
+        per_class=[
+            admin_pb2.ClassMetrics(
+                name=c.name, precision=c.precision, recall=c.recall, support=c.support
+            )
+            for c in evaluation.per_class
+        ],
+        confusion=[admin_pb2.ConfusionRow(counts=list(row)) for row in evaluation.confusion],
+        split=evaluation.split,
     )
 
 
@@ -60,6 +109,8 @@ def version_to_proto(v: VersionRecord) -> admin_pb2.ModelVersion:
         source_sha256=v.source_sha256,
         golden_sample_count=v.golden_sample_count,
         created_by=v.created_by,
+        lineage=lineage_to_proto(v.lineage),
+        evaluation=evaluation_to_proto(v.evaluation),
     )
 
 
@@ -143,3 +194,77 @@ def device_to_proto(v: DeviceView) -> admin_pb2.Device:
         enrolled_at=v.device.enrolled_at,
         inference_endpoint=reported.inference_endpoint if reported else "",
     )
+
+
+JOB_STATES: dict[JobState, jobs_pb2.JobState.ValueType] = {
+    JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: jobs_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: jobs_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: jobs_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
+}
+
+
+def progress_to_proto(p: Progress) -> jobs_pb2.JobProgress:
+    return jobs_pb2.JobProgress(
+        phase=p.phase,
+        epoch=p.epoch,
+        epochs=p.epochs,
+        loss=p.loss,
+        train_accuracy=p.train_accuracy,
+        val_accuracy=p.val_accuracy,
+        eta_seconds=p.eta_seconds,
+        trial=p.trial,
+        trials=p.trials,
+        message=p.message,
+    )
+
+
+def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
+    import json
+
+    result = json.loads(job.result or "{}")
+    return jobs_pb2.Job(
+        job_id=job.job_id,
+        kind=job.kind,
+        model=job.model,
+        state=JOB_STATES[job.state],
+        created_at=int(job.created_at),
+        started_at=int(job.started_at),
+        finished_at=int(job.finished_at),
+        slot=job.slot,
+        progress=progress_to_proto(Progress.from_json(job.progress)),
+        error=job.error,
+        result_version=int(result.get("version", 0)),
+        request_json=job.request,
+        trials=[
+            jobs_pb2.Trial(
+                number=t["number"],
+                params=t["params"],
+                val_accuracy=t["val_accuracy"],
+                epochs_run=t["epochs_run"],
+                seconds=t["seconds"],
+                best=t["best"],
+                error=t["error"],
+            )
+            for t in result.get("trials", [])
+        ],
+        targets=[
+            jobs_pb2.TargetOutcome(
+                target=o["target"], status=o["status"], reason=o["reason"], metrics=o["metrics"]
+            )
+            for o in result.get("outcomes", [])
+        ],
+        retry_of=job.retry_of,
+    )
+
+
+def job_event_to_proto(event: JobEventRecord) -> jobs_pb2.JobEvent:
+    message = jobs_pb2.JobEvent(
+        seq=event.seq, at_ms=int(event.at * 1000), kind=event.kind, message=event.message
+    )
+    if event.kind == "progress":
+        message.progress.CopyFrom(progress_to_proto(Progress.from_json(event.data)))
+    elif event.kind == "state" and event.data:
+        message.state = JOB_STATES[JobState(event.data)]
+    return message

@@ -69,6 +69,8 @@ def best_target(artifacts: Sequence[ArtifactRecord], caps: CapabilitiesRecord) -
     providers = set(caps.execution_providers)
     ranked: list[tuple[int, str]] = []
     for a in artifacts:
+        if a.format != "onnx":
+            continue  # agents run ONNX graphs; a TensorRT plan is for TensorRT's own runtime
         t = a.target
         if t.startswith("tensorrt"):
             rank = 0 if "TensorrtExecutionProvider" in providers else -1
@@ -234,11 +236,18 @@ class Fleet:
         record = self.registry.get_version(model, version)
         if not record.artifacts:
             raise NotReady(f"{model} v{version} has no artifact to deploy; push it again")
-        if target and record.artifact(target) is None:
+        pinned = record.artifact(target) if target else None
+        if target and pinned is None:
             have = ", ".join(a.target for a in record.artifacts)
             raise NotReady(
                 f"{model} v{version} has no {target!r} artifact (it has: {have}); "
                 "compile it for that target or deploy one of those"
+            )
+        if pinned is not None and pinned.format != "onnx":
+            raise NotReady(
+                f"the {target} artifact of {model} v{version} is a {pinned.format} file, which "
+                "edgefleet agents do not run (they serve ONNX, on TensorRT through ONNX "
+                "Runtime's TensorRT provider where the device has it); deploy an onnx-* target"
             )
         devices = [d for d in self.metadata.list_devices() if d.matches(selector)]
         if not devices:

@@ -11,7 +11,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from cloudsvc.errors import BadModel
-from edgefleet.tensors import ORT_TO_DATATYPE, numpy_dtype, to_raw
+from edgefleet.tensors import ORT_TO_DATATYPE, datatype_of, numpy_dtype, to_raw
 from protos.artifact.v1 import artifact_pb2
 
 DEFAULT_RTOL = 1e-3
@@ -120,6 +120,29 @@ def make_golden_samples(
                 return []
             sample.outputs.append(_tensor(meta.name, array, datatype))
         if sum(map(sample_bytes, samples)) + sample_bytes(sample) > GOLDEN_BYTES_BUDGET:
+            break
+        samples.append(sample)
+    return samples
+
+
+def golden_from_outputs(
+    feeds: list[dict[str, npt.NDArray[np.generic]]],
+    outputs: list[dict[str, npt.NDArray[np.generic]]],
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+) -> list[artifact_pb2.GoldenSample]:
+    """Samples from real inputs and the outputs a model gave for them (one per feed),
+    kept while they fit GOLDEN_BYTES_BUDGET."""
+    samples: list[artifact_pb2.GoldenSample] = []
+    used = 0
+    for feed, result in zip(feeds, outputs, strict=True):
+        sample = artifact_pb2.GoldenSample(rtol=rtol, atol=atol)
+        for name, array in feed.items():
+            sample.inputs.append(_tensor(name, np.ascontiguousarray(array), datatype_of(array)))
+        for name, array in result.items():
+            sample.outputs.append(_tensor(name, np.ascontiguousarray(array), datatype_of(array)))
+        used += sample_bytes(sample)
+        if used > GOLDEN_BYTES_BUDGET:
             break
         samples.append(sample)
     return samples

@@ -13,9 +13,17 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudsvc.errors import BadModel, InvalidRequest, UnknownResource
+from cloudsvc.errors import (
+    BadModel,
+    BlobCorrupt,
+    Conflict,
+    InvalidRequest,
+    NotReady,
+    UnknownResource,
+)
 from cloudsvc.golden import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -28,6 +36,8 @@ from cloudsvc.signing import ManifestSigner
 from cloudsvc.store.blobs import BlobStore
 from cloudsvc.store.metadata import (
     ArtifactRecord,
+    EvaluationRecord,
+    LineageRecord,
     MetadataStore,
     ModelRecord,
     TensorSpecRecord,
@@ -42,6 +52,35 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "onnx-cpu-fp32"
 ENTRYPOINT = "model.onnx"
+# Target name of the kept export a fine-tuned version was compiled from (never deployed),
+# and the version metadata key that names its manifest.
+SOURCE_TARGET = "source"
+SOURCE_KEY = "source_manifest"
+
+
+@dataclass(frozen=True)
+class Build:
+    """Files compiled for one target, in `folder`, ready to become an artifact.
+
+    `files` are paths relative to `folder`, the entrypoint first. Golden samples are the
+    inputs and outputs the device's smoke test must reproduce within their tolerances.
+    """
+
+    target: str
+    folder: Path
+    files: tuple[str, ...]
+    format: str = "onnx"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    steps: tuple[str, ...] = ()
+    golden_samples: tuple[artifact_pb2.GoldenSample, ...] = ()
+    preprocessing: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def entrypoint_path(self) -> Path:
+        return self.folder / self.files[0]
+
+
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -192,44 +231,29 @@ class Registry:
             if not samples:
                 samples = made
 
-        entry, source_sha256 = self._store_chunks(path)
+        entry = self._store_file(path, ENTRYPOINT)
         with self._push_lock:
-            current = self.metadata.get_model(model)
-            number = (current.latest_version if current else 0) + 1
-            now = int(time.time())
-            manifest = artifact_pb2.Manifest(
-                model=model,
-                version=number,
-                target=target,
-                format="onnx",
-                entrypoint=ENTRYPOINT,
-                files=[entry],
-                inputs=[_spec_proto(s) for s in inputs],
-                outputs=[_spec_proto(s) for s in outputs],
-                golden_samples=samples,
-                metadata=dict(metadata or {}),
-                created_at=now,
-            )
-            signed = sign_manifest(manifest, self.signer.key)
-            digest = sha256_hex(signed.manifest)
-            self.blobs.put(digest, signed.manifest)
-            artifact = ArtifactRecord(
-                model=model,
-                version=number,
-                target=target,
-                manifest_digest=digest,
-                size_bytes=entry.size,
-                chunk_count=len({c.sha256 for c in entry.chunks}),
-                created_at=now,
-                signature_hex=signed.signature.hex(),
-                key_id=signed.key_id,
+            number = self._next_number(model)
+            artifact = self._sign_and_store(
+                artifact_pb2.Manifest(
+                    model=model,
+                    version=number,
+                    target=target,
+                    format="onnx",
+                    entrypoint=ENTRYPOINT,
+                    files=[entry],
+                    inputs=[_spec_proto(s) for s in inputs],
+                    outputs=[_spec_proto(s) for s in outputs],
+                    golden_samples=samples,
+                    metadata=dict(metadata or {}),
+                )
             )
             record = VersionRecord(
                 model=model,
                 version=number,
                 description=description,
-                created_at=now,
-                source_sha256=source_sha256,
+                created_at=artifact.created_at,
+                source_sha256=entry.sha256,
                 parent_version=parent_version,
                 metadata=dict(metadata or {}),
                 inputs=inputs,
@@ -250,10 +274,190 @@ class Registry:
         )
         return record
 
-    def _store_chunks(self, path: Path) -> tuple[artifact_pb2.ArtifactFile, str]:
+    def add_build(
+        self,
+        model: str,
+        builds: Sequence[Build],
+        *,
+        source: Build,
+        description: str = "",
+        parent_version: int = 0,
+        lineage: LineageRecord | None = None,
+        evaluation: EvaluationRecord | None = None,
+        metadata: Mapping[str, str] | None = None,
+        created_by: str = "",
+    ) -> VersionRecord:
+        """Record compiled builds (one per target) as the next version of `model`.
+
+        `source` is the parity-checked export they were compiled from, with its evaluation
+        data: kept (content-addressed like any artifact, never deployed) so that
+        `compile` can build more targets for this version later.
+        """
+        check_name("model", model)
+        if not builds:
+            raise InvalidRequest("a version needs at least one compiled artifact")
+        if parent_version and self.metadata.get_version(model, parent_version) is None:
+            raise UnknownResource(f"parent version {parent_version} of {model} does not exist")
+        inputs, outputs = _specs_from_graph(source.entrypoint_path)
+        entries = {b.target: self._store_files(b) for b in (*builds, source)}
+        with self._push_lock:
+            number = self._next_number(model)
+            parent = self.metadata.get_version(model, parent_version) if parent_version else None
+            artifacts = tuple(
+                self._sign_and_store(
+                    self._build_manifest(model, number, b, entries[b.target]), b, parent
+                )
+                for b in builds
+            )
+            kept = self._sign_and_store(
+                self._build_manifest(model, number, source, entries[source.target]), source
+            )
+            record = VersionRecord(
+                model=model,
+                version=number,
+                description=description,
+                created_at=artifacts[0].created_at,
+                source_sha256=entries[source.target][0].sha256,
+                parent_version=parent_version,
+                metadata={**dict(metadata or {}), SOURCE_KEY: kept.manifest_digest},
+                inputs=inputs,
+                outputs=outputs,
+                golden_sample_count=max(len(b.golden_samples) for b in builds),
+                created_by=created_by,
+                artifacts=artifacts,
+                lineage=lineage,
+                evaluation=evaluation,
+            )
+            self.metadata.add_version(record)
+        log.info(
+            "registered %s v%d: %s",
+            model,
+            number,
+            ", ".join(
+                f"{a.target} ({a.size_bytes} bytes, {a.file_count} files)" for a in artifacts
+            ),
+        )
+        return record
+
+    def add_target(self, model: str, version: int, build: Build) -> ArtifactRecord:
+        """Another target's artifact for an existing version; Conflict if it has one."""
+        record = self.get_version(model, version)
+        if record.artifact(build.target) is not None:
+            raise Conflict(f"{model} v{version} already has a {build.target} artifact")
+        artifact = self._sign_and_store(
+            self._build_manifest(model, version, build, self._store_files(build)), build
+        )
+        self.metadata.add_artifact(artifact)
+        return artifact
+
+    def source_digest(self, model: str, version: int) -> str:
+        """The manifest digest of what a new target of this version is compiled from: the
+        kept source of a fine-tuned version, else the pushed ONNX file."""
+        record = self.get_version(model, version)
+        if SOURCE_KEY in record.metadata:
+            return record.metadata[SOURCE_KEY]
+        pushed = record.artifact(DEFAULT_TARGET)
+        if pushed is None or pushed.format != "onnx":
+            raise NotReady(
+                f"{model} v{version} has no {DEFAULT_TARGET} artifact to compile from; push "
+                "the ONNX model as a new version first"
+            )
+        return pushed.manifest_digest
+
+    def materialize(self, digest: str, folder: Path) -> artifact_pb2.Manifest:
+        """Write the files of the stored manifest `digest` into `folder`, each checked."""
+        if not self.blobs.has(digest):
+            raise UnknownResource(f"no manifest has digest {digest[:80]!r}")
+        manifest = artifact_pb2.Manifest()
+        manifest.ParseFromString(self.blobs.get(digest))
+        for entry in manifest.files:
+            target = folder / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            whole = hashlib.sha256()
+            with target.open("wb") as out:
+                for chunk in entry.chunks:
+                    data = self.blobs.get(chunk.sha256)
+                    whole.update(data)
+                    out.write(data)
+            if whole.hexdigest() != entry.sha256:
+                raise BlobCorrupt(
+                    f"{entry.path} of manifest {digest[:12]} does not match its digest"
+                )
+        return manifest
+
+    # internals ----------------------------------------------------------------------------
+    def _next_number(self, model: str) -> int:
+        current = self.metadata.get_model(model)
+        return (current.latest_version if current else 0) + 1
+
+    def _store_files(self, build: Build) -> list[artifact_pb2.ArtifactFile]:
+        missing = [f for f in build.files if not (build.folder / f).is_file()]
+        if missing:
+            raise InvalidRequest(f"the {build.target} build lacks files {missing[:5]}")
+        return [self._store_file(build.folder / name, name) for name in build.files]
+
+    def _build_manifest(
+        self, model: str, version: int, build: Build, files: list[artifact_pb2.ArtifactFile]
+    ) -> artifact_pb2.Manifest:
+        inputs, outputs = (
+            _specs_from_graph(build.entrypoint_path) if build.format == "onnx" else ((), ())
+        )
+        return artifact_pb2.Manifest(
+            model=model,
+            version=version,
+            target=build.target,
+            format=build.format,
+            entrypoint=build.files[0],
+            files=files,
+            inputs=[_spec_proto(s) for s in inputs],
+            outputs=[_spec_proto(s) for s in outputs],
+            golden_samples=_check_golden(build.golden_samples),
+            preprocessing=artifact_pb2.Preprocessing(params=dict(build.preprocessing)),
+            metadata=dict(build.metadata),
+        )
+
+    def _sign_and_store(
+        self,
+        manifest: artifact_pb2.Manifest,
+        build: Build | None = None,
+        parent: VersionRecord | None = None,
+    ) -> ArtifactRecord:
+        manifest.created_at = int(time.time())
+        signed = sign_manifest(manifest, self.signer.key)
+        digest = sha256_hex(signed.manifest)
+        self.blobs.put(digest, signed.manifest)
+        metrics = dict(build.metrics) if build else {}
+        previous = parent.artifact(manifest.target) if parent else None
+        if previous is not None and self.blobs.has(previous.manifest_digest):
+            # What a device running the parent downloads to move here: the manifest and the
+            # chunks it does not hold yet (content addressing makes the rest a no-op).
+            held = artifact_pb2.Manifest()
+            held.ParseFromString(self.blobs.get(previous.manifest_digest))
+            have = {c.sha256 for f in held.files for c in f.chunks}
+            new = {
+                c.sha256: c.size for f in manifest.files for c in f.chunks if c.sha256 not in have
+            }
+            metrics["update_bytes"] = float(len(signed.manifest) + sum(new.values()))
+        return ArtifactRecord(
+            model=manifest.model,
+            version=manifest.version,
+            target=manifest.target,
+            manifest_digest=digest,
+            size_bytes=sum(f.size for f in manifest.files),
+            chunk_count=len({c.sha256 for f in manifest.files for c in f.chunks}),
+            created_at=manifest.created_at,
+            signature_hex=signed.signature.hex(),
+            key_id=signed.key_id,
+            metrics=metrics,
+            steps=tuple(build.steps) if build else (),
+            format=manifest.format,
+            file_count=len(manifest.files),
+        )
+
+    def _store_file(self, path: Path, name: str) -> artifact_pb2.ArtifactFile:
         # Streamed chunk by chunk so a 2 GiB model never sits in memory whole.
         whole = hashlib.sha256()
-        entry = artifact_pb2.ArtifactFile(path=ENTRYPOINT)
+        entry = artifact_pb2.ArtifactFile(path=name)
         for block in iter_file_chunks(path, self.chunk_size):
             whole.update(block)
             digest = sha256_hex(block)
@@ -261,7 +465,7 @@ class Registry:
             entry.chunks.add(sha256=digest, size=len(block))
         entry.size = sum(c.size for c in entry.chunks)
         entry.sha256 = whole.hexdigest()
-        return entry, entry.sha256
+        return entry
 
     # reads -------------------------------------------------------------------------------
     def list_models(self) -> list[ModelRecord]:

@@ -14,10 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloudsvc.admin_service import AdminService
+from cloudsvc.admin_service import AdminService, require_admin
 from cloudsvc.agent_service import AgentService
 from cloudsvc.errors import CloudError
 from cloudsvc.fleet import Fleet
+from cloudsvc.job_service import JobService
+from cloudsvc.jobs.manager import JobManager, JobSettings, detect_gpus
+from cloudsvc.jobs.uploads import UploadStore
 from cloudsvc.registry import Registry
 from cloudsvc.settings import CloudSettings
 from cloudsvc.signing import ManifestSigner, write_private
@@ -25,7 +28,7 @@ from cloudsvc.store.blobs import FolderBlobStore
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import MetadataStore
 from cloudsvc.store.sqlite import SqliteMetadataStore
-from protos.admin.v1 import admin_pb2, admin_pb2_grpc
+from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,19 @@ class CloudServer:
             static_enroll_tokens=[t.get_secret_value() for t in settings.enroll_tokens],
             offline_after_s=settings.offline_after_s,
         )
+        self.jobs = JobManager(
+            self.metadata,
+            self.registry,
+            JobSettings(
+                jobs_dir=settings.jobs_dir,
+                uploads_dir=settings.uploads_dir,
+                cache_dir=settings.feature_cache_dir,
+                fashion_mnist_dir=settings.fashion_mnist_dir,
+                gpu_slots=detect_gpus() if settings.job_gpus is None else settings.job_gpus,
+                cpu_slots=settings.job_cpu_slots,
+                threads=settings.job_threads,
+            ),
+        )
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
@@ -108,6 +124,15 @@ class CloudServer:
             ),
             self._server,
         )
+        admin_token = self.admin_token.value
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(
+                self.jobs,
+                UploadStore(settings.uploads_dir, settings.max_upload_bytes),
+                lambda context: require_admin(context, admin_token),
+            ),
+            self._server,
+        )
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentService(
                 self.registry,
@@ -120,6 +145,7 @@ class CloudServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = (
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
             fleet_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
@@ -145,6 +171,7 @@ class CloudServer:
 
     def start(self) -> CloudServer:
         self._server.start()
+        self.jobs.start()
         self.started_at = time.time()
         for name in (
             "",
@@ -160,6 +187,7 @@ class CloudServer:
         if self._stopped.is_set():
             return
         self.health.enter_graceful_shutdown()
+        self.jobs.stop()
         self.fleet.close()
         self._server.stop(grace).wait()
         self.metadata.close()

@@ -53,6 +53,23 @@ class CloudSettings(LayeredSettings):
     watch_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds between keep-alive notices on idle watch streams."
     )
+    job_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs fine-tune jobs may use, one job at a time each; unset: as many as "
+        "`nvidia-smi -L` lists (0 without NVIDIA's driver).",
+    )
+    job_cpu_slots: int = Field(
+        1, ge=0, le=64, description="Jobs that may run at once on the CPU (0: GPU only)."
+    )
+    job_threads: int = Field(
+        0, ge=0, description="torch threads per job worker; 0: torch's default (all cores)."
+    )
+    fashion_mnist_dir: Path = Field(
+        Path("/usr/share/datasets/fashion-mnist"),
+        description="Where Debian's dataset-fashion-mnist puts the data set jobs call "
+        "fashion-mnist.",
+    )
     metadata_backend: str = Field(
         "sqlite", pattern="^(sqlite|memory)$", description="sqlite (durable) or memory (tests)."
     )
@@ -71,6 +88,18 @@ class CloudSettings(LayeredSettings):
     @property
     def blobs_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        return self.data_dir / "cache" / "features"
 
     @property
     def tmp_dir(self) -> Path:

@@ -35,13 +35,27 @@ def tensor_file_name(tensor_name: str) -> str:
     return safe + TENSOR_SUFFIX
 
 
-def _stays_inline(tensor: onnx.TensorProto) -> bool:
+def _stays_inline(tensor: onnx.TensorProto, dequantized: set[str]) -> bool:
     """Empty tensors, and small integer tensors (shapes, axes, indices) that shape
     inference must read while loading: ORT refuses to load a graph whose shape-defining
-    inputs live in external files. Neither is weights a fine-tune changes."""
+    inputs live in external files. Neither is weights a fine-tune changes. Integer
+    tensors that a DequantizeLinear reads are weights (INT8 biases are INT32, recalibrated
+    with every version): inline, they would change the graph file itself."""
     if not tensor.raw_data:
         return True
+    if tensor.name in dequantized:
+        return False
     return tensor.data_type in _INLINE_INT_TYPES and len(tensor.raw_data) <= _INLINE_INT_BYTES
+
+
+def _dequantized(graph: onnx.GraphProto) -> set[str]:
+    return {
+        name
+        for sub in _graphs(graph)
+        for node in sub.node
+        if node.op_type == "DequantizeLinear"
+        for name in node.input
+    }
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -68,6 +82,7 @@ def save_per_tensor(model: onnx.ModelProto, path: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = [path]
     used: set[str] = set()
+    dequantized = _dequantized(model.graph)
     for graph in _graphs(model.graph):
         for tensor in graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -79,7 +94,7 @@ def save_per_tensor(model: onnx.ModelProto, path: Path) -> list[Path]:
                 # typed fields (float_data, ...) -> raw bytes, so every tensor is a file
                 tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
             data = tensor.raw_data
-            if _stays_inline(tensor):
+            if _stays_inline(tensor, dequantized):
                 continue
             location = tensor_file_name(tensor.name)
             if location.lower() in used:  # e.g. "a.w" vs "A.w" on a case-insensitive disk

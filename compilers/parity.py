@@ -21,7 +21,9 @@ from compilers import _parity_worker
 from compilers._parity_worker import OutputVerdict
 from compilers.errors import CompileError, ParityError
 
-Feed = npt.NDArray[np.float32] | Mapping[str, npt.NDArray[np.generic]]
+Feed = npt.NDArray[np.generic] | Mapping[str, npt.NDArray[np.generic]]
+"""One input batch: an array for a single-input graph, or input name -> array (e.g. a text
+classifier's int64 `input_ids` and `attention_mask`)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,10 @@ def check_parity(
     if not inputs:
         raise CompileError("check_parity needs at least one sample input to compare on")
     overrides = dict(tolerances or {})
-    feeds = [_as_feed(x, onnx_path) for x in inputs]
+    declared = _graph_inputs(onnx_path)
+    feeds = [_as_feed(x, onnx_path, declared) for x in inputs]
+    for index, feed in enumerate(feeds):
+        _check_feed(feed, index, onnx_path, declared)
     expected = _torch_outputs(model, feeds)
     verdicts = _run_child(
         onnx_path,
@@ -101,21 +106,66 @@ def check_parity(
     )
 
 
-def _as_feed(x: Feed, onnx_path: Path) -> dict[str, npt.NDArray[np.generic]]:
-    if isinstance(x, Mapping):
-        return {str(k): np.asarray(v) for k, v in x.items()}
-    # A bare array feeds the graph's only input; its name is read without loading weights.
+def _graph_inputs(onnx_path: Path) -> dict[str, tuple[int, int]]:
+    """The graph's inputs as name -> (ONNX element type, rank), read without the weights."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # unreadable: let ONNX Runtime in the child say why
+        return {}
     initializers = {t.name for t in graph.initializer}
-    names = [i.name for i in graph.input if i.name not in initializers]
+    return {
+        i.name: (i.type.tensor_type.elem_type, len(i.type.tensor_type.shape.dim))
+        for i in graph.input
+        if i.name not in initializers
+    }
+
+
+def _as_feed(
+    x: Feed, onnx_path: Path, declared: Mapping[str, tuple[int, int]]
+) -> dict[str, npt.NDArray[np.generic]]:
+    if isinstance(x, Mapping):
+        return {str(k): np.asarray(v) for k, v in x.items()}
+    names = list(declared)
     if len(names) != 1:
         raise CompileError(
             f"{onnx_path.name} has inputs {names}: pass each sample as a mapping of input "
             "name to array"
         )
     return {names[0]: np.asarray(x)}
+
+
+def _check_feed(
+    feed: Mapping[str, npt.NDArray[np.generic]],
+    index: int,
+    onnx_path: Path,
+    declared: Mapping[str, tuple[int, int]],
+) -> None:
+    # ONNX Runtime's own errors for these name no input sample; a wrong dtype (int32 token
+    # ids from a tokenizer, float64 pixels) is the usual slip.
+    if not declared:
+        return
+    if set(feed) != set(declared):
+        raise CompileError(
+            f"input #{index} feeds {sorted(feed)} but {onnx_path.name} takes "
+            f"{sorted(declared)}: pass a mapping with exactly the graph's input names"
+        )
+    import onnx.helper
+
+    for name, array in feed.items():
+        elem_type, rank = declared[name]
+        want = onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
+        if want is not None and array.dtype != want:
+            raise CompileError(
+                f"input #{index} gives {name!r} as {array.dtype} but {onnx_path.name} takes "
+                f"{np.dtype(want)}: convert it (e.g. .astype(np.{np.dtype(want)}))"
+            )
+        if rank and array.ndim != rank:
+            raise CompileError(
+                f"input #{index} gives {name!r} with shape {list(array.shape)} but "
+                f"{onnx_path.name} takes {rank} dimensions"
+            )
 
 
 def _torch_outputs(
@@ -161,7 +211,9 @@ def _run_child(
             child.join(5)
             raise CompileError(
                 f"ONNX Runtime died (exit code {child.exitcode}) while checking "
-                f"{onnx_path.name}: the graph may be unsupported or too large for this machine"
+                f"{onnx_path.name}: the graph may be unsupported or too large for this "
+                "machine (or, from a script, the child could not start: the check spawns a "
+                "process, so guard the script's entry point with if __name__ == '__main__')"
             ) from None
     finally:
         receive.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -124,3 +125,66 @@ def build_engine(
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return engine_path
+
+
+def run_engine(engine_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run a serialised engine on each feed (input name -> numpy array); the outputs.
+
+    TensorRT 10's named-tensor API with torch CUDA tensors as the buffers, so no pycuda is
+    needed where torch is installed with CUDA.
+    """
+    trt: Any = require_tensorrt()
+    import numpy as np
+    import torch
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise CompileError(
+            f"TensorRT could not load {engine_path.name}: engines only run with the TensorRT "
+            "version and GPU model that built them"
+        )
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    stream = torch.cuda.current_stream()
+    results = []
+    for feed in feeds:
+        held = {}  # buffers must outlive the launch
+        for name, array in feed.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+            held[name] = tensor
+        for name in outputs:
+            dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name))))
+            out = torch.empty(
+                tuple(context.get_tensor_shape(name)), dtype=dtype.dtype, device="cuda"
+            )
+            context.set_tensor_address(name, out.data_ptr())
+            held[name] = out
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise CompileError(f"TensorRT failed to run {engine_path.name}")
+        stream.synchronize()
+        results.append({name: held[name].cpu().numpy() for name in outputs})
+    return results
+
+
+def engine_evaluator(
+    feeds: dict[str, Any], labels: Any, batch_size: int = 64
+) -> Callable[[Path], float]:
+    """`evaluate(engine_path) -> accuracy` of the first output's argmax on held-out feeds."""
+    import numpy as np
+
+    count = len(next(iter(feeds.values())))
+    chunks = [
+        {k: v[start : start + batch_size] for k, v in feeds.items()}
+        for start in range(0, count, batch_size)
+    ]
+
+    def evaluate(path: Path) -> float:
+        outputs = run_engine(path, chunks)
+        predictions = np.concatenate([next(iter(o.values())).argmax(axis=1) for o in outputs])
+        return float((predictions == labels).mean())
+
+    return evaluate

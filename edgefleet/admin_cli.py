@@ -75,6 +75,20 @@ def human_bytes(n: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def points(drop: float) -> str:
+    """An accuracy drop (0.01 = one point) as a signed change, e.g. '-0.40 pts'."""
+    change = -drop * 100
+    return f"{change + 0.0:+.2f} pts" if abs(change) >= 0.005 else "±0.00 pts"
+
+
+def update_size(metrics: dict[str, float], size: int) -> str:
+    """What a device running the parent version downloads, and its share of the whole."""
+    if "update_bytes" not in metrics:
+        return "-"
+    update = metrics["update_bytes"]
+    return f"{human_bytes(int(update))} ({update / max(size, 1):.1%})"
+
+
 # models ---------------------------------------------------------------------------------
 
 
@@ -196,6 +210,83 @@ def versions(name: str, cloud: str, token: str | None) -> None:
         )
     console.print(table)
     console.print(f"{len(rows)} version(s) of {name}")
+
+
+@models.command("show")
+@click.argument("name")
+@click.argument("version", type=int)
+@cloud_options
+def show(name: str, version: int, cloud: str, token: str | None) -> None:
+    """One version in full: lineage, held-out metrics with the confusion matrix, and each
+    artifact with what its compile measured."""
+    with admin(cloud, token) as client:
+        v = client.version(name, version)
+    console.print(f"[bold]{v.model} v{v.version}[/]: {escape(v.description)}")
+    console.print(
+        f"  created {ago(v.created_at)} by {v.created_by or '?'}"
+        + (f", parent v{v.parent_version}" if v.parent_version else "")
+    )
+    console.print(f"  inputs:  {', '.join(str(s) for s in v.inputs)}")
+    console.print(f"  outputs: {', '.join(str(s) for s in v.outputs)}")
+    lin = v.lineage
+    if lin:
+        console.print(
+            f"  base {lin.base_model} (sha256 {lin.base_digest[:12]}), {lin.strategy} fine-tune "
+            f"on {lin.dataset} (sha256 {lin.dataset_digest[:12]}), seed {lin.seed}"
+        )
+        console.print(
+            f"  trained on {lin.device} in {lin.training_seconds:.1f}s: {lin.epochs_run} epoch(s), "
+            f"best at {lin.best_epoch}; {lin.train_examples} training / "
+            f"{lin.validation_examples} validation examples; job {lin.job_id}"
+        )
+        settings = ", ".join(f"{k}={val}" for k, val in sorted(lin.hyperparameters.items()))
+        console.print(f"  settings: {settings}")
+    ev = v.evaluation
+    if ev:
+        console.print(
+            f"  validation accuracy [bold]{ev.accuracy:.2%}[/] on {ev.count} ({ev.split})"
+        )
+        per_class = Table("class", "precision", "recall", "support")
+        for c in ev.per_class:
+            per_class.add_row(c.name, f"{c.precision:.1%}", f"{c.recall:.1%}", str(c.support))
+        console.print(per_class)
+        names = [c.name for c in ev.per_class]
+        matrix = Table("true \\ predicted", *names, title="confusion matrix")
+        for name_, row in zip(names, ev.confusion, strict=True):
+            matrix.add_row(
+                name_,
+                *(
+                    f"[bold]{n}[/]" if i == names.index(name_) else str(n)
+                    for i, n in enumerate(row)
+                ),
+            )
+        console.print(matrix)
+    arts = Table(
+        "target",
+        "format",
+        "size",
+        "files",
+        f"update from v{v.parent_version}" if v.parent_version else "update",
+        "p50 batch 1",
+        "accuracy change",
+        "steps",
+    )
+    for a in v.artifacts:
+        m = a.metrics
+        arts.add_row(
+            a.target,
+            a.format,
+            human_bytes(a.size_bytes),
+            str(a.file_count),
+            update_size(a.metrics, a.size_bytes),
+            f"{m['latency_p50_ms']:.3f} ms" if "latency_p50_ms" in m else "-",
+            points(m["accuracy_drop"]) if "accuracy_drop" in m else "-",
+            ", ".join(a.steps),
+        )
+    console.print(arts)
+    console.print(
+        f"{len(v.artifacts)} artifact(s); deploy with `edgefleet deploy {name} --version {version}`"
+    )
 
 
 # deploy ---------------------------------------------------------------------------------

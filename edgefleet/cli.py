@@ -23,6 +23,13 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "deploy": ("edgefleet.admin_cli:deploy", "Set the version a group of devices should run."),
     "devices": ("edgefleet.admin_cli:devices", "List devices: labels, online, versions, errors."),
     "enroll-token": ("edgefleet.admin_cli:enroll_token", "Create a token devices enroll with."),
+    "finetune": (
+        "edgefleet.jobs_cli:finetune",
+        "Fine-tune a backbone on your data as a cloud job: new version + artifacts.",
+    ),
+    "compile": ("edgefleet.jobs_cli:compile_command", "Build one more target for a version."),
+    "jobs": ("edgefleet.jobs_cli:jobs", "List, follow, cancel and retry fine-tune/compile jobs."),
+    "runs": ("edgefleet.jobs_cli:runs", "Compare versions: settings, metrics, size, latency."),
 }
 
 
@@ -63,6 +70,9 @@ def cli(verbose: int) -> None:
       edgefleet cloud serve               run the cloud service
       edgefleet agent run --cloud H:P     run an agent on a device
       edgefleet models push NAME m.onnx   upload a model version
+      edgefleet finetune NAME --base small-cnn --data DATA
+                                          or fine-tune one in the cloud
+      edgefleet runs compare NAME         pick the best version
       edgefleet deploy NAME --version 1   roll it out
       edgefleet devices                   see where every device stands
 

@@ -12,6 +12,8 @@ pipeline uses to drive everything the CLI can.
 from __future__ import annotations
 
 import os
+import tarfile
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,17 @@ import grpc
 from edgefleet.auth import bearer_metadata
 from edgefleet.errors import InvalidArgument
 from edgefleet.grpc_errors import error_from_rpc
-from protos.admin.v1 import admin_pb2, admin_pb2_grpc
+from edgefleet.job_views import (
+    Evaluation,
+    Job,
+    JobEvent,
+    Lineage,
+    evaluation_from,
+    event_from,
+    job_from,
+    lineage_from,
+)
+from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2
 
@@ -59,6 +71,10 @@ class Artifact:
     manifest_digest: str
     size_bytes: int
     chunk_count: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    steps: tuple[str, ...] = ()
+    format: str = "onnx"
+    file_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,11 @@ class ModelVersion:
     outputs: tuple[TensorSpec, ...]
     artifacts: tuple[Artifact, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    lineage: Lineage | None = None
+    evaluation: Evaluation | None = None
+
+    def artifact(self, target: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.target == target), None)
 
 
 @dataclass(frozen=True)
@@ -152,9 +173,21 @@ def _version(v: admin_pb2.ModelVersion) -> ModelVersion:
         inputs=_specs(v.inputs),
         outputs=_specs(v.outputs),
         artifacts=tuple(
-            Artifact(a.target, a.manifest_digest, a.size_bytes, a.chunk_count) for a in v.artifacts
+            Artifact(
+                a.target,
+                a.manifest_digest,
+                a.size_bytes,
+                a.chunk_count,
+                dict(a.metrics),
+                tuple(a.steps),
+                a.format or "onnx",
+                a.file_count,
+            )
+            for a in v.artifacts
         ),
         metadata=dict(v.metadata),
+        lineage=lineage_from(v),
+        evaluation=evaluation_from(v),
     )
 
 
@@ -216,6 +249,7 @@ class AdminClient:
             ],
         )
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     def __enter__(self) -> AdminClient:
         return self
@@ -338,6 +372,166 @@ class AdminClient:
             admin_pb2.CreateEnrollTokenRequest(ttl_seconds=ttl_seconds, note=note),
         )
         return response.enroll_token, response.expires_at
+
+    # jobs -----------------------------------------------------------------------------
+
+    def upload(
+        self, path: str | Path, *, progress: Callable[[int, int], None] | None = None
+    ) -> str:
+        """Send a local file or folder to the cloud for jobs; its `upload:` reference.
+
+        A folder travels as a tar of its contents. The same bytes get the same reference,
+        so uploading again costs the transfer only.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise InvalidArgument(f"{path} does not exist")
+        with tempfile.TemporaryDirectory(prefix="edgefleet-upload-") as scratch:
+            if path.is_dir():
+                source = Path(scratch) / "folder.tar"
+                with tarfile.open(source, "w") as tar:
+                    for item in sorted(path.iterdir()):
+                        tar.add(item, arcname=item.name)
+                kind = jobs_pb2.UPLOAD_KIND_FOLDER_TAR
+            else:
+                source, kind = path, jobs_pb2.UPLOAD_KIND_FILE
+            total = source.stat().st_size
+            header = jobs_pb2.UploadHeader(name=path.name, kind=kind, size=total)
+
+            def requests() -> Iterator[jobs_pb2.UploadRequest]:
+                yield jobs_pb2.UploadRequest(header=header)
+                sent = 0
+                with source.open("rb") as f:
+                    while piece := f.read(UPLOAD_PIECE):
+                        sent += len(piece)
+                        yield jobs_pb2.UploadRequest(data=piece)
+                        if progress:
+                            progress(sent, total)
+
+            response: jobs_pb2.UploadResponse = self._call(
+                self._jobs.Upload, requests(), timeout=max(self.timeout, 3600.0)
+            )
+        return response.reference
+
+    def finetune(
+        self,
+        model: str,
+        *,
+        base: str,
+        data: str,
+        params: Mapping[str, object] | None = None,
+        search: Mapping[str, Sequence[object]] | None = None,
+        max_trials: int = 0,
+        targets: Sequence[str] = (),
+        description: str = "",
+        parent_version: int = 0,
+        label_column: str = "",
+        text_column: str = "",
+        limit: int = 0,
+        max_accuracy_drop: float | None = None,
+    ) -> Job:
+        """Submit a fine-tune job; the queued job. `data` and `base` are names the cloud
+        knows or references from `upload()`."""
+        request = jobs_pb2.FineTuneRequest(
+            model=model,
+            base=base,
+            data=data,
+            data_options=jobs_pb2.DataOptions(
+                label_column=label_column, text_column=text_column, limit=limit
+            ),
+            params={k: str(v) for k, v in (params or {}).items()},
+            search=[
+                jobs_pb2.SearchAxis(name=k, values=[str(v) for v in values])
+                for k, values in (search or {}).items()
+            ],
+            max_trials=max_trials,
+            targets=list(targets),
+            description=description,
+            parent_version=parent_version,
+            max_accuracy_drop=max_accuracy_drop,
+        )
+        return job_from(self._call(self._jobs.SubmitFineTune, request))
+
+    def compile(
+        self,
+        model: str,
+        version: int,
+        target: str,
+        *,
+        data: str = "",
+        limit: int = 0,
+        max_accuracy_drop: float | None = None,
+    ) -> Job:
+        """Submit a job that builds `target` for an existing version."""
+        request = jobs_pb2.CompileRequest(
+            model=model,
+            version=version,
+            target=target,
+            data=data,
+            data_options=jobs_pb2.DataOptions(limit=limit),
+            max_accuracy_drop=max_accuracy_drop,
+        )
+        return job_from(self._call(self._jobs.SubmitCompile, request))
+
+    def jobs(self, model: str = "", *, active_only: bool = False, limit: int = 0) -> list[Job]:
+        response = self._call(
+            self._jobs.ListJobs,
+            jobs_pb2.ListJobsRequest(model=model, active_only=active_only, limit=limit),
+        )
+        return [job_from(j) for j in response.jobs]
+
+    def job(self, job_id: str) -> Job:
+        return job_from(self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+
+    def cancel_job(self, job_id: str) -> Job:
+        return job_from(self._call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
+
+    def retry_job(self, job_id: str) -> Job:
+        return job_from(self._call(self._jobs.RetryJob, jobs_pb2.RetryJobRequest(job_id=job_id)))
+
+    def watch_job(
+        self, job_id: str, *, after_seq: int = 0, follow: bool = True
+    ) -> Iterator[JobEvent]:
+        """The job's events from `after_seq` on; with `follow`, live until the job ends."""
+        stream = self._jobs.WatchJob(
+            jobs_pb2.WatchJobRequest(job_id=job_id, after_seq=after_seq, follow=follow),
+            metadata=self._metadata,
+            timeout=None if follow else self.timeout,
+        )
+        try:
+            for event in stream:
+                yield event_from(event)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            stream.cancel()
+
+    def wait_job(
+        self,
+        job_id: str,
+        *,
+        on_event: Callable[[JobEvent], None] | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Follow the job until it ends; the finished job. Raises Unavailable on timeout."""
+        import time
+
+        from edgefleet.errors import Unavailable
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seq = 0
+        while True:
+            for event in self.watch_job(job_id, after_seq=seq):
+                seq = event.seq
+                if on_event:
+                    on_event(event)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise Unavailable(f"{job_id} did not finish within {timeout:.0f}s")
+            job = self.job(job_id)
+            if job.finished:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise Unavailable(f"{job_id} did not finish within {timeout:.0f}s")
 
     def wait_converged(
         self,

@@ -25,8 +25,9 @@ import numpy.typing as npt
 from rich.console import Console
 from rich.table import Table
 
-from edgefleet.admin_cli import human_bytes, render_devices
-from edgefleet.client import AdminClient, Device
+from edgefleet.admin_cli import human_bytes, render_devices, update_size
+from edgefleet.client import AdminClient, Device, ModelVersion
+from edgefleet.job_views import Job, JobEvent
 from edgefleet.processes import ManagedProcess, agent_process, cloud_process
 
 console = Console()
@@ -64,36 +65,20 @@ class Step:
         return time.monotonic() - self.t0
 
 
-def _train_and_export(
-    workdir: Path,
-    version: int,
-    images: npt.NDArray[np.float32],
-    labels: npt.NDArray[np.int64],
-    val: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
-    epochs: int,
-    model: Any | None,
-) -> tuple[Any, Path, float, float]:
-    import torch
+def _fine_tune(
+    cloud: AdminClient, title: str, status: Any, **request: Any
+) -> tuple[Job, ModelVersion]:
+    """Submit a fine-tune job and show its progress on the step's status line."""
+    job = cloud.finetune(MODEL, base="small-cnn", **request)
 
-    from compilers.export import check_parity, export_onnx
-    from transfer.models import SmallCNN
-    from transfer.synthetic import CLASSES
-    from transfer.train import accuracy, seed_everything, train_classifier
+    def show(event: JobEvent) -> None:
+        if event.progress is not None:
+            status.update(f"{title}: {job.job_id} {event.progress.describe()}")
 
-    torch.set_num_threads(1)
-    seed_everything(version)  # the same demo gives the same figures on every run
-    net = model if model is not None else SmallCNN(len(CLASSES))
-    train_classifier(net, images, labels, epochs=epochs, seed=version)
-    acc = accuracy(net, *val)
-    path = export_onnx(
-        net,
-        torch.from_numpy(val[0][:1]),
-        workdir / f"{MODEL}-v{version}.onnx",
-        input_name=INPUT,
-        output_name=OUTPUT,
-    )
-    report = check_parity(net, path, [val[0][:1], val[0][:16]])
-    return net, path, acc, max(report.max_abs_diff.values())
+    done = cloud.wait_job(job.job_id, on_event=show, timeout=600)
+    if done.state != "succeeded":
+        raise RuntimeError(f"{done.job_id} {done.state}: {done.error}")
+    return done, cloud.version(MODEL, done.result_version)
 
 
 def _score(
@@ -138,6 +123,27 @@ def _wait(cloud: AdminClient, version: int, devices: list[str], title: str) -> l
         return cloud.wait_converged(MODEL, version, devices, timeout=90, on_change=show)
 
 
+def _describe_version(version: ModelVersion, job: Job) -> None:
+    evaluation = f"{version.evaluation.accuracy:.1%}" if version.evaluation else "?"
+    console.print(
+        f"    {job.job_id} made {MODEL} v{version.version}: validation accuracy {evaluation}"
+    )
+    for artifact in version.artifacts:
+        m = artifact.metrics
+        line = f"    {artifact.target}: {human_bytes(artifact.size_bytes)} in {artifact.file_count} files"
+        if "latency_p50_ms" in m:
+            line += f", p50 {m['latency_p50_ms']:.2f} ms at batch 1"
+        if "accuracy_drop" in m:
+            line += f", accuracy {m['accuracy']:.1%}"
+        if "update_bytes" in m:
+            line += f"; from v{version.parent_version}: {update_size(m, artifact.size_bytes)}"
+        console.print(line)
+    for outcome in job.targets:
+        if outcome.status != "built":
+            reason = outcome.reason.split(":")[0]  # the measurement, not the advice
+            console.print(f"    {outcome.target}: {outcome.status}: {reason}")
+
+
 @click.command()
 @click.option("--agents", default=3, show_default=True, help="How many agents to start.")
 @click.option("--keep", is_flag=True, help="Keep the working folder (logs, data) afterwards.")
@@ -149,15 +155,18 @@ def _wait(cloud: AdminClient, version: int, devices: list[str], title: str) -> l
 def demo(agents: int, keep: bool, workdir: Path | None) -> None:
     """Show the whole loop on this machine: cloud + agents on loopback, v1 then v2.
 
-    Nothing is downloaded: the model is trained here, in seconds, on images generated here.
-    Logs of every process are in the working folder (printed at the end with --keep).
+    Both versions are fine-tuned by the cloud as jobs (the built-in small-cnn backbone, a
+    new head, on images generated here), exported to ONNX checked against torch, compiled
+    to FP32 and INT8 with their accuracy and latency measured, then rolled out. v2 changes
+    only the head, so each agent downloads only the head's bytes. Nothing is downloaded
+    from the internet. Logs of every process are in the working folder (kept with --keep).
     """
-    from transfer.synthetic import make_images
+    from transfer.synthetic import synthetic_pixels
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     admin_token, enroll_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-    step = Step(9)
+    step = Step(8)
     procs: list[ManagedProcess] = []
     console.print(f"[bold]edgefleet demo[/] in {workdir}")
     try:
@@ -181,31 +190,42 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
                 p.wait_ready()
         agent_addr = {p.name: p.address for p in procs[1:]}
         cloud = AdminClient(cloud_proc.address, admin_token)
+        val = synthetic_pixels(320, seed=2)
 
-        images, labels = make_images(1500, seed=1)
-        val = make_images(320, seed=2)
-        with step("training v1 (300 images, 2 epochs) and exporting it to ONNX"):
-            net, v1_path, v1_acc, v1_diff = _train_and_export(
-                workdir, 1, images[:300], labels[:300], val, 2, None
+        title = "fine-tuning v1 in the cloud (small-cnn + new head, 120 images, 1 epoch)"
+        with step(title) as status:
+            job1, v1 = _fine_tune(
+                cloud,
+                title,
+                status,
+                data="synthetic:120:1",
+                params={"epochs": 1, "lr": 3e-4},
+                description="120 images, 1 epoch",
             )
-        console.print(f"    torch accuracy {v1_acc:.1%}; ONNX matches torch within {v1_diff:.1e}")
-        with step("pushing v1 to the registry"):
-            v1 = cloud.push_model(MODEL, v1_path, description="300 images, 2 epochs")
-        console.print(
-            f"    v1: {human_bytes(v1.artifacts[0].size_bytes)}, {v1.golden_sample_count} golden samples made by the cloud, inputs {', '.join(map(str, v1.inputs))}"
-        )
+        _describe_version(v1, job1)
         with step("deploying v1 to site=plant-1"):
             cloud.deploy(MODEL, 1, selector={"site": "plant-1"})
             _wait(cloud, 1, names, "agents converging on v1")
         with step("inference on every agent through the Open Inference Protocol"):
             scores_v1 = [_score(agent_addr[n], n, 1, *val) for n in names]
-        with step("training v2 (1500 images, 3 more epochs) and exporting it"):
-            net, v2_path, v2_acc, v2_diff = _train_and_export(
-                workdir, 2, images, labels, val, 3, net
+        title = "fine-tuning v2: 1500 images, 10 epochs, searching lr over 1e-3 and 1e-2"
+        with step(title) as status:
+            job2, v2 = _fine_tune(
+                cloud,
+                title,
+                status,
+                data="synthetic:1500:1",
+                params={"epochs": 10},
+                search={"lr": [1e-3, 1e-2]},
+                description="1500 images, best of an lr search",
             )
-        console.print(f"    torch accuracy {v2_acc:.1%}; ONNX matches torch within {v2_diff:.1e}")
-        with step("pushing and deploying v2"):
-            cloud.push_model(MODEL, v2_path, description="1500 images, 5 epochs", parent_version=1)
+        for trial in job2.trials:
+            console.print(
+                f"    trial {trial.number}: lr={trial.params['lr']} -> validation accuracy "
+                f"{trial.val_accuracy:.1%}{' (kept)' if trial.best else ''}"
+            )
+        _describe_version(v2, job2)
+        with step("deploying v2: agents fetch only the chunks they lack"):
             cloud.deploy(MODEL, 2, selector={"site": "plant-1"})
             final = _wait(cloud, 2, names, "agents moving to v2")
         with step("inference on v2, and v1 still addressable for rollback"):
@@ -229,10 +249,17 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
             )
         console.print(table)
         requests = sum(s.requests for s in scores_v1 + scores_v2)
+        moved = v2.artifact("onnx-cpu-fp32") or v2.artifacts[0]
         console.print(
             f"[bold green]demo complete[/] in {step.elapsed:.1f}s: {agents} agents moved v1 → v2 "
-            f"({scores_v1[0].accuracy:.0%} → {scores_v2[0].accuracy:.0%} accuracy), "
-            f"{requests} inference requests served over the Open Inference Protocol."
+            f"({scores_v1[0].accuracy:.0%} → {scores_v2[0].accuracy:.0%} accuracy), each "
+            f"downloading {update_size(moved.metrics, moved.size_bytes)} of the new "
+            f"{moved.target} artifact; {requests} inference requests served over the Open "
+            "Inference Protocol."
+        )
+        console.print(
+            "next: run `edgefleet cloud serve` and `edgefleet finetune NAME --base small-cnn "
+            "--data YOUR-DATA`; see README.md"
         )
         cloud.close()
     except Exception as err:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transfer.catalog import known_backbones
 from transfer.errors import BackboneUnavailable, IncompatibleData, UnknownBackbone
 
 ImageShape = tuple[int, int, int]
@@ -417,16 +418,6 @@ def _load_file(path: Path, input_shape: ImageShape | None) -> Backbone:
 
 
 # ---------------------------------------------------------------- entry point
-
-_KNOWN: dict[str, Literal["image", "text"]] = {
-    "small-cnn": "image",
-    "efficientnet-lite0": "image",
-    "minilm-l6": "text",
-}
-
-
-def known_backbones(kind: str | None = None) -> list[str]:
-    return [n for n, k in _KNOWN.items() if kind is None or k == kind]
 
 
 def load_backbone(

@@ -314,11 +314,38 @@ def load_fashion_mnist(
     )
 
 
+SYNTHETIC_DEFAULT_COUNT = 2000
+
+
+def load_synthetic(count: int = SYNTHETIC_DEFAULT_COUNT, seed: int = 0) -> Dataset:
+    """The project's generated patterns (4 classes, 3x32x32, pixels 0..255): demos and tests."""
+    from transfer.synthetic import CLASSES, synthetic_pixels
+
+    if count < 2:
+        raise EmptyDataset(f"synthetic:{count} is too small; ask for at least a few dozen images")
+    x, y = synthetic_pixels(count, seed=seed)
+    return validate_dataset(Dataset("image", x, y, CLASSES, f"synthetic:{count}:{seed}"))
+
+
 def load_dataset(spec: str | Path, **options: Any) -> Dataset:
-    """Dispatch on what `spec` names: `fashion-mnist[:test]`, a folder, .csv/.parquet, .npz."""
+    """Dispatch on what `spec` names: `fashion-mnist[:test]`, `synthetic[:COUNT[:SEED]]`, a
+    folder, .csv/.parquet, .npz."""
     text = str(spec)
     if text in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
         return load_fashion_mnist("test" if text.endswith(":test") else "train", **options)
+    if text == "synthetic" or text.startswith("synthetic:"):
+        parts = text.split(":")[1:]
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            raise DatasetError(
+                f"{text!r}: write synthetic, synthetic:COUNT or synthetic:COUNT:SEED"
+            ) from None
+        if len(numbers) > 2:
+            raise DatasetError(
+                f"{text!r}: write synthetic, synthetic:COUNT or synthetic:COUNT:SEED"
+            )
+        return load_synthetic(*numbers)
     p = _existing(spec)
     if p.is_dir():
         return load_image_folder(p)
@@ -330,6 +357,31 @@ def load_dataset(spec: str | Path, **options: Any) -> Dataset:
     raise DatasetError(
         f"{p}: cannot tell what kind of data set this is; use a folder of class subfolders, "
         "a .csv/.parquet table, a .npz with x and y, or 'fashion-mnist'"
+    )
+
+
+def sample_dataset(dataset: Dataset, limit: int, seed: int = 0) -> Dataset:
+    """About `limit` examples (rounding per class may add one each), every class keeping
+    its share and at least one example; seeded. The data set itself when no larger."""
+    if limit <= 0 or len(dataset) <= limit:
+        return dataset
+    rng = np.random.default_rng(seed)
+    chosen: list[npt.NDArray[np.int64]] = []
+    for c in range(dataset.num_classes):
+        members = np.flatnonzero(dataset.labels == c)
+        if len(members):
+            share = max(1, round(len(members) * limit / len(dataset)))
+            chosen.append(rng.permutation(members)[:share])
+    picked = np.sort(np.concatenate(chosen))
+    sampled = dataset.subset(picked.astype(np.int64))
+    return validate_dataset(
+        Dataset(
+            sampled.kind,
+            sampled.inputs,
+            sampled.labels,
+            sampled.class_names,
+            f"{dataset.source} (sample of {len(picked)})",
+        )
     )
 
 

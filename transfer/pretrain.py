@@ -13,26 +13,21 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from transfer.models import SmallCNN
-from transfer.synthetic import CLASSES, make_images
+from transfer.synthetic import CLASSES, PIXEL_OFFSET, PIXEL_SCALE, synthetic_pixels
 from transfer.train import accuracy, train_classifier
 
-PIXEL_OFFSET = 127.5
-PIXEL_SCALE = 50.0
+__all__ = [
+    "PIXEL_OFFSET",
+    "PIXEL_SCALE",
+    "load_pretrained",
+    "pretrain_small_cnn",
+    "synthetic_pixels",
+]
+
 FORMAT = "edgefleet-small-cnn/1"
-
-
-def synthetic_pixels(
-    count: int, seed: int = 0, noise: float = 1.0
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Generated images as float pixels 0..255 (N,3,32,32) and their class indices."""
-    images, labels = make_images(count, seed=seed, noise=noise)
-    pixels = np.clip(images * PIXEL_SCALE + PIXEL_OFFSET, 0.0, 255.0).astype(np.float32)
-    return pixels, labels
 
 
 def pretrain_small_cnn(

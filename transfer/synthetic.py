@@ -12,6 +12,11 @@ import numpy.typing as npt
 
 CLASSES: tuple[str, ...] = ("h-stripes", "v-stripes", "checker", "disc")
 IMAGE_SHAPE = (3, 32, 32)
+# make_images' values mapped to pixels 0..255 by x * SCALE + OFFSET, so the built-in
+# backbone takes the same input range as every other image backbone; the inverse is the
+# first layer of its exported graph.
+PIXEL_OFFSET = 127.5
+PIXEL_SCALE = 50.0
 
 
 def make_images(
@@ -40,3 +45,12 @@ def make_images(
         colour = rng.uniform(0.3, 1.0, size=(3, 1, 1)).astype(np.float32)
         images[i] = colour * pattern + rng.normal(0.0, noise, size=IMAGE_SHAPE)
     return images, labels.astype(np.int64)
+
+
+def synthetic_pixels(
+    count: int, seed: int = 0, noise: float = 1.0
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Generated images as float pixels 0..255 (N,3,32,32) and their class indices."""
+    images, labels = make_images(count, seed=seed, noise=noise)
+    pixels = np.clip(images * PIXEL_SCALE + PIXEL_OFFSET, 0.0, 255.0).astype(np.float32)
+    return pixels, labels

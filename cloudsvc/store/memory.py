@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.metadata import (
@@ -12,6 +13,9 @@ from cloudsvc.store.metadata import (
     DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
+    JobEventRecord,
+    JobRecord,
+    JobState,
     MetadataStore,
     ModelRecord,
     ReportedStateRecord,
@@ -29,6 +33,8 @@ class MemoryMetadataStore(MetadataStore):
         self._reported: dict[str, ReportedStateRecord] = {}
         self._tokens: dict[str, EnrollTokenRecord] = {}
         self._deployments: dict[tuple[str, tuple[tuple[str, str], ...]], DeploymentRecord] = {}
+        self._jobs: dict[str, JobRecord] = {}  # insertion order is creation order
+        self._job_events: dict[str, list[JobEventRecord]] = {}
 
     def ensure_model(self, name: str, description: str, created_at: int) -> ModelRecord:
         with self._lock:
@@ -155,3 +161,46 @@ class MemoryMetadataStore(MetadataStore):
     def list_deployments(self) -> list[DeploymentRecord]:
         with self._lock:
             return list(self._deployments.values())
+
+    def create_job(self, job: JobRecord) -> JobRecord:
+        with self._lock:
+            created = dataclasses.replace(job, job_id=f"job-{len(self._jobs) + 1}")
+            self._jobs[created.job_id] = created
+            return created
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def list_jobs(
+        self, model: str = "", states: Sequence[JobState] = (), limit: int = 100
+    ) -> list[JobRecord]:
+        with self._lock:
+            jobs = [
+                j
+                for j in reversed(self._jobs.values())
+                if (not model or j.model == model) and (not states or j.state in states)
+            ]
+            return jobs[:limit]
+
+    def update_job(self, job: JobRecord) -> None:
+        with self._lock:
+            if job.job_id not in self._jobs:
+                raise UnknownResource(f"no job is called {job.job_id!r}")
+            self._jobs[job.job_id] = job
+
+    def add_job_event(
+        self, job_id: str, kind: str, message: str = "", data: str = "", at: float = 0.0
+    ) -> JobEventRecord:
+        with self._lock:
+            events = self._job_events.setdefault(job_id, [])
+            event = JobEventRecord(job_id, len(events) + 1, at, kind, message, data)
+            events.append(event)
+            return event
+
+    def list_job_events(
+        self, job_id: str, after_seq: int = 0, limit: int = 10_000
+    ) -> list[JobEventRecord]:
+        with self._lock:
+            events = self._job_events.get(job_id, [])
+            return events[after_seq : after_seq + limit]

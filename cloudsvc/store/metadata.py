@@ -7,8 +7,9 @@ without callers changing. Every implementation passes tests/cloudsvc/test_metada
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,51 @@ class ArtifactRecord:
     # lives here so that blob stays verifiable by its name.
     signature_hex: str = ""
     key_id: str = ""
+    # What the compile measured (size_bytes, latency_p50_ms, accuracy_drop, ...).
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    steps: tuple[str, ...] = ()
+    format: str = "onnx"
+    file_count: int = 1
+
+
+@dataclass(frozen=True)
+class LineageRecord:
+    """Where a fine-tuned version came from (see admin.proto Lineage)."""
+
+    base_model: str
+    base_digest: str
+    dataset: str
+    dataset_digest: str
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    seed: int = 0
+    strategy: str = ""
+    device: str = ""
+    training_seconds: float = 0.0
+    job_id: str = ""
+    class_names: tuple[str, ...] = ()
+    train_examples: int = 0
+    validation_examples: int = 0
+    epochs_run: int = 0
+    best_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class ClassMetricsRecord:
+    name: str
+    precision: float
+    recall: float
+    support: int
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """Scores on the held-out split; confusion rows are true classes."""
+
+    accuracy: float
+    count: int
+    per_class: tuple[ClassMetricsRecord, ...] = ()
+    confusion: tuple[tuple[int, ...], ...] = ()
+    split: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +102,8 @@ class VersionRecord:
     golden_sample_count: int = 0
     created_by: str = ""
     artifacts: tuple[ArtifactRecord, ...] = ()
+    lineage: LineageRecord | None = None
+    evaluation: EvaluationRecord | None = None
 
     def artifact(self, target: str) -> ArtifactRecord | None:
         return next((a for a in self.artifacts if a.target == target), None)
@@ -151,6 +199,50 @@ class DeploymentRecord:
         return all(labels.get(k) == v for k, v in self.selector)
 
 
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A fine-tune or compile job. `request`, `progress` and `result` are JSON documents
+    whose shapes belong to cloudsvc.jobs; the store keeps them opaque."""
+
+    job_id: str
+    kind: str
+    model: str
+    request: str
+    state: JobState = JobState.QUEUED
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    slot: str = ""
+    progress: str = "{}"
+    result: str = "{}"
+    error: str = ""
+    retry_of: str = ""
+
+
+@dataclass(frozen=True)
+class JobEventRecord:
+    """One line of a job's log: a message, a progress snapshot (JSON) or a state change."""
+
+    job_id: str
+    seq: int
+    at: float
+    kind: str  # log | progress | state
+    message: str = ""
+    data: str = ""
+
+
 class MetadataStore(ABC):
     """Durable metadata. Methods are safe to call from many threads at once."""
 
@@ -239,6 +331,36 @@ class MetadataStore(ABC):
     @abstractmethod
     def list_deployments(self) -> list[DeploymentRecord]:
         """Every standing deployment, oldest first."""
+
+    # jobs ----------------------------------------------------------------------------------
+    @abstractmethod
+    def create_job(self, job: JobRecord) -> JobRecord:
+        """Store a new job; its `job_id` is ignored and a new one ("job-<n>") assigned."""
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def list_jobs(
+        self, model: str = "", states: Sequence[JobState] = (), limit: int = 100
+    ) -> list[JobRecord]:
+        """Jobs, newest first, optionally only one model's or only some states."""
+
+    @abstractmethod
+    def update_job(self, job: JobRecord) -> None:
+        """Replace the stored job with `job` (same id); UnknownResource if there is none."""
+
+    @abstractmethod
+    def add_job_event(
+        self, job_id: str, kind: str, message: str = "", data: str = "", at: float = 0.0
+    ) -> JobEventRecord:
+        """Append an event; its seq is one more than the job's last."""
+
+    @abstractmethod
+    def list_job_events(
+        self, job_id: str, after_seq: int = 0, limit: int = 10_000
+    ) -> list[JobEventRecord]:
+        """The job's events with seq > after_seq, oldest first."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; the store is unusable afterwards."""

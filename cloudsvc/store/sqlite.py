@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,16 @@ from cloudsvc.store.metadata import (
     ArtifactRecord,
     Assignment,
     CapabilitiesRecord,
+    ClassMetricsRecord,
     DeploymentRecord,
     DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
+    EvaluationRecord,
+    JobEventRecord,
+    JobRecord,
+    JobState,
+    LineageRecord,
     MetadataStore,
     ModelRecord,
     ModelStatusRecord,
@@ -130,6 +136,56 @@ def _deployments(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration(3, "lineage, evaluation, artifact metrics, jobs")
+def _jobs(db: sqlite_utils.Database) -> None:
+    db.table("versions").add_column("lineage", str, not_null_default="")
+    db.table("versions").add_column("evaluation", str, not_null_default="")
+    db.table("artifacts").add_column("metrics", str, not_null_default="{}")
+    db.table("artifacts").add_column("steps", str, not_null_default="[]")
+    db.table("artifacts").add_column("format", str, not_null_default="onnx")
+    db.table("artifacts").add_column("file_count", int, not_null_default=1)
+    # seq orders jobs and numbers their ids; AUTOINCREMENT so an id is never reused.
+    db.execute(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE NOT NULL,"
+        " kind TEXT, model TEXT, request TEXT, state TEXT, created_at REAL, started_at REAL,"
+        " finished_at REAL, slot TEXT, progress TEXT, result TEXT, error TEXT, retry_of TEXT)"
+    )
+    db.table("jobs").create_index(["model"])
+    db.table("job_events").create(
+        {"job_id": str, "seq": int, "at": float, "kind": str, "message": str, "data": str},
+        pk=("job_id", "seq"),
+    )
+
+
+def _lineage_json(lineage: LineageRecord | None) -> str:
+    if lineage is None:
+        return ""
+    data = asdict(lineage)
+    data["hyperparameters"] = dict(lineage.hyperparameters)
+    return json.dumps(data, sort_keys=True)
+
+
+def _lineage(text: str) -> LineageRecord | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    data["class_names"] = tuple(data["class_names"])
+    return LineageRecord(**data)
+
+
+def _evaluation(text: str) -> EvaluationRecord | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    return EvaluationRecord(
+        accuracy=data["accuracy"],
+        count=data["count"],
+        per_class=tuple(ClassMetricsRecord(**c) for c in data["per_class"]),
+        confusion=tuple(tuple(row) for row in data["confusion"]),
+        split=data["split"],
+    )
+
+
 def _specs(text: str) -> tuple[TensorSpecRecord, ...]:
     return tuple(
         TensorSpecRecord(s["name"], s["datatype"], tuple(s["shape"])) for s in json.loads(text)
@@ -230,7 +286,10 @@ class SqliteMetadataStore(MetadataStore):
             )
             try:
                 conn.execute(
-                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO versions (model, version, description, created_at,"
+                    " source_sha256, parent_version, metadata, inputs, outputs,"
+                    " golden_sample_count, created_by, lineage, evaluation)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         version.model,
                         version.version,
@@ -243,6 +302,8 @@ class SqliteMetadataStore(MetadataStore):
                         json.dumps([asdict(s) for s in version.outputs]),
                         version.golden_sample_count,
                         version.created_by,
+                        _lineage_json(version.lineage),
+                        json.dumps(asdict(version.evaluation)) if version.evaluation else "",
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -256,7 +317,9 @@ class SqliteMetadataStore(MetadataStore):
     def _insert_artifact(self, conn: sqlite3.Connection, a: ArtifactRecord) -> None:
         try:
             conn.execute(
-                "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO artifacts (model, version, target, manifest_digest, size_bytes,"
+                " chunk_count, created_at, signature_hex, key_id, metrics, steps, format,"
+                " file_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     a.model,
                     a.version,
@@ -267,6 +330,10 @@ class SqliteMetadataStore(MetadataStore):
                     a.created_at,
                     a.signature_hex,
                     a.key_id,
+                    json.dumps(dict(a.metrics), sort_keys=True),
+                    json.dumps(list(a.steps)),
+                    a.format,
+                    a.file_count,
                 ),
             )
         except sqlite3.IntegrityError:
@@ -293,6 +360,10 @@ class SqliteMetadataStore(MetadataStore):
             r["created_at"],
             r["signature_hex"],
             r["key_id"],
+            json.loads(r["metrics"]),
+            tuple(json.loads(r["steps"])),
+            r["format"],
+            r["file_count"],
         )
 
     def _version(self, r: sqlite3.Row, artifacts: tuple[ArtifactRecord, ...]) -> VersionRecord:
@@ -309,6 +380,8 @@ class SqliteMetadataStore(MetadataStore):
             golden_sample_count=r["golden_sample_count"],
             created_by=r["created_by"],
             artifacts=artifacts,
+            lineage=_lineage(r["lineage"]),
+            evaluation=_evaluation(r["evaluation"]),
         )
 
     def get_version(self, model: str, version: int) -> VersionRecord | None:
@@ -480,4 +553,111 @@ class SqliteMetadataStore(MetadataStore):
                 r["created_at"],
             )
             for r in self._rows("SELECT * FROM deployments ORDER BY seq")
+        ]
+
+    # jobs -------------------------------------------------------------------------------
+    _JOB_COLUMNS = (
+        "kind, model, request, state, created_at, started_at, finished_at, slot, progress,"
+        " result, error, retry_of"
+    )
+
+    @staticmethod
+    def _job_values(job: JobRecord) -> tuple[Any, ...]:
+        return (
+            job.kind,
+            job.model,
+            job.request,
+            job.state.value,
+            job.created_at,
+            job.started_at,
+            job.finished_at,
+            job.slot,
+            job.progress,
+            job.result,
+            job.error,
+            job.retry_of,
+        )
+
+    @staticmethod
+    def _job(r: sqlite3.Row) -> JobRecord:
+        return JobRecord(
+            job_id=r["job_id"],
+            kind=r["kind"],
+            model=r["model"],
+            request=r["request"],
+            state=JobState(r["state"]),
+            created_at=r["created_at"],
+            started_at=r["started_at"],
+            finished_at=r["finished_at"],
+            slot=r["slot"],
+            progress=r["progress"],
+            result=r["result"],
+            error=r["error"],
+            retry_of=r["retry_of"],
+        )
+
+    def create_job(self, job: JobRecord) -> JobRecord:
+        with self._tx() as conn:
+            cursor = conn.execute(
+                f"INSERT INTO jobs (job_id, {self._JOB_COLUMNS})"
+                " VALUES (hex(randomblob(8)), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self._job_values(job),
+            )
+            seq = int(cursor.lastrowid or 0)
+            created = replace(job, job_id=f"job-{seq}")
+            conn.execute("UPDATE jobs SET job_id = ? WHERE seq = ?", (created.job_id, seq))
+        return created
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        rows = self._rows("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return self._job(rows[0]) if rows else None
+
+    def list_jobs(
+        self, model: str = "", states: Sequence[JobState] = (), limit: int = 100
+    ) -> list[JobRecord]:
+        where, params = [], []
+        if model:
+            where.append("model = ?")
+            params.append(model)
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(s.value for s in states)
+        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = self._rows(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit))
+        return [self._job(r) for r in rows]
+
+    def update_job(self, job: JobRecord) -> None:
+        assignments = ", ".join(f"{c.strip()} = ?" for c in self._JOB_COLUMNS.split(","))
+        with self._tx() as conn:
+            cursor = conn.execute(
+                f"UPDATE jobs SET {assignments} WHERE job_id = ?",
+                (*self._job_values(job), job.job_id),
+            )
+            if cursor.rowcount == 0:
+                raise UnknownResource(f"no job is called {job.job_id!r}")
+
+    def add_job_event(
+        self, job_id: str, kind: str, message: str = "", data: str = "", at: float = 0.0
+    ) -> JobEventRecord:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM job_events WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            event = JobEventRecord(job_id, int(row[0]) + 1, at, kind, message, data)
+            conn.execute(
+                "INSERT INTO job_events VALUES (?, ?, ?, ?, ?, ?)",
+                (event.job_id, event.seq, event.at, event.kind, event.message, event.data),
+            )
+        return event
+
+    def list_job_events(
+        self, job_id: str, after_seq: int = 0, limit: int = 10_000
+    ) -> list[JobEventRecord]:
+        rows = self._rows(
+            "SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (job_id, after_seq, limit),
+        )
+        return [
+            JobEventRecord(r["job_id"], r["seq"], r["at"], r["kind"], r["message"], r["data"])
+            for r in rows
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,15 @@ from cloudsvc.store.metadata import (
     ArtifactRecord,
     Assignment,
     CapabilitiesRecord,
+    ClassMetricsRecord,
     DeploymentRecord,
     DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
+    EvaluationRecord,
+    JobRecord,
+    JobState,
+    LineageRecord,
     MetadataStore,
     ModelStatusRecord,
     ReportedStateRecord,
@@ -193,3 +199,117 @@ def test_deployments_replace_per_model_and_selector_in_order(store: MetadataStor
     assert [(d.model, d.selector, d.version) for d in got] == [("det", (), 1), ("clf", site_a, 2)]
     assert got[1].target == "onnx-cpu-fp32"
     assert got[1].matches({"site": "a", "hw": "x86"}) and not got[1].matches({"site": "b"})
+
+
+def _fine_tuned(model: str, number: int) -> VersionRecord:
+    base = _version(model, number)
+    art = ArtifactRecord(
+        model,
+        number,
+        "onnx-cpu-int8",
+        f"{number + 100:064x}",
+        40,
+        3,
+        1000,
+        "cc",
+        "k1",
+        metrics={"latency_p50_ms": 0.41, "accuracy_drop": 0.002},
+        steps=("int8-static-qdq-per-channel",),
+        format="onnx",
+        file_count=7,
+    )
+    return dataclasses.replace(
+        base,
+        artifacts=(*base.artifacts, art),
+        lineage=LineageRecord(
+            base_model="small-cnn",
+            base_digest="b" * 64,
+            dataset="fashion-mnist",
+            dataset_digest="d" * 64,
+            hyperparameters={"lr": "0.003", "strategy": "head"},
+            seed=7,
+            strategy="head",
+            device="cpu",
+            training_seconds=12.5,
+            job_id="job-3",
+            class_names=("cat", "dog"),
+            train_examples=80,
+            validation_examples=20,
+            epochs_run=9,
+            best_epoch=4,
+        ),
+        evaluation=EvaluationRecord(
+            accuracy=0.9,
+            count=20,
+            per_class=(
+                ClassMetricsRecord("cat", 0.9, 0.9, 10),
+                ClassMetricsRecord("dog", 0.9, 0.9, 10),
+            ),
+            confusion=((9, 1), (1, 9)),
+            split="validation 20%, stratified, seed 7",
+        ),
+    )
+
+
+def test_fine_tuned_versions_keep_lineage_evaluation_and_artifact_metrics(
+    store: MetadataStore,
+) -> None:
+    store.add_version(_fine_tuned("clf", 1))
+    got = store.get_version("clf", 1)
+    assert got == _fine_tuned("clf", 1)
+    assert got is not None and got.lineage is not None and got.evaluation is not None
+    assert got.evaluation.confusion == ((9, 1), (1, 9))
+    int8 = got.artifact("onnx-cpu-int8")
+    assert int8 is not None and int8.metrics["latency_p50_ms"] == 0.41
+    assert store.list_versions("clf") == [_fine_tuned("clf", 1)]
+
+
+def test_jobs_get_ids_in_order_and_list_newest_first(store: MetadataStore) -> None:
+    first = store.create_job(
+        JobRecord("", "finetune", "clf", '{"base": "small-cnn"}', created_at=1)
+    )
+    second = store.create_job(JobRecord("", "compile", "det", "{}", created_at=2))
+    assert (first.job_id, second.job_id) == ("job-1", "job-2")
+    assert store.get_job("job-1") == first
+    assert store.get_job("job-9") is None
+    assert [j.job_id for j in store.list_jobs()] == ["job-2", "job-1"]
+    assert [j.job_id for j in store.list_jobs(model="clf")] == ["job-1"]
+    assert store.list_jobs(limit=1) == [second]
+    running = dataclasses.replace(first, state=JobState.RUNNING, started_at=5.0, slot="cpu")
+    store.update_job(running)
+    assert store.get_job("job-1") == running
+    assert store.list_jobs(states=[JobState.RUNNING]) == [running]
+    assert store.list_jobs(states=[JobState.QUEUED, JobState.FAILED]) == [second]
+    with pytest.raises(UnknownResource):
+        store.update_job(dataclasses.replace(first, job_id="job-77"))
+
+
+def test_job_events_are_numbered_per_job_and_read_after_a_seq(store: MetadataStore) -> None:
+    job = store.create_job(JobRecord("", "finetune", "clf", "{}"))
+    other = store.create_job(JobRecord("", "finetune", "clf", "{}"))
+    for n in range(5):
+        store.add_job_event(job.job_id, "log", f"line {n}", at=float(n))
+    store.add_job_event(other.job_id, "progress", data='{"epoch": 1}')
+    events = store.list_job_events(job.job_id)
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert [e.message for e in store.list_job_events(job.job_id, after_seq=3)] == [
+        "line 3",
+        "line 4",
+    ]
+    assert store.list_job_events(job.job_id, after_seq=1, limit=2)[-1].seq == 3
+    assert [(e.seq, e.kind, e.data) for e in store.list_job_events(other.job_id)] == [
+        (1, "progress", '{"epoch": 1}')
+    ]
+
+
+def test_sqlite_jobs_survive_reopen_and_ids_are_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    first = SqliteMetadataStore(path)
+    job = first.create_job(JobRecord("", "finetune", "clf", "{}"))
+    first.add_job_event(job.job_id, "log", "started")
+    first.close()
+    again = SqliteMetadataStore(path)
+    assert again.get_job(job.job_id) == job
+    assert again.list_job_events(job.job_id)[0].message == "started"
+    assert again.create_job(JobRecord("", "finetune", "clf", "{}")).job_id == "job-2"
+    again.close()

@@ -170,14 +170,53 @@ Global___Model: _TypeAlias = Model  # noqa: Y015
 class ArtifactInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TARGET_FIELD_NUMBER: _builtins.int
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    FILE_COUNT_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     manifest_digest: _builtins.str
     size_bytes: _builtins.int
     chunk_count: _builtins.int
+    format: _builtins.str
+    """Runtime format of the entrypoint: "onnx" or "tensorrt-plan"."""
+    file_count: _builtins.int
+    """Number of files (the graph, one per weight tensor, tokenizer files, ...)."""
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """What the compile measured: size_bytes, compile_seconds, latency_p50_ms (batch 1, one
+        CPU thread, where the cloud can run the target), accuracy, accuracy_baseline,
+        accuracy_drop (against the FP32 source on the validation split).
+        """
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The compile steps taken, e.g. "optimize-extended", "int8-static-qdq-per-channel"."""
+
     def __init__(
         self,
         *,
@@ -185,14 +224,195 @@ class ArtifactInfo(_message.Message):
         manifest_digest: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         chunk_count: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        steps: _abc.Iterable[_builtins.str] | None = ...,
+        format: _builtins.str = ...,
+        file_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "manifest_digest", b"manifest_digest", "size_bytes", b"size_bytes", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "file_count", b"file_count", "format", b"format", "manifest_digest", b"manifest_digest", "metrics", b"metrics", "size_bytes", b"size_bytes", "steps", b"steps", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArtifactInfo: _TypeAlias = ArtifactInfo  # noqa: Y015
+
+@_typing.final
+class Lineage(_message.Message):
+    """Where a fine-tuned version came from: enough to reproduce it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HyperparametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    BASE_DIGEST_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    DATASET_DIGEST_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    TRAINING_SECONDS_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    CLASS_NAMES_FIELD_NUMBER: _builtins.int
+    TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
+    EPOCHS_RUN_FIELD_NUMBER: _builtins.int
+    BEST_EPOCH_FIELD_NUMBER: _builtins.int
+    base_model: _builtins.str
+    """Backbone name (small-cnn, efficientnet-lite0, minilm-l6, or an uploaded file's name)."""
+    base_digest: _builtins.str
+    """sha256 over the backbone's weights and preprocessing."""
+    dataset: _builtins.str
+    """The data set as the job was given it, and a digest of its contents."""
+    dataset_digest: _builtins.str
+    seed: _builtins.int
+    strategy: _builtins.str
+    device: _builtins.str
+    """Where it trained, e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"."""
+    training_seconds: _builtins.float
+    job_id: _builtins.str
+    train_examples: _builtins.int
+    validation_examples: _builtins.int
+    epochs_run: _builtins.int
+    best_epoch: _builtins.int
+    @_builtins.property
+    def hyperparameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        base_model: _builtins.str = ...,
+        base_digest: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        dataset_digest: _builtins.str = ...,
+        hyperparameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+        device: _builtins.str = ...,
+        training_seconds: _builtins.float = ...,
+        job_id: _builtins.str = ...,
+        class_names: _abc.Iterable[_builtins.str] | None = ...,
+        train_examples: _builtins.int = ...,
+        validation_examples: _builtins.int = ...,
+        epochs_run: _builtins.int = ...,
+        best_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "base_model", b"base_model", "best_epoch", b"best_epoch", "class_names", b"class_names", "dataset", b"dataset", "dataset_digest", b"dataset_digest", "device", b"device", "epochs_run", b"epochs_run", "hyperparameters", b"hyperparameters", "job_id", b"job_id", "seed", b"seed", "strategy", b"strategy", "train_examples", b"train_examples", "training_seconds", b"training_seconds", "validation_examples", b"validation_examples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lineage: _TypeAlias = Lineage  # noqa: Y015
+
+@_typing.final
+class ClassMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    SUPPORT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    precision: _builtins.float
+    recall: _builtins.float
+    support: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        precision: _builtins.float = ...,
+        recall: _builtins.float = ...,
+        support: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "precision", b"precision", "recall", b"recall", "support", b"support"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassMetrics: _TypeAlias = ClassMetrics  # noqa: Y015
+
+@_typing.final
+class ConfusionRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Predicted-class counts for one true class, in class order."""
+
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfusionRow: _TypeAlias = ConfusionRow  # noqa: Y015
+
+@_typing.final
+class Evaluation(_message.Message):
+    """Scores on the held-out validation split."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    PER_CLASS_FIELD_NUMBER: _builtins.int
+    CONFUSION_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    accuracy: _builtins.float
+    count: _builtins.int
+    split: _builtins.str
+    """How the split was made, e.g. "validation 20%, stratified, seed 0"."""
+    @_builtins.property
+    def per_class(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassMetrics]: ...
+    @_builtins.property
+    def confusion(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfusionRow]:
+        """Rows are true classes, columns predicted classes."""
+
+    def __init__(
+        self,
+        *,
+        accuracy: _builtins.float = ...,
+        count: _builtins.int = ...,
+        per_class: _abc.Iterable[Global___ClassMetrics] | None = ...,
+        confusion: _abc.Iterable[Global___ConfusionRow] | None = ...,
+        split: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confusion", b"confusion", "count", b"count", "per_class", b"per_class", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Evaluation: _TypeAlias = Evaluation  # noqa: Y015
 
 @_typing.final
 class ModelVersion(_message.Message):
@@ -230,6 +450,8 @@ class ModelVersion(_message.Message):
     SOURCE_SHA256_FIELD_NUMBER: _builtins.int
     GOLDEN_SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     description: _builtins.str
@@ -247,6 +469,12 @@ class ModelVersion(_message.Message):
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_artifact_pb2.TensorSpec]: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_artifact_pb2.TensorSpec]: ...
+    @_builtins.property
+    def lineage(self) -> Global___Lineage:
+        """Set for versions made by a fine-tune job; empty for pushed files."""
+
+    @_builtins.property
+    def evaluation(self) -> Global___Evaluation: ...
     def __init__(
         self,
         *,
@@ -262,10 +490,12 @@ class ModelVersion(_message.Message):
         source_sha256: _builtins.str = ...,
         golden_sample_count: _builtins.int = ...,
         created_by: _builtins.str = ...,
+        lineage: Global___Lineage | None = ...,
+        evaluation: Global___Evaluation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "golden_sample_count", b"golden_sample_count", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "parent_version", b"parent_version", "source_sha256", b"source_sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "evaluation", b"evaluation", "golden_sample_count", b"golden_sample_count", "inputs", b"inputs", "lineage", b"lineage", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "parent_version", b"parent_version", "source_sha256", b"source_sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

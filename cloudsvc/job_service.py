@@ -1,0 +1,160 @@
+"""JobService: fine-tune and compile jobs over gRPC. Checks the admin token, converts
+messages, calls the JobManager and the UploadStore; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from cloudsvc import convert
+from cloudsvc.errors import InvalidRequest
+from cloudsvc.jobs.manager import JobManager
+from cloudsvc.jobs.spec import CompileSpec, FineTuneSpec, parse_spec
+from cloudsvc.jobs.uploads import UploadKind, UploadStore
+from edgefleet.grpc_errors import grpc_method, grpc_stream_method
+from protos.admin.v1 import jobs_pb2, jobs_pb2_grpc
+
+_UPLOAD_KINDS = {
+    jobs_pb2.UPLOAD_KIND_FILE: UploadKind.FILE,
+    jobs_pb2.UPLOAD_KIND_FOLDER_TAR: UploadKind.FOLDER_TAR,
+}
+
+
+def _data_options(options: jobs_pb2.DataOptions) -> dict[str, Any]:
+    out: dict[str, Any] = {"limit": options.limit}
+    if options.label_column:
+        out["label_column"] = options.label_column
+    if options.text_column:
+        out["text_column"] = options.text_column
+    return out
+
+
+def finetune_spec(request: jobs_pb2.FineTuneRequest) -> FineTuneSpec:
+    data: dict[str, Any] = {
+        "model": request.model,
+        "base": request.base,
+        "data": request.data,
+        "data_options": _data_options(request.data_options),
+        "params": dict(request.params),
+        "search": [(axis.name, tuple(axis.values)) for axis in request.search],
+        "targets": tuple(request.targets),
+        "description": request.description,
+        "parent_version": request.parent_version,
+    }
+    if request.max_trials:
+        data["max_trials"] = request.max_trials
+    if request.HasField("max_accuracy_drop"):
+        data["max_accuracy_drop"] = request.max_accuracy_drop
+    spec = parse_spec(FineTuneSpec, data)
+    assert isinstance(spec, FineTuneSpec)
+    return spec
+
+
+def compile_spec(request: jobs_pb2.CompileRequest) -> CompileSpec:
+    data: dict[str, Any] = {
+        "model": request.model,
+        "version": request.version,
+        "target": request.target,
+        "data": request.data,
+        "data_options": _data_options(request.data_options),
+    }
+    if request.HasField("max_accuracy_drop"):
+        data["max_accuracy_drop"] = request.max_accuracy_drop
+    spec = parse_spec(CompileSpec, data)
+    assert isinstance(spec, CompileSpec)
+    return spec
+
+
+class JobService(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(
+        self,
+        jobs: JobManager,
+        uploads: UploadStore,
+        require_admin: Callable[[grpc.ServicerContext], None],
+    ) -> None:
+        self.jobs = jobs
+        self.uploads = uploads
+        self._require_admin = require_admin
+
+    @grpc_method
+    def Upload(
+        self, request_iterator: Iterator[jobs_pb2.UploadRequest], context: grpc.ServicerContext
+    ) -> jobs_pb2.UploadResponse:
+        self._require_admin(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidRequest("the first Upload message must be the header, then the bytes")
+        header = first.header
+        if header.kind not in _UPLOAD_KINDS:
+            raise InvalidRequest("say whether the upload is a file or a folder (tar)")
+
+        def pieces() -> Iterator[bytes]:
+            for message in request_iterator:
+                if message.WhichOneof("part") != "data":
+                    raise InvalidRequest("only one header may be sent, before the data")
+                yield message.data
+
+        upload = self.uploads.receive(
+            header.name, _UPLOAD_KINDS[header.kind], header.size, pieces()
+        )
+        return jobs_pb2.UploadResponse(
+            reference=upload.reference,
+            sha256=upload.sha256,
+            size=upload.size,
+            existed=upload.existed,
+        )
+
+    @grpc_method
+    def SubmitFineTune(
+        self, request: jobs_pb2.FineTuneRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Job:
+        self._require_admin(context)
+        return convert.job_to_proto(self.jobs.submit(finetune_spec(request)))
+
+    @grpc_method
+    def SubmitCompile(
+        self, request: jobs_pb2.CompileRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Job:
+        self._require_admin(context)
+        return convert.job_to_proto(self.jobs.submit(compile_spec(request)))
+
+    @grpc_method
+    def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        self._require_admin(context)
+        jobs = self.jobs.list(request.model, request.active_only, request.limit)
+        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs])
+
+    @grpc_method
+    def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Job:
+        self._require_admin(context)
+        return convert.job_to_proto(self.jobs.get(request.job_id))
+
+    @grpc_stream_method
+    def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.JobEvent]:
+        self._require_admin(context)
+        for event in self.jobs.watch(
+            request.job_id, request.after_seq, request.follow, alive=context.is_active
+        ):
+            yield convert.job_event_to_proto(event)
+
+    @grpc_method
+    def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Job:
+        self._require_admin(context)
+        return convert.job_to_proto(self.jobs.cancel(request.job_id))
+
+    @grpc_method
+    def RetryJob(
+        self, request: jobs_pb2.RetryJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Job:
+        self._require_admin(context)
+        return convert.job_to_proto(self.jobs.retry(request.job_id))

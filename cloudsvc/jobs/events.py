@@ -1,0 +1,117 @@
+"""What a worker process tells the manager while it runs: one JSON object per stdout line.
+
+Plain lines keep the worker independent of the cloud's store and transport: the manager
+reads them, stores them as job events and streams them to watchers. Anything else the
+worker's libraries print goes to stderr, which the manager keeps in the job's log file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, TextIO
+
+PHASES = ("validating", "training", "exporting", "compiling", "registering")
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str = ""
+    epoch: int = 0
+    epochs: int = 0
+    loss: float = 0.0
+    train_accuracy: float = 0.0
+    val_accuracy: float = 0.0
+    eta_seconds: float = 0.0
+    trial: int = 0
+    trials: int = 0
+    message: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Progress:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        """One line for logs and the CLI, e.g. 'training trial 2/4 epoch 3/20 loss 0.41'."""
+        parts = [self.phase or "starting"]
+        if self.trials > 1:
+            parts.append(f"trial {self.trial}/{self.trials}")
+        if self.epochs:
+            parts.append(
+                f"epoch {self.epoch}/{self.epochs} loss {self.loss:.4f} "
+                f"train {self.train_accuracy:.1%} val {self.val_accuracy:.1%}"
+            )
+        if self.message:
+            parts.append(self.message)
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class WorkerLine:
+    kind: str  # log | progress
+    message: str = ""
+    progress: Progress | None = None
+
+
+def parse_line(line: str) -> WorkerLine:
+    """A line the worker printed; text that is not one of ours becomes a log line."""
+    text = line.rstrip("\n")
+    try:
+        data: Any = json.loads(text)
+    except ValueError:
+        return WorkerLine("log", text)
+    if not isinstance(data, dict):
+        return WorkerLine("log", text)
+    if data.get("event") == "progress":
+        return WorkerLine("progress", progress=Progress.from_json(json.dumps(data["progress"])))
+    return WorkerLine("log", str(data.get("message", text)))
+
+
+class Reporter:
+    """The worker's side: log lines and progress, written whole and flushed at once.
+
+    Progress within an epoch loop can come faster than anyone reads it (head-only epochs
+    on cached features take milliseconds): updates closer than `min_interval_s` to the
+    last one are held back, except phase changes and the last epoch of a run.
+    """
+
+    def __init__(self, out: TextIO, min_interval_s: float = 0.25) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._min_interval = min_interval_s
+        self._last_sent = 0.0
+        self.current = Progress()
+
+    def log(self, message: str) -> None:
+        self._write({"event": "log", "message": message})
+
+    def phase(self, phase: str, message: str = "") -> None:
+        self.current = Progress(phase=phase, message=message, trials=self.current.trials)
+        self._send(force=True)
+        if message:
+            self.log(f"{phase}: {message}")
+
+    def update(self, **changes: Any) -> None:
+        self.current = replace(self.current, **changes)
+        final = self.current.epochs and self.current.epoch >= self.current.epochs
+        self._send(force=bool(final))
+
+    def _send(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_sent < self._min_interval:
+            return
+        self._last_sent = now
+        self._write({"event": "progress", "progress": asdict(self.current)})
+
+    def _write(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            self._out.write(json.dumps(data) + "\n")
+            self._out.flush()

@@ -1,0 +1,487 @@
+"""Queue, run, watch and cancel jobs: one worker process per slot (each GPU, and the CPU).
+
+A job is queued durably (metadata store) before submit returns. A scheduler thread starts
+the oldest queued job that has a free slot of its kind, as a child process in its own
+process group (so a cancel stops the worker and whatever it spawned). A reader thread
+turns the worker's stdout lines into job events and progress; when the worker exits, its
+result is registered here, in the cloud process, and the job ends succeeded, failed (with
+the worker's reason) or cancelled. A job found running when the manager starts was cut
+off by a stop or crash: it is marked failed, saying so and how to run it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudsvc.errors import InvalidRequest, NotReady, UnknownResource
+from cloudsvc.jobs.events import Progress, parse_line
+from cloudsvc.jobs.pipeline import WorkerEnv
+from cloudsvc.jobs.results import ERROR_FILE, RESULT_FILE, JobResult, WorkerError
+from cloudsvc.jobs.spec import (
+    CompileSpec,
+    FineTuneSpec,
+    JobSpec,
+    check_base,
+    check_data,
+    check_targets,
+    default_targets,
+    spec_from_json,
+)
+from cloudsvc.jobs.worker import SPEC_FILE, write_env
+from cloudsvc.registry import Registry, check_name
+from cloudsvc.store.metadata import JobEventRecord, JobRecord, JobState, MetadataStore
+from compilers.targets import resolve_target
+
+log = logging.getLogger(__name__)
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+WORKER_LOG = "worker.log"
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    jobs_dir: Path
+    uploads_dir: Path
+    cache_dir: Path
+    fashion_mnist_dir: Path
+    gpu_slots: int = 0
+    cpu_slots: int = 1
+    threads: int = 0  # torch threads per worker; 0: torch's default
+    cancel_grace_s: float = 10.0
+    keep_job_files: bool = False  # keep builds after registering (debugging)
+
+
+@dataclass
+class _Running:
+    job_id: str
+    slot: str
+    process: subprocess.Popen[str]
+    # Set when the manager itself ends the job (cancel, shutdown): why, and how.
+    ended_by: tuple[JobState, str] | None = None
+
+
+class JobManager:
+    def __init__(self, metadata: MetadataStore, registry: Registry, settings: JobSettings) -> None:
+        self.metadata = metadata
+        self.registry = registry
+        self.settings = settings
+        self._slots = [f"cuda:{i}" for i in range(settings.gpu_slots)] + [
+            "cpu" if i == 0 else f"cpu:{i}" for i in range(settings.cpu_slots)
+        ]
+        self._running: dict[str, _Running] = {}  # slot -> job
+        self._changed = threading.Condition()
+        self._ticks = 0  # bumped on every event, so watchers never miss one
+        self._closed = False
+        self._scheduler: threading.Thread | None = None
+
+    @property
+    def slots(self) -> list[str]:
+        """Where jobs run: "cuda:N" per GPU, "cpu" (and "cpu:N" for more CPU slots)."""
+        return list(self._slots)
+
+    # lifecycle ------------------------------------------------------------------------
+    def start(self) -> JobManager:
+        for job in self.metadata.list_jobs(states=[JobState.RUNNING], limit=10_000):
+            phase = Progress.from_json(job.progress).phase or "start-up"
+            self._finish(
+                job,
+                JobState.FAILED,
+                f"interrupted: the cloud service stopped while this job was running "
+                f"({phase}); start it again with `edgefleet jobs retry {job.job_id}`",
+            )
+        self._scheduler = threading.Thread(target=self._schedule, name="job-scheduler", daemon=True)
+        self._scheduler.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop scheduling; end running workers, marking their jobs failed (retryable)."""
+        with self._changed:
+            if self._closed:
+                return
+            self._closed = True
+            running = list(self._running.values())
+            for job in running:
+                job.ended_by = (
+                    JobState.FAILED,
+                    "interrupted: the cloud service stopped while this job was running; "
+                    f"start it again with `edgefleet jobs retry {job.job_id}`",
+                )
+            self._changed.notify_all()
+        for job in running:
+            self._terminate(job)
+        deadline = time.monotonic() + self.settings.cancel_grace_s + 5
+        with self._changed:
+            while self._running and time.monotonic() < deadline:
+                self._changed.wait(0.1)
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=5)
+
+    # submissions ------------------------------------------------------------------------
+    def submit(self, spec: JobSpec, retry_of: str = "") -> JobRecord:
+        """Check `spec` (cheap checks only), complete its defaults, and queue it."""
+        if isinstance(spec, FineTuneSpec):
+            spec = self._checked_finetune(spec)
+        else:
+            spec = self._checked_compile(spec)
+        slot_kind = spec.slot_kind(self.settings.gpu_slots)
+        if slot_kind == "gpu" and not self.settings.gpu_slots:
+            raise NotReady(
+                "the job asks for CUDA (device=cuda or a GPU target), and this cloud has no GPU "
+                "worker; use device=auto or cpu, or run the cloud on a machine with a GPU"
+            )
+        record = self.metadata.create_job(
+            JobRecord(
+                job_id="",
+                kind=spec.kind,
+                model=spec.model,
+                request=spec.model_dump_json(),
+                created_at=time.time(),
+                retry_of=retry_of,
+            )
+        )
+        summary = _summary(spec)
+        self._event(record.job_id, "state", f"queued: {summary}", JobState.QUEUED.value)
+        log.info("%s queued: %s", record.job_id, summary)
+        return record
+
+    def _checked_finetune(self, spec: FineTuneSpec) -> FineTuneSpec:
+        check_name("model", spec.model)
+        check_base(spec.base, self.settings.uploads_dir)
+        check_data(spec.data, self.settings.uploads_dir, self.settings.fashion_mnist_dir)
+        targets = check_targets(
+            spec.targets or default_targets(self.settings.gpu_slots), self.settings.gpu_slots
+        )
+        spec.trials()  # every combination must be valid settings
+        parent = spec.parent_version
+        if parent:
+            self.registry.get_version(spec.model, parent)
+        else:
+            model = self.metadata.get_model(spec.model)
+            parent = model.latest_version if model else 0
+        return spec.model_copy(update={"targets": targets, "parent_version": parent})
+
+    def _checked_compile(self, spec: CompileSpec) -> CompileSpec:
+        profile = resolve_target(spec.target)
+        check_targets((profile.name,), self.settings.gpu_slots)
+        version = self.registry.get_version(spec.model, spec.version)
+        if version.artifact(profile.name) is not None:
+            raise InvalidRequest(
+                f"{spec.model} v{spec.version} already has a {profile.name} artifact; deploy "
+                "it, or fine-tune a new version"
+            )
+        if spec.data:
+            check_data(spec.data, self.settings.uploads_dir, self.settings.fashion_mnist_dir)
+        source = self.registry.source_digest(spec.model, spec.version)
+        return spec.model_copy(update={"target": profile.name, "source_digest": source})
+
+    def retry(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if not job.state.finished:
+            raise InvalidRequest(
+                f"{job_id} is {job.state.value}; only a finished job can be retried"
+            )
+        spec = spec_from_json(job.request)
+        if isinstance(spec, FineTuneSpec):
+            spec = spec.model_copy(update={"parent_version": 0})  # the latest at retry time
+        return self.submit(spec, retry_of=job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.state.finished:
+            raise InvalidRequest(f"{job_id} already ended ({job.state.value}); nothing to cancel")
+        with self._changed:
+            running = next((r for r in self._running.values() if r.job_id == job_id), None)
+            if running is None:
+                job = self.get(job_id)
+                if job.state is JobState.QUEUED:
+                    return self._finish(job, JobState.CANCELLED, "cancelled before it started")
+                return job
+            running.ended_by = (JobState.CANCELLED, "cancelled by the operator")
+        self._event(job_id, "log", "cancelling: stopping the worker")
+        threading.Thread(target=self._terminate, args=(running,), daemon=True).start()
+        return self.get(job_id)
+
+    # reads ----------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord:
+        job = self.metadata.get_job(job_id)
+        if job is None:
+            raise UnknownResource(f"no job is called {job_id!r}; see `edgefleet jobs list`")
+        return job
+
+    def list(self, model: str = "", active_only: bool = False, limit: int = 100) -> list[JobRecord]:
+        states = [JobState.QUEUED, JobState.RUNNING] if active_only else []
+        return self.metadata.list_jobs(model, states, limit or 100)
+
+    def watch(
+        self,
+        job_id: str,
+        after_seq: int = 0,
+        follow: bool = True,
+        alive: Callable[[], bool] = lambda: True,
+        poll_s: float = 1.0,
+    ) -> Iterator[JobEventRecord]:
+        """The job's events after `after_seq`; with `follow`, new ones until the job ends
+        (or the manager stops, or `alive()` turns false)."""
+        self.get(job_id)
+        seq = after_seq
+        while True:
+            with self._changed:
+                tick = self._ticks
+            for event in self.metadata.list_job_events(job_id, seq):
+                seq = event.seq
+                yield event
+            if not follow or self.get(job_id).state.finished or self._closed or not alive():
+                if follow and self.get(job_id).state.finished:
+                    yield from self.metadata.list_job_events(job_id, seq)
+                return
+            with self._changed:
+                if self._ticks == tick:
+                    self._changed.wait(poll_s)
+
+    # scheduling -----------------------------------------------------------------------
+    def _schedule(self) -> None:
+        while True:
+            with self._changed:
+                if self._closed:
+                    return
+                free = [s for s in self._slots if s not in self._running]
+            if free:
+                for job in reversed(self.metadata.list_jobs(states=[JobState.QUEUED], limit=1000)):
+                    kind = spec_from_json(job.request).slot_kind(self.settings.gpu_slots)
+                    slot = next((s for s in free if s.startswith(kind[:3])), None)
+                    if slot is None:
+                        continue
+                    free.remove(slot)
+                    try:
+                        self._launch(job, slot)
+                    except Exception as err:  # a broken job must not stop the scheduler
+                        log.exception("could not start %s", job.job_id)
+                        self._finish(job, JobState.FAILED, f"could not start the worker: {err}")
+                    if not free:
+                        break
+            with self._changed:
+                if not self._closed:
+                    self._changed.wait(1.0)
+
+    def _launch(self, job: JobRecord, slot: str) -> None:
+        with self._changed:
+            # A cancel may have ended it since the scheduler read the queue.
+            current = self.get(job.job_id)
+            if current.state is not JobState.QUEUED or self._closed:
+                return
+            job = dataclasses.replace(
+                current, state=JobState.RUNNING, started_at=time.time(), slot=slot
+            )
+            self.metadata.update_job(job)
+            process = self._spawn(job, slot)
+            running = _Running(job.job_id, slot, process)
+            self._running[slot] = running
+        self._event(job.job_id, "state", f"running on {slot} (pid {process.pid})", "running")
+        threading.Thread(
+            target=self._follow, args=(running,), name=f"job-{job.job_id}", daemon=True
+        ).start()
+
+    def _spawn(self, job: JobRecord, slot: str) -> subprocess.Popen[str]:
+        spec = spec_from_json(job.request)
+        job_dir = self.settings.jobs_dir / job.job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / SPEC_FILE).write_text(job.request)
+        write_env(
+            WorkerEnv(
+                job_id=job.job_id,
+                job_dir=job_dir,
+                uploads_dir=self.settings.uploads_dir,
+                cache_dir=self.settings.cache_dir,
+                fashion_mnist_dir=self.settings.fashion_mnist_dir,
+                threads=self.settings.threads,
+            )
+        )
+        if isinstance(spec, CompileSpec):
+            manifest = self.registry.materialize(spec.source_digest, job_dir / "source")
+            (job_dir / "source.manifest").write_bytes(manifest.SerializeToString())
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1] if slot.startswith("cuda") else ""
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        with (job_dir / WORKER_LOG).open("ab") as stderr:
+            return subprocess.Popen(
+                [sys.executable, "-m", "cloudsvc.jobs.worker", str(job_dir)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=env,
+                start_new_session=True,  # its own process group: cancel reaches its children
+            )
+
+    def _follow(self, running: _Running) -> None:
+        job_id = running.job_id
+        assert running.process.stdout is not None
+        for line in running.process.stdout:
+            parsed = parse_line(line)
+            if parsed.kind == "progress" and parsed.progress is not None:
+                job = self.get(job_id)
+                self.metadata.update_job(
+                    dataclasses.replace(job, progress=parsed.progress.to_json())
+                )
+                self._event(
+                    job_id, "progress", parsed.progress.describe(), parsed.progress.to_json()
+                )
+            elif parsed.message:
+                self._event(job_id, "log", parsed.message)
+        code = running.process.wait()
+        try:
+            self._conclude(running, code)
+        except Exception as err:
+            log.exception("finishing %s failed", job_id)
+            self._finish(self.get(job_id), JobState.FAILED, f"internal error: {err}")
+        finally:
+            with self._changed:
+                self._running.pop(running.slot, None)
+                self._changed.notify_all()
+
+    def _conclude(self, running: _Running, code: int) -> None:
+        job = self.get(running.job_id)
+        job_dir = self.settings.jobs_dir / job.job_id
+        if running.ended_by is not None:
+            state, reason = running.ended_by
+            self._finish(job, state, reason)
+        elif code == 0 and (job_dir / RESULT_FILE).is_file():
+            self._register(job, job_dir)
+        else:
+            self._finish(job, JobState.FAILED, self._failure(job_dir, code))
+        if not self.settings.keep_job_files:
+            for bulky in ("builds", "source"):
+                shutil.rmtree(job_dir / bulky, ignore_errors=True)
+
+    def _failure(self, job_dir: Path, code: int) -> str:
+        error_file = job_dir / ERROR_FILE
+        if error_file.is_file():
+            error = WorkerError.model_validate_json(error_file.read_text())
+            return f"{error.phase}: {error.message}" if error.phase else error.message
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = " (the machine may have run out of memory)" if name == "SIGKILL" else ""
+            return f"the worker was killed by {name}{hint}; see {job_dir / WORKER_LOG}"
+        tail = _tail(job_dir / WORKER_LOG, 3)
+        return f"the worker exited with code {code}: {tail}; see {job_dir / WORKER_LOG}"
+
+    def _register(self, job: JobRecord, job_dir: Path) -> None:
+        spec = spec_from_json(job.request)
+        result = JobResult.model_validate_json((job_dir / RESULT_FILE).read_text())
+        self._progress(job.job_id, Progress(phase="registering"))
+        builds = [b.to_build(job_dir) for b in result.builds]
+        summary: dict[str, object] = {
+            "outcomes": [o.model_dump() for o in result.outcomes],
+            "trials": [t.model_dump() for t in result.trials],
+        }
+        if isinstance(spec, FineTuneSpec):
+            assert result.source is not None and result.lineage and result.evaluation
+            description = spec.description or (
+                f"{result.lineage.strategy} fine-tune of {result.lineage.base_model} on "
+                f"{spec.data}: validation accuracy {result.evaluation.accuracy:.1%}"
+            )
+            version = self.registry.add_build(
+                spec.model,
+                builds,
+                source=result.source.to_build(job_dir),
+                description=description,
+                parent_version=spec.parent_version,
+                lineage=result.lineage.to_record(),
+                evaluation=result.evaluation.to_record(),
+                metadata={"job": job.job_id},
+                created_by=f"job {job.job_id}",
+            )
+            number = version.version
+            message = (
+                f"registered {spec.model} v{number} ({', '.join(b.target for b in builds)}); "
+                f"validation accuracy {result.evaluation.accuracy:.2%}"
+            )
+        else:
+            self.registry.add_target(spec.model, spec.version, builds[0])
+            number = spec.version
+            message = f"added {builds[0].target} to {spec.model} v{number}"
+        summary["version"] = number
+        done = dataclasses.replace(self.get(job.job_id), result=json.dumps(summary))
+        self.metadata.update_job(done)
+        self._event(job.job_id, "log", message)
+        self._finish(done, JobState.SUCCEEDED, "")
+
+    # state and events --------------------------------------------------------------------
+    def _finish(self, job: JobRecord, state: JobState, error: str) -> JobRecord:
+        current = self.metadata.get_job(job.job_id) or job
+        done = dataclasses.replace(current, state=state, finished_at=time.time(), error=error)
+        self.metadata.update_job(done)
+        text = f"{state.value}" + (f": {error}" if error else "")
+        self._event(job.job_id, "state", text, state.value)
+        log.info("%s %s", job.job_id, text)
+        return done
+
+    def _progress(self, job_id: str, progress: Progress) -> None:
+        job = self.get(job_id)
+        self.metadata.update_job(dataclasses.replace(job, progress=progress.to_json()))
+        self._event(job_id, "progress", progress.describe(), progress.to_json())
+
+    def _event(self, job_id: str, kind: str, message: str, data: str = "") -> None:
+        self.metadata.add_job_event(job_id, kind, message, data, at=time.time())
+        with self._changed:
+            self._ticks += 1
+            self._changed.notify_all()
+
+    def _terminate(self, running: _Running) -> None:
+        process = running.process
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(self.settings.cancel_grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return " | ".join(text[-lines:]) or "no output"
+
+
+def _summary(spec: JobSpec) -> str:
+    if isinstance(spec, CompileSpec):
+        return f"compile {spec.model} v{spec.version} for {spec.target}"
+    trials = spec.trials()
+    search = f", search of {len(trials)} trial(s)" if spec.search else ""
+    return (
+        f"fine-tune {spec.model} from {spec.base} on {spec.data} "
+        f"({spec.params.strategy}, {spec.params.epochs} epochs{search}); "
+        f"targets {', '.join(spec.targets)}"
+    )
+
+
+def detect_gpus() -> int:
+    """How many GPUs NVIDIA's driver lists here (0 without the driver or `nvidia-smi`)."""
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listed.stdout.splitlines() if line.startswith("GPU "))

@@ -1,0 +1,655 @@
+"""Fine-tune, compile, watch jobs and compare runs: thin click layers over AdminClient.
+
+Local data sets and backbone files are checked here, before any upload, then uploaded;
+following a job shows a live progress bar with its log above it, and Ctrl-C only stops
+watching (the job runs on in the cloud).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from edgefleet.admin_cli import (
+    admin,
+    ago,
+    cloud_options,
+    console,
+    human_bytes,
+    points,
+    update_size,
+)
+from edgefleet.client import AdminClient, ModelVersion
+from edgefleet.job_views import Job, JobEvent
+
+STATE_STYLE = {
+    "queued": "yellow",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "magenta",
+}
+TARGET_NAMES = ("onnx-cpu-fp32", "onnx-cpu-int8", "onnx-gpu-fp16", "tensorrt-fp16")
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return (
+        f"{s}s"
+        if s < 120
+        else f"{s // 60}m{s % 60:02d}s"
+        if s < 7200
+        else f"{s // 3600}h{s % 3600 // 60:02d}m"
+    )
+
+
+def _state(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _upload_local(client: AdminClient, path: Path, what: str) -> str:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"uploading {what} {path.name}", total=None)
+        reference = client.upload(
+            path, progress=lambda sent, total: bar.update(task, completed=sent, total=total)
+        )
+    console.print(f"uploaded {what} {path} as [bold]{reference}[/]")
+    return reference
+
+
+def _check_local_data(path: Path, label_column: str, text_column: str, limit: int) -> None:
+    """Load a local data set the way the cloud will (torch-free), so that an empty,
+    single-class or unlabelled data set fails here, before the upload."""
+    from transfer.datasets import load_dataset
+
+    table = path.suffix.lower() in (".csv", ".parquet", ".pq")
+    options: dict[str, Any] = (
+        {"label_column": label_column or "label", "text_column": text_column or None}
+        if table
+        else {}
+    )
+    with console.status(f"checking {path}..."):
+        dataset = load_dataset(path, **options)
+    used = f", {limit} will be used" if limit and limit < len(dataset) else ""
+    console.print(
+        f"data set {path}: {len(dataset)} {dataset.kind} examples, "
+        f"{dataset.num_classes} classes{used}"
+    )
+
+
+def follow(client: AdminClient, job_id: str) -> Job:
+    """Show the job live until it ends; Ctrl-C detaches. The finished (or current) job."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"{job_id} queued", total=None, detail="")
+
+            def show(event: JobEvent) -> None:
+                if event.kind == "progress" and event.progress is not None:
+                    p = event.progress
+                    label = p.phase + (f" trial {p.trial}/{p.trials}" if p.trials > 1 else "")
+                    detail = ""
+                    if p.phase == "training" and p.epochs:
+                        detail = (
+                            f"epoch {p.epoch}/{p.epochs} loss {p.loss:.4f} val {p.val_accuracy:.1%}"
+                        )
+                        if p.eta_seconds:
+                            detail += f" · {_duration(p.eta_seconds)} left"
+                        bar.update(task, total=p.epochs, completed=p.epoch)
+                    else:
+                        detail = p.message
+                        bar.update(task, total=None, completed=0)
+                    bar.update(task, description=f"{job_id} {label}", detail=detail)
+                elif event.kind == "log":
+                    bar.console.print(f"[dim]{escape(event.message)}[/]")
+                elif event.kind == "state":
+                    style = STATE_STYLE.get(event.state, "white")
+                    bar.console.print(f"[{style}]{escape(event.message)}[/]")
+
+            return client.wait_job(job_id, on_event=show)
+    except KeyboardInterrupt:
+        console.print(
+            f"\nstopped watching; {job_id} keeps running in the cloud. Follow it again with "
+            f"`edgefleet jobs logs -f {job_id}`, stop it with `edgefleet jobs cancel {job_id}`"
+        )
+        raise SystemExit(130) from None
+
+
+def _targets_table(job: Job) -> Table:
+    table = Table("target", "status", "size", "p50 batch 1", "accuracy change", "note")
+    for o in job.targets:
+        m = o.metrics
+        table.add_row(
+            o.target,
+            "[green]built[/]" if o.status == "built" else f"[red]{o.status}[/]",
+            human_bytes(int(m["size_bytes"])) if "size_bytes" in m else "-",
+            f"{m['latency_p50_ms']:.3f} ms" if "latency_p50_ms" in m else "-",
+            points(m["accuracy_drop"]) if "accuracy_drop" in m else "-",
+            escape(o.reason[:160]),
+        )
+    return table
+
+
+def _trials_table(job: Job) -> Table:
+    names = sorted({k for t in job.trials for k in t.params})
+    varying = [n for n in names if len({t.params.get(n) for t in job.trials}) > 1] or names[:3]
+    table = Table("trial", *varying, "val accuracy", "epochs", "time", "")
+    for t in job.trials:
+        table.add_row(
+            str(t.number),
+            *(t.params.get(n, "") for n in varying),
+            f"{t.val_accuracy:.2%}" if not t.error else f"[red]{escape(t.error[:60])}[/]",
+            str(t.epochs_run),
+            _duration(t.seconds),
+            "[green]best[/]" if t.best else "",
+        )
+    return table
+
+
+def summarise(client: AdminClient, job: Job) -> None:
+    """The end of a followed job: what it made, or why it did not, and what to do next."""
+    took = _duration((job.finished_at or time.time()) - (job.started_at or job.created_at))
+    if job.trials:
+        console.print(_trials_table(job))
+    if job.targets:
+        console.print(_targets_table(job))
+    if job.state != "succeeded":
+        console.print(f"{job.job_id} {_state(job.state)} after {took}: {escape(job.error)}")
+        if job.state == "failed":
+            console.print(f"run it again with `edgefleet jobs retry {job.job_id}`")
+        raise SystemExit(1)
+    version = client.version(job.model, job.result_version)
+    accuracy = (
+        f", validation accuracy {version.evaluation.accuracy:.2%}" if version.evaluation else ""
+    )
+    console.print(
+        f"[green]{job.job_id} succeeded[/] in {took}: {job.model} [bold]v{version.version}[/]"
+        f"{accuracy}; artifacts {', '.join(a.target for a in version.artifacts)}"
+    )
+    fp32 = version.artifact("onnx-cpu-fp32") or version.artifacts[0]
+    if "update_bytes" in fp32.metrics:
+        console.print(
+            f"a device running v{version.parent_version} downloads "
+            f"{update_size(fp32.metrics, fp32.size_bytes)} of the {fp32.target} artifact to "
+            "move to it (unchanged weights are chunks it holds already)"
+        )
+    console.print(
+        f"next: edgefleet models show {job.model} {version.version} · "
+        f"edgefleet runs compare {job.model} · "
+        f"edgefleet deploy {job.model} --version {version.version}"
+    )
+
+
+# finetune -------------------------------------------------------------------------------
+
+
+def _parse_search(values: tuple[str, ...]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in values:
+        key, sep, rest = item.partition("=")
+        choices = [v.strip() for v in rest.split(",") if v.strip()]
+        if not sep or not key or not choices:
+            raise click.BadParameter(
+                f"{item!r}: write --search NAME=V1,V2, e.g. --search lr=1e-3,3e-4",
+                param_hint="--search",
+            )
+        out[key.strip().replace("-", "_")] = choices
+    return out
+
+
+@click.command()
+@click.argument("name")
+@click.option(
+    "--base",
+    required=True,
+    help="Backbone: small-cnn, efficientnet-lite0, minilm-l6, or a local TorchScript / "
+    "torch.export file (uploaded).",
+)
+@click.option(
+    "--data",
+    required=True,
+    help="Data set: fashion-mnist, synthetic[:COUNT], a local folder of class subfolders, "
+    ".csv/.parquet or .npz (checked here, then uploaded), or cloud:/path on the cloud machine.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["head", "last-n", "full"]),
+    help="What trains: the new head only (fast: backbone features computed once), the last "
+    "N blocks too, or everything [default: head].",
+)
+@click.option("--epochs", type=int, help="Most epochs to train [default: 20].")
+@click.option("--lr", type=float, help="Learning rate of the head [default: 3e-3].")
+@click.option("--batch-size", type=int, help="[default: 64]")
+@click.option(
+    "--unfreeze-blocks", type=int, help="last-n: how many last blocks train [default: 1]."
+)
+@click.option("--backbone-lr-scale", type=float, help="Backbone rate = lr x this [default: 0.1].")
+@click.option("--weight-decay", type=float, help="[default: 0]")
+@click.option(
+    "--patience",
+    type=int,
+    help="Stop after this many epochs without improvement (0: never) [default: 5].",
+)
+@click.option(
+    "--seed", type=int, help="Seed of the split, initialisation and shuffling [default: 0]."
+)
+@click.option("--validation-fraction", type=float, help="Held-out share [default: 0.2].")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train [default: auto]."
+)
+@click.option("--image-size", type=int, help="Resize images to SIZE x SIZE inside the model.")
+@click.option(
+    "--search",
+    multiple=True,
+    metavar="NAME=V1,V2",
+    help="Try each value (repeatable; every combination is a trial); keep the best by "
+    "validation accuracy.",
+)
+@click.option("--max-trials", type=int, default=0, help="Budget of a search [default: 8].")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    type=click.Choice(TARGET_NAMES),
+    help="Targets to compile (repeatable) [default: the cloud's: onnx-cpu-fp32, onnx-cpu-int8, "
+    "plus onnx-gpu-fp16 on a GPU cloud].",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    help="Largest accuracy loss INT8/FP16 may cost, 0.01 = one point [default: 0.01].",
+)
+@click.option("--label-column", default="", help="Tables: the label column [default: label].")
+@click.option("--text-column", default="", help="Tables: the text column (text models).")
+@click.option("--limit", type=int, default=0, help="Use a stratified sample of this many examples.")
+@click.option("--parent", type=int, default=0, help="Lineage parent [default: the latest version].")
+@click.option("-d", "--description", default="", help="What this version is for.")
+@click.option("--detach", is_flag=True, help="Submit and return; do not follow the job.")
+@cloud_options
+def finetune(
+    name: str,
+    base: str,
+    data: str,
+    search: tuple[str, ...],
+    max_trials: int,
+    targets: tuple[str, ...],
+    max_accuracy_drop: float | None,
+    label_column: str,
+    text_column: str,
+    limit: int,
+    parent: int,
+    description: str,
+    detach: bool,
+    cloud: str,
+    token: str | None,
+    **settings: Any,
+) -> None:
+    """Fine-tune BASE with a new head on a data set; the result is the next version of NAME.
+
+    The cloud runs it as a job: validate, train (on its GPU if it has one), export to ONNX
+    checked against torch, compile each target with its accuracy measured, register the
+    version with lineage and held-out metrics. This command follows the job live; Ctrl-C
+    stops watching, not the job.
+
+    \b
+      edgefleet finetune shapes --base small-cnn --data synthetic:2000
+      edgefleet finetune apparel --base efficientnet-lite0 --data fashion-mnist --limit 2000 --image-size 64
+      edgefleet finetune tickets --base minilm-l6 --data tickets.csv --text-column text
+      edgefleet finetune apparel --base small-cnn --data ./images --search lr=1e-3,3e-3 --search strategy=head,last-n
+    """
+    params = {k: v for k, v in settings.items() if v is not None}
+    with admin(cloud, token) as client:
+        if Path(base).expanduser().is_file():
+            base = _upload_local(client, Path(base).expanduser(), "backbone")
+        data_path = Path(data).expanduser()
+        if data.startswith("cloud:"):
+            data = data.removeprefix("cloud:")
+        elif data_path.exists():
+            _check_local_data(data_path, label_column, text_column, limit)
+            data = _upload_local(client, data_path, "data set")
+        job = client.finetune(
+            name,
+            base=base,
+            data=data,
+            params=params,
+            search=_parse_search(search),
+            max_trials=max_trials,
+            targets=targets,
+            description=description,
+            parent_version=parent,
+            label_column=label_column,
+            text_column=text_column,
+            limit=limit,
+            max_accuracy_drop=max_accuracy_drop,
+        )
+        console.print(f"submitted [bold]{job.job_id}[/]: fine-tune {name} from {base} on {data}")
+        if detach:
+            console.print(f"follow it with `edgefleet jobs logs -f {job.job_id}`")
+            return
+        summarise(client, follow(client, job.job_id))
+
+
+@click.command("compile")
+@click.argument("name")
+@click.option("--version", "version", type=int, required=True, help="Version to compile.")
+@click.option("--target", required=True, type=click.Choice(TARGET_NAMES), help="Target to build.")
+@click.option(
+    "--data",
+    default="",
+    help="Labelled data to measure INT8/FP16 accuracy on, for versions pushed as ONNX files "
+    "(fine-tuned versions keep their own).",
+)
+@click.option("--limit", type=int, default=0, help="Use at most this many examples of --data.")
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    help="Largest accuracy loss allowed [default: 0.01 = one point].",
+)
+@click.option("--detach", is_flag=True, help="Submit and return; do not follow the job.")
+@cloud_options
+def compile_command(
+    name: str,
+    version: int,
+    target: str,
+    data: str,
+    limit: int,
+    max_accuracy_drop: float | None,
+    detach: bool,
+    cloud: str,
+    token: str | None,
+) -> None:
+    """Build the TARGET artifact of NAME's VERSION as a job, with its accuracy change and
+    latency measured; refused when it costs more accuracy than allowed.
+
+    \b
+      edgefleet compile shapes --version 3 --target onnx-cpu-int8
+      edgefleet compile detector --version 1 --target onnx-cpu-int8 --data ./val-images
+    """
+    with admin(cloud, token) as client:
+        if data and Path(data).expanduser().exists():
+            _check_local_data(Path(data).expanduser(), "", "", limit)
+            data = _upload_local(client, Path(data).expanduser(), "data set")
+        job = client.compile(
+            name, version, target, data=data, limit=limit, max_accuracy_drop=max_accuracy_drop
+        )
+        console.print(f"submitted [bold]{job.job_id}[/]: compile {name} v{version} for {target}")
+        if detach:
+            console.print(f"follow it with `edgefleet jobs logs -f {job.job_id}`")
+            return
+        summarise(client, follow(client, job.job_id))
+
+
+# jobs -------------------------------------------------------------------------------------
+
+
+@click.group()
+def jobs() -> None:
+    """Watch and control fine-tune and compile jobs.
+
+    \b
+      edgefleet jobs list
+      edgefleet jobs logs -f job-7
+      edgefleet jobs show job-7
+      edgefleet jobs cancel job-7
+      edgefleet jobs retry job-7
+    """
+
+
+@jobs.command("list")
+@click.option("--model", default="", help="Only this model's jobs.")
+@click.option("--active", is_flag=True, help="Only queued and running jobs.")
+@click.option("--limit", type=int, default=30, show_default=True)
+@cloud_options
+def list_jobs(model: str, active: bool, limit: int, cloud: str, token: str | None) -> None:
+    """Jobs, newest first, with where each one is."""
+    with admin(cloud, token) as client:
+        rows = client.jobs(model, active_only=active, limit=limit)
+    table = Table("job", "kind", "model", "state", "progress", "result", "slot", "created", "took")
+    for j in rows:
+        end = j.finished_at or time.time()
+        table.add_row(
+            j.job_id,
+            j.kind,
+            j.model,
+            _state(j.state),
+            escape(j.progress.describe()) if j.state == "running" else "",
+            f"v{j.result_version}" if j.result_version else escape(j.error[:50]),
+            j.slot,
+            ago(j.created_at),
+            _duration(end - j.started_at) if j.started_at else "",
+        )
+    console.print(table)
+    running = sum(1 for j in rows if j.state == "running")
+    queued = sum(1 for j in rows if j.state == "queued")
+    console.print(f"{len(rows)} job(s): {running} running, {queued} queued")
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@cloud_options
+def show_job(job_id: str, cloud: str, token: str | None) -> None:
+    """Everything about one job: request, state, progress, trials, targets, error."""
+    with admin(cloud, token) as client:
+        job = client.job(job_id)
+    console.print(f"[bold]{job.job_id}[/] {job.kind} of {job.model}: {_state(job.state)}")
+    request = {k: v for k, v in job.request.items() if v not in (None, "", [], {}, 0)}
+    console.print(f"  request: {escape(json.dumps(request, sort_keys=True))}")
+    console.print(
+        f"  created {ago(job.created_at)}"
+        + (f", ran on {job.slot}" if job.slot else "")
+        + (
+            f", took {_duration(job.finished_at - job.started_at)}"
+            if job.finished_at and job.started_at
+            else ""
+        )
+        + (f", retry of {job.retry_of}" if job.retry_of else "")
+    )
+    if job.state == "running":
+        console.print(f"  now: {escape(job.progress.describe())}")
+        if job.progress.eta_seconds:
+            console.print(f"  about {_duration(job.progress.eta_seconds)} left")
+    if job.error:
+        console.print(f"  [red]{escape(job.error)}[/]")
+    if job.result_version:
+        console.print(f"  result: {job.model} v{job.result_version}")
+    if job.trials:
+        console.print(_trials_table(job))
+    if job.targets:
+        console.print(_targets_table(job))
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("-f", "--follow", "follow_", is_flag=True, help="Keep printing until the job ends.")
+@cloud_options
+def job_logs(job_id: str, follow_: bool, cloud: str, token: str | None) -> None:
+    """The job's log: its messages, state changes and (with -f) live progress."""
+    with admin(cloud, token) as client:
+        if follow_:
+            job = follow(client, job_id)
+            summarise(client, job)
+            return
+        count = 0
+        for event in client.watch_job(job_id, follow=False):
+            if event.kind == "progress":
+                continue
+            stamp = time.strftime("%H:%M:%S", time.localtime(event.at_ms / 1000))
+            style = STATE_STYLE.get(event.state, "white") if event.kind == "state" else "white"
+            console.print(f"[dim]{stamp}[/] [{style}]{escape(event.message)}[/]")
+            count += 1
+        job = client.job(job_id)
+    console.print(f"{count} line(s); {job_id} is {_state(job.state)}")
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@cloud_options
+def cancel_job(job_id: str, cloud: str, token: str | None) -> None:
+    """Stop a queued or running job (its worker process is ended)."""
+    with admin(cloud, token) as client:
+        job = client.cancel_job(job_id)
+        if not job.finished:
+            with console.status(f"stopping {job_id}..."):
+                deadline = time.monotonic() + 30
+                while not job.finished and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    job = client.job(job_id)
+    console.print(
+        f"{job_id} is {_state(job.state)}" + (f": {escape(job.error)}" if job.error else "")
+    )
+
+
+@jobs.command("retry")
+@click.argument("job_id")
+@click.option("--detach", is_flag=True, help="Submit and return; do not follow the new job.")
+@cloud_options
+def retry_job(job_id: str, detach: bool, cloud: str, token: str | None) -> None:
+    """Submit a finished job's request again as a new job."""
+    with admin(cloud, token) as client:
+        job = client.retry_job(job_id)
+        console.print(f"submitted [bold]{job.job_id}[/] (retry of {job_id})")
+        if not detach:
+            summarise(client, follow(client, job.job_id))
+
+
+# runs ---------------------------------------------------------------------------------------
+
+
+@click.group()
+def runs() -> None:
+    """Compare fine-tuned versions like runs of an experiment tracker.
+
+    \b
+      edgefleet runs compare apparel
+      edgefleet runs compare apparel --versions 3,4,7
+    """
+
+
+def _pick(versions: Sequence[ModelVersion], wanted: str) -> list[ModelVersion]:
+    if not wanted:
+        return list(versions)
+    try:
+        numbers = {int(v.strip().lstrip("v")) for v in wanted.split(",") if v.strip()}
+    except ValueError:
+        raise click.BadParameter("write versions as 1,3,4", param_hint="--versions") from None
+    chosen = [v for v in versions if v.version in numbers]
+    missing = numbers - {v.version for v in chosen}
+    if missing:
+        raise click.BadParameter(f"no version(s) {sorted(missing)}", param_hint="--versions")
+    return chosen
+
+
+@runs.command("compare")
+@click.argument("name")
+@click.option("--versions", default="", help="Only these versions, e.g. 2,5,6 [default: all].")
+@cloud_options
+def compare(name: str, versions: str, cloud: str, token: str | None) -> None:
+    """Versions of NAME side by side: lineage, settings that differ, held-out metrics, and
+    per target the size, latency and accuracy change. The best accuracy is marked."""
+    with admin(cloud, token) as client:
+        rows = _pick(client.versions(name), versions)
+    if not rows:
+        raise click.ClickException(f"{name} has no versions yet")
+    table = Table("", *(f"v{v.version}" for v in rows), title=f"{name}: {len(rows)} version(s)")
+    hyper_names = sorted({k for v in rows if v.lineage for k in v.lineage.hyperparameters})
+    shown = [
+        k
+        for k in hyper_names
+        if len({v.lineage.hyperparameters.get(k) if v.lineage else None for v in rows}) > 1
+        or k in ("strategy", "lr", "epochs")
+    ]
+    best = max((v.evaluation.accuracy for v in rows if v.evaluation), default=None)
+
+    def lineage_row(label: str, get: Any) -> None:
+        table.add_row(label, *(escape(str(get(v.lineage))) if v.lineage else "-" for v in rows))
+
+    table.add_row("parent", *(f"v{v.parent_version}" if v.parent_version else "-" for v in rows))
+    table.add_row("created", *(ago(v.created_at) for v in rows))
+    lineage_row("base", lambda lin: lin.base_model)
+    lineage_row("data", lambda lin: lin.dataset)
+    lineage_row("data digest", lambda lin: lin.dataset_digest[:12])
+    for key in shown:
+        lineage_row(key, lambda lin, key=key: lin.hyperparameters.get(key, "-"))
+    lineage_row("epochs run (best)", lambda lin: f"{lin.epochs_run} ({lin.best_epoch})")
+    lineage_row("examples train/val", lambda lin: f"{lin.train_examples}/{lin.validation_examples}")
+    lineage_row("trained on", lambda lin: f"{lin.device}, {_duration(lin.training_seconds)}")
+    table.add_row(
+        "val accuracy",
+        *(
+            (
+                f"[bold green]{v.evaluation.accuracy:.2%}[/]"
+                if v.evaluation.accuracy == best
+                else f"{v.evaluation.accuracy:.2%}"
+            )
+            if v.evaluation
+            else "-"
+            for v in rows
+        ),
+    )
+    table.add_row(
+        "worst class recall",
+        *(
+            (lambda c: f"{c.recall:.1%} {c.name}")(
+                min(v.evaluation.per_class, key=lambda c: c.recall)
+            )
+            if v.evaluation and v.evaluation.per_class
+            else "-"
+            for v in rows
+        ),
+    )
+    targets = [t for t in TARGET_NAMES if any(v.artifact(t) for v in rows)]
+    targets += sorted({a.target for v in rows for a in v.artifacts} - set(targets))
+    for target in targets:
+        cells = []
+        for v in rows:
+            a = v.artifact(target)
+            if a is None:
+                cells.append("-")
+                continue
+            parts = [human_bytes(a.size_bytes)]
+            if "update_bytes" in a.metrics:
+                parts.append(f"update {update_size(a.metrics, a.size_bytes)}")
+            if "latency_p50_ms" in a.metrics:
+                parts.append(f"{a.metrics['latency_p50_ms']:.3f} ms")
+            if "accuracy_drop" in a.metrics:
+                parts.append(points(a.metrics["accuracy_drop"]))
+            cells.append(", ".join(parts))
+        table.add_row(target, *cells)
+    console.print(table)
+    if best is not None:
+        leaders = [v.version for v in rows if v.evaluation and v.evaluation.accuracy == best]
+        console.print(
+            f"best validation accuracy: {best:.2%} (v{', v'.join(map(str, leaders))}); "
+            "target cells: size, download from the parent version, p50 latency at batch 1 "
+            "on the cloud's CPU, accuracy change vs FP32. Deploy with `edgefleet deploy "
+            f"{name} --version {leaders[-1]}`"
+        )
+    else:
+        console.print("no version here was fine-tuned by a job, so there are no metrics to compare")

@@ -374,7 +374,7 @@ def _export(model: Any, val_feeds: Feeds, folder: Path, kind: str, report: Repor
     sample = {k: torch.from_numpy(v[:2]) for k, v in val_feeds.items()}
     dynamic = {name: {1: "sequence"} for name in TEXT_INPUTS} if kind == "text" else None
     path = export_onnx(
-        model,
+        _exportable(model, sample, report),
         sample,
         folder / "model.onnx",
         output_name=OUTPUT_NAME,
@@ -388,6 +388,32 @@ def _export(model: Any, val_feeds: Feeds, folder: Path, kind: str, report: Repor
     from compilers.layout import external_files
 
     return ["model.onnx", *sorted(p.name for p in external_files(path))]
+
+
+def _exportable(model: Any, sample: dict[str, Any], report: Reporter) -> Any:
+    """The classifier as torch.export can trace it. A TorchScript backbone (fine-tuned as
+    it is) is converted to an exported program with its trained weights first; the parity
+    check then compares the export with the TorchScript model itself."""
+    import torch
+
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return model
+    from torch._export.converter import TS2EPConverter
+
+    from transfer.backbones import ExportedModule
+    from transfer.finetune import Classifier
+
+    report.log("converting the TorchScript backbone to torch.export for the ONNX export")
+    try:
+        program = TS2EPConverter(model.backbone, tuple(sample.values())).convert()
+    except Exception as err:
+        raise JobFailed(
+            f"the TorchScript backbone could not be converted for export ({type(err).__name__}: "
+            f"{err}); save it with torch.export.export(...) and torch.export.save(...) instead"
+        ) from None
+    return Classifier(
+        ExportedModule(program.module()), model.head, model.class_names, model.preprocessing
+    ).eval()
 
 
 def _tokenizer_files(backbone: Any, dest: Path) -> list[str]:

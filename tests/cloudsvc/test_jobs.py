@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.activation import load_and_check
@@ -361,3 +362,42 @@ def test_a_text_model_fine_tunes_from_a_csv_and_ships_its_tokenizer(
     assert manifest.preprocessing.params["kind"] == "text"
     loaded = load_and_check(manifest, fp32.manifest_digest, folder, SessionOptions())
     assert loaded.version == 1
+
+
+class _Features(torch.nn.Module):
+    """A user's own feature extractor: pixels 0..255 -> 16 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+        self.tail = torch.nn.Sequential(
+            torch.nn.Conv2d(8, 16, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.tail(self.stem((x - 127.5) / 50.0))
+        return out
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_torchscript_backbone_file_fine_tunes_and_exports(rig: Rig, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "features.pt"
+    traced = torch.jit.trace(_Features().eval(), torch.zeros(2, 3, 32, 32))  # type: ignore[no-untyped-call]
+    torch.jit.save(traced, str(path))
+    upload = rig.uploads.receive(
+        path.name, UploadKind.FILE, path.stat().st_size, [path.read_bytes()]
+    )
+    spec = finetune(base=upload.reference, params={"epochs": "3", "strategy": "last-n"})
+    done = rig.wait(
+        rig.manager.submit(spec.model_copy(update={"targets": ("onnx-cpu-fp32",)})).job_id
+    )
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert "converting the TorchScript backbone" in " ".join(events(rig, done.job_id))
+    version = rig.registry.get_version("shapes", 1)
+    assert version.inputs[0].shape == (-1, 3, 32, 32)  # the batch stays dynamic
+    assert version.lineage is not None and version.lineage.base_model == upload.reference
+    artifact = version.artifacts[0]
+    folder = tmp_path / "device"
+    manifest = rig.registry.materialize(artifact.manifest_digest, folder)
+    assert load_and_check(manifest, artifact.manifest_digest, folder, SessionOptions()).version == 1

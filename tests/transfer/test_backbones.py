@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from transfer.backbones import known_backbones, load_backbone
+from transfer.backbones import load_backbone
+from transfer.catalog import known_backbones
 from transfer.errors import IncompatibleData, UnknownBackbone
 
 HAS_EFFICIENTNET = all(

@@ -13,45 +13,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
+from edgefleet.job_views import JobProgress as Progress
+
+__all__ = ["PHASES", "Progress", "Reporter", "WorkerLine", "parse_line"]
+
 PHASES = ("validating", "training", "exporting", "compiling", "registering")
-
-
-@dataclass(frozen=True)
-class Progress:
-    phase: str = ""
-    epoch: int = 0
-    epochs: int = 0
-    loss: float = 0.0
-    train_accuracy: float = 0.0
-    val_accuracy: float = 0.0
-    eta_seconds: float = 0.0
-    trial: int = 0
-    trials: int = 0
-    message: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Progress:
-        if not text:
-            return cls()
-        data = json.loads(text)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-    def describe(self) -> str:
-        """One line for logs and the CLI, e.g. 'training trial 2/4 epoch 3/20 loss 0.41'."""
-        parts = [self.phase or "starting"]
-        if self.trials > 1:
-            parts.append(f"trial {self.trial}/{self.trials}")
-        if self.epochs:
-            parts.append(
-                f"epoch {self.epoch}/{self.epochs} loss {self.loss:.4f} "
-                f"train {self.train_accuracy:.1%} val {self.val_accuracy:.1%}"
-            )
-        if self.message:
-            parts.append(self.message)
-        return " ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -193,10 +193,7 @@ class JobManager:
             raise InvalidRequest(
                 f"{job_id} is {job.state.value}; only a finished job can be retried"
             )
-        spec = spec_from_json(job.request)
-        if isinstance(spec, FineTuneSpec):
-            spec = spec.model_copy(update={"parent_version": 0})  # the latest at retry time
-        return self.submit(spec, retry_of=job_id)
+        return self.submit(spec_from_json(job.request), retry_of=job_id)
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)

@@ -140,6 +140,10 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
         return load_backbone(base, input_shape=shape, image_size=params.image_size)
 
     report.log(f"loading backbone {spec.base}")
+    from transfer.backbones import default_small_cnn_path
+
+    if spec.base == "small-cnn" and not default_small_cnn_path().exists():
+        report.log("pretraining the built-in small-cnn on generated images (once per machine)")
     backbone = backbone_for(first)
     backbone.check_inputs(dataset.kind, dataset.input_shape)
     configs = [_config(p, env) for p in trials]

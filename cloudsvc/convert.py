@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from cloudsvc.fleet import DeviceView
@@ -221,8 +222,6 @@ def progress_to_proto(p: Progress) -> jobs_pb2.JobProgress:
 
 
 def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
-    import json
-
     result = json.loads(job.result or "{}")
     return jobs_pb2.Job(
         job_id=job.job_id,

@@ -15,9 +15,7 @@ from typing import Any, TextIO
 
 from edgefleet.job_views import JobProgress as Progress
 
-__all__ = ["PHASES", "Progress", "Reporter", "WorkerLine", "parse_line"]
-
-PHASES = ("validating", "training", "exporting", "compiling", "registering")
+__all__ = ["Progress", "Reporter", "WorkerLine", "parse_line"]
 
 
 @dataclass(frozen=True)

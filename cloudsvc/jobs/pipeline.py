@@ -48,9 +48,11 @@ from cloudsvc.jobs.spec import (
     FineTuneSpec,
     resolve_upload,
 )
+from cloudsvc.registry import SOURCE_TARGET
 from compilers.errors import AccuracyDropError, CompileError, TargetUnavailableError
 from compilers.targets import Precision, Runtime, TargetProfile, resolve_target
 from edgefleet.errors import EdgefleetError
+from protos.artifact.v1 import artifact_pb2
 from transfer.datasets import Dataset, Split, load_dataset, load_fashion_mnist, sample_dataset
 
 OUTPUT_NAME = "logits"
@@ -241,8 +243,8 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
     shipped = _tokenizer_files(backbone, source_dir)
     preprocessing = _preprocessing(backbone, dataset.class_names, shipped)
     source = BuildResult(
-        target="source",
-        folder="source",
+        target=SOURCE_TARGET,
+        folder=SOURCE_TARGET,
         files=[*source_files, *shipped, EVALUATION_FILE],
         steps=["export-dynamo-per-tensor", "parity-checked"],
         preprocessing=preprocessing,
@@ -563,8 +565,6 @@ def _compile_one(
     budget = max(GOLDEN_MIN_BYTES, int(GOLDEN_SHARE * metrics["size_bytes"]))
     golden = _golden(profile, compiled.primary, source, data.validation, budget)
     golden_file = f"builds/{profile.name}.golden.pb"
-    from protos.artifact.v1 import artifact_pb2
-
     (env.job_dir / golden_file).write_bytes(
         artifact_pb2.Manifest(golden_samples=golden).SerializeToString()
     )
@@ -612,8 +612,6 @@ def _golden(
 def run_compile(spec: CompileSpec, env: WorkerEnv, report: Reporter) -> JobResult:
     """One more target for an existing version, from its source in `job_dir/source` (the
     manager writes it there, with `source.manifest`, before the worker starts)."""
-    from protos.artifact.v1 import artifact_pb2
-
     report.phase("validating", f"{spec.model} v{spec.version} -> {spec.target}")
     profile = _buildable(resolve_target(spec.target))
     source_dir = env.job_dir / "source"

@@ -128,12 +128,6 @@ class FineTuneSpec(BaseModel):
             out.append(FineTuneParams.parse({**base, **overrides}, where))
         return out
 
-    def grid_size(self) -> int:
-        size = 1
-        for _, values in self.search:
-            size *= len(values)
-        return size
-
     def slot_kind(self, gpu_slots: int) -> Literal["gpu", "cpu"]:
         """Where it runs: on a GPU when it asks for CUDA or a GPU target, or says auto
         and the cloud has a GPU worker; else on the CPU slot."""

@@ -48,16 +48,22 @@ class Rig:
         return self.manager.settings
 
     def wait(self, job_id: str) -> JobRecord:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        for _ in self.manager.watch(job_id):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{job_id} did not end within {JOB_TIMEOUT_S}s")
-        return self.manager.get(job_id)
+        return wait_for(self.manager, job_id)
 
     def manifest(self, digest: str) -> artifact_pb2.Manifest:
         manifest = artifact_pb2.Manifest()
         manifest.ParseFromString(self.registry.blobs.get(digest))
         return manifest
+
+
+def wait_for(manager: JobManager, job_id: str) -> JobRecord:
+    """The job once it ended; a test failure if it runs past JOB_TIMEOUT_S (a hang guard)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    for _ in manager.watch(job_id):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"{job_id} did not end within {JOB_TIMEOUT_S}s")
+    return manager.get(job_id)
 
 
 def make_rig(root: Path) -> Rig:
@@ -267,11 +273,7 @@ def test_jobs_cut_off_by_a_stop_or_a_crash_end_failed_and_can_be_retried(
         assert ended.state is JobState.FAILED and "(training)" in ended.error
         retried = again.retry(crashed.job_id)
         assert retried.retry_of == crashed.job_id
-        done = again.get(retried.job_id)
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not done.state.finished and time.monotonic() < deadline:
-            time.sleep(0.2)
-            done = again.get(retried.job_id)
+        done = wait_for(again, retried.job_id)
         assert done.state is JobState.SUCCEEDED, done.error
     finally:
         again.stop()

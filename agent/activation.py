@@ -13,8 +13,8 @@ import numpy.typing as npt
 
 from agent.errors import ArtifactRejected
 from agent.runtime import LoadedModel, SessionOptions, load_model
-from edgefleet.errors import EdgefleetError
-from edgefleet.tensors import from_raw
+from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.tensors import from_raw
 from protos.artifact.v1 import artifact_pb2
 
 

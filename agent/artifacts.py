@@ -16,8 +16,8 @@ from pathlib import Path, PurePosixPath
 
 from agent.chunks import ChunkStore, file_sha256, fsync_dir
 from agent.errors import AgentError, ArtifactRejected
-from edgefleet.errors import ErrorCode
-from edgefleet.manifests import all_chunks
+from edgefleet.core.errors import ErrorCode
+from edgefleet.core.manifests import all_chunks
 from protos.artifact.v1 import artifact_pb2
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.errors import ArtifactRejected
 from agent.ratelimit import RateLimiter
-from edgefleet.manifests import ChunkRef, all_chunks
+from edgefleet.core.manifests import ChunkRef, all_chunks
 from protos.artifact.v1 import artifact_pb2
 
 # Read in this size when hashing files already on disk.

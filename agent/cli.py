@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from agent.settings import AgentSettings, SettingsError, load, parse_labels
-from edgefleet.errors import EdgefleetError
+from edgefleet.core.errors import EdgefleetError
 
 
 def write_port_file(path: Path, port: int) -> None:

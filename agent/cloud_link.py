@@ -15,10 +15,10 @@ from typing import Protocol, TypeVar
 import grpc
 
 from agent.state import Identity
-from edgefleet.auth import bearer_metadata
-from edgefleet.errors import EdgefleetError, ErrorCode
-from edgefleet.grpc_errors import error_from_rpc
-from edgefleet.retry import Backoff
+from edgefleet.core.auth import bearer_metadata
+from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.core.rpc import error_from_rpc
+from edgefleet.core.retry import Backoff
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 

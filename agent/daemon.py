@@ -24,7 +24,7 @@ from agent.reconciler import Reconciler
 from agent.runtime import ModelRepository
 from agent.settings import AgentSettings
 from agent.state import StateStore
-from edgefleet.retry import Backoff
+from edgefleet.core.retry import Backoff
 
 log = logging.getLogger(__name__)
 

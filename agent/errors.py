@@ -1,8 +1,8 @@
-"""The agent's exception hierarchy; codes map to gRPC status in edgefleet.grpc_errors."""
+"""The agent's exception hierarchy; codes map to gRPC status in edgefleet.core.rpc."""
 
 from __future__ import annotations
 
-from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 
 
 class AgentError(EdgefleetError):

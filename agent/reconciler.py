@@ -26,9 +26,9 @@ from agent.errors import AgentError, ArtifactRejected
 from agent.runtime import LoadedModel, ModelRepository, SessionOptions
 from agent.settings import AgentSettings
 from agent.state import Identity, ModelRecord, Slot, StateStore
-from edgefleet.errors import EdgefleetError, ErrorCode
-from edgefleet.manifests import all_chunks, manifest_digest, verify_manifest
-from edgefleet.retry import Backoff
+from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.core.manifests import all_chunks, manifest_digest, verify_manifest
+from edgefleet.core.retry import Backoff
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2
 

@@ -20,7 +20,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from agent.errors import ArtifactRejected, InvalidRequest, ModelNotFound
-from edgefleet.tensors import ORT_TO_DATATYPE
+from edgefleet.core.tensors import ORT_TO_DATATYPE
 
 log = logging.getLogger(__name__)
 

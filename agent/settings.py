@@ -18,8 +18,8 @@ from pydantic_settings import (
 
 from agent.errors import AgentError
 from agent.runtime import PROVIDER_PREFERENCE
-from edgefleet.errors import ErrorCode, InvalidArgument
-from edgefleet.settings import LayeredSettings
+from edgefleet.core.errors import ErrorCode, InvalidArgument
+from edgefleet.core.settings import LayeredSettings
 
 
 class SettingsError(AgentError):

@@ -126,7 +126,7 @@ class Bench:
     """A cloud and one agent per target in `work`, driven through the admin client."""
 
     def __init__(self, work: Path, targets: list[str], job_threads: int) -> None:
-        from edgefleet.processes import ManagedProcess, cloud_process
+        from edgefleet.cli.processes import ManagedProcess, cloud_process
 
         self.work = work
         self.targets = targets
@@ -138,7 +138,7 @@ class Bench:
         self._log_offsets: dict[str, int] = {}
 
     def start(self) -> None:
-        from edgefleet.processes import agent_process
+        from edgefleet.cli.processes import agent_process
 
         self.cloud.start().wait_ready(60)
         for t in self.targets:

@@ -1,5 +1,5 @@
 """Serving overhead: a small CNN at batch 1 through PyTorch eager, ONNX Runtime in process, and
-the agent's Open Inference Protocol server (in its own process) via edgefleet.oip_client.
+the agent's Open Inference Protocol server (in its own process) via edgefleet.client.inference.
 
     python benchmarks/bench_inference.py [--seconds 5] [--requests 5000] [--json out.json]
                                          [--batching]
@@ -88,7 +88,7 @@ def in_flight(
     client: object, request: object, threads: int, seconds: float, requests: int
 ) -> Figures:
     """`threads` callers each sending requests back to back over one shared channel."""
-    from edgefleet.oip_client import InferenceClient
+    from edgefleet.client.inference import InferenceClient
 
     assert isinstance(client, InferenceClient)
     samples: list[list[float]] = [[] for _ in range(threads)]
@@ -136,7 +136,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from edgefleet.oip_client import InferenceClient
+    from edgefleet.client.inference import InferenceClient
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)

@@ -14,8 +14,8 @@ from cloudsvc import convert
 from cloudsvc.errors import InvalidRequest, NotAuthenticated, TooLarge
 from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry, check_name
-from edgefleet.auth import same_secret, token_from_metadata
-from edgefleet.grpc_errors import grpc_method
+from edgefleet.core.auth import same_secret, token_from_metadata
+from edgefleet.core.rpc import grpc_method
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry
 from cloudsvc.store.blobs import check_digest
-from edgefleet.auth import token_from_metadata
-from edgefleet.grpc_errors import grpc_method, grpc_stream_method
+from edgefleet.core.auth import token_from_metadata
+from edgefleet.core.rpc import grpc_method, grpc_stream_method
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 

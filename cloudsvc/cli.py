@@ -11,7 +11,7 @@ from types import FrameType
 
 import click
 
-from edgefleet.errors import EdgefleetError
+from edgefleet.core.errors import EdgefleetError
 
 
 def _write_port_file(path: Path, port: int) -> None:

@@ -37,7 +37,7 @@ from cloudsvc.store.metadata import (
     ReportedStateRecord,
     VersionRecord,
 )
-from edgefleet.auth import hash_token, new_token, same_secret
+from edgefleet.core.auth import hash_token, new_token, same_secret
 
 log = logging.getLogger(__name__)
 

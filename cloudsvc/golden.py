@@ -11,7 +11,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from cloudsvc.errors import BadModel
-from edgefleet.tensors import ORT_TO_DATATYPE, datatype_of, numpy_dtype, to_raw
+from edgefleet.core.tensors import ORT_TO_DATATYPE, datatype_of, numpy_dtype, to_raw
 from protos.artifact.v1 import artifact_pb2
 
 DEFAULT_RTOL = 1e-3

@@ -13,7 +13,7 @@ from cloudsvc.errors import InvalidRequest
 from cloudsvc.jobs.manager import JobManager
 from cloudsvc.jobs.spec import CompileSpec, FineTuneSpec, parse_spec
 from cloudsvc.jobs.uploads import UploadKind, UploadStore
-from edgefleet.grpc_errors import grpc_method, grpc_stream_method
+from edgefleet.core.rpc import grpc_method, grpc_stream_method
 from protos.admin.v1 import jobs_pb2, jobs_pb2_grpc
 
 _UPLOAD_KINDS = {

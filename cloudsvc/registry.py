@@ -43,9 +43,9 @@ from cloudsvc.store.metadata import (
     TensorSpecRecord,
     VersionRecord,
 )
-from edgefleet.errors import EdgefleetError
-from edgefleet.manifests import DEFAULT_CHUNK_SIZE, iter_file_chunks, sha256_hex, sign_manifest
-from edgefleet.tensors import ORT_TO_DATATYPE, from_raw
+from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.manifests import DEFAULT_CHUNK_SIZE, iter_file_chunks, sha256_hex, sign_manifest
+from edgefleet.core.tensors import ORT_TO_DATATYPE, from_raw
 from protos.artifact.v1 import artifact_pb2
 
 log = logging.getLogger(__name__)

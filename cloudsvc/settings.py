@@ -10,9 +10,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from edgefleet.errors import InvalidArgument
-from edgefleet.manifests import DEFAULT_CHUNK_SIZE
-from edgefleet.settings import LayeredSettings
+from edgefleet.core.errors import InvalidArgument
+from edgefleet.core.manifests import DEFAULT_CHUNK_SIZE
+from edgefleet.core.settings import LayeredSettings
 
 
 class CloudSettings(LayeredSettings):

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from cloudsvc.errors import CloudError
-from edgefleet.manifests import key_id, public_key_bytes
+from edgefleet.core.manifests import key_id, public_key_bytes
 
 
 def write_private(path: Path, data: bytes) -> None:

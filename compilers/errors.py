@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 
 
 class CompileError(EdgefleetError):

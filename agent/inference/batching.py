@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from agent.errors import AgentError
 from agent.runtime import LoadedModel
-from edgefleet.errors import ErrorCode
+from edgefleet.core.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A thin servicer: it looks the model up, hands the request to ``validation`` and runs the
 session (optionally through ``batching``, which runs requests that arrive while their model is
-busy together as one batch). Existing clients (Triton's, KServe's, ``edgefleet.oip_client``) work unchanged.
+busy together as one batch). Existing clients (Triton's, KServe's, ``edgefleet.client.inference``) work unchanged.
 gRPC health checking answers SERVING while the server is serving and a model is loaded;
 reflection is on so ``grpcurl`` can list the service.
 
@@ -29,8 +29,8 @@ from agent.errors import AgentError
 from agent.inference.batching import DEFAULT_MAX_BATCH, DynamicBatcher
 from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
 from agent.runtime import LoadedModel, ModelRepository
-from edgefleet.errors import ErrorCode
-from edgefleet.grpc_errors import grpc_method
+from edgefleet.core.errors import ErrorCode
+from edgefleet.core.rpc import grpc_method
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from agent.errors import InvalidRequest
 from agent.runtime import LoadedModel, TensorInfo
-from edgefleet.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD
+from edgefleet.core.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 
 Array = npt.NDArray[np.generic]

@@ -51,7 +51,7 @@ from cloudsvc.jobs.spec import (
 from cloudsvc.registry import SOURCE_TARGET
 from compilers.errors import AccuracyDropError, CompileError, TargetUnavailableError
 from compilers.targets import Precision, Runtime, TargetProfile, resolve_target
-from edgefleet.errors import EdgefleetError
+from edgefleet.core.errors import EdgefleetError
 from protos.artifact.v1 import artifact_pb2
 from transfer.datasets import Dataset, Split, load_dataset, load_fashion_mnist, sample_dataset
 
@@ -668,7 +668,7 @@ def _evaluation_from(spec: CompileSpec, entry: Path, env: WorkerEnv) -> Evaluati
 def _example_feed(entry: Path) -> Feeds:
     """Zeros of the graph's input shapes at batch 1: enough to time and smoke-test a model
     compiled without data (FP32 targets only)."""
-    from edgefleet.tensors import ORT_TO_DATATYPE, numpy_dtype
+    from edgefleet.core.tensors import ORT_TO_DATATYPE, numpy_dtype
 
     feed: Feeds = {}
     for i in session(entry).get_inputs():

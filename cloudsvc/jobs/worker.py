@@ -23,7 +23,7 @@ from cloudsvc.jobs.events import Reporter
 from cloudsvc.jobs.pipeline import WorkerEnv, run_compile, run_finetune
 from cloudsvc.jobs.results import ERROR_FILE, RESULT_FILE, JobResult, WorkerError
 from cloudsvc.jobs.spec import CompileSpec, spec_from_json
-from edgefleet.errors import EdgefleetError
+from edgefleet.core.errors import EdgefleetError
 
 SPEC_FILE = "spec.json"
 ENV_FILE = "env.json"

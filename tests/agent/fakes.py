@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.state import Identity
-from edgefleet.errors import EdgefleetError, ErrorCode, NotFound, Unauthenticated
-from edgefleet.manifests import describe_file, manifest_digest, public_key_bytes, sign_manifest
-from edgefleet.tensors import to_raw
+from edgefleet.core.errors import EdgefleetError, ErrorCode, NotFound, Unauthenticated
+from edgefleet.core.manifests import describe_file, manifest_digest, public_key_bytes, sign_manifest
+from edgefleet.core.tensors import to_raw
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2
 

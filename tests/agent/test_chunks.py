@@ -9,7 +9,7 @@ import pytest
 from agent.artifacts import ArtifactStore, DiskFull, verify_files
 from agent.chunks import ChunkCorrupt, ChunkIncomplete, ChunkStore
 from agent.errors import ArtifactRejected
-from edgefleet.manifests import ChunkRef
+from edgefleet.core.manifests import ChunkRef
 from tests.agent.fakes import build_artifact
 
 

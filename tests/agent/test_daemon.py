@@ -12,7 +12,7 @@ import pytest
 
 from agent.daemon import Agent, advertised_endpoint
 from agent.settings import AgentSettings
-from edgefleet.tensors import to_raw
+from edgefleet.core.tensors import to_raw
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.agent.fakes import WIDTH, FakeCloud, build_artifact

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agent.reconciler import NotEnrolled
-from edgefleet.errors import EdgefleetError
+from edgefleet.core.errors import EdgefleetError
 from protos.fleet.v1 import fleet_pb2
 from tests.agent.conftest import Rig
 from tests.agent.fakes import WIDTH, build_artifact, golden

@@ -19,7 +19,7 @@ from cloudsvc.settings import CloudSettings
 from cloudsvc.signing import ManifestSigner
 from cloudsvc.store.blobs import MemoryBlobStore
 from cloudsvc.store.memory import MemoryMetadataStore
-from edgefleet.auth import bearer_metadata
+from edgefleet.core.auth import bearer_metadata
 from protos.admin.v1 import admin_pb2_grpc
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 

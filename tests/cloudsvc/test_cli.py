@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloudsvc.cli import cloud
-from edgefleet.auth import bearer_metadata
+from edgefleet.core.auth import bearer_metadata
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from cloudsvc.store.metadata import (
     EnrollTokenRecord,
     ModelStatusRecord,
 )
-from edgefleet.auth import hash_token
+from edgefleet.core.auth import hash_token
 
 from .conftest import ENROLL_TOKEN
 

@@ -14,7 +14,7 @@ import pytest
 from cloudsvc.server import CloudServer
 from cloudsvc.settings import CloudSettings
 from edgefleet.client import AdminClient
-from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 from protos.admin.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.cloudsvc.conftest import ADMIN_TOKEN
 
@@ -109,7 +109,7 @@ def test_upload_then_finetune_then_watch_to_a_new_version(
 def test_the_cloud_process_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "import cloudsvc.server, cloudsvc.job_service, edgefleet.jobs_cli\n"
+        "import cloudsvc.server, cloudsvc.job_service, edgefleet.cli.jobs\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not bad, bad\n"
     )

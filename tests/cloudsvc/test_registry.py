@@ -10,8 +10,8 @@ import pytest
 from cloudsvc.errors import BadModel, InvalidRequest, UnknownResource
 from cloudsvc.registry import Registry
 from cloudsvc.signing import ManifestSigner
-from edgefleet.manifests import all_chunks, verify_manifest
-from edgefleet.tensors import from_raw
+from edgefleet.core.manifests import all_chunks, verify_manifest
+from edgefleet.core.tensors import from_raw
 from protos.artifact.v1 import artifact_pb2
 
 from .conftest import write_linear_model

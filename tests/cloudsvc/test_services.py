@@ -18,8 +18,8 @@ from onnx import TensorProto, helper
 
 from cloudsvc.server import CloudServer, serve
 from cloudsvc.settings import CloudSettings
-from edgefleet.auth import bearer_metadata
-from edgefleet.manifests import verify_manifest
+from edgefleet.core.auth import bearer_metadata
+from edgefleet.core.manifests import verify_manifest
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 

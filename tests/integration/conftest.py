@@ -12,9 +12,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from edgefleet.client import AdminClient, Device
-from edgefleet.oip_client import InferenceClient
-from edgefleet.processes import ManagedProcess, agent_process, cloud_process
+from edgefleet.client.admin import AdminClient, Device
+from edgefleet.client.inference import InferenceClient
+from edgefleet.cli.processes import ManagedProcess, agent_process, cloud_process
 from tests.onnx_models import expected_logits, linear_model
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.tensors import to_raw
+from edgefleet.core.tensors import to_raw
 from protos.artifact.v1 import artifact_pb2
 from tests.integration.conftest import Fleet, Versions, running
 from tests.onnx_models import custom_op_model, expected_logits, linear_model

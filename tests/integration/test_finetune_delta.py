@@ -13,9 +13,9 @@ import pytest
 
 from cloudsvc.store.blobs import FolderBlobStore
 from edgefleet.client import AdminClient
-from edgefleet.oip_client import InferenceClient
-from edgefleet.processes import ManagedProcess, cloud_process
-from edgefleet.tensors import from_raw
+from edgefleet.client.inference import InferenceClient
+from edgefleet.cli.processes import ManagedProcess, cloud_process
+from edgefleet.core.tensors import from_raw
 from protos.artifact.v1 import artifact_pb2
 from tests.integration.conftest import Fleet, running
 

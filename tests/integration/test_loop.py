@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 from tests.integration.conftest import Fleet, Versions, running
 
 pytestmark = pytest.mark.integration

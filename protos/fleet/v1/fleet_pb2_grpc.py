@@ -6,7 +6,7 @@ import warnings
 from protos.artifact.v1 import artifact_pb2 as protos_dot_artifact_dot_v1_dot_artifact__pb2
 from protos.fleet.v1 import fleet_pb2 as protos_dot_fleet_dot_v1_dot_fleet__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -5,7 +5,7 @@ import warnings
 
 from protos.inference.v2 import grpc_predict_v2_pb2 as protos_dot_inference_dot_v2_dot_grpc__predict__v2__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from agent.inference.server import InferenceServer, start_inference_server
 from agent.runtime import LoadedModel, ModelRepository, SessionOptions, load_model
-from edgefleet.oip_client import InferenceClient
+from edgefleet.client.inference import InferenceClient
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
 ONE_THREAD = SessionOptions(

@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import edgefleet
 from agent.inference.server import InferenceServer, start_inference_server
 from agent.runtime import LoadedModel, ModelRepository
-from edgefleet.errors import EdgefleetError, ErrorCode
-from edgefleet.oip_client import InferenceClient
+from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.client.inference import InferenceClient
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -133,7 +133,7 @@ def test_typed_round_trip_of_every_type(
 
 @pytest.mark.parametrize("datatype", ["BOOL", "INT8", "UINT64", "FP16", "FP64", "INT64"])
 def test_raw_round_trip_through_client(client: InferenceClient, datatype: str) -> None:
-    from edgefleet.tensors import DATATYPE_TO_NUMPY
+    from edgefleet.core.tensors import DATATYPE_TO_NUMPY
 
     array = np.array([1, 0, 1, 1], dtype=DATATYPE_TO_NUMPY[datatype])
     result = client.infer(f"id-{datatype.lower()}", {"in": array})
@@ -329,7 +329,7 @@ def test_port_in_use_is_a_clear_error(server: InferenceServer) -> None:
 
 
 def test_raw_bytes_layout_matches_protocol() -> None:
-    from edgefleet.oip_client import encode_input
+    from edgefleet.client.inference import encode_input
 
     tensor, data = encode_input("in", np.array(["ab", "c"], dtype=np.object_))
     assert tensor.datatype == "BYTES"

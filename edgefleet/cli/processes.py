@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgefleet.errors import Unavailable
+from edgefleet.core.errors import Unavailable
 
 
 @dataclass

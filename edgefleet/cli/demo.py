@@ -25,10 +25,10 @@ import numpy.typing as npt
 from rich.console import Console
 from rich.table import Table
 
-from edgefleet.admin_cli import human_bytes, render_devices, update_size
-from edgefleet.client import AdminClient, Device, ModelVersion
+from edgefleet.cli.admin import human_bytes, render_devices, update_size
+from edgefleet.client.admin import AdminClient, Device, ModelVersion
 from edgefleet.job_views import Job, JobEvent
-from edgefleet.processes import ManagedProcess, agent_process, cloud_process
+from edgefleet.cli.processes import ManagedProcess, agent_process, cloud_process
 
 console = Console()
 MODEL = "shape-classifier"
@@ -88,7 +88,7 @@ def _score(
     images: npt.NDArray[np.float32],
     labels: npt.NDArray[np.int64],
 ) -> ServedScore:
-    from edgefleet.oip_client import InferenceClient
+    from edgefleet.client.inference import InferenceClient
 
     latencies, correct, served = [], 0, 0
     with InferenceClient(address) as client:

@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from edgefleet.client import AdminClient, Device
-from edgefleet.errors import EdgefleetError
+from edgefleet.client.admin import AdminClient, Device
+from edgefleet.core.errors import EdgefleetError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

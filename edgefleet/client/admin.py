@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edgefleet.auth import bearer_metadata
-from edgefleet.errors import InvalidArgument
-from edgefleet.grpc_errors import error_from_rpc
+from edgefleet.core.auth import bearer_metadata
+from edgefleet.core.errors import InvalidArgument
+from edgefleet.core.rpc import error_from_rpc
 from edgefleet.job_views import (
     Evaluation,
     Job,
@@ -224,7 +224,7 @@ def _device(d: admin_pb2.Device) -> Device:
 class AdminClient:
     """Blocking client for `edgefleet.admin.v1.AdminService`.
 
-    Failed calls raise `edgefleet.errors.EdgefleetError` whose `.code` says what kind of
+    Failed calls raise `edgefleet.core.errors.EdgefleetError` whose `.code` says what kind of
     failure it was and whose message says what to fix.
     """
 
@@ -516,7 +516,7 @@ class AdminClient:
         """Follow the job until it ends; the finished job. Raises Unavailable on timeout."""
         import time
 
-        from edgefleet.errors import Unavailable
+        from edgefleet.core.errors import Unavailable
 
         deadline = None if timeout is None else time.monotonic() + timeout
         seq = 0
@@ -549,7 +549,7 @@ class AdminClient:
         """
         import time
 
-        from edgefleet.errors import Unavailable
+        from edgefleet.core.errors import Unavailable
 
         deadline = time.monotonic() + timeout
         wanted = set(device_ids)

@@ -14,22 +14,22 @@ from edgefleet import __version__
 # command name -> "module:attribute" of a click command or group.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
-        "edgefleet.demo:demo",
+        "edgefleet.cli.demo:demo",
         "Run the whole loop on this machine: cloud, 3 agents, v1 -> v2.",
     ),
     "cloud": ("cloudsvc.cli:cloud", "Run the cloud service (registry, fleet, agent API)."),
     "agent": ("agent.cli:agent", "Run the device agent (reconcile, serve inference)."),
-    "models": ("edgefleet.admin_cli:models", "Push and inspect models and their versions."),
-    "deploy": ("edgefleet.admin_cli:deploy", "Set the version a group of devices should run."),
-    "devices": ("edgefleet.admin_cli:devices", "List devices: labels, online, versions, errors."),
-    "enroll-token": ("edgefleet.admin_cli:enroll_token", "Create a token devices enroll with."),
+    "models": ("edgefleet.cli.admin:models", "Push and inspect models and their versions."),
+    "deploy": ("edgefleet.cli.admin:deploy", "Set the version a group of devices should run."),
+    "devices": ("edgefleet.cli.admin:devices", "List devices: labels, online, versions, errors."),
+    "enroll-token": ("edgefleet.cli.admin:enroll_token", "Create a token devices enroll with."),
     "finetune": (
-        "edgefleet.jobs_cli:finetune",
+        "edgefleet.cli.jobs:finetune",
         "Fine-tune a backbone on your data as a cloud job: new version + artifacts.",
     ),
-    "compile": ("edgefleet.jobs_cli:compile_command", "Build one more target for a version."),
-    "jobs": ("edgefleet.jobs_cli:jobs", "List, follow, cancel and retry fine-tune/compile jobs."),
-    "runs": ("edgefleet.jobs_cli:runs", "Compare versions: settings, metrics, size, latency."),
+    "compile": ("edgefleet.cli.jobs:compile_command", "Build one more target for a version."),
+    "jobs": ("edgefleet.cli.jobs:jobs", "List, follow, cancel and retry fine-tune/compile jobs."),
+    "runs": ("edgefleet.cli.jobs:runs", "Compare versions: settings, metrics, size, latency."),
 }
 
 
@@ -88,6 +88,3 @@ def cli(verbose: int) -> None:
 def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="edgefleet")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """A small typed client for any Open Inference Protocol (KServe v2 gRPC) server, the agent's
 included.
 
-    from edgefleet.oip_client import InferenceClient
+    from edgefleet.client.inference import InferenceClient
     with InferenceClient("127.0.0.1:8001") as client:
         result = client.infer("defect-classifier", {"image": batch})
         print(result.model_version, result.outputs["logits"].argmax(1))
@@ -23,9 +23,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.errors import InvalidArgument
-from edgefleet.grpc_errors import error_from_rpc
-from edgefleet.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD, datatype_of
+from edgefleet.core.errors import InvalidArgument
+from edgefleet.core.rpc import error_from_rpc
+from edgefleet.core.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD, datatype_of
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 

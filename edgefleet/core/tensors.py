@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.errors import InvalidArgument
+from edgefleet.core.errors import InvalidArgument
 
 # OIP datatype name -> numpy dtype (little-endian, as the protocol's raw contents are).
 DATATYPE_TO_NUMPY: dict[str, np.dtype[np.generic]] = {

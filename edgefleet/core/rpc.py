@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 
 log = logging.getLogger(__name__)
 

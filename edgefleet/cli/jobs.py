@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from edgefleet.admin_cli import (
+from edgefleet.cli.admin import (
     admin,
     ago,
     cloud_options,
@@ -34,7 +34,7 @@ from edgefleet.admin_cli import (
     points,
     update_size,
 )
-from edgefleet.client import AdminClient, ModelVersion
+from edgefleet.client.admin import AdminClient, ModelVersion
 from edgefleet.job_views import Job, JobEvent
 
 STATE_STYLE = {

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edgefleet.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 from protos.artifact.v1 import artifact_pb2
 
 MANIFEST_SCHEMA_VERSION = 1

@@ -1,7 +1,7 @@
 """The root of every edgefleet exception and the error codes they carry.
 
 Domain code raises these with an ErrorCode; only the transport layer
-(``edgefleet.grpc_errors``) turns a code into a gRPC status. Each package (agent,
+(``edgefleet.core.rpc``) turns a code into a gRPC status. Each package (agent,
 cloudsvc, compilers, transfer) derives its own base class from ``EdgefleetError``.
 """
 

@@ -11,7 +11,7 @@ from typing import Any, Self
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
 
-from edgefleet.errors import InvalidArgument
+from edgefleet.core.errors import InvalidArgument
 
 # The TOML file of the construction in progress; a context variable rather than class
 # state, so two processes' settings (or two threads) never see each other's file.

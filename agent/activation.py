@@ -9,30 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 
 from agent.errors import ArtifactRejected
 from agent.runtime import LoadedModel, SessionOptions, load_model
 from edgefleet.core.errors import EdgefleetError
-from edgefleet.core.tensors import from_raw
+from edgefleet.core.golden import read_sample
+from edgefleet.core.manifests import golden_refs
 from protos.artifact.v1 import artifact_pb2
 
 
-def _array(value: artifact_pb2.TensorValue) -> npt.NDArray[np.generic]:
-    return from_raw(value.data, value.datatype, list(value.shape))
-
-
-def smoke_test(model: LoadedModel, manifest: artifact_pb2.Manifest) -> int:
-    """Run every golden sample; raise ArtifactRejected naming the first mismatch.
-
-    Returns the number of samples checked.
-    """
+def smoke_test(model: LoadedModel, manifest: artifact_pb2.Manifest, folder: Path) -> int:
+    """Run every golden sample (files of the verified artifact in `folder`); raise
+    ArtifactRejected naming the first mismatch. Returns the number of samples checked."""
     label = f"{manifest.model} v{manifest.version}"
-    for index, sample in enumerate(manifest.golden_samples):
+    for index, sample in enumerate(golden_refs(manifest)):
         try:
-            feeds = {t.name: _array(t) for t in sample.inputs}
-            expected = {t.name: _array(t) for t in sample.outputs}
-        except EdgefleetError as err:
+            feeds, expected = read_sample(folder, sample)
+        except (EdgefleetError, OSError) as err:
             raise ArtifactRejected(f"{label}: golden sample {index} is malformed: {err}") from None
         try:
             outputs = model.run(feeds, list(expected))
@@ -55,7 +48,7 @@ def smoke_test(model: LoadedModel, manifest: artifact_pb2.Manifest) -> int:
                     f"{label}: golden sample {index} output {name!r} differs from the expected "
                     f"value by up to {worst:.6g} (rtol={rtol:g}, atol={atol:g}); not activated"
                 )
-    return len(manifest.golden_samples)
+    return len(manifest.golden)
 
 
 def load_and_check(
@@ -76,5 +69,5 @@ def load_and_check(
             f"{manifest.model} v{manifest.version}: entrypoint {manifest.entrypoint} is not among its files"
         )
     model = load_model(manifest.model, manifest.version, digest, path, options)
-    smoke_test(model, manifest)
+    smoke_test(model, manifest, folder)
     return model

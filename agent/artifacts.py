@@ -15,16 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from agent.chunks import ChunkStore, file_sha256, fsync_dir
-from agent.errors import AgentError, ArtifactRejected
-from edgefleet.core.errors import ErrorCode
-from edgefleet.core.manifests import all_chunks
+from agent.errors import ArtifactRejected, DiskFull
+from edgefleet.core.errors import ManifestError
+from edgefleet.core.manifests import all_chunks, check_path, file_chunks
 from protos.artifact.v1 import artifact_pb2
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class DiskFull(AgentError):
-    code = ErrorCode.FAILED_PRECONDITION
 
 
 @dataclass(frozen=True)
@@ -35,12 +31,10 @@ class DiskNeed:
 
 
 def _relative(path: str) -> PurePosixPath:
-    rel = PurePosixPath(path)
-    if not path or rel.is_absolute() or ".." in rel.parts:
-        raise ArtifactRejected(
-            f"manifest names file {path!r}, which is not a relative path inside the artifact"
-        )
-    return rel
+    try:
+        return check_path(path)
+    except ManifestError as err:
+        raise ArtifactRejected(err.message) from None
 
 
 class ArtifactStore:
@@ -88,7 +82,7 @@ class ArtifactStore:
             target = staging / _relative(entry.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             with target.open("wb") as out:
-                for chunk in entry.chunks:
+                for chunk in file_chunks(entry):
                     src = self.chunks.path(chunk.sha256)
                     if not src.is_file():
                         raise ArtifactRejected(

@@ -10,14 +10,14 @@ import psutil
 
 from agent.runtime import available_providers
 from edgefleet import __version__
-from protos.fleet.v1 import fleet_pb2
+from edgefleet.core.fleet import Capabilities
 
 
-def capabilities() -> fleet_pb2.Capabilities:
-    return fleet_pb2.Capabilities(
+def capabilities() -> Capabilities:
+    return Capabilities(
         arch=platform.machine(),
         os=f"{platform.system()} {platform.release()}".strip(),
-        execution_providers=available_providers(),
+        execution_providers=tuple(available_providers()),
         memory_bytes=int(psutil.virtual_memory().total),
         agent_version=__version__,
         hostname=socket.gethostname(),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ArtifactRejected
+from agent.errors import ArtifactRejected, ChunkCorrupt, ChunkIncomplete
 from agent.ratelimit import RateLimiter
 from edgefleet.core.manifests import ChunkRef, all_chunks
 from protos.artifact.v1 import artifact_pb2
@@ -24,10 +24,6 @@ _READ_BLOCK = 1 << 20
 
 # Yields a chunk's bytes from the given offset on; the cloud link provides it.
 PieceSource = Callable[[str, int], Iterator[bytes]]
-
-
-class ChunkCorrupt(ArtifactRejected):
-    """A downloaded chunk did not match its sha256; its bytes were deleted."""
 
 
 @dataclass
@@ -168,7 +164,3 @@ class ChunkStore:
             freed += entry.stat().st_size
             entry.unlink()
         return freed
-
-
-class ChunkIncomplete(ArtifactRejected):
-    """The stream ended early; the .part file is kept so the next try resumes."""

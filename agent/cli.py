@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from agent.settings import AgentSettings, SettingsError, load, parse_labels
+from agent.errors import SettingsError
+from agent.settings import AgentSettings, load, parse_labels
 from edgefleet.core.errors import EdgefleetError
 
 
@@ -36,7 +37,7 @@ def agent() -> None:
 
 
 @agent.command("run")
-@click.option("--cloud", help="host:port of the cloud service [env EDGEFLEET_CLOUD].")
+@click.option("--cloud", help="host:port of the cloud service [env EDGEFLEET_AGENT_CLOUD].")
 @click.option("--enroll-token", help="Enrollment token, needed on the first start only.")
 @click.option(
     "--data-dir", type=click.Path(path_type=Path), help="Where the agent keeps its state."
@@ -49,7 +50,7 @@ def agent() -> None:
     "--config",
     "config_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML file of settings (same names as the EDGEFLEET_* variables, lowercase).",
+    help="TOML file of settings (same names as the EDGEFLEET_AGENT_* variables, lowercase).",
 )
 @click.option(
     "--port-file",

@@ -1,8 +1,9 @@
 """Everything the agent says to the cloud, behind the small `CloudLink` interface.
 
-The reconciler depends only on the Protocol, so its tests use an in-memory fake; the real
-link is gRPC (AgentService) with keepalive, deadlines and the device token as
-`authorization: Bearer` metadata. Failed calls become EdgefleetErrors via error_from_rpc.
+The reconciler depends only on the Protocol and speaks domain types (edgefleet.core.fleet);
+this module is where they meet the wire. The real link is gRPC (AgentService) with
+keepalive, deadlines and the device token as `authorization: Bearer` metadata. Failed calls
+become EdgefleetErrors via error_from_rpc. Tests use an in-memory fake of the Protocol.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import grpc
 
 from agent.state import Identity
 from edgefleet.core.auth import bearer_metadata
-from edgefleet.core.errors import EdgefleetError, ErrorCode
-from edgefleet.core.rpc import error_from_rpc
+from edgefleet.core.errors import EdgefleetError, ErrorCode, Internal, Unauthenticated
+from edgefleet.core.fleet import Capabilities, DesiredState, Enrollment, ReportedState
 from edgefleet.core.retry import Backoff
+from edgefleet.core.rpc import error_from_rpc
+from edgefleet.core.wire import from_proto, to_proto
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
@@ -39,14 +42,14 @@ class CloudLink(Protocol):
         enroll_token: str,
         device_id: str,
         labels: dict[str, str],
-        capabilities: fleet_pb2.Capabilities,
-    ) -> fleet_pb2.EnrollResponse: ...
+        capabilities: Capabilities,
+    ) -> Enrollment: ...
 
     def authenticate(self, identity: Identity) -> None: ...
 
-    def get_desired_state(self) -> fleet_pb2.DesiredState: ...
+    def get_desired_state(self) -> DesiredState: ...
 
-    def report_state(self, report: fleet_pb2.ReportStateRequest) -> int:
+    def report_state(self, report: ReportedState) -> int:
         """Send a report; returns the cloud's desired generation."""
         ...
 
@@ -101,10 +104,7 @@ class GrpcCloudLink:
 
     def _meta(self) -> tuple[tuple[str, str], ...]:
         if self._identity is None:
-            raise EdgefleetError(
-                "the agent has no device credential yet; it must enroll first",
-                code=ErrorCode.UNAUTHENTICATED,
-            )
+            raise Unauthenticated("the agent has no device credential yet; it must enroll first")
         return bearer_metadata(self._identity.device_token)
 
     @property
@@ -119,28 +119,34 @@ class GrpcCloudLink:
         enroll_token: str,
         device_id: str,
         labels: dict[str, str],
-        capabilities: fleet_pb2.Capabilities,
-    ) -> fleet_pb2.EnrollResponse:
+        capabilities: Capabilities,
+    ) -> Enrollment:
         request = fleet_pb2.EnrollRequest(
-            enroll_token=enroll_token, device_id=device_id, labels=labels, capabilities=capabilities
+            enroll_token=enroll_token,
+            device_id=device_id,
+            labels=labels,
+            capabilities=to_proto(capabilities, fleet_pb2.Capabilities),
         )
         response: fleet_pb2.EnrollResponse = _call(
             lambda: self._stub.Enroll(request, timeout=self._rpc_timeout)
         )
-        return response
+        return from_proto(response, Enrollment)
 
-    def get_desired_state(self) -> fleet_pb2.DesiredState:
+    def get_desired_state(self) -> DesiredState:
         request = fleet_pb2.GetDesiredStateRequest(device_id=self.device_id)
         state: fleet_pb2.DesiredState = _call(
             lambda: self._stub.GetDesiredState(
                 request, timeout=self._rpc_timeout, metadata=self._meta()
             )
         )
-        return state
+        return from_proto(state, DesiredState)
 
-    def report_state(self, report: fleet_pb2.ReportStateRequest) -> int:
+    def report_state(self, report: ReportedState) -> int:
+        request = fleet_pb2.ReportStateRequest(state=to_proto(report, fleet_pb2.ReportedState))
         response: fleet_pb2.ReportStateResponse = _call(
-            lambda: self._stub.ReportState(report, timeout=self._rpc_timeout, metadata=self._meta())
+            lambda: self._stub.ReportState(
+                request, timeout=self._rpc_timeout, metadata=self._meta()
+            )
         )
         return int(response.desired_generation)
 
@@ -163,10 +169,9 @@ class GrpcCloudLink:
             for piece in stream:
                 if piece.offset != expected:
                     stream.cancel()
-                    raise EdgefleetError(
+                    raise Internal(
                         f"chunk {sha256[:12]}: the cloud sent bytes from offset {piece.offset}, "
-                        f"expected {expected}",
-                        code=ErrorCode.INTERNAL,
+                        f"expected {expected}"
                     )
                 expected += len(piece.data)
                 yield piece.data

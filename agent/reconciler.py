@@ -22,32 +22,33 @@ from agent.artifacts import ArtifactStore, verify_files
 from agent.capabilities import capabilities
 from agent.chunks import ChunkStore
 from agent.cloud_link import CloudLink
-from agent.errors import AgentError, ArtifactRejected
+from agent.errors import ArtifactRejected, NotEnrolled, Unavailable
 from agent.runtime import LoadedModel, ModelRepository, SessionOptions
 from agent.settings import AgentSettings
 from agent.state import Identity, ModelRecord, Slot, StateStore
 from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.core.fleet import (
+    Assignment,
+    Capabilities,
+    DesiredState,
+    ModelPhase,
+    ModelStatus,
+    ReportedState,
+)
 from edgefleet.core.manifests import all_chunks, manifest_digest, verify_manifest
 from edgefleet.core.retry import Backoff
 from protos.artifact.v1 import artifact_pb2
-from protos.fleet.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
 
-Phase = fleet_pb2.ModelPhase
-
-
-class NotEnrolled(AgentError):
-    code = ErrorCode.FAILED_PRECONDITION
-
 
 @dataclass
-class ModelStatus:
-    """What the agent is doing about one model, as reported to the cloud."""
+class Work:
+    """What the agent is doing about one model: the version it works towards, and how far."""
 
     desired_version: int = 0
     desired_digest: str = ""
-    phase: int = Phase.MODEL_PHASE_UNSPECIFIED
+    phase: ModelPhase = ModelPhase.UNSPECIFIED
     error: str = ""
 
 
@@ -99,12 +100,12 @@ class Reconciler:
             providers=tuple(settings.providers), intra_op_threads=settings.intra_op_threads
         )
         self._lock = threading.Lock()
-        self._status: dict[str, ModelStatus] = {}
+        self._status: dict[str, Work] = {}
         self._device_error = ""
         self._seen_generation = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._capabilities: fleet_pb2.Capabilities | None = None
+        self._capabilities: Capabilities | None = None
 
     # events and status ----------------------------------------------------------------
     def _event(self, message: str) -> None:
@@ -117,14 +118,14 @@ class Reconciler:
 
     def _set_status(self, model: str, **changes: object) -> None:
         with self._lock:
-            status = self._status.setdefault(model, ModelStatus())
+            status = self._status.setdefault(model, Work())
             for key, value in changes.items():
                 setattr(status, key, value)
 
-    def status(self, model: str) -> ModelStatus:
+    def status(self, model: str) -> Work:
         with self._lock:
-            s = self._status.get(model, ModelStatus())
-            return ModelStatus(s.desired_version, s.desired_digest, s.phase, s.error)
+            s = self._status.get(model, Work())
+            return Work(s.desired_version, s.desired_digest, s.phase, s.error)
 
     @property
     def device_error(self) -> str:
@@ -167,7 +168,7 @@ class Reconciler:
                 record.model,
                 desired_version=default.version,
                 desired_digest=default.digest,
-                phase=Phase.MODEL_PHASE_READY if ready else Phase.MODEL_PHASE_FAILED,
+                phase=ModelPhase.READY if ready else ModelPhase.FAILED,
                 error="" if ready else record.last_error,
             )
             self._event(
@@ -193,7 +194,7 @@ class Reconciler:
             if token is None or not token.get_secret_value():
                 raise NotEnrolled(
                     "this device is not enrolled yet: start it with --enroll-token "
-                    "(or EDGEFLEET_ENROLL_TOKEN); create one with `edgefleet enroll-token`"
+                    "(or EDGEFLEET_AGENT_ENROLL_TOKEN); create one with `edgefleet enroll-token`"
                 )
             response = self.link.enroll(
                 token.get_secret_value(),
@@ -211,7 +212,7 @@ class Reconciler:
         self.link.authenticate(identity)
         return identity
 
-    def _caps(self) -> fleet_pb2.Capabilities:
+    def _caps(self) -> Capabilities:
         if self._capabilities is None:
             self._capabilities = capabilities()
         return self._capabilities
@@ -239,8 +240,8 @@ class Reconciler:
         result.generation = int(desired.generation)
         self._seen_generation = max(self._seen_generation, result.generation)
         device_errors: list[str] = []
-        wanted = {a.model: a for a in desired.models}
-        for assignment in desired.models:
+        wanted = {a.model: a for a in desired.assignments}
+        for assignment in desired.assignments:
             try:
                 if self._converge(assignment, result.generation):
                     result.activated.append(f"{assignment.model} v{assignment.version}")
@@ -253,11 +254,7 @@ class Reconciler:
                 else:
                     self.counters.rejections += 1
                     self.state.record_error(assignment.model, message)
-                self._set_status(
-                    assignment.model,
-                    phase=Phase.MODEL_PHASE_FAILED,
-                    error=message,
-                )
+                self._set_status(assignment.model, phase=ModelPhase.FAILED, error=message)
                 if not isinstance(err, EdgefleetError):
                     log.exception("unexpected failure converging %s", assignment.model)
                 self._event(f"{assignment.model} v{assignment.version} failed: {message}")
@@ -272,7 +269,7 @@ class Reconciler:
             self.counters.failed_passes += 1
         return result
 
-    def _converge(self, assignment: fleet_pb2.ModelAssignment, generation: int) -> bool:
+    def _converge(self, assignment: Assignment, generation: int) -> bool:
         """Make `assignment` the active version; True when a switch happened."""
         name, digest = assignment.model, assignment.manifest_digest
         record = self.state.model(name)
@@ -282,7 +279,7 @@ class Reconciler:
                 name,
                 desired_version=assignment.version,
                 desired_digest=digest,
-                phase=Phase.MODEL_PHASE_READY,
+                phase=ModelPhase.READY,
                 error="",
             )
             if record is not None and record.observed_generation != generation:
@@ -292,7 +289,7 @@ class Reconciler:
             name,
             desired_version=assignment.version,
             desired_digest=digest,
-            phase=Phase.MODEL_PHASE_DOWNLOADING,
+            phase=ModelPhase.DOWNLOADING,
             error="",
         )
         label = f"{name} v{assignment.version}"
@@ -319,7 +316,7 @@ class Reconciler:
             self.chunks.fetch(ref, self._pieces)
             if index % step == 0 or index == len(missing):
                 self._event(f"{label}: downloaded {index}/{len(missing)} chunks")
-        self._set_status(name, phase=Phase.MODEL_PHASE_ACTIVATING)
+        self._set_status(name, phase=ModelPhase.ACTIVATING)
         self._event(f"activating {label}")
         folder = self._assemble(name, digest, manifest)
         model = load_and_check(manifest, digest, folder, self._options)
@@ -328,7 +325,7 @@ class Reconciler:
         dropped = self.repository.publish(model, keep=keep)
         del dropped  # released with their sessions once no request holds them
         self.counters.activations += 1
-        self._set_status(name, phase=Phase.MODEL_PHASE_READY, error="")
+        self._set_status(name, phase=ModelPhase.READY, error="")
         self._event(f"serving {label} on {model.execution_provider}")
         return True
 
@@ -336,9 +333,7 @@ class Reconciler:
         # Checked between pieces so that stop() does not wait for a whole large chunk.
         for data in self.link.fetch_chunk(sha256, offset):
             if self._stop.is_set():
-                raise AgentError(
-                    "download interrupted: the agent is stopping", code=ErrorCode.UNAVAILABLE
-                )
+                raise Unavailable("download interrupted: the agent is stopping")
             yield data
 
     def _serving(self, name: str, slot: Slot) -> bool:
@@ -364,7 +359,7 @@ class Reconciler:
             self._status.pop(record.model, None)
         self._event(f"stopped serving {record.model}: no longer in the desired state")
 
-    def _collect_garbage(self, desired: fleet_pb2.DesiredState) -> None:
+    def _collect_garbage(self, desired: DesiredState) -> None:
         keep: dict[str, set[str]] = {}
         digests: set[str] = set()
         for record in self.state.models():
@@ -373,7 +368,7 @@ class Reconciler:
                     keep.setdefault(record.model, set()).add(slot.digest)
                     digests.add(slot.digest)
         # Chunks of a version still being downloaded stay, so the next try resumes.
-        digests.update(a.manifest_digest for a in desired.models)
+        digests.update(a.manifest_digest for a in desired.assignments)
         manifests: list[artifact_pb2.Manifest] = []
         for digest in digests:
             raw = self.state.manifest(digest)
@@ -396,36 +391,39 @@ class Reconciler:
             log.info("freed %d bytes of unused versions and chunks", freed)
 
     # reports --------------------------------------------------------------------------
-    def build_report(self) -> fleet_pb2.ReportStateRequest:
+    def build_report(self) -> ReportedState:
         identity = self.state.identity()
         records = {r.model: r for r in self.state.models()}
         with self._lock:
-            statuses = {k: ModelStatus(**vars(v)) for k, v in self._status.items()}
-        report = fleet_pb2.ReportStateRequest(
+            works = {k: Work(**vars(v)) for k, v in self._status.items()}
+        models = []
+        for name in sorted(set(records) | set(works)):
+            record = records.get(name)
+            work = works.get(name, Work())
+            # Report what actually answers requests, which after a failed restore can be
+            # the previous version rather than the recorded active one.
+            serving = self._default_model(name)
+            models.append(
+                ModelStatus(
+                    model=name,
+                    active_version=serving.version if serving else 0,
+                    active_digest=serving.digest if serving else "",
+                    previous_version=record.previous.version if record and record.previous else 0,
+                    desired_version=work.desired_version,
+                    phase=work.phase,
+                    error=work.error or (record.last_error if record else ""),
+                    execution_provider=serving.execution_provider if serving else "",
+                )
+            )
+        return ReportedState(
             device_id=identity.device_id if identity else "",
             observed_generation=self.state.observed_generation(),
+            models=tuple(models),
             capabilities=self._caps(),
             last_error=self._device_error,
             labels=dict(self.settings.labels),
             inference_endpoint=self.inference_endpoint,
         )
-        for name in sorted(set(records) | set(statuses)):
-            record = records.get(name)
-            status = statuses.get(name, ModelStatus())
-            # Report what actually answers requests, which after a failed restore can be
-            # the previous version rather than the recorded active one.
-            serving = self._default_model(name)
-            report.models.add(
-                model=name,
-                active_version=serving.version if serving else 0,
-                active_digest=serving.digest if serving else "",
-                previous_version=record.previous.version if record and record.previous else 0,
-                desired_version=status.desired_version,
-                phase=status.phase,
-                error=status.error or (record.last_error if record else ""),
-                execution_provider=serving.execution_provider if serving else "",
-            )
-        return report
 
     def _default_model(self, name: str) -> LoadedModel | None:
         try:

@@ -21,6 +21,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 
 from agent.errors import ArtifactRejected, InvalidRequest, ModelNotFound
 from edgefleet.core.tensors import ORT_TO_DATATYPE
+from edgefleet.core.versions import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ class SessionOptions:
     providers: Sequence[str] = ()
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     inter_op_threads: int = 0
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    datatype: str  # Open Inference Protocol name, e.g. FP32
-    shape: tuple[int, ...]  # -1 for dynamic dimensions
 
 
 def create_session(model_path: Path, options: SessionOptions) -> tuple[ort.InferenceSession, str]:
@@ -83,12 +77,12 @@ def create_session(model_path: Path, options: SessionOptions) -> tuple[ort.Infer
     raise ArtifactRejected(f"ONNX Runtime cannot load {model_path.name}: {detail}")
 
 
-def _tensor_infos(nodes: Sequence[ort.NodeArg]) -> tuple[TensorInfo, ...]:
-    infos = []
+def _tensor_specs(nodes: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
+    specs = []
     for node in nodes:
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-        infos.append(TensorInfo(node.name, ORT_TO_DATATYPE.get(node.type, node.type), shape))
-    return tuple(infos)
+        specs.append(TensorSpec(node.name, ORT_TO_DATATYPE.get(node.type, node.type), shape))
+    return tuple(specs)
 
 
 @dataclass
@@ -100,12 +94,12 @@ class LoadedModel:
     digest: str  # manifest digest
     session: ort.InferenceSession
     execution_provider: str
-    inputs: tuple[TensorInfo, ...] = field(init=False)
-    outputs: tuple[TensorInfo, ...] = field(init=False)
+    inputs: tuple[TensorSpec, ...] = field(init=False)
+    outputs: tuple[TensorSpec, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.inputs = _tensor_infos(self.session.get_inputs())
-        self.outputs = _tensor_infos(self.session.get_outputs())
+        self.inputs = _tensor_specs(self.session.get_inputs())
+        self.outputs = _tensor_specs(self.session.get_outputs())
 
     def run(
         self, feeds: dict[str, npt.NDArray[np.generic]], output_names: Sequence[str] | None = None

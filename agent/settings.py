@@ -1,4 +1,5 @@
-"""The agent's settings: one pydantic-settings model, from a TOML file and `EDGEFLEET_*` env vars.
+"""The agent's settings: one pydantic-settings model, from a TOML file and `EDGEFLEET_AGENT_*`
+environment variables.
 
 Nothing is read at import time: `load()` builds the settings when the daemon starts.
 Precedence, highest first: explicit overrides (CLI flags), environment, config file, defaults.
@@ -16,21 +17,17 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from agent.errors import AgentError
+from agent.errors import SettingsError
 from agent.runtime import PROVIDER_PREFERENCE
-from edgefleet.core.errors import ErrorCode, InvalidArgument
+from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.settings import LayeredSettings
 
 
-class SettingsError(AgentError):
-    code = ErrorCode.INVALID_ARGUMENT
-
-
 class AgentSettings(LayeredSettings):
-    """How one device agent runs. Every field can be set as EDGEFLEET_<NAME>."""
+    """How one device agent runs. Every field can be set as EDGEFLEET_AGENT_<NAME>."""
 
     model_config = SettingsConfigDict(
-        env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="EDGEFLEET_AGENT_", env_nested_delimiter="__", extra="forbid"
     )
     cloud: str = Field(
         default="127.0.0.1:50051", description="host:port of the cloud's AgentService."
@@ -123,7 +120,7 @@ class AgentSettings(LayeredSettings):
     @field_validator("labels", mode="before")
     @classmethod
     def _parse_labels(cls, value: Any) -> Any:
-        # EDGEFLEET_LABELS=site=a,hw=pi reads naturally on a device; JSON also works.
+        # EDGEFLEET_AGENT_LABELS=site=a,hw=pi reads naturally on a device; JSON also works.
         if isinstance(value, str):
             if value.lstrip().startswith("{"):
                 return json.loads(value)
@@ -155,5 +152,3 @@ def load(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
         return AgentSettings.from_sources(config_file, **overrides)
     except InvalidArgument as err:
         raise SettingsError(err.message) from None
-    except ValueError as err:
-        raise SettingsError(f"invalid agent settings: {err}") from None

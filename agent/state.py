@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import AgentError
+from agent.errors import StateError
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far we are.
 _MIGRATIONS: tuple[str, ...] = (
@@ -44,10 +44,6 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 )
-
-
-class StateError(AgentError):
-    """The state file cannot be opened or is from a newer agent."""
 
 
 @dataclass(frozen=True)

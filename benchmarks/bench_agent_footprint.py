@@ -110,8 +110,8 @@ def time_to_ready(
     proc: subprocess.Popen[bytes], port_file: Path, started: float, timeout: float
 ) -> float:
     """Seconds from `started` until the agent answers ServerReady and ModelReady true."""
-    from edgefleet.core.errors import EdgefleetError
     from edgefleet.client.inference import InferenceClient
+    from edgefleet.core.errors import EdgefleetError
 
     port = wait_for_file(port_file, proc, timeout)
     deadline = started + timeout

@@ -133,7 +133,7 @@ class Bench:
         self.admin_token = secrets.token_urlsafe(12)
         self.enroll_token = secrets.token_urlsafe(12)
         self.cloud = cloud_process(work, self.admin_token, self.enroll_token)
-        self.cloud.env["EDGEFLEET_JOB_THREADS"] = str(job_threads)
+        self.cloud.env["EDGEFLEET_CLOUD_JOBS__THREADS"] = str(job_threads)
         self.agents: dict[str, ManagedProcess] = {}
         self._log_offsets: dict[str, int] = {}
 
@@ -148,7 +148,10 @@ class Bench:
                 self.cloud.address,
                 self.enroll_token,
                 {"bench": "delta", "target": t},
-                env={"EDGEFLEET_REPORT_INTERVAL_S": "1", "EDGEFLEET_BACKOFF_CAP_S": "2"},
+                env={
+                    "EDGEFLEET_AGENT_REPORT_INTERVAL_S": "1",
+                    "EDGEFLEET_AGENT_BACKOFF_CAP_S": "2",
+                },
             )
             self._start_agent(t)
 

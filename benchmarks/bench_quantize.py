@@ -89,7 +89,7 @@ def main() -> None:
             max_accuracy_drop=1.0,  # measure here; the verdict against the target is below
         )
         one = val_x[:1]
-        s32, s8 = session(fp32.primary), session(int8.primary)
+        s32, s8 = session(fp32.entrypoint), session(int8.entrypoint)
         n32, n8 = s32.get_inputs()[0].name, s8.get_inputs()[0].name
         x1 = torch.from_numpy(one)
         model.eval()

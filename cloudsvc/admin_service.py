@@ -1,4 +1,5 @@
-"""AdminService: the operator's API. Checks the admin token, converts, calls the logic."""
+"""AdminService: the operator's API. Converts messages and calls the logic; who may call is
+decided before any method runs (cloudsvc.access)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,16 @@ from pathlib import Path
 
 import grpc
 
-from cloudsvc import convert
-from cloudsvc.errors import InvalidRequest, NotAuthenticated, TooLarge
+from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry, check_name
-from edgefleet.core.auth import same_secret, token_from_metadata
-from edgefleet.core.rpc import grpc_method
+from edgefleet.core.wire import to_proto
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-
-def require_admin(context: grpc.ServicerContext, admin_token: str) -> None:
-    """NotAuthenticated unless the call carries the admin token."""
-    token = token_from_metadata(context.invocation_metadata())
-    if not token:
-        raise NotAuthenticated(
-            "admin calls need `authorization: Bearer <admin token>` metadata; the token is "
-            "in the cloud's data_dir/admin-token or EDGEFLEET_ADMIN_TOKEN"
-        )
-    if not same_secret(token, admin_token):
-        raise NotAuthenticated("the admin token is wrong; check EDGEFLEET_ADMIN_TOKEN")
+# Where pushes are received; names that a crash may leave behind (cleaned at start).
+PUSH_PREFIX = "push-"
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
@@ -38,24 +28,17 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self,
         registry: Registry,
         fleet: Fleet,
-        admin_token: str,
         tmp_dir: Path,
         max_upload_bytes: int,
     ) -> None:
         self.registry = registry
         self.fleet = fleet
-        self._admin_token = admin_token
         self.tmp_dir = tmp_dir
         self.max_upload_bytes = max_upload_bytes
 
-    def _require_admin(self, context: grpc.ServicerContext) -> None:
-        require_admin(context, self._admin_token)
-
-    @grpc_method
     def PushModel(
         self, request_iterator: Iterator[admin_pb2.PushModelRequest], context: grpc.ServicerContext
     ) -> admin_pb2.PushModelResponse:
-        self._require_admin(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidRequest(
@@ -71,7 +54,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         # Check the name before accepting gigabytes for it.
         check_name("model", header.model)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="push-", suffix=".onnx")
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix=PUSH_PREFIX, suffix=".onnx")
         tmp = Path(tmp_name)
         try:
             received = 0
@@ -106,39 +89,33 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             )
         finally:
             tmp.unlink(missing_ok=True)
-        return admin_pb2.PushModelResponse(version=convert.version_to_proto(version))
+        return admin_pb2.PushModelResponse(version=to_proto(version, admin_pb2.ModelVersion))
 
-    @grpc_method
     def ListModels(
         self, request: admin_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListModelsResponse:
-        self._require_admin(context)
         return admin_pb2.ListModelsResponse(
-            models=[convert.model_to_proto(m) for m in self.registry.list_models()]
+            models=[to_proto(m, admin_pb2.Model) for m in self.registry.list_models()]
         )
 
-    @grpc_method
     def ListVersions(
         self, request: admin_pb2.ListVersionsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListVersionsResponse:
-        self._require_admin(context)
         versions = self.registry.list_versions(request.model)
         return admin_pb2.ListVersionsResponse(
-            versions=[convert.version_to_proto(v) for v in versions]
+            versions=[to_proto(v, admin_pb2.ModelVersion) for v in versions]
         )
 
-    @grpc_method
     def GetVersion(
         self, request: admin_pb2.GetVersionRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ModelVersion:
-        self._require_admin(context)
-        return convert.version_to_proto(self.registry.get_version(request.model, request.version))
+        return to_proto(
+            self.registry.get_version(request.model, request.version), admin_pb2.ModelVersion
+        )
 
-    @grpc_method
     def Deploy(
         self, request: admin_pb2.DeployRequest, context: grpc.ServicerContext
     ) -> admin_pb2.DeployResponse:
-        self._require_admin(context)
         if request.version == 0:
             raise InvalidRequest("deploy needs a version number (1 or more)")
         results = self.fleet.deploy(
@@ -148,25 +125,26 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             devices=[admin_pb2.DeviceGeneration(device_id=d, generation=g) for d, g in results]
         )
 
-    @grpc_method
+    def ListDeployments(
+        self, request: admin_pb2.ListDeploymentsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListDeploymentsResponse:
+        return admin_pb2.ListDeploymentsResponse(
+            deployments=[to_proto(d, admin_pb2.Deployment) for d in self.fleet.deployments()]
+        )
+
     def ListDevices(
         self, request: admin_pb2.ListDevicesRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListDevicesResponse:
-        self._require_admin(context)
         views = self.fleet.devices(dict(request.selector))
-        return admin_pb2.ListDevicesResponse(devices=[convert.device_to_proto(v) for v in views])
+        return admin_pb2.ListDevicesResponse(devices=[to_proto(v, admin_pb2.Device) for v in views])
 
-    @grpc_method
     def GetDevice(
         self, request: admin_pb2.GetDeviceRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Device:
-        self._require_admin(context)
-        return convert.device_to_proto(self.fleet.device(request.device_id))
+        return to_proto(self.fleet.device(request.device_id), admin_pb2.Device)
 
-    @grpc_method
     def CreateEnrollToken(
         self, request: admin_pb2.CreateEnrollTokenRequest, context: grpc.ServicerContext
     ) -> admin_pb2.CreateEnrollTokenResponse:
-        self._require_admin(context)
         token, expires_at = self.fleet.create_enroll_token(request.ttl_seconds, request.note)
         return admin_pb2.CreateEnrollTokenResponse(enroll_token=token, expires_at=expires_at)

@@ -1,5 +1,5 @@
-"""AgentService: what devices call. Every call but Enroll carries the device's credential,
-and a device reads and writes only its own state."""
+"""AgentService: what devices call. The caller's device credential was checked before any
+method runs (cloudsvc.access); a device reads and writes only its own state."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from collections.abc import Iterator
 
 import grpc
 
-from cloudsvc import convert
+from cloudsvc.access import DeviceCaller
 from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry
 from cloudsvc.store.blobs import check_digest
-from edgefleet.core.auth import token_from_metadata
-from edgefleet.core.rpc import grpc_method, grpc_stream_method
+from edgefleet.core.fleet import Capabilities, ReportedState
+from edgefleet.core.rpc import caller
+from edgefleet.core.wire import from_proto, to_proto
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
@@ -36,16 +37,16 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
         self.max_watchers = max_watchers
         self._watchers = threading.BoundedSemaphore(max_watchers)
 
-    def _device(self, context: grpc.ServicerContext, requested: str) -> str:
-        caller = self.fleet.authenticate(token_from_metadata(context.invocation_metadata()))
-        return self.fleet.authorize(caller, requested)
+    def _device(self, requested: str) -> str:
+        """The calling device's id, checked against the one the request names."""
+        who: DeviceCaller = caller()
+        return self.fleet.authorize(who.device_id, requested)
 
-    @grpc_method
     def Enroll(
         self, request: fleet_pb2.EnrollRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.EnrollResponse:
         caps = (
-            convert.capabilities_from_proto(request.capabilities)
+            from_proto(request.capabilities, Capabilities)
             if request.HasField("capabilities")
             else None
         )
@@ -53,24 +54,18 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
             request.enroll_token, request.device_id, dict(request.labels), caps
         )
         log.info("enrolled device %s", enrollment.device_id)
-        return fleet_pb2.EnrollResponse(
-            device_id=enrollment.device_id,
-            device_token=enrollment.device_token,
-            manifest_public_keys=enrollment.manifest_public_keys,
-        )
+        return to_proto(enrollment, fleet_pb2.EnrollResponse)
 
-    @grpc_method
     def GetDesiredState(
         self, request: fleet_pb2.GetDesiredStateRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.DesiredState:
-        device_id = self._device(context, request.device_id)
-        return convert.desired_to_proto(self.fleet.desired_state(device_id))
+        device_id = self._device(request.device_id)
+        return to_proto(self.fleet.desired_state(device_id), fleet_pb2.DesiredState)
 
-    @grpc_stream_method
     def WatchDesiredState(
         self, request: fleet_pb2.WatchDesiredStateRequest, context: grpc.ServicerContext
     ) -> Iterator[fleet_pb2.DesiredStateNotice]:
-        device_id = self._device(context, request.device_id)
+        device_id = self._device(request.device_id)
         if not self._watchers.acquire(blocking=False):
             raise TooLarge(
                 f"this cloud already serves {self.max_watchers} watch streams; poll "
@@ -94,38 +89,34 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
         finally:
             self._watchers.release()
 
-    @grpc_method
     def ReportState(
         self, request: fleet_pb2.ReportStateRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.ReportStateResponse:
-        device_id = self._device(context, request.device_id)
+        state = from_proto(request.state, ReportedState)
+        device_id = self._device(state.device_id)
         generation = self.fleet.report(
-            device_id,
-            observed_generation=request.observed_generation,
-            models=[convert.model_status_from_proto(m) for m in request.models],
-            last_error=request.last_error,
-            inference_endpoint=request.inference_endpoint,
-            labels=dict(request.labels),
-            capabilities=(
-                convert.capabilities_from_proto(request.capabilities)
-                if request.HasField("capabilities")
-                else None
-            ),
+            ReportedState(
+                device_id=device_id,
+                observed_generation=state.observed_generation,
+                models=state.models,
+                capabilities=state.capabilities,
+                last_error=state.last_error,
+                labels=state.labels,
+                inference_endpoint=state.inference_endpoint,
+            )
         )
         return fleet_pb2.ReportStateResponse(desired_generation=generation)
 
-    @grpc_method
     def GetManifest(
         self, request: fleet_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> artifact_pb2.SignedManifest:
-        self._device(context, request.device_id)
+        self._device(request.device_id)
         return self.registry.signed_manifest(check_digest(request.digest))
 
-    @grpc_stream_method
     def FetchChunk(
         self, request: fleet_pb2.FetchChunkRequest, context: grpc.ServicerContext
     ) -> Iterator[fleet_pb2.ChunkPiece]:
-        self._device(context, request.device_id)
+        self._device(request.device_id)
         sha = check_digest(request.sha256)
         blobs = self.registry.blobs
         total = blobs.size(sha)

@@ -1,51 +1,54 @@
-"""The cloud service's errors. Each carries an ErrorCode; servicers map codes to statuses."""
+"""The cloud service's errors: one class per code (each under edgefleet.core.errors' class
+of that code, so clients and tests catch them by the same name), and named cases below."""
 
 from __future__ import annotations
 
-from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.core import errors as core
 
 
-class CloudError(EdgefleetError):
+class CloudError(core.EdgefleetError):
     """Root of every error the cloud service raises on purpose."""
 
 
-class InvalidRequest(CloudError):
-    code = ErrorCode.INVALID_ARGUMENT
+class InvalidRequest(CloudError, core.InvalidArgument):
+    pass
 
 
-class UnknownResource(CloudError):
-    code = ErrorCode.NOT_FOUND
+class UnknownResource(CloudError, core.NotFound):
+    pass
 
 
-class Conflict(CloudError):
-    code = ErrorCode.ALREADY_EXISTS
+class Conflict(CloudError, core.AlreadyExists):
+    pass
 
 
-class NotReady(CloudError):
-    code = ErrorCode.FAILED_PRECONDITION
+class NotReady(CloudError, core.FailedPrecondition):
+    pass
 
 
-class NotAuthenticated(CloudError):
-    code = ErrorCode.UNAUTHENTICATED
+class NotAuthenticated(CloudError, core.Unauthenticated):
+    pass
 
 
-class Forbidden(CloudError):
-    code = ErrorCode.PERMISSION_DENIED
+class Forbidden(CloudError, core.PermissionDenied):
+    pass
 
 
-class TooLarge(CloudError):
-    code = ErrorCode.RESOURCE_EXHAUSTED
+class TooLarge(CloudError, core.ResourceExhausted):
+    pass
+
+
+class StoreError(CloudError, core.Internal):
+    pass
 
 
 class BadModel(InvalidRequest):
     """An uploaded file that ONNX Runtime cannot load or that cannot be described."""
 
 
-class BlobCorrupt(CloudError):
+class BlobCorrupt(StoreError):
     """Stored bytes whose digest no longer matches their name."""
 
-    code = ErrorCode.INTERNAL
 
-
-class StoreError(CloudError):
-    code = ErrorCode.INTERNAL
+class JobFailed(NotReady):
+    """A job that cannot go on; the message says what to change."""

@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from cloudsvc.errors import (
     CloudError,
@@ -25,46 +25,34 @@ from cloudsvc.errors import (
 )
 from cloudsvc.registry import DEFAULT_TARGET, Registry
 from cloudsvc.store.metadata import (
-    ArtifactRecord,
-    Assignment,
-    CapabilitiesRecord,
-    DeploymentRecord,
-    DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
     MetadataStore,
-    ModelStatusRecord,
-    ReportedStateRecord,
-    VersionRecord,
 )
 from edgefleet.core.auth import hash_token, new_token, same_secret
+from edgefleet.core.fleet import (
+    Assignment,
+    Capabilities,
+    Deployment,
+    DesiredState,
+    Device,
+    Enrollment,
+    ReportedState,
+)
+from edgefleet.core.versions import Artifact, ModelVersion
 
 log = logging.getLogger(__name__)
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAX_LABELS = 64
+MAX_TOKEN_TTL_S = 10 * 366 * 86_400
+MAX_MODELS_REPORTED = 1024
 # Writing last_seen on every chunk fetch would be an fsync per chunk; once a second is plenty
 # for an "online within 30 s" view.
 _TOUCH_EVERY_S = 1.0
 
 
-@dataclass(frozen=True)
-class Enrollment:
-    device_id: str
-    device_token: str
-    manifest_public_keys: list[bytes]
-
-
-@dataclass(frozen=True)
-class DeviceView:
-    """What an operator sees of one device."""
-
-    device: DeviceRecord
-    online: bool
-    desired: DesiredStateRecord
-    reported: ReportedStateRecord | None
-
-
-def best_target(artifacts: Sequence[ArtifactRecord], caps: CapabilitiesRecord) -> str | None:
+def best_target(artifacts: Sequence[Artifact], caps: Capabilities) -> str | None:
     """The artifact target a device with these capabilities runs best; None if none fits."""
     providers = set(caps.execution_providers)
     ranked: list[tuple[int, str]] = []
@@ -107,6 +95,13 @@ class Fleet:
     # enrollment ------------------------------------------------------------------------
     def create_enroll_token(self, ttl_seconds: int = 0, note: str = "") -> tuple[str, int]:
         """A new enrollment token (only its hash is kept) and its expiry (0 = never)."""
+        if not 0 <= ttl_seconds <= MAX_TOKEN_TTL_S:
+            raise InvalidRequest(
+                f"a token's lifetime is 0 (no expiry) to {MAX_TOKEN_TTL_S} seconds (10 years); "
+                f"got {ttl_seconds}"
+            )
+        if len(note) > 500:
+            raise InvalidRequest("a token's note is at most 500 characters")
         token = new_token("enr")
         now = int(time.time())
         expires = now + ttl_seconds if ttl_seconds else 0
@@ -135,7 +130,7 @@ class Fleet:
         enroll_token: str,
         device_id: str = "",
         labels: Mapping[str, str] | None = None,
-        capabilities: CapabilitiesRecord | None = None,
+        capabilities: Capabilities | None = None,
     ) -> Enrollment:
         """A device id and a fresh credential; re-enrolling an id rotates its credential."""
         self._check_enroll_token(enroll_token)
@@ -154,14 +149,13 @@ class Fleet:
             token_hash=hash_token(token),
             enrolled_at=existing.enrolled_at if existing else int(now),
             labels=dict(labels or (existing.labels if existing else {})),
-            capabilities=capabilities
-            or (existing.capabilities if existing else CapabilitiesRecord()),
+            capabilities=capabilities or (existing.capabilities if existing else Capabilities()),
             last_seen_at=now,
         )
         self.metadata.put_device(record)
         if existing is None:
             self._apply_standing_deployments(record)
-        return Enrollment(device_id, token, list(self.trusted_keys))
+        return Enrollment(device_id, token, tuple(self.trusted_keys))
 
     def _apply_standing_deployments(self, device: DeviceRecord) -> None:
         """Give a newly enrolled device what the deployments matching its labels say, the
@@ -182,7 +176,7 @@ class Fleet:
             return
         with self._deploy_lock:
             for assignment in chosen.values():
-                self._assign(device.device_id, assignment)
+                self.metadata.assign({device.device_id: assignment})
         with self._changed:
             self._changed.notify_all()
 
@@ -252,21 +246,16 @@ class Fleet:
         devices = [d for d in self.metadata.list_devices() if d.matches(selector)]
         if not devices:
             raise NotReady(self._no_match_message(selector))
-        plan = [(d, self._assignment(record, d, target)) for d in devices]
-        results = []
+        plan = {d.device_id: self._assignment(record, d, target) for d in devices}
+        deployment = Deployment(model, selector, version, target, time.time())
         with self._deploy_lock:
-            self.metadata.put_deployment(
-                DeploymentRecord(
-                    model, tuple(sorted(selector.items())), version, target, time.time()
-                )
-            )
-            for device, assignment in plan:
-                results.append((device.device_id, self._assign(device.device_id, assignment)))
+            # One transaction: a crash leaves the whole deploy recorded or none of it.
+            generations = self.metadata.assign(plan, deployment)
         with self._changed:
             self._changed.notify_all()
-        return results
+        return sorted(generations.items())
 
-    def _assignment(self, record: VersionRecord, device: DeviceRecord, target: str) -> Assignment:
+    def _assignment(self, record: ModelVersion, device: DeviceRecord, target: str) -> Assignment:
         chosen = target or best_target(record.artifacts, device.capabilities)
         artifact = record.artifact(chosen) if chosen else None
         if artifact is None:
@@ -276,15 +265,6 @@ class Fleet:
                 f"{device.device_id} (providers: {list(device.capabilities.execution_providers)})"
             )
         return Assignment(record.model, record.version, artifact.target, artifact.manifest_digest)
-
-    def _assign(self, device_id: str, assignment: Assignment) -> int:
-        while True:
-            current = self.metadata.get_desired(device_id)
-            kept = tuple(a for a in current.assignments if a.model != assignment.model)
-            models = tuple(sorted((*kept, assignment), key=lambda a: a.model))
-            new = DesiredStateRecord(device_id, current.generation + 1, models)
-            if self.metadata.put_desired(new, current.generation):
-                return new.generation
 
     def _no_match_message(self, selector: Mapping[str, str]) -> str:
         devices = self.metadata.list_devices()
@@ -298,7 +278,11 @@ class Fleet:
         )
 
     # desired state and watches -------------------------------------------------------------
-    def desired_state(self, device_id: str) -> DesiredStateRecord:
+    def deployments(self) -> list[Deployment]:
+        """Standing deployments, oldest first."""
+        return self.metadata.list_deployments()
+
+    def desired_state(self, device_id: str) -> DesiredState:
         return self.metadata.get_desired(device_id)
 
     def wait_for_change(
@@ -338,60 +322,49 @@ class Fleet:
         return self._closed
 
     # reports ---------------------------------------------------------------------------
-    def report(
-        self,
-        device_id: str,
-        observed_generation: int,
-        models: Sequence[ModelStatusRecord] = (),
-        last_error: str = "",
-        inference_endpoint: str = "",
-        labels: Mapping[str, str] | None = None,
-        capabilities: CapabilitiesRecord | None = None,
-    ) -> int:
+    def report(self, state: ReportedState) -> int:
         """Store what the device runs; the cloud's desired generation for it."""
-        device = self.metadata.get_device(device_id)
+        device = self.metadata.get_device(state.device_id)
         if device is None:
-            raise UnknownResource(f"device {device_id!r} is not enrolled; enroll it first")
-        now = time.time()
-        self.metadata.put_reported(
-            ReportedStateRecord(
-                device_id=device_id,
-                observed_generation=observed_generation,
-                models=tuple(models),
-                last_error=last_error,
-                inference_endpoint=inference_endpoint,
-                reported_at=now,
+            raise UnknownResource(f"device {state.device_id!r} is not enrolled; enroll it first")
+        check_labels(state.labels)
+        if len(state.models) > MAX_MODELS_REPORTED:
+            raise InvalidRequest(
+                f"the report lists {len(state.models)} models; at most {MAX_MODELS_REPORTED}"
             )
-        )
-        if labels:
-            check_labels(labels)
+        now = time.time()
+        self.metadata.put_reported(replace(state, reported_at=now))
         changed = replace(
             device,
-            labels=dict(labels) if labels else device.labels,
-            capabilities=capabilities or device.capabilities,
+            labels=dict(state.labels) if state.labels else device.labels,
+            capabilities=state.capabilities or device.capabilities,
             last_seen_at=now,
         )
         if changed != device:
             self.metadata.put_device(changed)
-        return self.metadata.get_desired(device_id).generation
+        return self.metadata.get_desired(state.device_id).generation
 
     # listing ---------------------------------------------------------------------------
-    def view(self, device: DeviceRecord, now: float | None = None) -> DeviceView:
+    def view(self, device: DeviceRecord, now: float | None = None) -> Device:
         now = time.time() if now is None else now
-        return DeviceView(
-            device=device,
+        return Device(
+            device_id=device.device_id,
+            labels=device.labels,
+            capabilities=device.capabilities,
             online=now - device.last_seen_at <= self.offline_after_s,
+            last_seen_at=device.last_seen_at,
+            enrolled_at=device.enrolled_at,
             desired=self.metadata.get_desired(device.device_id),
             reported=self.metadata.get_reported(device.device_id),
         )
 
-    def devices(self, selector: Mapping[str, str] | None = None) -> list[DeviceView]:
+    def devices(self, selector: Mapping[str, str] | None = None) -> list[Device]:
         now = time.time()
         return [
             self.view(d, now) for d in self.metadata.list_devices() if d.matches(selector or {})
         ]
 
-    def device(self, device_id: str) -> DeviceView:
+    def device(self, device_id: str) -> Device:
         device = self.metadata.get_device(device_id)
         if device is None:
             raise UnknownResource(
@@ -401,6 +374,8 @@ class Fleet:
 
 
 def check_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidRequest(f"{len(labels)} labels; a device may have at most {MAX_LABELS}")
     for key, value in labels.items():
         if not key or len(key) > 63 or len(value) > 255:
             raise InvalidRequest(

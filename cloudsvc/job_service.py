@@ -1,19 +1,19 @@
-"""JobService: fine-tune and compile jobs over gRPC. Checks the admin token, converts
-messages, calls the JobManager and the UploadStore; nothing else."""
+"""JobService: fine-tune and compile jobs over gRPC. Converts messages and calls the
+JobManager and the UploadStore; nothing else (access is decided in cloudsvc.access)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
-from cloudsvc import convert
 from cloudsvc.errors import InvalidRequest
 from cloudsvc.jobs.manager import JobManager
 from cloudsvc.jobs.spec import CompileSpec, FineTuneSpec, parse_spec
 from cloudsvc.jobs.uploads import UploadKind, UploadStore
-from edgefleet.core.rpc import grpc_method, grpc_stream_method
+from edgefleet.core.jobs import Job
+from edgefleet.core.wire import to_proto
 from protos.admin.v1 import jobs_pb2, jobs_pb2_grpc
 
 _UPLOAD_KINDS = {
@@ -67,22 +67,18 @@ def compile_spec(request: jobs_pb2.CompileRequest) -> CompileSpec:
     return spec
 
 
+def _job(job: Job) -> jobs_pb2.Job:
+    return to_proto(job, jobs_pb2.Job)
+
+
 class JobService(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(
-        self,
-        jobs: JobManager,
-        uploads: UploadStore,
-        require_admin: Callable[[grpc.ServicerContext], None],
-    ) -> None:
+    def __init__(self, jobs: JobManager, uploads: UploadStore) -> None:
         self.jobs = jobs
         self.uploads = uploads
-        self._require_admin = require_admin
 
-    @grpc_method
     def Upload(
         self, request_iterator: Iterator[jobs_pb2.UploadRequest], context: grpc.ServicerContext
     ) -> jobs_pb2.UploadResponse:
-        self._require_admin(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidRequest("the first Upload message must be the header, then the bytes")
@@ -106,55 +102,41 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             existed=upload.existed,
         )
 
-    @grpc_method
     def SubmitFineTune(
         self, request: jobs_pb2.FineTuneRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.Job:
-        self._require_admin(context)
-        return convert.job_to_proto(self.jobs.submit(finetune_spec(request)))
+        return _job(self.jobs.submit(finetune_spec(request)))
 
-    @grpc_method
     def SubmitCompile(
         self, request: jobs_pb2.CompileRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.Job:
-        self._require_admin(context)
-        return convert.job_to_proto(self.jobs.submit(compile_spec(request)))
+        return _job(self.jobs.submit(compile_spec(request)))
 
-    @grpc_method
     def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.ListJobsResponse:
-        self._require_admin(context)
         jobs = self.jobs.list(request.model, request.active_only, request.limit)
-        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs])
+        return jobs_pb2.ListJobsResponse(jobs=[_job(j) for j in jobs])
 
-    @grpc_method
     def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.Job:
-        self._require_admin(context)
-        return convert.job_to_proto(self.jobs.get(request.job_id))
+        return _job(self.jobs.get(request.job_id))
 
-    @grpc_stream_method
     def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[jobs_pb2.JobEvent]:
-        self._require_admin(context)
         for event in self.jobs.watch(
             request.job_id, request.after_seq, request.follow, alive=context.is_active
         ):
-            yield convert.job_event_to_proto(event)
+            yield to_proto(event, jobs_pb2.JobEvent)
 
-    @grpc_method
     def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.Job:
-        self._require_admin(context)
-        return convert.job_to_proto(self.jobs.cancel(request.job_id))
+        return _job(self.jobs.cancel(request.job_id))
 
-    @grpc_method
     def RetryJob(
         self, request: jobs_pb2.RetryJobRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.Job:
-        self._require_admin(context)
-        return convert.job_to_proto(self.jobs.retry(request.job_id))
+        return _job(self.jobs.retry(request.job_id))

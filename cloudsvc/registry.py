@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from cloudsvc.errors import (
@@ -24,28 +22,41 @@ from cloudsvc.errors import (
     NotReady,
     UnknownResource,
 )
-from cloudsvc.golden import (
-    DEFAULT_ATOL,
-    DEFAULT_RTOL,
-    GOLDEN_BYTES_BUDGET,
-    cpu_session,
-    make_golden_samples,
-    sample_bytes,
-)
+from cloudsvc.golden import GOLDEN_BYTES_BUDGET, make_golden_samples, pair_bytes
+from cloudsvc.sessions import open_session
 from cloudsvc.signing import ManifestSigner
 from cloudsvc.store.blobs import BlobStore
-from cloudsvc.store.metadata import (
-    ArtifactRecord,
-    EvaluationRecord,
-    LineageRecord,
-    MetadataStore,
-    ModelRecord,
-    TensorSpecRecord,
-    VersionRecord,
-)
+from cloudsvc.store.metadata import MetadataStore
+from compilers.build import Build
 from edgefleet.core.errors import EdgefleetError
-from edgefleet.core.manifests import DEFAULT_CHUNK_SIZE, iter_file_chunks, sha256_hex, sign_manifest
-from edgefleet.core.tensors import ORT_TO_DATATYPE, from_raw
+from edgefleet.core.golden import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    Arrays,
+    GoldenRef,
+    inline_arrays,
+    sample_paths,
+    tensor_set_bytes,
+)
+from edgefleet.core.manifests import (
+    DEFAULT_CHUNK_SIZE,
+    NAME_PATTERN,
+    describe_blocks,
+    file_chunks,
+    iter_file_chunks,
+    sha256_hex,
+    sign_manifest,
+)
+from edgefleet.core.tensors import ORT_TO_DATATYPE
+from edgefleet.core.versions import (
+    Artifact,
+    Evaluation,
+    Lineage,
+    Model,
+    ModelVersion,
+    TensorSpec,
+)
+from edgefleet.core.wire import to_proto
 from protos.artifact.v1 import artifact_pb2
 
 log = logging.getLogger(__name__)
@@ -58,33 +69,8 @@ SOURCE_TARGET = "source"
 SOURCE_KEY = "source_manifest"
 
 
-@dataclass(frozen=True)
-class Build:
-    """Files compiled for one target, in `folder`, ready to become an artifact.
-
-    `files` are paths relative to `folder`, the entrypoint first. Golden samples are the
-    inputs and outputs the device's smoke test must reproduce within their tolerances.
-    """
-
-    target: str
-    folder: Path
-    files: tuple[str, ...]
-    format: str = "onnx"
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    steps: tuple[str, ...] = ()
-    golden_samples: tuple[artifact_pb2.GoldenSample, ...] = ()
-    preprocessing: Mapping[str, str] = field(default_factory=dict)
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def entrypoint_path(self) -> Path:
-        return self.folder / self.files[0]
-
-
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-
-
 def check_name(kind: str, name: str) -> str:
+    """`name`, when it is a valid model or target name; InvalidRequest otherwise."""
     if not NAME_PATTERN.match(name):
         raise InvalidRequest(
             f"{kind} name {name[:80]!r} is not valid: use 1-63 characters of a-z, 0-9, '.', '_' "
@@ -97,21 +83,24 @@ def _dims(shape: Sequence[object]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
 
 
+Sample = tuple[Arrays, Arrays, float, float]
+"""A golden sample before it becomes files: inputs, expected outputs, rtol, atol."""
+
+
 def _specs_from_session(
     path: Path,
-) -> tuple[
-    tuple[TensorSpecRecord, ...], tuple[TensorSpecRecord, ...], list[artifact_pb2.GoldenSample]
-]:
-    session = cpu_session(path)
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], list[Sample]]:
+    session = open_session(path)
     inputs = tuple(
-        TensorSpecRecord(i.name, ORT_TO_DATATYPE.get(i.type, "BYTES"), _dims(i.shape))
+        TensorSpec(i.name, ORT_TO_DATATYPE.get(i.type, "BYTES"), _dims(i.shape))
         for i in session.get_inputs()
     )
     outputs = tuple(
-        TensorSpecRecord(o.name, ORT_TO_DATATYPE.get(o.type, "BYTES"), _dims(o.shape))
+        TensorSpec(o.name, ORT_TO_DATATYPE.get(o.type, "BYTES"), _dims(o.shape))
         for o in session.get_outputs()
     )
-    return inputs, outputs, make_golden_samples(session)
+    made = [(i, o, DEFAULT_RTOL, DEFAULT_ATOL) for i, o in make_golden_samples(session)]
+    return inputs, outputs, made
 
 
 # ONNX TensorProto element types -> Open Inference Protocol names (for unverified pushes).
@@ -134,7 +123,7 @@ _ONNX_ELEM_TO_DATATYPE = {
 
 def _specs_from_graph(
     path: Path,
-) -> tuple[tuple[TensorSpecRecord, ...], tuple[TensorSpecRecord, ...]]:
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The signature read from the graph alone, for files ONNX Runtime is not asked to load."""
     import onnx  # the cloud extra has onnx; imported here so the agent never pulls it in
 
@@ -144,44 +133,43 @@ def _specs_from_graph(
         raise BadModel(f"the uploaded file is not an ONNX model: {err}") from None
     initializers = {i.name for i in model.graph.initializer}
 
-    def spec(value: object) -> TensorSpecRecord:
+    def spec(value: object) -> TensorSpec:
         tensor = value.type.tensor_type  # type: ignore[attr-defined]
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
         name: str = value.name  # type: ignore[attr-defined]
-        return TensorSpecRecord(name, _ONNX_ELEM_TO_DATATYPE.get(tensor.elem_type, "BYTES"), dims)
+        return TensorSpec(name, _ONNX_ELEM_TO_DATATYPE.get(tensor.elem_type, "BYTES"), dims)
 
     inputs = tuple(spec(i) for i in model.graph.input if i.name not in initializers)
     return inputs, tuple(spec(o) for o in model.graph.output)
 
 
-def _check_golden(samples: Sequence[artifact_pb2.GoldenSample]) -> list[artifact_pb2.GoldenSample]:
-    checked = []
+def _inline_samples(samples: Sequence[artifact_pb2.GoldenSample]) -> list[Sample]:
+    """Golden samples a push carried, checked."""
+    checked: list[Sample] = []
     for n, sample in enumerate(samples):
         if not sample.inputs or not sample.outputs:
             raise InvalidRequest(f"golden sample {n} needs at least one input and one output")
-        for tensor in [*sample.inputs, *sample.outputs]:
-            try:
-                from_raw(tensor.data, tensor.datatype, list(tensor.shape))
-            except EdgefleetError as err:
-                raise InvalidRequest(f"golden sample {n}, tensor {tensor.name!r}: {err}") from None
-        copy = artifact_pb2.GoldenSample()
-        copy.CopyFrom(sample)
-        if copy.rtol == 0 and copy.atol == 0:
+        try:
+            inputs, outputs = inline_arrays(sample)
+        except EdgefleetError as err:
+            raise InvalidRequest(f"golden sample {n}: {err}") from None
+        rtol, atol = sample.rtol, sample.atol
+        if rtol == 0 and atol == 0:
             # proto3 cannot tell "exact" from "unset"; exact float equality across
             # execution providers is never what anyone wants.
-            copy.rtol, copy.atol = DEFAULT_RTOL, DEFAULT_ATOL
-        checked.append(copy)
-    total = sum(map(sample_bytes, checked))
+            rtol, atol = DEFAULT_RTOL, DEFAULT_ATOL
+        checked.append((inputs, outputs, rtol, atol))
+    total = sum(pair_bytes(i, o) for i, o, _, _ in checked)
     if total > GOLDEN_BYTES_BUDGET:
         raise InvalidRequest(
             f"the golden samples hold {total} bytes; keep them under {GOLDEN_BYTES_BUDGET} "
-            "(they travel inside the manifest): send fewer or smaller samples"
+            "(every device downloads them): send fewer or smaller samples"
         )
     return checked
 
 
-def _spec_proto(s: TensorSpecRecord) -> artifact_pb2.TensorSpec:
-    return artifact_pb2.TensorSpec(name=s.name, datatype=s.datatype, shape=list(s.shape))
+def _specs(specs: Sequence[TensorSpec]) -> list[artifact_pb2.TensorSpec]:
+    return [to_proto(s, artifact_pb2.TensorSpec) for s in specs]
 
 
 class Registry:
@@ -210,7 +198,7 @@ class Registry:
         skip_verify: bool = False,
         parent_version: int = 0,
         created_by: str = "",
-    ) -> VersionRecord:
+    ) -> ModelVersion:
         """Record `path` as the next version of `model`; the new version's record."""
         check_name("model", model)
         target = check_name("target", target or DEFAULT_TARGET)
@@ -223,7 +211,7 @@ class Registry:
                 f"parent version {parent_version} of {model} does not exist; "
                 f"see `edgefleet models versions {model}`"
             )
-        samples = _check_golden(golden_samples)
+        samples = _inline_samples(golden_samples)
         if skip_verify:
             inputs, outputs = _specs_from_graph(path)
         else:
@@ -232,6 +220,7 @@ class Registry:
                 samples = made
 
         entry = self._store_file(path, ENTRYPOINT)
+        golden, golden_files = self._store_golden(samples)
         with self._push_lock:
             number = self._next_number(model)
             artifact = self._sign_and_store(
@@ -241,14 +230,14 @@ class Registry:
                     target=target,
                     format="onnx",
                     entrypoint=ENTRYPOINT,
-                    files=[entry],
-                    inputs=[_spec_proto(s) for s in inputs],
-                    outputs=[_spec_proto(s) for s in outputs],
-                    golden_samples=samples,
+                    files=[entry, *golden_files],
+                    inputs=_specs(inputs),
+                    outputs=_specs(outputs),
+                    golden=[to_proto(g, artifact_pb2.GoldenRef) for g in golden],
                     metadata=dict(metadata or {}),
                 )
             )
-            record = VersionRecord(
+            record = ModelVersion(
                 model=model,
                 version=number,
                 description=description,
@@ -282,11 +271,11 @@ class Registry:
         source: Build,
         description: str = "",
         parent_version: int = 0,
-        lineage: LineageRecord | None = None,
-        evaluation: EvaluationRecord | None = None,
+        lineage: Lineage | None = None,
+        evaluation: Evaluation | None = None,
         metadata: Mapping[str, str] | None = None,
         created_by: str = "",
-    ) -> VersionRecord:
+    ) -> ModelVersion:
         """Record compiled builds (one per target) as the next version of `model`.
 
         `source` is the parity-checked export they were compiled from, with its evaluation
@@ -298,7 +287,7 @@ class Registry:
             raise InvalidRequest("a version needs at least one compiled artifact")
         if parent_version and self.metadata.get_version(model, parent_version) is None:
             raise UnknownResource(f"parent version {parent_version} of {model} does not exist")
-        inputs, outputs = _specs_from_graph(source.entrypoint_path)
+        inputs, outputs = _specs_from_graph(source.entrypoint)
         entries = {b.target: self._store_files(b) for b in (*builds, source)}
         with self._push_lock:
             number = self._next_number(model)
@@ -312,7 +301,7 @@ class Registry:
             kept = self._sign_and_store(
                 self._build_manifest(model, number, source, entries[source.target]), source
             )
-            record = VersionRecord(
+            record = ModelVersion(
                 model=model,
                 version=number,
                 description=description,
@@ -322,7 +311,7 @@ class Registry:
                 metadata={**dict(metadata or {}), SOURCE_KEY: kept.manifest_digest},
                 inputs=inputs,
                 outputs=outputs,
-                golden_sample_count=max(len(b.golden_samples) for b in builds),
+                golden_sample_count=max(len(b.golden) for b in builds),
                 created_by=created_by,
                 artifacts=artifacts,
                 lineage=lineage,
@@ -339,7 +328,7 @@ class Registry:
         )
         return record
 
-    def add_target(self, model: str, version: int, build: Build) -> ArtifactRecord:
+    def add_target(self, model: str, version: int, build: Build) -> Artifact:
         """Another target's artifact for an existing version; Conflict if it has one."""
         record = self.get_version(model, version)
         if record.artifact(build.target) is not None:
@@ -364,6 +353,25 @@ class Registry:
             )
         return pushed.manifest_digest
 
+    def golden_inputs(self, model: str, version: int) -> list[bytes]:
+        """The golden input files of a version's artifacts (of its first artifact that has
+        any), for a child version to re-use."""
+        record = self.get_version(model, version)
+        for artifact in record.artifacts:
+            if not self.blobs.has(artifact.manifest_digest):
+                continue
+            manifest = artifact_pb2.Manifest()
+            manifest.ParseFromString(self.blobs.get(artifact.manifest_digest))
+            files = {f.path: f for f in manifest.files}
+            found = [
+                b"".join(self.blobs.get(c.sha256) for c in file_chunks(files[g.inputs]))
+                for g in manifest.golden
+                if g.inputs in files
+            ]
+            if found:
+                return found
+        return []
+
     def materialize(self, digest: str, folder: Path) -> artifact_pb2.Manifest:
         """Write the files of the stored manifest `digest` into `folder`, each checked."""
         if not self.blobs.has(digest):
@@ -375,7 +383,7 @@ class Registry:
             target.parent.mkdir(parents=True, exist_ok=True)
             whole = hashlib.sha256()
             with target.open("wb") as out:
-                for chunk in entry.chunks:
+                for chunk in file_chunks(entry):
                     data = self.blobs.get(chunk.sha256)
                     whole.update(data)
                     out.write(data)
@@ -396,11 +404,23 @@ class Registry:
             raise InvalidRequest(f"the {build.target} build lacks files {missing[:5]}")
         return [self._store_file(build.folder / name, name) for name in build.files]
 
+    def _store_golden(
+        self, samples: Sequence[Sample]
+    ) -> tuple[list[GoldenRef], list[artifact_pb2.ArtifactFile]]:
+        refs: list[GoldenRef] = []
+        entries: list[artifact_pb2.ArtifactFile] = []
+        for index, (inputs, outputs, rtol, atol) in enumerate(samples):
+            inputs_path, outputs_path = sample_paths(index)
+            entries.append(self._store_bytes(inputs_path, tensor_set_bytes(inputs)))
+            entries.append(self._store_bytes(outputs_path, tensor_set_bytes(outputs)))
+            refs.append(GoldenRef(inputs_path, outputs_path, rtol, atol))
+        return refs, entries
+
     def _build_manifest(
         self, model: str, version: int, build: Build, files: list[artifact_pb2.ArtifactFile]
     ) -> artifact_pb2.Manifest:
         inputs, outputs = (
-            _specs_from_graph(build.entrypoint_path) if build.format == "onnx" else ((), ())
+            _specs_from_graph(build.entrypoint) if build.format == "onnx" else ((), ())
         )
         return artifact_pb2.Manifest(
             model=model,
@@ -409,9 +429,9 @@ class Registry:
             format=build.format,
             entrypoint=build.files[0],
             files=files,
-            inputs=[_spec_proto(s) for s in inputs],
-            outputs=[_spec_proto(s) for s in outputs],
-            golden_samples=_check_golden(build.golden_samples),
+            inputs=_specs(inputs),
+            outputs=_specs(outputs),
+            golden=[to_proto(g, artifact_pb2.GoldenRef) for g in build.golden],
             preprocessing=artifact_pb2.Preprocessing(params=dict(build.preprocessing)),
             metadata=dict(build.metadata),
         )
@@ -420,8 +440,8 @@ class Registry:
         self,
         manifest: artifact_pb2.Manifest,
         build: Build | None = None,
-        parent: VersionRecord | None = None,
-    ) -> ArtifactRecord:
+        parent: ModelVersion | None = None,
+    ) -> Artifact:
         manifest.created_at = int(time.time())
         signed = sign_manifest(manifest, self.signer.key)
         digest = sha256_hex(signed.manifest)
@@ -433,18 +453,21 @@ class Registry:
             # chunks it does not hold yet (content addressing makes the rest a no-op).
             held = artifact_pb2.Manifest()
             held.ParseFromString(self.blobs.get(previous.manifest_digest))
-            have = {c.sha256 for f in held.files for c in f.chunks}
+            have = {c.sha256 for f in held.files for c in file_chunks(f)}
             new = {
-                c.sha256: c.size for f in manifest.files for c in f.chunks if c.sha256 not in have
+                c.sha256: c.size
+                for f in manifest.files
+                for c in file_chunks(f)
+                if c.sha256 not in have
             }
             metrics["update_bytes"] = float(len(signed.manifest) + sum(new.values()))
-        return ArtifactRecord(
+        return Artifact(
             model=manifest.model,
             version=manifest.version,
             target=manifest.target,
             manifest_digest=digest,
             size_bytes=sum(f.size for f in manifest.files),
-            chunk_count=len({c.sha256 for f in manifest.files for c in f.chunks}),
+            chunk_count=len({c.sha256 for f in manifest.files for c in file_chunks(f)}),
             created_at=manifest.created_at,
             signature_hex=signed.signature.hex(),
             key_id=signed.key_id,
@@ -456,27 +479,31 @@ class Registry:
 
     def _store_file(self, path: Path, name: str) -> artifact_pb2.ArtifactFile:
         # Streamed chunk by chunk so a 2 GiB model never sits in memory whole.
-        whole = hashlib.sha256()
-        entry = artifact_pb2.ArtifactFile(path=name)
-        for block in iter_file_chunks(path, self.chunk_size):
-            whole.update(block)
-            digest = sha256_hex(block)
-            self.blobs.put(digest, block)
-            entry.chunks.add(sha256=digest, size=len(block))
-        entry.size = sum(c.size for c in entry.chunks)
-        entry.sha256 = whole.hexdigest()
+        return self._store_blocks(name, iter_file_chunks(path, self.chunk_size))
+
+    def _store_bytes(self, name: str, data: bytes) -> artifact_pb2.ArtifactFile:
+        blocks = (data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size))
+        return self._store_blocks(name, blocks)
+
+    def _store_blocks(self, name: str, blocks: Iterable[bytes]) -> artifact_pb2.ArtifactFile:
+        def stored() -> Iterator[bytes]:
+            for block in blocks:
+                self.blobs.put(sha256_hex(block), block)
+                yield block
+
+        entry, _ = describe_blocks(name, stored())
         return entry
 
     # reads -------------------------------------------------------------------------------
-    def list_models(self) -> list[ModelRecord]:
+    def list_models(self) -> list[Model]:
         return self.metadata.list_models()
 
-    def list_versions(self, model: str) -> list[VersionRecord]:
+    def list_versions(self, model: str) -> list[ModelVersion]:
         if self.metadata.get_model(model) is None:
             raise self._unknown_model(model)
         return self.metadata.list_versions(model)
 
-    def get_version(self, model: str, version: int) -> VersionRecord:
+    def get_version(self, model: str, version: int) -> ModelVersion:
         record = self.metadata.get_version(model, version)
         if record is None:
             if self.metadata.get_model(model) is None:

@@ -14,12 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloudsvc.admin_service import AdminService, require_admin
+from cloudsvc.access import ADMIN_SERVICE, AGENT_SERVICE, JOB_SERVICE, Gate
+from cloudsvc.admin_service import AdminService
 from cloudsvc.agent_service import AgentService
 from cloudsvc.errors import CloudError
 from cloudsvc.fleet import Fleet
 from cloudsvc.job_service import JobService
-from cloudsvc.jobs.manager import JobManager, JobSettings, detect_gpus
+from cloudsvc.jobs.manager import JobManager
 from cloudsvc.jobs.uploads import UploadStore
 from cloudsvc.registry import Registry
 from cloudsvc.settings import CloudSettings
@@ -28,8 +29,9 @@ from cloudsvc.store.blobs import FolderBlobStore
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import MetadataStore
 from cloudsvc.store.sqlite import SqliteMetadataStore
-from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+from edgefleet.core.rpc import CallGuard
+from protos.admin.v1 import admin_pb2_grpc, jobs_pb2_grpc
+from protos.fleet.v1 import fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20
 # Worker threads never taken by watch streams, so unary calls and downloads always run.
 RESERVED_WORKERS = 8
+# What this port serves (health and reflection besides); health answers for each.
+SERVICES = (ADMIN_SERVICE, JOB_SERVICE, AGENT_SERVICE)
 
 
 @dataclass(frozen=True)
@@ -85,24 +89,13 @@ class CloudServer:
             static_enroll_tokens=[t.get_secret_value() for t in settings.enroll_tokens],
             offline_after_s=settings.offline_after_s,
         )
-        self.jobs = JobManager(
-            self.metadata,
-            self.registry,
-            JobSettings(
-                jobs_dir=settings.jobs_dir,
-                uploads_dir=settings.uploads_dir,
-                cache_dir=settings.feature_cache_dir,
-                fashion_mnist_dir=settings.fashion_mnist_dir,
-                gpu_slots=detect_gpus() if settings.job_gpus is None else settings.job_gpus,
-                cpu_slots=settings.job_cpu_slots,
-                threads=settings.job_threads,
-            ),
-        )
+        self.jobs = JobManager(self.metadata, self.registry, settings)
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="cloud-rpc"
             ),
+            interceptors=[CallGuard(Gate(self.fleet, self.admin_token.value))],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -115,22 +108,11 @@ class CloudServer:
             ],
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(
-                self.registry,
-                self.fleet,
-                self.admin_token.value,
-                settings.tmp_dir,
-                settings.max_upload_bytes,
-            ),
+            AdminService(self.registry, self.fleet, settings.tmp_dir, settings.max_upload_bytes),
             self._server,
         )
-        admin_token = self.admin_token.value
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(
-                self.jobs,
-                UploadStore(settings.uploads_dir, settings.max_upload_bytes),
-                lambda context: require_admin(context, admin_token),
-            ),
+            JobService(self.jobs, UploadStore(settings.uploads_dir, settings.max_upload_bytes)),
             self._server,
         )
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -143,14 +125,9 @@ class CloudServer:
             self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        services = (
-            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-            jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
-            fleet_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        reflection.enable_server_reflection(services, self._server)
         address = f"{settings.host}:{settings.port}"
         try:
             self.port = self._server.add_insecure_port(address)
@@ -173,11 +150,7 @@ class CloudServer:
         self._server.start()
         self.jobs.start()
         self.started_at = time.time()
-        for name in (
-            "",
-            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-            fleet_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
-        ):
+        for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("cloud serving on %s", self.address)
         return self

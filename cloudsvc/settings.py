@@ -1,25 +1,55 @@
-"""The cloud process's settings: defaults < TOML file < EDGEFLEET_* environment < arguments."""
+"""The cloud process's settings: defaults < TOML file < EDGEFLEET_CLOUD_* environment <
+command-line options. Job settings are the nested section [jobs] (EDGEFLEET_CLOUD_JOBS__*)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
-from pydantic_settings import (
-    SettingsConfigDict,
-)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.manifests import DEFAULT_CHUNK_SIZE
 from edgefleet.core.settings import LayeredSettings
 
 
+class JobSettings(BaseModel):
+    """How fine-tune and compile jobs run: `[jobs]` in the TOML file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs jobs may use, one job at a time each; unset: as many as "
+        "`nvidia-smi -L` lists (0 without NVIDIA's driver).",
+    )
+    cpu_slots: int = Field(
+        1, ge=0, le=64, description="Jobs that may run at once on the CPU (0: GPU only)."
+    )
+    threads: int = Field(
+        0, ge=0, description="torch threads per job worker; 0: torch's default (all cores)."
+    )
+    fashion_mnist_dir: Path = Field(
+        Path("/usr/share/datasets/fashion-mnist"),
+        description="Where Debian's dataset-fashion-mnist puts the data set jobs call "
+        "fashion-mnist.",
+    )
+    cancel_grace_s: float = Field(
+        10.0, gt=0, description="Seconds a cancelled worker gets to stop before SIGKILL."
+    )
+    keep_files: bool = Field(
+        False, description="Keep a job's builds after registering them (for debugging)."
+    )
+
+
 class CloudSettings(LayeredSettings):
-    """Settings of `edgefleet cloud serve`. Environment: EDGEFLEET_<FIELD>, nested with __."""
+    """Settings of `edgefleet cloud serve`. Environment: EDGEFLEET_CLOUD_<FIELD>, nested
+    fields with __ (EDGEFLEET_CLOUD_JOBS__CPU_SLOTS=2)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="EDGEFLEET_CLOUD_", env_nested_delimiter="__", extra="forbid"
     )
 
     data_dir: Path = Field(
@@ -53,22 +83,8 @@ class CloudSettings(LayeredSettings):
     watch_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds between keep-alive notices on idle watch streams."
     )
-    job_gpus: int | None = Field(
-        None,
-        ge=0,
-        description="GPUs fine-tune jobs may use, one job at a time each; unset: as many as "
-        "`nvidia-smi -L` lists (0 without NVIDIA's driver).",
-    )
-    job_cpu_slots: int = Field(
-        1, ge=0, le=64, description="Jobs that may run at once on the CPU (0: GPU only)."
-    )
-    job_threads: int = Field(
-        0, ge=0, description="torch threads per job worker; 0: torch's default (all cores)."
-    )
-    fashion_mnist_dir: Path = Field(
-        Path("/usr/share/datasets/fashion-mnist"),
-        description="Where Debian's dataset-fashion-mnist puts the data set jobs call "
-        "fashion-mnist.",
+    jobs: JobSettings = Field(
+        default_factory=lambda: JobSettings(), description="Fine-tune and compile jobs."
     )
     metadata_backend: str = Field(
         "sqlite", pattern="^(sqlite|memory)$", description="sqlite (durable) or memory (tests)."

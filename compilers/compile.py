@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
-from compilers.errors import CompileError
+from compilers.build import Build
+from compilers.errors import CompileRefused
 from compilers.layout import save_per_tensor
 from compilers.optimize import OptimizationLevel, optimize_graph
 from compilers.quantize import (
@@ -32,24 +31,6 @@ from compilers.quantize import (
 )
 from compilers.targets import Runtime, Step, TargetProfile, resolve_target
 from compilers.tensorrt import BatchProfile, build_engine, require_tensorrt
-
-
-@dataclass(frozen=True)
-class CompiledArtifact:
-    """The files a device needs (primary first), the profile, and what was measured.
-
-    `metrics` holds size_bytes, source_size_bytes, compile_seconds and, when an `evaluate`
-    was given, accuracy_baseline, accuracy and accuracy_drop.
-    """
-
-    files: tuple[Path, ...]
-    target: TargetProfile
-    metrics: Mapping[str, float]
-    steps: tuple[str, ...] = field(default=())  # what was done, e.g. "int8-static-qdq-..."
-
-    @property
-    def primary(self) -> Path:
-        return self.files[0]
 
 
 def default_timing_cache() -> Path:
@@ -69,7 +50,7 @@ def compile_target(
     int8_mode: Int8Mode = Int8Mode.AUTO,
     timing_cache: Path | None = None,
     tensorrt_batch: BatchProfile = BatchProfile(),  # noqa: B008 - frozen
-) -> CompiledArtifact:
+) -> Build:
     """Build the artifact for `target` from `onnx_path` into the empty folder `out_dir`.
 
     `evaluate(path) -> score` (higher is better, e.g. accuracy on a validation split) is
@@ -143,7 +124,7 @@ def compile_target(
         if change.drop > max_accuracy_drop:
             for file in files:
                 file.unlink(missing_ok=True)
-            raise CompileError(
+            raise CompileRefused(
                 f"the {profile.name} artifact scored {change.candidate:.4f} against "
                 f"{baseline:.4f} for the source (allowed drop {max_accuracy_drop:.4f}): "
                 "the compile step changed the model's behaviour; check the source with "
@@ -160,7 +141,14 @@ def compile_target(
             "accuracy": change.candidate,
             "accuracy_drop": change.drop,
         }
-    return CompiledArtifact(tuple(files), profile, metrics, tuple(steps))
+    return Build(
+        target=profile.name,
+        folder=out_dir,
+        files=tuple(f.relative_to(out_dir).as_posix() for f in files),
+        format="onnx" if profile.runtime is Runtime.ONNXRUNTIME else "tensorrt-plan",
+        metrics=metrics,
+        steps=tuple(steps),
+    )
 
 
 def _preflight(
@@ -174,14 +162,14 @@ def _preflight(
     if profile.requires_module == "tensorrt":
         require_tensorrt(profile.name)
     if not onnx_path.is_file():
-        raise CompileError(f"no ONNX model at {onnx_path}: export the model first")
+        raise CompileRefused(f"no ONNX model at {onnx_path}: export the model first")
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise CompileError(
+        raise CompileRefused(
             f"output folder {out_dir} is not empty: compile each target into a fresh folder "
             "so its file list is exactly the artifact"
         )
     if profile.changes_numerics and evaluate is None:
-        raise CompileError(
+        raise CompileRefused(
             f"target {profile.name} changes the model's numerics ({profile.precision}): pass "
             "evaluate= (score on a validation split) so the accuracy change is measured"
         )
@@ -190,7 +178,7 @@ def _preflight(
         if mode is Int8Mode.AUTO:
             mode = choose_int8_mode(op_census(onnx_path))
         if mode is Int8Mode.STATIC and calibration is None:
-            raise CompileError(
+            raise CompileRefused(
                 f"{onnx_path.name} is convolutional, so {profile.name} uses static INT8, which "
                 "needs calibration= (a few hundred typical inputs); or pass "
                 "int8_mode='dynamic' (slower on CNNs)"
@@ -203,7 +191,7 @@ def _check_loads(path: Path) -> None:
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:
-        raise CompileError(f"the compiled model {path} does not load: {err}") from err
+        raise CompileRefused(f"the compiled model {path} does not load: {err}") from err
 
 
 def _model_bytes(path: Path) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from compilers.errors import CompileError
+from compilers.errors import CompileRefused
 from compilers.layout import save_per_tensor
 from compilers.parity import OutputParity, ParityReport, Tolerance, check_parity
 
@@ -97,7 +97,7 @@ def export_onnx(
     Raises CompileError naming the model class and the cause when torch cannot export it.
     """
     if external_data and not dynamo:
-        raise CompileError(
+        raise CompileRefused(
             "external_data=True needs the dynamo exporter (dynamo=True): the TorchScript "
             "exporter names weights like 'onnx::Conv_39', so their files would not be stable"
         )
@@ -105,7 +105,7 @@ def export_onnx(
     _check_forward_takes(model, inputs)
     axes, ranges = _dynamic_axes(inputs, dynamic_dims or {}, dim_max or {}, max_batch)
     if output_name in inputs:
-        raise CompileError(
+        raise CompileRefused(
             f"output_name {output_name!r} is also an input's name: ONNX needs distinct names"
         )
     model = model.eval()
@@ -131,14 +131,14 @@ def export_onnx(
         try:
             onnx.save(graph, str(path))
         except ValueError as err:
-            raise CompileError(
+            raise CompileRefused(
                 f"{type(model).__name__} is too large for one ONNX file ({err}): "
                 "export with external_data=True"
             ) from err
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:
-        raise CompileError(f"exported ONNX graph is invalid: {err}") from err
+        raise CompileRefused(f"exported ONNX graph is invalid: {err}") from err
     return path
 
 
@@ -161,24 +161,26 @@ def _named_inputs(sample: Sample, input_name: str | None) -> dict[str, torch.Ten
     if isinstance(sample, torch.Tensor):
         return {input_name or "input": sample}
     if not isinstance(sample, Mapping):
-        raise CompileError(
+        raise CompileRefused(
             f"sample must be a torch.Tensor or a mapping of input name -> tensor, "
             f"not {type(sample).__name__}"
         )
     if input_name is not None:
-        raise CompileError(
+        raise CompileRefused(
             "input_name names the input of a single-tensor sample; with a mapping sample its "
             f"keys ({list(sample)}) are the input names"
         )
     if not sample:
-        raise CompileError("sample is an empty mapping: give one example tensor per input")
+        raise CompileRefused("sample is an empty mapping: give one example tensor per input")
     inputs: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in sample.items():
         if not isinstance(name, str) or not name:
-            raise CompileError(f"input names must be non-empty strings, got {name!r}")
+            raise CompileRefused(f"input names must be non-empty strings, got {name!r}")
         if not isinstance(tensor, torch.Tensor):
-            raise CompileError(f"sample[{name!r}] is a {type(tensor).__name__}, not a torch.Tensor")
+            raise CompileRefused(
+                f"sample[{name!r}] is a {type(tensor).__name__}, not a torch.Tensor"
+            )
         # Dynamic shapes are keyed by tensor identity, so one tensor fed as two inputs
         # would get a single spec: give each input its own tensor.
         inputs[name] = tensor.clone() if id(tensor) in seen else tensor
@@ -195,7 +197,7 @@ def _check_forward_takes(model: torch.nn.Module, inputs: Mapping[str, torch.Tens
         signature.bind(*inputs.values())
     except TypeError as err:
         params = ", ".join(_spelled(p) for p in signature.parameters.values())
-        raise CompileError(
+        raise CompileRefused(
             f"{type(model).__name__}.forward({params}) cannot take the sample's "
             f"{len(inputs)} input(s) {list(inputs)} positionally ({err}): give the sample "
             "one tensor per positional parameter, in forward's order"
@@ -220,28 +222,28 @@ def _dynamic_axes(
     mistake in `dynamic_dims` is reported here, before the slow export starts."""
     unknown = sorted(set(dynamic_dims) - set(inputs))
     if unknown:
-        raise CompileError(
+        raise CompileRefused(
             f"dynamic_dims names inputs the sample lacks: {unknown}; the inputs are {list(inputs)}"
         )
     if max_batch < 1:
-        raise CompileError(f"max_batch must be >= 1, got {max_batch}")
+        raise CompileRefused(f"max_batch must be >= 1, got {max_batch}")
     axes: dict[str, dict[int, str]] = {}
     sizes: dict[str, tuple[int, str]] = {}  # dim name -> (example size, where it was seen)
     for name, tensor in inputs.items():
         if tensor.dim() == 0:
-            raise CompileError(
+            raise CompileRefused(
                 f"input {name!r} is a scalar: every input needs a batch axis (axis 0)"
             )
         named = {0: BATCH}
         for axis, dim in dynamic_dims.get(name, {}).items():
             if not isinstance(axis, int) or not 1 <= axis < tensor.dim():
-                raise CompileError(
+                raise CompileRefused(
                     f"dynamic_dims[{name!r}] names axis {axis!r}, but {name!r} has shape "
                     f"{list(tensor.shape)}: name axes 1..{tensor.dim() - 1} (axis 0 is "
                     f"always the shared {BATCH!r} dim)"
                 )
             if not isinstance(dim, str) or not dim.isidentifier() or dim == BATCH:
-                raise CompileError(
+                raise CompileRefused(
                     f"dynamic_dims[{name!r}][{axis}] is {dim!r}: dim names must be Python "
                     f"identifiers other than {BATCH!r} (reserved for axis 0)"
                 )
@@ -249,7 +251,7 @@ def _dynamic_axes(
         for axis, dim in named.items():
             size, where = int(tensor.shape[axis]), f"{name!r} axis {axis}"
             if dim in sizes and sizes[dim][0] != size:
-                raise CompileError(
+                raise CompileRefused(
                     f"dim {dim!r} is {sizes[dim][0]} at {sizes[dim][1]} but {size} at {where} "
                     "in the sample: inputs that share a dim need the same example size"
                 )
@@ -257,7 +259,7 @@ def _dynamic_axes(
         axes[name] = named
     stray = sorted(set(dim_max) - (set(sizes) - {BATCH}))
     if stray:
-        raise CompileError(
+        raise CompileRefused(
             f"dim_max names dims that dynamic_dims does not define: {stray}"
             + ("; the batch dim's limit is max_batch" if BATCH in stray else "")
         )
@@ -265,13 +267,13 @@ def _dynamic_axes(
     for dim, (size, where) in sizes.items():
         top = max_batch if dim == BATCH else dim_max.get(dim, DEFAULT_DIM_MAX)
         if dim != BATCH and size < 2:
-            raise CompileError(
+            raise CompileRefused(
                 f"the example size of dynamic dim {dim!r} ({where}) is {size}: use an "
                 "example of size >= 2 (e.g. a longer sentence); torch.export turns sizes 0 "
                 "and 1 into constants, so the graph would not accept other sizes"
             )
         if not 1 <= size <= top:
-            raise CompileError(
+            raise CompileRefused(
                 f"the example size of dim {dim!r} ({where}) is {size}, outside 1..{top}: "
                 + ("raise max_batch" if dim == BATCH else f"raise dim_max[{dim!r}]")
             )
@@ -291,14 +293,14 @@ def _check_dims_stayed_dynamic(
     for name, named in axes.items():
         value = declared.get(name)
         if value is None:
-            raise CompileError(
+            raise CompileRefused(
                 f"the exported graph of {type(model).__name__} has no input {name!r} (its "
                 f"inputs are {list(declared)}): does forward use every input in the sample?"
             )
         dims = value.type.tensor_type.shape.dim
         for axis, dim in named.items():
             if axis < len(dims) and not dims[axis].dim_param:
-                raise CompileError(
+                raise CompileRefused(
                     f"{type(model).__name__} fixes axis {axis} ({dim!r}) of input {name!r} to "
                     f"{dims[axis].dim_value}, the example's size: torch.export specialised it, "
                     "so the graph would accept no other size. "
@@ -380,7 +382,7 @@ def _torch_export(
                     dynamo=False,
                 )
     except Exception as err:
-        raise CompileError(_export_failure(model, inputs, err, quiet.getvalue(), dynamo)) from err
+        raise CompileRefused(_export_failure(model, inputs, err, quiet.getvalue(), dynamo)) from err
 
 
 def _export_failure(

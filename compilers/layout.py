@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from compilers.errors import CompileError
+from compilers.errors import CompileRefused
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_STEM = 120
@@ -86,7 +86,7 @@ def save_per_tensor(model: onnx.ModelProto, path: Path) -> list[Path]:
     for graph in _graphs(model.graph):
         for tensor in graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raise CompileError(
+                raise CompileRefused(
                     f"initializer {tensor.name!r} still points at external data: load the "
                     "model with its weights (onnx.load with load_external_data=True) first"
                 )
@@ -110,7 +110,7 @@ def save_per_tensor(model: onnx.ModelProto, path: Path) -> list[Path]:
     try:
         onnx.save_model(model, str(path))
     except ValueError as err:  # the graph itself (without weights) is over protobuf's 2 GB
-        raise CompileError(f"could not save the ONNX graph to {path}: {err}") from err
+        raise CompileRefused(f"could not save the ONNX graph to {path}: {err}") from err
     return written
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from compilers.errors import CompileError
+from compilers.errors import CompileRefused
 from compilers.layout import save_per_tensor
 
 
@@ -45,11 +45,11 @@ def optimize_graph(
     (see `compilers.layout`); otherwise `dst` is one self-contained file.
     """
     if not src.is_file():
-        raise CompileError(f"no ONNX model at {src}")
+        raise CompileRefused(f"no ONNX model at {src}")
     available = set(ort.get_available_providers())
     missing = [p for p in providers if p not in available]
     if missing:
-        raise CompileError(
+        raise CompileRefused(
             f"cannot optimise for {missing}: this ONNX Runtime build has only "
             f"{sorted(available)}; optimise for CPUExecutionProvider or on a machine with them"
         )
@@ -69,7 +69,7 @@ def optimize_graph(
         try:
             ort.InferenceSession(str(src), options, providers=list(providers))
         except Exception as err:  # ORT raises its own Fail/InvalidGraph types
-            raise CompileError(f"ONNX Runtime could not optimise {src.name}: {err}") from err
+            raise CompileRefused(f"ONNX Runtime could not optimise {src.name}: {err}") from err
         model = onnx.load(str(optimized))
     dst.parent.mkdir(parents=True, exist_ok=True)
     if per_tensor:

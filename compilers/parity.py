@@ -19,7 +19,7 @@ import torch
 
 from compilers import _parity_worker
 from compilers._parity_worker import OutputVerdict
-from compilers.errors import CompileError, ParityError
+from compilers.errors import CompileRefused, ParityError
 
 Feed = npt.NDArray[np.generic] | Mapping[str, npt.NDArray[np.generic]]
 """One input batch: an array for a single-input graph, or input name -> array (e.g. a text
@@ -73,7 +73,7 @@ def check_parity(
     with the worst difference and where it occurred; CompileError if the child fails.
     """
     if not inputs:
-        raise CompileError("check_parity needs at least one sample input to compare on")
+        raise CompileRefused("check_parity needs at least one sample input to compare on")
     overrides = dict(tolerances or {})
     declared = _graph_inputs(onnx_path)
     feeds = [_as_feed(x, onnx_path, declared) for x in inputs]
@@ -90,7 +90,7 @@ def check_parity(
     )
     unknown = sorted(set(overrides) - {v.name for v in verdicts})
     if unknown:
-        raise CompileError(
+        raise CompileRefused(
             f"tolerances name outputs the graph does not have: {unknown}; "
             f"its outputs are {[v.name for v in verdicts]}"
         )
@@ -129,7 +129,7 @@ def _as_feed(
         return {str(k): np.asarray(v) for k, v in x.items()}
     names = list(declared)
     if len(names) != 1:
-        raise CompileError(
+        raise CompileRefused(
             f"{onnx_path.name} has inputs {names}: pass each sample as a mapping of input "
             "name to array"
         )
@@ -147,7 +147,7 @@ def _check_feed(
     if not declared:
         return
     if set(feed) != set(declared):
-        raise CompileError(
+        raise CompileRefused(
             f"input #{index} feeds {sorted(feed)} but {onnx_path.name} takes "
             f"{sorted(declared)}: pass a mapping with exactly the graph's input names"
         )
@@ -157,12 +157,12 @@ def _check_feed(
         elem_type, rank = declared[name]
         want = onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
         if want is not None and array.dtype != want:
-            raise CompileError(
+            raise CompileRefused(
                 f"input #{index} gives {name!r} as {array.dtype} but {onnx_path.name} takes "
                 f"{np.dtype(want)}: convert it (e.g. .astype(np.{np.dtype(want)}))"
             )
         if rank and array.ndim != rank:
-            raise CompileError(
+            raise CompileRefused(
                 f"input #{index} gives {name!r} with shape {list(array.shape)} but "
                 f"{onnx_path.name} takes {rank} dimensions"
             )
@@ -201,7 +201,7 @@ def _run_child(
     send.close()  # so that recv() sees EOF if the child dies without answering
     try:
         if not receive.poll(timeout_s):
-            raise CompileError(
+            raise CompileRefused(
                 f"the parity check of {onnx_path.name} did not finish within {timeout_s:.0f} s: "
                 "compare on fewer or smaller inputs, or raise timeout_s"
             )
@@ -209,7 +209,7 @@ def _run_child(
             status, payload = receive.recv()
         except EOFError:
             child.join(5)
-            raise CompileError(
+            raise CompileRefused(
                 f"ONNX Runtime died (exit code {child.exitcode}) while checking "
                 f"{onnx_path.name}: the graph may be unsupported or too large for this "
                 "machine (or, from a script, the child could not start: the check spawns a "
@@ -223,7 +223,7 @@ def _run_child(
             child.terminate()
             child.join()
     if status != "ok":
-        raise CompileError(f"ONNX Runtime could not run {onnx_path.name}: {payload}")
+        raise CompileRefused(f"ONNX Runtime could not run {onnx_path.name}: {payload}")
     verdicts: list[OutputVerdict] = payload
     return verdicts
 

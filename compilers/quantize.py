@@ -33,7 +33,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from compilers.errors import AccuracyDropError, CompileError
+from compilers.errors import AccuracyDropError, CompileError, CompileRefused
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def choose_int8_mode(census: Mapping[str, int]) -> Int8Mode:
     convs = sum(census.get(op, 0) for op in _CONV_OPS)
     matmuls = sum(census.get(op, 0) for op in _MATMUL_OPS)
     if convs == 0 and matmuls == 0:
-        raise CompileError(
+        raise CompileRefused(
             "the graph has no Conv, MatMul or Gemm nodes: INT8 would change nothing; "
             "use the onnx-cpu-fp32 target"
         )
@@ -127,19 +127,19 @@ def calibration_feeds(
         initializers = {t.name for t in model.graph.initializer}
         names = [i.name for i in model.graph.input if i.name not in initializers]
         if len(names) != 1:
-            raise CompileError(
+            raise CompileRefused(
                 f"{path.name} has inputs {names}: pass calibration as a sequence of "
                 "feeds (input name -> array)"
             )
         if len(calibration) == 0:
-            raise CompileError("calibration data is empty: pass a few hundred typical inputs")
+            raise CompileRefused("calibration data is empty: pass a few hundred typical inputs")
         return [
             {names[0]: np.ascontiguousarray(calibration[i : i + batch_size])}
             for i in range(0, len(calibration), batch_size)
         ]
     feeds = [dict(f) for f in calibration]
     if not feeds:
-        raise CompileError("calibration data is empty: pass a few hundred typical inputs")
+        raise CompileRefused("calibration data is empty: pass a few hundred typical inputs")
     return feeds
 
 
@@ -199,7 +199,7 @@ def quantize_int8(
     if mode is Int8Mode.AUTO:
         mode = choose_int8_mode(op_census(src))
     if mode is Int8Mode.STATIC and calibration is None:
-        raise CompileError(
+        raise CompileRefused(
             f"static INT8 of {src.name} needs calibration data (typical inputs, e.g. a few "
             "hundred training images); pass calibration=, or mode='dynamic' for "
             "transformer-like models"
@@ -233,7 +233,7 @@ def quantize_int8(
         except CompileError:
             raise
         except Exception as err:
-            raise CompileError(f"ONNX Runtime could not quantise {src.name}: {err}") from err
+            raise CompileRefused(f"ONNX Runtime could not quantise {src.name}: {err}") from err
     change = _gate(method, dst, evaluate, reference, max_accuracy_drop, [dst])
     return PrecisionResult(dst, method, change)
 
@@ -255,7 +255,7 @@ def convert_fp16(
     try:
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=keep_io_types)
     except Exception as err:
-        raise CompileError(f"could not convert {src.name} to float16: {err}") from err
+        raise CompileRefused(f"could not convert {src.name} to float16: {err}") from err
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     change = _gate("fp16", dst, evaluate, reference, max_accuracy_drop, [dst])

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from compilers.errors import CompileError, TargetUnavailableError
+from compilers.errors import CompileRefused, TargetUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class BatchProfile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
-            raise CompileError(
+            raise CompileRefused(
                 f"batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}"
             )
 
@@ -88,7 +88,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data beside the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CompileError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        raise CompileRefused(f"TensorRT could not parse {onnx_path.name}: {errors}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -102,7 +102,7 @@ def build_engine(
         tensor = network.get_input(index)
         shape = list(tensor.shape)
         if not shape or shape[0] != -1 or any(d < 0 for d in shape[1:]):
-            raise CompileError(
+            raise CompileRefused(
                 f"input {tensor.name!r} has shape {shape}: TensorRT engines here need a dynamic "
                 "batch dimension first and static others; export with a dynamic batch only"
             )
@@ -116,7 +116,7 @@ def build_engine(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise CompileError(
+        raise CompileRefused(
             f"TensorRT could not build an engine for {onnx_path.name}: see the TensorRT log "
             "above; a smaller batch profile or workspace may help"
         )
@@ -140,7 +140,7 @@ def run_engine(engine_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str,
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
-        raise CompileError(
+        raise CompileRefused(
             f"TensorRT could not load {engine_path.name}: engines only run with the TensorRT "
             "version and GPU model that built them"
         )
@@ -164,7 +164,7 @@ def run_engine(engine_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str,
             context.set_tensor_address(name, out.data_ptr())
             held[name] = out
         if not context.execute_async_v3(stream.cuda_stream):
-            raise CompileError(f"TensorRT failed to run {engine_path.name}")
+            raise CompileRefused(f"TensorRT failed to run {engine_path.name}")
         stream.synchronize()
         results.append({name: held[name].cpu().numpy() for name in outputs})
     return results

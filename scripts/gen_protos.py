@@ -13,6 +13,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Protos whose message names other libraries register too (Triton's, KServe's and
+# MLServer's clients all define `inference.*`): their descriptors go into a private pool, so
+# they coexist in one process (kserve#3099, MLServer#1730). Wire names do not change.
+PRIVATE_POOL = ("protos/inference/",)
+_DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL = (
+    "# edgefleet: a private descriptor pool (scripts/gen_protos.py says why).\n"
+    "POOL = _descriptor_pool.DescriptorPool()\n"
+    "DESCRIPTOR = POOL.AddSerializedFile("
+)
 
 
 def proto_files(root: Path) -> list[Path]:
@@ -39,6 +49,12 @@ def generate(out_dir: Path, root: Path = ROOT) -> None:
     rc = protoc.main(args)
     if rc != 0:
         raise SystemExit(f"protoc failed with exit code {rc}")
+    for module in (out_dir / "protos").rglob("*_pb2.py"):
+        if module.relative_to(out_dir).as_posix().startswith(PRIVATE_POOL):
+            code = module.read_text()
+            if _DEFAULT_POOL not in code:
+                raise SystemExit(f"{module}: the generator's output changed; update gen_protos")
+            module.write_text(code.replace(_DEFAULT_POOL, _PRIVATE_POOL))
     # Every folder from protos/ down to the generated modules must be a package.
     for module in (out_dir / "protos").rglob("*_pb2.py"):
         folder = module.parent

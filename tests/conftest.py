@@ -7,4 +7,4 @@ import os
 # One thread each for torch and ONNX Runtime: on 2 cores, more threads made everything
 # 7-50x slower whenever anything else ran (shared/STACK.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("EDGEFLEET_INTRA_OP_THREADS", "1")
+os.environ.setdefault("EDGEFLEET_AGENT_INTRA_OP_THREADS", "1")

@@ -1,34 +1,41 @@
-"""The transfer package's exception hierarchy: every problem found before long work starts."""
+"""The transfer package's errors, every problem found before long work starts: one class per
+code (each under edgefleet.core.errors' class of that code), and the named cases below."""
 
 from __future__ import annotations
 
-from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.core import errors as core
 
 
-class TransferError(EdgefleetError):
+class TransferError(core.EdgefleetError):
     """Base of every error the transfer package raises on purpose."""
 
-    code = ErrorCode.INVALID_ARGUMENT
+
+class InvalidTransferInput(TransferError, core.InvalidArgument):
+    """Data, settings or a backbone that cannot be used as given."""
 
 
-class UnknownBackbone(TransferError):
+class TransferInputNotFound(TransferError, core.NotFound):
+    """A backbone or data set named but not there."""
+
+
+class TransferUnavailable(TransferError, core.FailedPrecondition):
+    """Something this machine lacks (a package, a weights file)."""
+
+
+class UnknownBackbone(TransferInputNotFound):
     """The backbone name is neither built in nor a readable model file."""
 
-    code = ErrorCode.NOT_FOUND
 
-
-class BackboneUnavailable(TransferError):
+class BackboneUnavailable(TransferUnavailable):
     """A known backbone whose optional package or weights file is missing here."""
 
-    code = ErrorCode.FAILED_PRECONDITION
 
-
-class DatasetError(TransferError):
+class DatasetError(InvalidTransferInput):
     """A data set that cannot be trained on as given."""
 
 
-class DatasetNotFound(DatasetError):
-    code = ErrorCode.NOT_FOUND
+class DatasetNotFound(TransferInputNotFound):
+    pass
 
 
 class EmptyDataset(DatasetError):
@@ -47,9 +54,9 @@ class MismatchedImageSizes(DatasetError):
     pass
 
 
-class IncompatibleData(TransferError):
+class IncompatibleData(InvalidTransferInput):
     """The data set's inputs do not fit the backbone (image vs text, channels, shape)."""
 
 
-class InvalidConfig(TransferError):
+class InvalidConfig(InvalidTransferInput):
     """A fine-tune setting outside what the strategy accepts."""

@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import AgentError
+from agent.errors import Unavailable
 from agent.runtime import LoadedModel
-from edgefleet.core.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +164,8 @@ class DynamicBatcher:
         if pending.error is not None:
             raise pending.error
         if pending.result is None:  # only if the leading thread died mid-run (BaseException)
-            raise AgentError(
-                f"the batched run of model {self._name} was interrupted; send the request again",
-                code=ErrorCode.UNAVAILABLE,
+            raise Unavailable(
+                f"the batched run of model {self._name} was interrupted; send the request again"
             )
         return pending.result
 

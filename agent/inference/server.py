@@ -21,16 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 import edgefleet
-from agent.errors import AgentError
+from agent.errors import AgentError, InvalidRequest, Unavailable
 from agent.inference.batching import DEFAULT_MAX_BATCH, DynamicBatcher
 from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
 from agent.runtime import LoadedModel, ModelRepository
 from edgefleet.core.errors import ErrorCode
-from edgefleet.core.rpc import grpc_method
+from edgefleet.core.rpc import CallGuard
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -93,25 +94,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._plans = {**plans, id(model): entry}
         return entry
 
-    @grpc_method
     def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
     ) -> pb.ServerLiveResponse:
         return self._live
 
-    @grpc_method
     def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
     ) -> pb.ServerReadyResponse:
         return self._ready_true if self.ready() else self._ready_false
 
-    @grpc_method
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return self._metadata
 
-    @grpc_method
     def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
     ) -> pb.ModelReadyResponse:
@@ -125,7 +122,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         return pb.ModelReadyResponse(ready=True)
 
-    @grpc_method
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ModelMetadataResponse:
@@ -139,10 +135,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs],
         )
 
-    @grpc_method
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
+        if request.parameters:
+            _refuse_parameters("the request", request.parameters)
+        for output in request.outputs:
+            if output.parameters:
+                _refuse_parameters(f"output {output.name!r}", output.parameters)
         model = self._repository.get(request.model_name, request.model_version)
         entry = self._entry(model)
         plan = entry.plan
@@ -154,6 +154,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             results = entry.batcher.run(decoded.feeds, decoded.output_names)
         return encode_response(plan, request, decoded, results)
+
+
+def _refuse_parameters(where: str, parameters: Any) -> None:
+    """A parameter this server would ignore is refused, never dropped silently: a client
+    asking for classification results or a sequence must know it does not get them."""
+    names = ", ".join(sorted(str(k)[:64] for k in parameters)[:8])
+    raise InvalidRequest(
+        f"{where} sets parameter(s) {names}, which this server does not support; it "
+        "supports no inference parameters yet: leave them out"
+    )
+
+
+def reflection_pool() -> Any:
+    """The descriptors reflection describes: the protocol's private pool (see
+    scripts/gen_protos.py) with health checking's and reflection's own files added."""
+    pool = pb.DESCRIPTOR.pool
+    for module in (health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        try:
+            pool.FindFileByName(proto.name)
+        except KeyError:
+            pool.Add(proto)
+    return pool
 
 
 class _HealthServicer(health.HealthServicer):  # type: ignore[misc]
@@ -249,36 +273,37 @@ def start_inference_server(
     gain (``benchmarks/bench_inference.py --batching`` compares).
     """
     if max_batch < 1:
-        raise AgentError(
-            f"max_batch must be at least 1, got {max_batch}", code=ErrorCode.INVALID_ARGUMENT
-        )
+        raise InvalidRequest(f"max_batch must be at least 1, got {max_batch}")
     serving = threading.Event()
     serving.set()
     servicer = InferenceServicer(repository, serving, batching=batching, max_batch=max_batch)
     health_servicer = _HealthServicer(servicer.ready)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),
+        interceptors=[CallGuard()],
         options=server_options(max_message_bytes),
         maximum_concurrent_rpcs=None,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+        pool=reflection_pool(),
     )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    fix = (
+        "choose another with --inference-port (or EDGEFLEET_AGENT_INFERENCE_PORT; 0 picks a "
+        "free one) and --inference-host"
+    )
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:
-        raise AgentError(
-            f"cannot serve inference on {address}: {err}; pick a free port or use port 0",
-            code=ErrorCode.UNAVAILABLE,
-        ) from None
+        raise Unavailable(f"cannot serve inference on {address}: {err}; {fix}") from None
     if not bound:
-        raise AgentError(
-            f"cannot serve inference on {address}: the port is taken or the host is not "
-            "an address of this machine; pick a free port or use port 0",
-            code=ErrorCode.UNAVAILABLE,
+        raise Unavailable(
+            f"cannot serve inference on {address}: the port is taken (another agent?) or the "
+            f"host is not an address of this machine; {fix}"
         )
     server.start()
     health_servicer.refresh()

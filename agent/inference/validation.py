@@ -20,8 +20,9 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import InvalidRequest
-from agent.runtime import LoadedModel, TensorInfo
+from agent.runtime import LoadedModel
 from edgefleet.core.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD
+from edgefleet.core.versions import TensorSpec
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 
 Array = npt.NDArray[np.generic]
@@ -29,14 +30,25 @@ Array = npt.NDArray[np.generic]
 
 @dataclass(frozen=True)
 class InputSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for dynamic dimensions
+    """An input's spec with the numpy dtype its bytes decode to, worked out once."""
+
+    spec: TensorSpec
     dtype: np.dtype[np.generic]
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def datatype(self) -> str:
+        return self.spec.datatype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.spec.shape
+
     def describe(self) -> str:
-        dims = ", ".join("?" if d < 0 else str(d) for d in self.shape)
-        return f"{self.datatype}[{dims}]"
+        return self.spec.describe()
 
 
 @dataclass(frozen=True)
@@ -63,9 +75,8 @@ def plan_for(model: LoadedModel) -> ModelPlan:
     )
 
 
-def _spec(info: TensorInfo) -> InputSpec:
-    dtype = DATATYPE_TO_NUMPY.get(info.datatype, np.dtype(np.object_))
-    return InputSpec(info.name, info.datatype, info.shape, dtype)
+def _spec(spec: TensorSpec) -> InputSpec:
+    return InputSpec(spec, DATATYPE_TO_NUMPY.get(spec.datatype, np.dtype(np.object_)))
 
 
 @dataclass(frozen=True)

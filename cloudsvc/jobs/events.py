@@ -13,16 +13,17 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
-from edgefleet.job_views import JobProgress as Progress
+from pydantic import ValidationError
 
-__all__ = ["Progress", "Reporter", "WorkerLine", "parse_line"]
+from edgefleet.core.jobs import JobProgress
+from edgefleet.core.wire import from_json
 
 
 @dataclass(frozen=True)
 class WorkerLine:
     kind: str  # log | progress
     message: str = ""
-    progress: Progress | None = None
+    progress: JobProgress | None = None
 
 
 def parse_line(line: str) -> WorkerLine:
@@ -35,7 +36,12 @@ def parse_line(line: str) -> WorkerLine:
     if not isinstance(data, dict):
         return WorkerLine("log", text)
     if data.get("event") == "progress":
-        return WorkerLine("progress", progress=Progress.from_json(json.dumps(data["progress"])))
+        try:
+            return WorkerLine(
+                "progress", progress=from_json(JobProgress, json.dumps(data["progress"]))
+            )
+        except (KeyError, ValidationError):
+            return WorkerLine("log", text)
     return WorkerLine("log", str(data.get("message", text)))
 
 
@@ -52,13 +58,13 @@ class Reporter:
         self._lock = threading.Lock()
         self._min_interval = min_interval_s
         self._last_sent = 0.0
-        self.current = Progress()
+        self.current = JobProgress()
 
     def log(self, message: str) -> None:
         self._write({"event": "log", "message": message})
 
     def phase(self, phase: str, message: str = "") -> None:
-        self.current = Progress(phase=phase, message=message, trials=self.current.trials)
+        self.current = JobProgress(phase=phase, message=message, trials=self.current.trials)
         self._send(force=True)
         if message:
             self.log(f"{phase}: {message}")

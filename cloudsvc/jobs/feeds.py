@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
+
+from cloudsvc.sessions import open_session
 
 Feeds = dict[str, npt.NDArray[np.generic]]
 """Input name -> array, every array batched along axis 0."""
@@ -64,15 +65,6 @@ def batches(feeds: Mapping[str, npt.NDArray[np.generic]], size: int) -> Iterator
         yield take(feeds, start, start + size)
 
 
-def session(
-    path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)
-) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
 def accuracy_evaluator(
     feeds: Feeds,
     labels: npt.NDArray[np.int64],
@@ -82,7 +74,7 @@ def accuracy_evaluator(
     """`evaluate(path) -> accuracy` of the first output's argmax over the held-out feeds."""
 
     def evaluate(path: Path) -> float:
-        run = session(path, providers)
+        run = open_session(path, providers)
         predictions = [
             np.asarray(run.run(None, batch)[0]).argmax(axis=1)
             for batch in batches(feeds, batch_size)
@@ -100,7 +92,7 @@ def latency_ms(
     max_runs: int = 500,
 ) -> tuple[float, float]:
     """(p50, p99) milliseconds of one run on `feed`, one thread, after a warm-up."""
-    run = session(path, providers)
+    run = open_session(path, providers)
     for _ in range(5):
         run.run(None, feed)
     times: list[float] = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -27,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloudsvc.errors import InvalidRequest, NotReady, UnknownResource
-from cloudsvc.jobs.events import Progress, parse_line
-from cloudsvc.jobs.pipeline import WorkerEnv
+from cloudsvc.jobs.env import PARENT_GOLDEN, SPEC_FILE, WorkerEnv
+from cloudsvc.jobs.events import parse_line
 from cloudsvc.jobs.results import ERROR_FILE, RESULT_FILE, JobResult, WorkerError
 from cloudsvc.jobs.spec import (
     CompileSpec,
@@ -40,28 +39,17 @@ from cloudsvc.jobs.spec import (
     default_targets,
     spec_from_json,
 )
-from cloudsvc.jobs.worker import SPEC_FILE, write_env
 from cloudsvc.registry import Registry, check_name
-from cloudsvc.store.metadata import JobEventRecord, JobRecord, JobState, MetadataStore
+from cloudsvc.settings import CloudSettings
+from cloudsvc.store.metadata import MetadataStore
 from compilers.targets import resolve_target
+from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState
+from edgefleet.core.wire import from_json
 
 log = logging.getLogger(__name__)
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 WORKER_LOG = "worker.log"
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    jobs_dir: Path
-    uploads_dir: Path
-    cache_dir: Path
-    fashion_mnist_dir: Path
-    gpu_slots: int = 0
-    cpu_slots: int = 1
-    threads: int = 0  # torch threads per worker; 0: torch's default
-    cancel_grace_s: float = 10.0
-    keep_job_files: bool = False  # keep builds after registering (debugging)
 
 
 @dataclass
@@ -74,12 +62,16 @@ class _Running:
 
 
 class JobManager:
-    def __init__(self, metadata: MetadataStore, registry: Registry, settings: JobSettings) -> None:
+    def __init__(self, metadata: MetadataStore, registry: Registry, cloud: CloudSettings) -> None:
         self.metadata = metadata
         self.registry = registry
-        self.settings = settings
-        self._slots = [f"cuda:{i}" for i in range(settings.gpu_slots)] + [
-            "cpu" if i == 0 else f"cpu:{i}" for i in range(settings.cpu_slots)
+        self.settings = cloud.jobs
+        self.jobs_dir = cloud.jobs_dir
+        self.uploads_dir = cloud.uploads_dir
+        self.cache_dir = cloud.feature_cache_dir
+        self.gpu_slots = detect_gpus() if self.settings.gpus is None else self.settings.gpus
+        self._slots = [f"cuda:{i}" for i in range(self.gpu_slots)] + [
+            "cpu" if i == 0 else f"cpu:{i}" for i in range(self.settings.cpu_slots)
         ]
         self._running: dict[str, _Running] = {}  # slot -> job
         self._changed = threading.Condition()
@@ -95,7 +87,7 @@ class JobManager:
     # lifecycle ------------------------------------------------------------------------
     def start(self) -> JobManager:
         for job in self.metadata.list_jobs(states=[JobState.RUNNING], limit=10_000):
-            phase = Progress.from_json(job.progress).phase or "start-up"
+            phase = job.progress.phase or "start-up"
             self._finish(
                 job,
                 JobState.FAILED,
@@ -130,40 +122,38 @@ class JobManager:
             self._scheduler.join(timeout=5)
 
     # submissions ------------------------------------------------------------------------
-    def submit(self, spec: JobSpec, retry_of: str = "") -> JobRecord:
+    def submit(self, spec: JobSpec, retry_of: str = "") -> Job:
         """Check `spec` (cheap checks only), complete its defaults, and queue it."""
         if isinstance(spec, FineTuneSpec):
             spec = self._checked_finetune(spec)
         else:
             spec = self._checked_compile(spec)
-        slot_kind = spec.slot_kind(self.settings.gpu_slots)
-        if slot_kind == "gpu" and not self.settings.gpu_slots:
+        slot_kind = spec.slot_kind(self.gpu_slots)
+        if slot_kind == "gpu" and not self.gpu_slots:
             raise NotReady(
                 "the job asks for CUDA (device=cuda or a GPU target), and this cloud has no GPU "
                 "worker; use device=auto or cpu, or run the cloud on a machine with a GPU"
             )
         record = self.metadata.create_job(
-            JobRecord(
+            Job(
                 job_id="",
                 kind=spec.kind,
                 model=spec.model,
-                request=spec.model_dump_json(),
+                request_json=spec.model_dump_json(),
                 created_at=time.time(),
                 retry_of=retry_of,
             )
         )
         summary = _summary(spec)
-        self._event(record.job_id, "state", f"queued: {summary}", JobState.QUEUED.value)
+        self._state_event(record.job_id, JobState.QUEUED, f"queued: {summary}")
         log.info("%s queued: %s", record.job_id, summary)
         return record
 
     def _checked_finetune(self, spec: FineTuneSpec) -> FineTuneSpec:
         check_name("model", spec.model)
-        check_base(spec.base, self.settings.uploads_dir)
-        check_data(spec.data, self.settings.uploads_dir, self.settings.fashion_mnist_dir)
-        targets = check_targets(
-            spec.targets or default_targets(self.settings.gpu_slots), self.settings.gpu_slots
-        )
+        check_base(spec.base, self.uploads_dir)
+        check_data(spec.data, self.uploads_dir, self.settings.fashion_mnist_dir)
+        targets = check_targets(spec.targets or default_targets(self.gpu_slots), self.gpu_slots)
         spec.trials()  # every combination must be valid settings
         parent = spec.parent_version
         if parent:
@@ -175,7 +165,7 @@ class JobManager:
 
     def _checked_compile(self, spec: CompileSpec) -> CompileSpec:
         profile = resolve_target(spec.target)
-        check_targets((profile.name,), self.settings.gpu_slots)
+        check_targets((profile.name,), self.gpu_slots)
         version = self.registry.get_version(spec.model, spec.version)
         if version.artifact(profile.name) is not None:
             raise InvalidRequest(
@@ -183,19 +173,19 @@ class JobManager:
                 "it, or fine-tune a new version"
             )
         if spec.data:
-            check_data(spec.data, self.settings.uploads_dir, self.settings.fashion_mnist_dir)
+            check_data(spec.data, self.uploads_dir, self.settings.fashion_mnist_dir)
         source = self.registry.source_digest(spec.model, spec.version)
         return spec.model_copy(update={"target": profile.name, "source_digest": source})
 
-    def retry(self, job_id: str) -> JobRecord:
+    def retry(self, job_id: str) -> Job:
         job = self.get(job_id)
         if not job.state.finished:
             raise InvalidRequest(
                 f"{job_id} is {job.state.value}; only a finished job can be retried"
             )
-        return self.submit(spec_from_json(job.request), retry_of=job_id)
+        return self.submit(spec_from_json(job.request_json), retry_of=job_id)
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         if job.state.finished:
             raise InvalidRequest(f"{job_id} already ended ({job.state.value}); nothing to cancel")
@@ -207,18 +197,18 @@ class JobManager:
                     return self._finish(job, JobState.CANCELLED, "cancelled before it started")
                 return job
             running.ended_by = (JobState.CANCELLED, "cancelled by the operator")
-        self._event(job_id, "log", "cancelling: stopping the worker")
+        self._log(job_id, "cancelling: stopping the worker")
         threading.Thread(target=self._terminate, args=(running,), daemon=True).start()
         return self.get(job_id)
 
     # reads ----------------------------------------------------------------------------
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str) -> Job:
         job = self.metadata.get_job(job_id)
         if job is None:
             raise UnknownResource(f"no job is called {job_id!r}; see `edgefleet jobs list`")
         return job
 
-    def list(self, model: str = "", active_only: bool = False, limit: int = 100) -> list[JobRecord]:
+    def list(self, model: str = "", active_only: bool = False, limit: int = 100) -> list[Job]:
         states = [JobState.QUEUED, JobState.RUNNING] if active_only else []
         return self.metadata.list_jobs(model, states, limit or 100)
 
@@ -229,7 +219,7 @@ class JobManager:
         follow: bool = True,
         alive: Callable[[], bool] = lambda: True,
         poll_s: float = 1.0,
-    ) -> Iterator[JobEventRecord]:
+    ) -> Iterator[JobEvent]:
         """The job's events after `after_seq`; with `follow`, new ones until the job ends
         (or the manager stops, or `alive()` turns false)."""
         self.get(job_id)
@@ -257,7 +247,7 @@ class JobManager:
                 free = [s for s in self._slots if s not in self._running]
             if free:
                 for job in reversed(self.metadata.list_jobs(states=[JobState.QUEUED], limit=1000)):
-                    kind = spec_from_json(job.request).slot_kind(self.settings.gpu_slots)
+                    kind = spec_from_json(job.request_json).slot_kind(self.gpu_slots)
                     slot = next((s for s in free if s.startswith(kind[:3])), None)
                     if slot is None:
                         continue
@@ -273,7 +263,7 @@ class JobManager:
                 if not self._closed:
                     self._changed.wait(1.0)
 
-    def _launch(self, job: JobRecord, slot: str) -> None:
+    def _launch(self, job: Job, slot: str) -> None:
         with self._changed:
             # A cancel may have ended it since the scheduler read the queue.
             current = self.get(job.job_id)
@@ -286,29 +276,34 @@ class JobManager:
             process = self._spawn(job, slot)
             running = _Running(job.job_id, slot, process)
             self._running[slot] = running
-        self._event(job.job_id, "state", f"running on {slot} (pid {process.pid})", "running")
+        self._state_event(job.job_id, JobState.RUNNING, f"running on {slot} (pid {process.pid})")
         threading.Thread(
             target=self._follow, args=(running,), name=f"job-{job.job_id}", daemon=True
         ).start()
 
-    def _spawn(self, job: JobRecord, slot: str) -> subprocess.Popen[str]:
-        spec = spec_from_json(job.request)
-        job_dir = self.settings.jobs_dir / job.job_id
+    def _spawn(self, job: Job, slot: str) -> subprocess.Popen[str]:
+        spec = spec_from_json(job.request_json)
+        job_dir = self.jobs_dir / job.job_id
         job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / SPEC_FILE).write_text(job.request)
-        write_env(
-            WorkerEnv(
-                job_id=job.job_id,
-                job_dir=job_dir,
-                uploads_dir=self.settings.uploads_dir,
-                cache_dir=self.settings.cache_dir,
-                fashion_mnist_dir=self.settings.fashion_mnist_dir,
-                threads=self.settings.threads,
-            )
-        )
+        (job_dir / SPEC_FILE).write_text(job.request_json)
+        WorkerEnv(
+            job_id=job.job_id,
+            job_dir=job_dir,
+            uploads_dir=self.uploads_dir,
+            cache_dir=self.cache_dir,
+            fashion_mnist_dir=self.settings.fashion_mnist_dir,
+            threads=self.settings.threads,
+        ).write()
         if isinstance(spec, CompileSpec):
             manifest = self.registry.materialize(spec.source_digest, job_dir / "source")
             (job_dir / "source.manifest").write_bytes(manifest.SerializeToString())
+        elif spec.parent_version:
+            # Golden samples of the new version re-use its parent's inputs where they fit,
+            # so a device moving from the parent fetches only the new expected outputs.
+            inputs = self.registry.golden_inputs(spec.model, spec.parent_version)
+            for index, data in enumerate(inputs):
+                (job_dir / PARENT_GOLDEN).mkdir(exist_ok=True)
+                (job_dir / PARENT_GOLDEN / f"{index:03d}.pb").write_bytes(data)
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1] if slot.startswith("cuda") else ""
         env["PYTHONPATH"] = os.pathsep.join(
@@ -332,15 +327,9 @@ class JobManager:
         for line in running.process.stdout:
             parsed = parse_line(line)
             if parsed.kind == "progress" and parsed.progress is not None:
-                job = self.get(job_id)
-                self.metadata.update_job(
-                    dataclasses.replace(job, progress=parsed.progress.to_json())
-                )
-                self._event(
-                    job_id, "progress", parsed.progress.describe(), parsed.progress.to_json()
-                )
+                self._progress(job_id, parsed.progress)
             elif parsed.message:
-                self._event(job_id, "log", parsed.message)
+                self._log(job_id, parsed.message)
         code = running.process.wait()
         try:
             self._conclude(running, code)
@@ -354,7 +343,7 @@ class JobManager:
 
     def _conclude(self, running: _Running, code: int) -> None:
         job = self.get(running.job_id)
-        job_dir = self.settings.jobs_dir / job.job_id
+        job_dir = self.jobs_dir / job.job_id
         if running.ended_by is not None:
             state, reason = running.ended_by
             self._finish(job, state, reason)
@@ -362,14 +351,14 @@ class JobManager:
             self._register(job, job_dir)
         else:
             self._finish(job, JobState.FAILED, self._failure(job_dir, code))
-        if not self.settings.keep_job_files:
+        if not self.settings.keep_files:
             for bulky in ("builds", "source"):
                 shutil.rmtree(job_dir / bulky, ignore_errors=True)
 
     def _failure(self, job_dir: Path, code: int) -> str:
         error_file = job_dir / ERROR_FILE
         if error_file.is_file():
-            error = WorkerError.model_validate_json(error_file.read_text())
+            error = from_json(WorkerError, error_file.read_text())
             return f"{error.phase}: {error.message}" if error.phase else error.message
         if code < 0:
             name = signal.Signals(-code).name
@@ -378,15 +367,11 @@ class JobManager:
         tail = _tail(job_dir / WORKER_LOG, 3)
         return f"the worker exited with code {code}: {tail}; see {job_dir / WORKER_LOG}"
 
-    def _register(self, job: JobRecord, job_dir: Path) -> None:
-        spec = spec_from_json(job.request)
-        result = JobResult.model_validate_json((job_dir / RESULT_FILE).read_text())
-        self._progress(job.job_id, Progress(phase="registering"))
-        builds = [b.to_build(job_dir) for b in result.builds]
-        summary: dict[str, object] = {
-            "outcomes": [o.model_dump() for o in result.outcomes],
-            "trials": [t.model_dump() for t in result.trials],
-        }
+    def _register(self, job: Job, job_dir: Path) -> None:
+        spec = spec_from_json(job.request_json)
+        result = from_json(JobResult, (job_dir / RESULT_FILE).read_text())
+        self._progress(job.job_id, JobProgress(phase="registering"))
+        builds = list(result.builds)
         if isinstance(spec, FineTuneSpec):
             assert result.source is not None and result.lineage and result.evaluation
             description = spec.description or (
@@ -396,11 +381,11 @@ class JobManager:
             version = self.registry.add_build(
                 spec.model,
                 builds,
-                source=result.source.to_build(job_dir),
+                source=result.source,
                 description=description,
                 parent_version=spec.parent_version,
-                lineage=result.lineage.to_record(),
-                evaluation=result.evaluation.to_record(),
+                lineage=result.lineage,
+                evaluation=result.evaluation,
                 metadata={"job": job.job_id},
                 created_by=f"job {job.job_id}",
             )
@@ -413,29 +398,39 @@ class JobManager:
             self.registry.add_target(spec.model, spec.version, builds[0])
             number = spec.version
             message = f"added {builds[0].target} to {spec.model} v{number}"
-        summary["version"] = number
-        done = dataclasses.replace(self.get(job.job_id), result=json.dumps(summary))
+        done = dataclasses.replace(
+            self.get(job.job_id),
+            result_version=number,
+            trials=result.trials,
+            targets=result.outcomes,
+        )
         self.metadata.update_job(done)
-        self._event(job.job_id, "log", message)
+        self._log(job.job_id, message)
         self._finish(done, JobState.SUCCEEDED, "")
 
     # state and events --------------------------------------------------------------------
-    def _finish(self, job: JobRecord, state: JobState, error: str) -> JobRecord:
+    def _finish(self, job: Job, state: JobState, error: str) -> Job:
         current = self.metadata.get_job(job.job_id) or job
         done = dataclasses.replace(current, state=state, finished_at=time.time(), error=error)
         self.metadata.update_job(done)
-        text = f"{state.value}" + (f": {error}" if error else "")
-        self._event(job.job_id, "state", text, state.value)
+        text = state.value + (f": {error}" if error else "")
+        self._state_event(job.job_id, state, text)
         log.info("%s %s", job.job_id, text)
         return done
 
-    def _progress(self, job_id: str, progress: Progress) -> None:
+    def _progress(self, job_id: str, progress: JobProgress) -> None:
         job = self.get(job_id)
-        self.metadata.update_job(dataclasses.replace(job, progress=progress.to_json()))
-        self._event(job_id, "progress", progress.describe(), progress.to_json())
+        self.metadata.update_job(dataclasses.replace(job, progress=progress))
+        self._event(JobEvent(job_id, 0, time.time(), "progress", progress.describe(), progress))
 
-    def _event(self, job_id: str, kind: str, message: str, data: str = "") -> None:
-        self.metadata.add_job_event(job_id, kind, message, data, at=time.time())
+    def _state_event(self, job_id: str, state: JobState, message: str) -> None:
+        self._event(JobEvent(job_id, 0, time.time(), "state", message, state=state))
+
+    def _log(self, job_id: str, message: str) -> None:
+        self._event(JobEvent(job_id, 0, time.time(), "log", message))
+
+    def _event(self, event: JobEvent) -> None:
+        self.metadata.add_job_event(event)
         with self._changed:
             self._ticks += 1
             self._changed.notify_all()

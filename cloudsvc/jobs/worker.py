@@ -9,7 +9,6 @@ stderr, which the manager keeps as the job's worker.log. A worker whose manager 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -19,39 +18,15 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
+from cloudsvc.jobs.env import SPEC_FILE, WorkerEnv
 from cloudsvc.jobs.events import Reporter
-from cloudsvc.jobs.pipeline import WorkerEnv, run_compile, run_finetune
 from cloudsvc.jobs.results import ERROR_FILE, RESULT_FILE, JobResult, WorkerError
 from cloudsvc.jobs.spec import CompileSpec, spec_from_json
 from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.wire import to_json
 
-SPEC_FILE = "spec.json"
-ENV_FILE = "env.json"
 EXIT_FAILED = 2
 EXIT_CRASHED = 3
-
-
-def read_env(job_dir: Path) -> WorkerEnv:
-    data = json.loads((job_dir / ENV_FILE).read_text())
-    return WorkerEnv(
-        job_id=data["job_id"],
-        job_dir=job_dir,
-        uploads_dir=Path(data["uploads_dir"]),
-        cache_dir=Path(data["cache_dir"]),
-        fashion_mnist_dir=Path(data["fashion_mnist_dir"]),
-        threads=int(data.get("threads", 0)),
-    )
-
-
-def write_env(env: WorkerEnv) -> None:
-    data = {
-        "job_id": env.job_id,
-        "uploads_dir": str(env.uploads_dir),
-        "cache_dir": str(env.cache_dir),
-        "fashion_mnist_dir": str(env.fashion_mnist_dir),
-        "threads": env.threads,
-    }
-    (env.job_dir / ENV_FILE).write_text(json.dumps(data, indent=2))
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -85,8 +60,12 @@ def run(job_dir: Path) -> int:
     )
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     try:
-        env = read_env(job_dir)
+        env = WorkerEnv.read(job_dir)
         spec = spec_from_json((job_dir / SPEC_FILE).read_text())
+        # Imported here: the pipeline pulls in torch, which the manager never needs.
+        from cloudsvc.jobs.compile import run_compile
+        from cloudsvc.jobs.finetune import run_finetune
+
         result: JobResult = (
             run_compile(spec, env, report)
             if isinstance(spec, CompileSpec)
@@ -94,7 +73,7 @@ def run(job_dir: Path) -> int:
         )
     except EdgefleetError as err:
         error = WorkerError(message=err.message, code=err.code.value, phase=report.current.phase)
-        _write_atomically(job_dir / ERROR_FILE, error.model_dump_json())
+        _write_atomically(job_dir / ERROR_FILE, to_json(error))
         return EXIT_FAILED
     except Exception as err:
         traceback.print_exc()
@@ -103,9 +82,9 @@ def run(job_dir: Path) -> int:
             code="internal",
             phase=report.current.phase,
         )
-        _write_atomically(job_dir / ERROR_FILE, error.model_dump_json())
+        _write_atomically(job_dir / ERROR_FILE, to_json(error))
         return EXIT_CRASHED
-    _write_atomically(job_dir / RESULT_FILE, result.model_dump_json(indent=1))
+    _write_atomically(job_dir / RESULT_FILE, to_json(result))
     return 0
 
 

@@ -4,60 +4,54 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.metadata import (
-    ArtifactRecord,
-    DeploymentRecord,
-    DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
-    JobEventRecord,
-    JobRecord,
-    JobState,
     MetadataStore,
-    ModelRecord,
-    ReportedStateRecord,
-    VersionRecord,
 )
+from edgefleet.core.fleet import Assignment, Deployment, DesiredState, ReportedState
+from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.versions import Artifact, Model, ModelVersion
 
 
 class MemoryMetadataStore(MetadataStore):
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._models: dict[str, ModelRecord] = {}
-        self._versions: dict[tuple[str, int], VersionRecord] = {}
+        self._models: dict[str, Model] = {}
+        self._versions: dict[tuple[str, int], ModelVersion] = {}
         self._devices: dict[str, DeviceRecord] = {}
-        self._desired: dict[str, DesiredStateRecord] = {}
-        self._reported: dict[str, ReportedStateRecord] = {}
+        self._desired: dict[str, DesiredState] = {}
+        self._reported: dict[str, ReportedState] = {}
         self._tokens: dict[str, EnrollTokenRecord] = {}
-        self._deployments: dict[tuple[str, tuple[tuple[str, str], ...]], DeploymentRecord] = {}
-        self._jobs: dict[str, JobRecord] = {}  # insertion order is creation order
-        self._job_events: dict[str, list[JobEventRecord]] = {}
+        self._deployments: dict[tuple[str, tuple[tuple[str, str], ...]], Deployment] = {}
+        self._jobs: dict[str, Job] = {}  # insertion order is creation order
+        self._job_events: dict[str, list[JobEvent]] = {}
 
-    def ensure_model(self, name: str, description: str, created_at: int) -> ModelRecord:
+    def ensure_model(self, name: str, description: str, created_at: int) -> Model:
         with self._lock:
             if name not in self._models:
-                self._models[name] = ModelRecord(name, description, created_at)
+                self._models[name] = Model(name, description, created_at)
             return self._model_view(name)
 
-    def _model_view(self, name: str) -> ModelRecord:
+    def _model_view(self, name: str) -> Model:
         base = self._models[name]
         numbers = [v for (m, v) in self._versions if m == name]
         return dataclasses.replace(
             base, latest_version=max(numbers, default=0), version_count=len(numbers)
         )
 
-    def get_model(self, name: str) -> ModelRecord | None:
+    def get_model(self, name: str) -> Model | None:
         with self._lock:
             return self._model_view(name) if name in self._models else None
 
-    def list_models(self) -> list[ModelRecord]:
+    def list_models(self) -> list[Model]:
         with self._lock:
             return [self._model_view(n) for n in sorted(self._models)]
 
-    def add_version(self, version: VersionRecord) -> VersionRecord:
+    def add_version(self, version: ModelVersion) -> ModelVersion:
         with self._lock:
             key = (version.model, version.version)
             if key in self._versions:
@@ -68,7 +62,7 @@ class MemoryMetadataStore(MetadataStore):
             self._versions[key] = version
             return version
 
-    def add_artifact(self, artifact: ArtifactRecord) -> None:
+    def add_artifact(self, artifact: Artifact) -> None:
         with self._lock:
             key = (artifact.model, artifact.version)
             current = self._versions.get(key)
@@ -82,18 +76,18 @@ class MemoryMetadataStore(MetadataStore):
                 current, artifacts=(*current.artifacts, artifact)
             )
 
-    def get_version(self, model: str, version: int) -> VersionRecord | None:
+    def get_version(self, model: str, version: int) -> ModelVersion | None:
         with self._lock:
             return self._versions.get((model, version))
 
-    def list_versions(self, model: str) -> list[VersionRecord]:
+    def list_versions(self, model: str) -> list[ModelVersion]:
         with self._lock:
             return sorted(
                 (v for (m, _), v in self._versions.items() if m == model),
                 key=lambda v: v.version,
             )
 
-    def find_artifact(self, manifest_digest: str) -> ArtifactRecord | None:
+    def find_artifact(self, manifest_digest: str) -> Artifact | None:
         with self._lock:
             for v in self._versions.values():
                 for a in v.artifacts:
@@ -123,22 +117,32 @@ class MemoryMetadataStore(MetadataStore):
             if device is not None:
                 self._devices[device_id] = dataclasses.replace(device, last_seen_at=seen_at)
 
-    def get_desired(self, device_id: str) -> DesiredStateRecord:
+    def get_desired(self, device_id: str) -> DesiredState:
         with self._lock:
-            return self._desired.get(device_id, DesiredStateRecord(device_id))
+            return self._desired.get(device_id, DesiredState(device_id))
 
-    def put_desired(self, state: DesiredStateRecord, expected_generation: int) -> bool:
+    def assign(
+        self,
+        assignments: Mapping[str, Assignment],
+        deployment: Deployment | None = None,
+    ) -> dict[str, int]:
         with self._lock:
-            if self.get_desired(state.device_id).generation != expected_generation:
-                return False
-            self._desired[state.device_id] = state
-            return True
+            if deployment is not None:
+                key = deployment.key
+                self._deployments.pop(key, None)  # re-inserted last: newest wins on replay
+                self._deployments[key] = deployment
+            generations = {}
+            for device_id, assignment in assignments.items():
+                state = self.get_desired(device_id).with_assignment(assignment)
+                self._desired[device_id] = state
+                generations[device_id] = state.generation
+            return generations
 
-    def get_reported(self, device_id: str) -> ReportedStateRecord | None:
+    def get_reported(self, device_id: str) -> ReportedState | None:
         with self._lock:
             return self._reported.get(device_id)
 
-    def put_reported(self, state: ReportedStateRecord) -> None:
+    def put_reported(self, state: ReportedState) -> None:
         with self._lock:
             self._reported[state.device_id] = state
 
@@ -152,29 +156,23 @@ class MemoryMetadataStore(MetadataStore):
         with self._lock:
             return self._tokens.get(token_hash)
 
-    def put_deployment(self, deployment: DeploymentRecord) -> None:
-        with self._lock:
-            key = (deployment.model, deployment.selector)
-            self._deployments.pop(key, None)  # re-inserted last: newest wins on replay
-            self._deployments[key] = deployment
-
-    def list_deployments(self) -> list[DeploymentRecord]:
+    def list_deployments(self) -> list[Deployment]:
         with self._lock:
             return list(self._deployments.values())
 
-    def create_job(self, job: JobRecord) -> JobRecord:
+    def create_job(self, job: Job) -> Job:
         with self._lock:
             created = dataclasses.replace(job, job_id=f"job-{len(self._jobs) + 1}")
             self._jobs[created.job_id] = created
             return created
 
-    def get_job(self, job_id: str) -> JobRecord | None:
+    def get_job(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
 
     def list_jobs(
         self, model: str = "", states: Sequence[JobState] = (), limit: int = 100
-    ) -> list[JobRecord]:
+    ) -> list[Job]:
         with self._lock:
             jobs = [
                 j
@@ -183,24 +181,22 @@ class MemoryMetadataStore(MetadataStore):
             ]
             return jobs[:limit]
 
-    def update_job(self, job: JobRecord) -> None:
+    def update_job(self, job: Job) -> None:
         with self._lock:
             if job.job_id not in self._jobs:
                 raise UnknownResource(f"no job is called {job.job_id!r}")
             self._jobs[job.job_id] = job
 
-    def add_job_event(
-        self, job_id: str, kind: str, message: str = "", data: str = "", at: float = 0.0
-    ) -> JobEventRecord:
+    def add_job_event(self, event: JobEvent) -> JobEvent:
         with self._lock:
-            events = self._job_events.setdefault(job_id, [])
-            event = JobEventRecord(job_id, len(events) + 1, at, kind, message, data)
-            events.append(event)
-            return event
+            events = self._job_events.setdefault(event.job_id, [])
+            stored = dataclasses.replace(event, seq=len(events) + 1)
+            events.append(stored)
+            return stored
 
     def list_job_events(
         self, job_id: str, after_seq: int = 0, limit: int = 10_000
-    ) -> list[JobEventRecord]:
+    ) -> list[JobEvent]:
         with self._lock:
             events = self._job_events.get(job_id, [])
             return events[after_seq : after_seq + limit]

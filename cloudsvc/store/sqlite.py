@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +20,21 @@ import sqlite_utils
 
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.metadata import (
-    ArtifactRecord,
-    Assignment,
-    CapabilitiesRecord,
-    ClassMetricsRecord,
-    DeploymentRecord,
-    DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
-    EvaluationRecord,
-    JobEventRecord,
-    JobRecord,
-    JobState,
-    LineageRecord,
     MetadataStore,
-    ModelRecord,
-    ModelStatusRecord,
-    ReportedStateRecord,
-    TensorSpecRecord,
-    VersionRecord,
 )
+from edgefleet.core.fleet import (
+    Assignment,
+    Capabilities,
+    Deployment,
+    DesiredState,
+    ModelStatus,
+    ReportedState,
+)
+from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState, TargetOutcome, Trial
+from edgefleet.core.versions import Artifact, Evaluation, Lineage, Model, ModelVersion, TensorSpec
+from edgefleet.core.wire import from_json, to_json
 
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[tuple[int, str, Migration]] = []
@@ -157,39 +152,14 @@ def _jobs(db: sqlite_utils.Database) -> None:
     )
 
 
-def _lineage_json(lineage: LineageRecord | None) -> str:
-    if lineage is None:
-        return ""
-    data = asdict(lineage)
-    data["hyperparameters"] = dict(lineage.hyperparameters)
-    return json.dumps(data, sort_keys=True)
+@migration(4, "reported capabilities and labels")
+def _reported_details(db: sqlite_utils.Database) -> None:
+    db.table("reported").add_column("capabilities", str, not_null_default="")
+    db.table("reported").add_column("labels", str, not_null_default="{}")
 
 
-def _lineage(text: str) -> LineageRecord | None:
-    if not text:
-        return None
-    data = json.loads(text)
-    data["class_names"] = tuple(data["class_names"])
-    return LineageRecord(**data)
-
-
-def _evaluation(text: str) -> EvaluationRecord | None:
-    if not text:
-        return None
-    data = json.loads(text)
-    return EvaluationRecord(
-        accuracy=data["accuracy"],
-        count=data["count"],
-        per_class=tuple(ClassMetricsRecord(**c) for c in data["per_class"]),
-        confusion=tuple(tuple(row) for row in data["confusion"]),
-        split=data["split"],
-    )
-
-
-def _specs(text: str) -> tuple[TensorSpecRecord, ...]:
-    return tuple(
-        TensorSpecRecord(s["name"], s["datatype"], tuple(s["shape"])) for s in json.loads(text)
-    )
+def _optional_json(cls: Any, text: str) -> Any:
+    return from_json(cls, text) if text else None
 
 
 class SqliteMetadataStore(MetadataStore):
@@ -257,10 +227,10 @@ class SqliteMetadataStore(MetadataStore):
         " FROM models m LEFT JOIN versions v ON v.model = m.name"
     )
 
-    def _model(self, row: sqlite3.Row) -> ModelRecord:
-        return ModelRecord(row[0], row[1], row[2], int(row[3]), int(row[4]))
+    def _model(self, row: sqlite3.Row) -> Model:
+        return Model(row[0], row[1], row[2], int(row[3]), int(row[4]))
 
-    def ensure_model(self, name: str, description: str, created_at: int) -> ModelRecord:
+    def ensure_model(self, name: str, description: str, created_at: int) -> Model:
         with self._tx() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO models (name, description, created_at) VALUES (?, ?, ?)",
@@ -270,15 +240,15 @@ class SqliteMetadataStore(MetadataStore):
         assert model is not None
         return model
 
-    def get_model(self, name: str) -> ModelRecord | None:
+    def get_model(self, name: str) -> Model | None:
         rows = self._rows(self._MODEL_SQL + " WHERE m.name = ? GROUP BY m.name", (name,))
         return self._model(rows[0]) if rows else None
 
-    def list_models(self) -> list[ModelRecord]:
+    def list_models(self) -> list[Model]:
         rows = self._rows(self._MODEL_SQL + " GROUP BY m.name ORDER BY m.name")
         return [self._model(r) for r in rows]
 
-    def add_version(self, version: VersionRecord) -> VersionRecord:
+    def add_version(self, version: ModelVersion) -> ModelVersion:
         with self._tx() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO models (name, description, created_at) VALUES (?, ?, ?)",
@@ -298,12 +268,12 @@ class SqliteMetadataStore(MetadataStore):
                         version.source_sha256,
                         version.parent_version,
                         json.dumps(dict(version.metadata), sort_keys=True),
-                        json.dumps([asdict(s) for s in version.inputs]),
-                        json.dumps([asdict(s) for s in version.outputs]),
+                        to_json(version.inputs, tuple[TensorSpec, ...]),
+                        to_json(version.outputs, tuple[TensorSpec, ...]),
                         version.golden_sample_count,
                         version.created_by,
-                        _lineage_json(version.lineage),
-                        json.dumps(asdict(version.evaluation)) if version.evaluation else "",
+                        to_json(version.lineage) if version.lineage else "",
+                        to_json(version.evaluation) if version.evaluation else "",
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -314,7 +284,7 @@ class SqliteMetadataStore(MetadataStore):
                 self._insert_artifact(conn, a)
         return version
 
-    def _insert_artifact(self, conn: sqlite3.Connection, a: ArtifactRecord) -> None:
+    def _insert_artifact(self, conn: sqlite3.Connection, a: Artifact) -> None:
         try:
             conn.execute(
                 "INSERT INTO artifacts (model, version, target, manifest_digest, size_bytes,"
@@ -339,7 +309,7 @@ class SqliteMetadataStore(MetadataStore):
         except sqlite3.IntegrityError:
             raise Conflict(f"{a.model} v{a.version} already has a {a.target} artifact") from None
 
-    def add_artifact(self, artifact: ArtifactRecord) -> None:
+    def add_artifact(self, artifact: Artifact) -> None:
         with self._tx() as conn:
             exists = conn.execute(
                 "SELECT 1 FROM versions WHERE model = ? AND version = ?",
@@ -349,8 +319,8 @@ class SqliteMetadataStore(MetadataStore):
                 raise UnknownResource(f"{artifact.model} has no version {artifact.version}")
             self._insert_artifact(conn, artifact)
 
-    def _artifact(self, r: sqlite3.Row) -> ArtifactRecord:
-        return ArtifactRecord(
+    def _artifact(self, r: sqlite3.Row) -> Artifact:
+        return Artifact(
             r["model"],
             r["version"],
             r["target"],
@@ -366,8 +336,8 @@ class SqliteMetadataStore(MetadataStore):
             r["file_count"],
         )
 
-    def _version(self, r: sqlite3.Row, artifacts: tuple[ArtifactRecord, ...]) -> VersionRecord:
-        return VersionRecord(
+    def _version(self, r: sqlite3.Row, artifacts: tuple[Artifact, ...]) -> ModelVersion:
+        return ModelVersion(
             model=r["model"],
             version=r["version"],
             description=r["description"],
@@ -375,16 +345,16 @@ class SqliteMetadataStore(MetadataStore):
             source_sha256=r["source_sha256"],
             parent_version=r["parent_version"],
             metadata=json.loads(r["metadata"]),
-            inputs=_specs(r["inputs"]),
-            outputs=_specs(r["outputs"]),
+            inputs=from_json(tuple[TensorSpec, ...], r["inputs"]),
+            outputs=from_json(tuple[TensorSpec, ...], r["outputs"]),
             golden_sample_count=r["golden_sample_count"],
             created_by=r["created_by"],
             artifacts=artifacts,
-            lineage=_lineage(r["lineage"]),
-            evaluation=_evaluation(r["evaluation"]),
+            lineage=_optional_json(Lineage, r["lineage"]),
+            evaluation=_optional_json(Evaluation, r["evaluation"]),
         )
 
-    def get_version(self, model: str, version: int) -> VersionRecord | None:
+    def get_version(self, model: str, version: int) -> ModelVersion | None:
         with self._lock:
             rows = self._rows(
                 "SELECT * FROM versions WHERE model = ? AND version = ?", (model, version)
@@ -397,17 +367,17 @@ class SqliteMetadataStore(MetadataStore):
             )
             return self._version(rows[0], tuple(self._artifact(a) for a in arts))
 
-    def list_versions(self, model: str) -> list[VersionRecord]:
+    def list_versions(self, model: str) -> list[ModelVersion]:
         with self._lock:
             rows = self._rows("SELECT * FROM versions WHERE model = ? ORDER BY version", (model,))
-            arts: dict[int, list[ArtifactRecord]] = {}
+            arts: dict[int, list[Artifact]] = {}
             for a in self._rows(
                 "SELECT * FROM artifacts WHERE model = ? ORDER BY target", (model,)
             ):
                 arts.setdefault(a["version"], []).append(self._artifact(a))
             return [self._version(r, tuple(arts.get(r["version"], ()))) for r in rows]
 
-    def find_artifact(self, manifest_digest: str) -> ArtifactRecord | None:
+    def find_artifact(self, manifest_digest: str) -> Artifact | None:
         rows = self._rows(
             "SELECT * FROM artifacts WHERE manifest_digest = ? LIMIT 1", (manifest_digest,)
         )
@@ -415,14 +385,12 @@ class SqliteMetadataStore(MetadataStore):
 
     # devices -------------------------------------------------------------------------------
     def _device(self, r: sqlite3.Row) -> DeviceRecord:
-        caps = json.loads(r["capabilities"])
-        caps["execution_providers"] = tuple(caps.get("execution_providers", ()))
         return DeviceRecord(
             device_id=r["device_id"],
             token_hash=r["token_hash"],
             enrolled_at=r["enrolled_at"],
             labels=json.loads(r["labels"]),
-            capabilities=CapabilitiesRecord(**caps),
+            capabilities=from_json(Capabilities, r["capabilities"]),
             last_seen_at=r["last_seen_at"],
         )
 
@@ -435,7 +403,7 @@ class SqliteMetadataStore(MetadataStore):
                     device.token_hash,
                     device.enrolled_at,
                     json.dumps(dict(device.labels), sort_keys=True),
-                    json.dumps(asdict(device.capabilities)),
+                    to_json(device.capabilities),
                     device.last_seen_at,
                 ),
             )
@@ -458,55 +426,77 @@ class SqliteMetadataStore(MetadataStore):
             )
 
     # desired and reported state ----------------------------------------------------------
-    def get_desired(self, device_id: str) -> DesiredStateRecord:
-        rows = self._rows("SELECT * FROM desired WHERE device_id = ?", (device_id,))
-        if not rows:
-            return DesiredStateRecord(device_id)
-        assignments = tuple(Assignment(**a) for a in json.loads(rows[0]["assignments"]))
-        return DesiredStateRecord(device_id, rows[0]["generation"], assignments)
+    @staticmethod
+    def _desired(conn: sqlite3.Connection, device_id: str) -> DesiredState:
+        row = conn.execute("SELECT * FROM desired WHERE device_id = ?", (device_id,)).fetchone()
+        if row is None:
+            return DesiredState(device_id)
+        assignments = from_json(tuple[Assignment, ...], row["assignments"])
+        return DesiredState(device_id, row["generation"], assignments)
 
-    def put_desired(self, state: DesiredStateRecord, expected_generation: int) -> bool:
+    def get_desired(self, device_id: str) -> DesiredState:
+        with self._lock:
+            return self._desired(self._conn, device_id)
+
+    def assign(
+        self,
+        assignments: Mapping[str, Assignment],
+        deployment: Deployment | None = None,
+    ) -> dict[str, int]:
+        generations = {}
         with self._tx() as conn:
-            row = conn.execute(
-                "SELECT generation FROM desired WHERE device_id = ?", (state.device_id,)
-            ).fetchone()
-            if (row[0] if row else 0) != expected_generation:
-                return False
-            conn.execute(
-                "INSERT OR REPLACE INTO desired VALUES (?, ?, ?)",
-                (
-                    state.device_id,
-                    state.generation,
-                    json.dumps([asdict(a) for a in state.assignments]),
-                ),
-            )
-            return True
+            if deployment is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?,"
+                    " (SELECT coalesce(max(seq), 0) + 1 FROM deployments))",
+                    (
+                        deployment.model,
+                        json.dumps(deployment.key[1]),
+                        deployment.version,
+                        deployment.target,
+                        deployment.created_at,
+                    ),
+                )
+            for device_id, assignment in assignments.items():
+                state = self._desired(conn, device_id).with_assignment(assignment)
+                conn.execute(
+                    "INSERT OR REPLACE INTO desired VALUES (?, ?, ?)",
+                    (device_id, state.generation, to_json(state.assignments)),
+                )
+                generations[device_id] = state.generation
+        return generations
 
-    def get_reported(self, device_id: str) -> ReportedStateRecord | None:
+    def get_reported(self, device_id: str) -> ReportedState | None:
         rows = self._rows("SELECT * FROM reported WHERE device_id = ?", (device_id,))
         if not rows:
             return None
         r = rows[0]
-        return ReportedStateRecord(
+        return ReportedState(
             device_id=r["device_id"],
             observed_generation=r["observed_generation"],
-            models=tuple(ModelStatusRecord(**m) for m in json.loads(r["models"])),
+            models=from_json(tuple[ModelStatus, ...], r["models"]),
+            capabilities=_optional_json(Capabilities, r["capabilities"]),
             last_error=r["last_error"],
+            labels=json.loads(r["labels"]),
             inference_endpoint=r["inference_endpoint"],
             reported_at=r["reported_at"],
         )
 
-    def put_reported(self, state: ReportedStateRecord) -> None:
+    def put_reported(self, state: ReportedState) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO reported VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO reported (device_id, observed_generation, models,"
+                " last_error, inference_endpoint, reported_at, capabilities, labels)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     state.device_id,
                     state.observed_generation,
-                    json.dumps([asdict(m) for m in state.models]),
+                    to_json(state.models),
                     state.last_error,
                     state.inference_endpoint,
                     state.reported_at,
+                    to_json(state.capabilities) if state.capabilities else "",
+                    json.dumps(dict(state.labels), sort_keys=True),
                 ),
             )
 
@@ -529,25 +519,11 @@ class SqliteMetadataStore(MetadataStore):
         return EnrollTokenRecord(r["token_hash"], r["created_at"], r["expires_at"], r["note"])
 
     # deployments -------------------------------------------------------------------------
-    def put_deployment(self, deployment: DeploymentRecord) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?,"
-                " (SELECT coalesce(max(seq), 0) + 1 FROM deployments))",
-                (
-                    deployment.model,
-                    json.dumps(deployment.selector),
-                    deployment.version,
-                    deployment.target,
-                    deployment.created_at,
-                ),
-            )
-
-    def list_deployments(self) -> list[DeploymentRecord]:
+    def list_deployments(self) -> list[Deployment]:
         return [
-            DeploymentRecord(
+            Deployment(
                 r["model"],
-                tuple((k, v) for k, v in json.loads(r["selector"])),
+                {k: v for k, v in json.loads(r["selector"])},
                 r["version"],
                 r["target"],
                 r["created_at"],
@@ -562,41 +538,50 @@ class SqliteMetadataStore(MetadataStore):
     )
 
     @staticmethod
-    def _job_values(job: JobRecord) -> tuple[Any, ...]:
+    def _job_values(job: Job) -> tuple[Any, ...]:
+        # `result` keeps what a finished job made: its version, trials and target outcomes.
+        result = {
+            "version": job.result_version,
+            "trials": json.loads(to_json(job.trials)),
+            "outcomes": json.loads(to_json(job.targets)),
+        }
         return (
             job.kind,
             job.model,
-            job.request,
+            job.request_json,
             job.state.value,
             job.created_at,
             job.started_at,
             job.finished_at,
             job.slot,
-            job.progress,
-            job.result,
+            to_json(job.progress),
+            json.dumps(result),
             job.error,
             job.retry_of,
         )
 
     @staticmethod
-    def _job(r: sqlite3.Row) -> JobRecord:
-        return JobRecord(
+    def _job(r: sqlite3.Row) -> Job:
+        result = json.loads(r["result"] or "{}")
+        return Job(
             job_id=r["job_id"],
             kind=r["kind"],
             model=r["model"],
-            request=r["request"],
+            request_json=r["request"],
             state=JobState(r["state"]),
             created_at=r["created_at"],
             started_at=r["started_at"],
             finished_at=r["finished_at"],
             slot=r["slot"],
-            progress=r["progress"],
-            result=r["result"],
+            progress=from_json(JobProgress, r["progress"] or "{}"),
             error=r["error"],
+            result_version=int(result.get("version", 0)),
+            trials=from_json(tuple[Trial, ...], json.dumps(result.get("trials", []))),
+            targets=from_json(tuple[TargetOutcome, ...], json.dumps(result.get("outcomes", []))),
             retry_of=r["retry_of"],
         )
 
-    def create_job(self, job: JobRecord) -> JobRecord:
+    def create_job(self, job: Job) -> Job:
         with self._tx() as conn:
             cursor = conn.execute(
                 f"INSERT INTO jobs (job_id, {self._JOB_COLUMNS})"
@@ -608,13 +593,13 @@ class SqliteMetadataStore(MetadataStore):
             conn.execute("UPDATE jobs SET job_id = ? WHERE seq = ?", (created.job_id, seq))
         return created
 
-    def get_job(self, job_id: str) -> JobRecord | None:
+    def get_job(self, job_id: str) -> Job | None:
         rows = self._rows("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
         return self._job(rows[0]) if rows else None
 
     def list_jobs(
         self, model: str = "", states: Sequence[JobState] = (), limit: int = 100
-    ) -> list[JobRecord]:
+    ) -> list[Job]:
         where, params = [], []
         if model:
             where.append("model = ?")
@@ -626,7 +611,7 @@ class SqliteMetadataStore(MetadataStore):
         rows = self._rows(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit))
         return [self._job(r) for r in rows]
 
-    def update_job(self, job: JobRecord) -> None:
+    def update_job(self, job: Job) -> None:
         assignments = ", ".join(f"{c.strip()} = ?" for c in self._JOB_COLUMNS.split(","))
         with self._tx() as conn:
             cursor = conn.execute(
@@ -636,28 +621,36 @@ class SqliteMetadataStore(MetadataStore):
             if cursor.rowcount == 0:
                 raise UnknownResource(f"no job is called {job.job_id!r}")
 
-    def add_job_event(
-        self, job_id: str, kind: str, message: str = "", data: str = "", at: float = 0.0
-    ) -> JobEventRecord:
+    def add_job_event(self, event: JobEvent) -> JobEvent:
+        # `data` holds a progress event's progress, or a state event's state.
+        data = ""
+        if event.progress is not None:
+            data = to_json(event.progress)
+        elif event.state is not JobState.UNSPECIFIED:
+            data = event.state.value
         with self._tx() as conn:
             row = conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM job_events WHERE job_id = ?", (job_id,)
+                "SELECT coalesce(max(seq), 0) FROM job_events WHERE job_id = ?", (event.job_id,)
             ).fetchone()
-            event = JobEventRecord(job_id, int(row[0]) + 1, at, kind, message, data)
+            stored = replace(event, seq=int(row[0]) + 1)
             conn.execute(
                 "INSERT INTO job_events VALUES (?, ?, ?, ?, ?, ?)",
-                (event.job_id, event.seq, event.at, event.kind, event.message, event.data),
+                (stored.job_id, stored.seq, stored.at, stored.kind, stored.message, data),
             )
-        return event
+        return stored
+
+    @staticmethod
+    def _event(r: sqlite3.Row) -> JobEvent:
+        data = r["data"] or ""
+        progress = from_json(JobProgress, data) if r["kind"] == "progress" and data else None
+        state = JobState(data) if r["kind"] == "state" and data else JobState.UNSPECIFIED
+        return JobEvent(r["job_id"], r["seq"], r["at"], r["kind"], r["message"], progress, state)
 
     def list_job_events(
         self, job_id: str, after_seq: int = 0, limit: int = 10_000
-    ) -> list[JobEventRecord]:
+    ) -> list[JobEvent]:
         rows = self._rows(
             "SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (job_id, after_seq, limit),
         )
-        return [
-            JobEventRecord(r["job_id"], r["seq"], r["at"], r["kind"], r["message"], r["data"])
-            for r in rows
-        ]
+        return [self._event(r) for r in rows]

@@ -87,4 +87,3 @@ def cli(verbose: int) -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="edgefleet")
-

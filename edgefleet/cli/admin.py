@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,8 +15,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from edgefleet.client.admin import AdminClient, Device
+from edgefleet.client.admin import AdminClient
 from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.fleet import Device, ModelPhase
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,7 +60,7 @@ def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
-def ago(ts: int) -> str:
+def ago(ts: float) -> str:
     if not ts:
         return "never"
     s = max(0, int(time.time()) - ts)
@@ -81,7 +82,7 @@ def points(drop: float) -> str:
     return f"{change + 0.0:+.2f} pts" if abs(change) >= 0.005 else "±0.00 pts"
 
 
-def update_size(metrics: dict[str, float], size: int) -> str:
+def update_size(metrics: Mapping[str, float], size: int) -> str:
     """What a device running the parent version downloads, and its share of the whole."""
     if "update_bytes" not in metrics:
         return "-"
@@ -374,15 +375,15 @@ def render_devices(rows: list[Device]) -> Table:
                 f"{m.model} v{m.active_version}"
                 + (
                     f" ({m.phase} v{m.desired_version})"
-                    if m.phase not in ("ready", "unknown")
+                    if m.phase not in (ModelPhase.READY, ModelPhase.UNSPECIFIED)
                     else ""
                 )
                 for m in d.models
             )
             or "-"
         )
-        gen = f"{d.reported_generation}/{d.desired_generation}"
-        if d.reported_generation < d.desired_generation:
+        gen = f"{d.reported_generation}/{d.desired.generation}"
+        if d.reported_generation < d.desired.generation:
             gen = f"[yellow]{gen}[/]"
         table.add_row(
             d.device_id,

@@ -26,9 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 from edgefleet.cli.admin import human_bytes, render_devices, update_size
-from edgefleet.client.admin import AdminClient, Device, ModelVersion
-from edgefleet.job_views import Job, JobEvent
 from edgefleet.cli.processes import ManagedProcess, agent_process, cloud_process
+from edgefleet.client.admin import AdminClient
+from edgefleet.core.fleet import Device, ModelPhase
+from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.versions import ModelVersion
 
 console = Console()
 MODEL = "shape-classifier"
@@ -76,7 +78,7 @@ def _fine_tune(
             status.update(f"{title}: {job.job_id} {event.progress.describe()}")
 
     done = cloud.wait_job(job.job_id, on_event=show, timeout=600)
-    if done.state != "succeeded":
+    if done.state is not JobState.SUCCEEDED:
         raise RuntimeError(f"{done.job_id} {done.state}: {done.error}")
     return done, cloud.version(MODEL, done.result_version)
 
@@ -113,7 +115,9 @@ def _wait(cloud: AdminClient, version: int, devices: list[str], title: str) -> l
             moving = ", ".join(
                 f"{d.device_id}: v{d.running(MODEL)}"
                 + "".join(
-                    f" ({m.phase})" for m in d.models if m.model == MODEL and m.phase != "ready"
+                    f" ({m.phase})"
+                    for m in d.models
+                    if m.model == MODEL and m.phase is not ModelPhase.READY
                 )
                 for d in devs
             )

@@ -34,15 +34,16 @@ from edgefleet.cli.admin import (
     points,
     update_size,
 )
-from edgefleet.client.admin import AdminClient, ModelVersion
-from edgefleet.job_views import Job, JobEvent
+from edgefleet.client.admin import AdminClient
+from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.versions import ModelVersion
 
 STATE_STYLE = {
-    "queued": "yellow",
-    "running": "cyan",
-    "succeeded": "green",
-    "failed": "red",
-    "cancelled": "magenta",
+    JobState.QUEUED: "yellow",
+    JobState.RUNNING: "cyan",
+    JobState.SUCCEEDED: "green",
+    JobState.FAILED: "red",
+    JobState.CANCELLED: "magenta",
 }
 TARGET_NAMES = ("onnx-cpu-fp32", "onnx-cpu-int8", "onnx-gpu-fp16", "tensorrt-fp16")
 
@@ -58,8 +59,8 @@ def _duration(seconds: float) -> str:
     )
 
 
-def _state(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+def _state(state: JobState) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state.value}[/]"
 
 
 def _upload_local(client: AdminClient, path: Path, what: str) -> str:
@@ -180,9 +181,9 @@ def summarise(client: AdminClient, job: Job) -> None:
         console.print(_trials_table(job))
     if job.targets:
         console.print(_targets_table(job))
-    if job.state != "succeeded":
+    if job.state is not JobState.SUCCEEDED:
         console.print(f"{job.job_id} {_state(job.state)} after {took}: {escape(job.error)}")
-        if job.state == "failed":
+        if job.state is JobState.FAILED:
             console.print(f"run it again with `edgefleet jobs retry {job.job_id}`")
         raise SystemExit(1)
     version = client.version(job.model, job.result_version)
@@ -439,15 +440,15 @@ def list_jobs(model: str, active: bool, limit: int, cloud: str, token: str | Non
             j.kind,
             j.model,
             _state(j.state),
-            escape(j.progress.describe()) if j.state == "running" else "",
+            escape(j.progress.describe()) if j.state is JobState.RUNNING else "",
             f"v{j.result_version}" if j.result_version else escape(j.error[:50]),
             j.slot,
             ago(j.created_at),
             _duration(end - j.started_at) if j.started_at else "",
         )
     console.print(table)
-    running = sum(1 for j in rows if j.state == "running")
-    queued = sum(1 for j in rows if j.state == "queued")
+    running = sum(1 for j in rows if j.state is JobState.RUNNING)
+    queued = sum(1 for j in rows if j.state is JobState.QUEUED)
     console.print(f"{len(rows)} job(s): {running} running, {queued} queued")
 
 
@@ -471,7 +472,7 @@ def show_job(job_id: str, cloud: str, token: str | None) -> None:
         )
         + (f", retry of {job.retry_of}" if job.retry_of else "")
     )
-    if job.state == "running":
+    if job.state is JobState.RUNNING:
         console.print(f"  now: {escape(job.progress.describe())}")
         if job.progress.eta_seconds:
             console.print(f"  about {_duration(job.progress.eta_seconds)} left")
@@ -500,7 +501,7 @@ def job_logs(job_id: str, follow_: bool, cloud: str, token: str | None) -> None:
         for event in client.watch_job(job_id, follow=False):
             if event.kind == "progress":
                 continue
-            stamp = time.strftime("%H:%M:%S", time.localtime(event.at_ms / 1000))
+            stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
             style = STATE_STYLE.get(event.state, "white") if event.kind == "state" else "white"
             console.print(f"[dim]{stamp}[/] [{style}]{escape(event.message)}[/]")
             count += 1

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -23,202 +23,20 @@ from typing import Any, TypeVar
 import grpc
 
 from edgefleet.core.auth import bearer_metadata
-from edgefleet.core.errors import InvalidArgument
+from edgefleet.core.errors import InvalidArgument, Unavailable
+from edgefleet.core.fleet import Deployment, Device
+from edgefleet.core.jobs import Job, JobEvent
 from edgefleet.core.rpc import error_from_rpc
-from edgefleet.job_views import (
-    Evaluation,
-    Job,
-    JobEvent,
-    Lineage,
-    evaluation_from,
-    event_from,
-    job_from,
-    lineage_from,
-)
+from edgefleet.core.versions import Model, ModelVersion
+from edgefleet.core.wire import from_proto
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from protos.artifact.v1 import artifact_pb2
-from protos.fleet.v1 import fleet_pb2
 
 # 1 MiB pieces: well under gRPC's default 4 MiB message limit.
 UPLOAD_PIECE = 1 << 20
 MAX_MESSAGE = 64 << 20
 
 T = TypeVar("T")
-
-PHASE_NAMES = {
-    fleet_pb2.MODEL_PHASE_UNSPECIFIED: "unknown",
-    fleet_pb2.MODEL_PHASE_DOWNLOADING: "downloading",
-    fleet_pb2.MODEL_PHASE_ACTIVATING: "activating",
-    fleet_pb2.MODEL_PHASE_READY: "ready",
-    fleet_pb2.MODEL_PHASE_FAILED: "failed",
-}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    def __str__(self) -> str:
-        dims = ",".join("?" if d < 0 else str(d) for d in self.shape)
-        return f"{self.name}:{self.datatype}[{dims}]"
-
-
-@dataclass(frozen=True)
-class Artifact:
-    target: str
-    manifest_digest: str
-    size_bytes: int
-    chunk_count: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    steps: tuple[str, ...] = ()
-    format: str = "onnx"
-    file_count: int = 1
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    model: str
-    version: int
-    description: str
-    parent_version: int
-    created_at: int
-    created_by: str
-    source_sha256: str
-    golden_sample_count: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    artifacts: tuple[Artifact, ...]
-    metadata: dict[str, str] = field(default_factory=dict)
-    lineage: Lineage | None = None
-    evaluation: Evaluation | None = None
-
-    def artifact(self, target: str) -> Artifact | None:
-        return next((a for a in self.artifacts if a.target == target), None)
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    description: str
-    latest_version: int
-    version_count: int
-    created_at: int
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """What a device reports for one model."""
-
-    model: str
-    active_version: int
-    previous_version: int
-    desired_version: int
-    phase: str
-    error: str
-    execution_provider: str
-
-
-@dataclass(frozen=True)
-class Device:
-    device_id: str
-    labels: dict[str, str]
-    online: bool
-    last_seen_at: int
-    enrolled_at: int
-    desired_generation: int
-    reported_generation: int
-    desired: dict[str, int]  # model -> desired version
-    models: tuple[ModelState, ...]
-    last_error: str
-    inference_endpoint: str
-    arch: str
-    execution_providers: tuple[str, ...]
-    memory_bytes: int
-
-    @property
-    def converged(self) -> bool:
-        """The device observed its desired generation and runs every desired version."""
-        if self.reported_generation < self.desired_generation:
-            return False
-        running = {m.model: m.active_version for m in self.models}
-        return all(running.get(name) == v for name, v in self.desired.items())
-
-    @property
-    def errors(self) -> list[str]:
-        """What is wrong on the device: its own error, then each failing model's."""
-        found = [self.last_error] if self.last_error else []
-        found += [f"{m.model} v{m.desired_version}: {m.error}" for m in self.models if m.error]
-        return found
-
-    def running(self, model: str) -> int:
-        return next((m.active_version for m in self.models if m.model == model), 0)
-
-
-def _specs(specs: Sequence[artifact_pb2.TensorSpec]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in specs)
-
-
-def _version(v: admin_pb2.ModelVersion) -> ModelVersion:
-    return ModelVersion(
-        model=v.model,
-        version=v.version,
-        description=v.description,
-        parent_version=v.parent_version,
-        created_at=v.created_at,
-        created_by=v.created_by,
-        source_sha256=v.source_sha256,
-        golden_sample_count=v.golden_sample_count,
-        inputs=_specs(v.inputs),
-        outputs=_specs(v.outputs),
-        artifacts=tuple(
-            Artifact(
-                a.target,
-                a.manifest_digest,
-                a.size_bytes,
-                a.chunk_count,
-                dict(a.metrics),
-                tuple(a.steps),
-                a.format or "onnx",
-                a.file_count,
-            )
-            for a in v.artifacts
-        ),
-        metadata=dict(v.metadata),
-        lineage=lineage_from(v),
-        evaluation=evaluation_from(v),
-    )
-
-
-def _device(d: admin_pb2.Device) -> Device:
-    return Device(
-        device_id=d.device_id,
-        labels=dict(d.labels),
-        online=d.online,
-        last_seen_at=d.last_seen_at,
-        enrolled_at=d.enrolled_at,
-        desired_generation=d.desired_generation,
-        reported_generation=d.reported_generation,
-        desired={m.model: m.version for m in d.desired_models},
-        models=tuple(
-            ModelState(
-                model=m.model,
-                active_version=m.active_version,
-                previous_version=m.previous_version,
-                desired_version=m.desired_version,
-                phase=PHASE_NAMES.get(m.phase, "unknown"),
-                error=m.error,
-                execution_provider=m.execution_provider,
-            )
-            for m in d.models
-        ),
-        last_error=d.last_error,
-        inference_endpoint=d.inference_endpoint,
-        arch=d.capabilities.arch,
-        execution_providers=tuple(d.capabilities.execution_providers),
-        memory_bytes=d.capabilities.memory_bytes,
-    )
 
 
 class AdminClient:
@@ -315,25 +133,19 @@ class AdminClient:
         response: admin_pb2.PushModelResponse = self._call(
             self._stub.PushModel, requests(), timeout=max(self.timeout, 600.0)
         )
-        return _version(response.version)
+        return from_proto(response.version, ModelVersion)
 
     def models(self) -> list[Model]:
         response = self._call(self._stub.ListModels, admin_pb2.ListModelsRequest())
-        return [
-            Model(m.name, m.description, m.latest_version, m.version_count, m.created_at)
-            for m in response.models
-        ]
+        return [from_proto(m, Model) for m in response.models]
 
     def versions(self, model: str) -> list[ModelVersion]:
         response = self._call(self._stub.ListVersions, admin_pb2.ListVersionsRequest(model=model))
-        return [_version(v) for v in response.versions]
+        return [from_proto(v, ModelVersion) for v in response.versions]
 
     def version(self, model: str, version: int) -> ModelVersion:
-        return _version(
-            self._call(
-                self._stub.GetVersion, admin_pb2.GetVersionRequest(model=model, version=version)
-            )
-        )
+        request = admin_pb2.GetVersionRequest(model=model, version=version)
+        return from_proto(self._call(self._stub.GetVersion, request), ModelVersion)
 
     # fleet ----------------------------------------------------------------------------
 
@@ -354,16 +166,20 @@ class AdminClient:
         )
         return {d.device_id: d.generation for d in response.devices}
 
+    def deployments(self) -> list[Deployment]:
+        """Standing deployments (what devices matching each selector run), oldest first."""
+        response = self._call(self._stub.ListDeployments, admin_pb2.ListDeploymentsRequest())
+        return [from_proto(d, Deployment) for d in response.deployments]
+
     def devices(self, selector: Mapping[str, str] | None = None) -> list[Device]:
         response = self._call(
             self._stub.ListDevices, admin_pb2.ListDevicesRequest(selector=dict(selector or {}))
         )
-        return [_device(d) for d in response.devices]
+        return [from_proto(d, Device) for d in response.devices]
 
     def device(self, device_id: str) -> Device:
-        return _device(
-            self._call(self._stub.GetDevice, admin_pb2.GetDeviceRequest(device_id=device_id))
-        )
+        request = admin_pb2.GetDeviceRequest(device_id=device_id)
+        return from_proto(self._call(self._stub.GetDevice, request), Device)
 
     def create_enroll_token(self, ttl_seconds: int = 0, note: str = "") -> tuple[str, int]:
         """A new enrollment token and its expiry (unix seconds, 0 = never)."""
@@ -450,7 +266,7 @@ class AdminClient:
             parent_version=parent_version,
             max_accuracy_drop=max_accuracy_drop,
         )
-        return job_from(self._call(self._jobs.SubmitFineTune, request))
+        return _job(self._call(self._jobs.SubmitFineTune, request))
 
     def compile(
         self,
@@ -471,23 +287,23 @@ class AdminClient:
             data_options=jobs_pb2.DataOptions(limit=limit),
             max_accuracy_drop=max_accuracy_drop,
         )
-        return job_from(self._call(self._jobs.SubmitCompile, request))
+        return _job(self._call(self._jobs.SubmitCompile, request))
 
     def jobs(self, model: str = "", *, active_only: bool = False, limit: int = 0) -> list[Job]:
         response = self._call(
             self._jobs.ListJobs,
             jobs_pb2.ListJobsRequest(model=model, active_only=active_only, limit=limit),
         )
-        return [job_from(j) for j in response.jobs]
+        return [_job(j) for j in response.jobs]
 
     def job(self, job_id: str) -> Job:
-        return job_from(self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+        return _job(self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
 
     def cancel_job(self, job_id: str) -> Job:
-        return job_from(self._call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
+        return _job(self._call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
 
     def retry_job(self, job_id: str) -> Job:
-        return job_from(self._call(self._jobs.RetryJob, jobs_pb2.RetryJobRequest(job_id=job_id)))
+        return _job(self._call(self._jobs.RetryJob, jobs_pb2.RetryJobRequest(job_id=job_id)))
 
     def watch_job(
         self, job_id: str, *, after_seq: int = 0, follow: bool = True
@@ -500,7 +316,7 @@ class AdminClient:
         )
         try:
             for event in stream:
-                yield event_from(event)
+                yield from_proto(event, JobEvent)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         finally:
@@ -514,10 +330,6 @@ class AdminClient:
         timeout: float | None = None,
     ) -> Job:
         """Follow the job until it ends; the finished job. Raises Unavailable on timeout."""
-        import time
-
-        from edgefleet.core.errors import Unavailable
-
         deadline = None if timeout is None else time.monotonic() + timeout
         seq = 0
         while True:
@@ -547,10 +359,6 @@ class AdminClient:
 
         Raises `Unavailable` on timeout, naming the devices that did not converge and why.
         """
-        import time
-
-        from edgefleet.core.errors import Unavailable
-
         deadline = time.monotonic() + timeout
         wanted = set(device_ids)
         last: list[Device] = []
@@ -561,7 +369,7 @@ class AdminClient:
                 (
                     d.device_id,
                     d.running(model),
-                    next((m.phase for m in d.models if m.model == model), ""),
+                    next((m.phase.value for m in d.models if m.model == model), ""),
                 )
                 for d in last
             )
@@ -582,3 +390,7 @@ class AdminClient:
                     f"not converged to {model} v{version} within {timeout:.0f}s: {', '.join(behind)}"
                 )
             time.sleep(poll)
+
+
+def _job(message: jobs_pb2.Job) -> Job:
+    return from_proto(message, Job)

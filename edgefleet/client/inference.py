@@ -26,6 +26,8 @@ import numpy.typing as npt
 from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.rpc import error_from_rpc
 from edgefleet.core.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD, datatype_of
+from edgefleet.core.versions import TensorSpec
+from edgefleet.core.wire import from_proto
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -36,19 +38,14 @@ DEFAULT_MAX_MESSAGE = 64 << 20
 
 
 @dataclass(frozen=True)
-class TensorMetadata:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for dynamic dimensions
-
-
-@dataclass(frozen=True)
 class ModelMetadata:
+    """What an inference server says of a model (the protocol's ModelMetadataResponse)."""
+
     name: str
     versions: tuple[str, ...]
     platform: str
-    inputs: tuple[TensorMetadata, ...]
-    outputs: tuple[TensorMetadata, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -177,15 +174,7 @@ class InferenceClient:
             r = self._stub.ModelMetadata(request, timeout=self.timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
-
-        def specs(
-            ts: Sequence[pb.ModelMetadataResponse.TensorMetadata],
-        ) -> tuple[TensorMetadata, ...]:
-            return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in ts)
-
-        return ModelMetadata(
-            r.name, tuple(r.versions), r.platform, specs(r.inputs), specs(r.outputs)
-        )
+        return from_proto(r, ModelMetadata)
 
     def prepare(
         self,

@@ -1,8 +1,9 @@
-"""The root of every edgefleet exception and the error codes they carry.
+"""The root of every edgefleet exception: one class per error code.
 
-Domain code raises these with an ErrorCode; only the transport layer
-(``edgefleet.core.rpc``) turns a code into a gRPC status. Each package (agent,
-cloudsvc, compilers, transfer) derives its own base class from ``EdgefleetError``.
+Domain code raises these (or its package's subclasses, each in that package's `errors`
+module and each under exactly one of these); only the transport layer
+(``edgefleet.core.rpc``) turns a code into a gRPC status, and a client turns a status back
+into the same class, so ``except NotFound:`` works on either side of the wire.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class ErrorCode(Enum):
     PERMISSION_DENIED = "permission_denied"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
+    UNIMPLEMENTED = "unimplemented"
     INTERNAL = "internal"
 
 
@@ -27,17 +29,14 @@ class EdgefleetError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
     @property
     def message(self) -> str:
         return str(self)
 
 
 class InvalidArgument(EdgefleetError):
+    """The caller sent something wrong; the message says what to change."""
+
     code = ErrorCode.INVALID_ARGUMENT
 
 
@@ -50,6 +49,8 @@ class AlreadyExists(EdgefleetError):
 
 
 class FailedPrecondition(EdgefleetError):
+    """The request is fine but the system is not in a state to do it."""
+
     code = ErrorCode.FAILED_PRECONDITION
 
 
@@ -66,4 +67,37 @@ class ResourceExhausted(EdgefleetError):
 
 
 class Unavailable(EdgefleetError):
+    """The other side cannot be reached or did not answer in time; retrying may work."""
+
     code = ErrorCode.UNAVAILABLE
+
+
+class Unimplemented(EdgefleetError):
+    code = ErrorCode.UNIMPLEMENTED
+
+
+class Internal(EdgefleetError):
+    """A fault of ours, not the caller's."""
+
+    code = ErrorCode.INTERNAL
+
+
+BY_CODE: dict[ErrorCode, type[EdgefleetError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Unauthenticated,
+        PermissionDenied,
+        ResourceExhausted,
+        Unavailable,
+        Unimplemented,
+        Internal,
+    )
+}
+
+
+class ManifestError(FailedPrecondition):
+    """A manifest that fails its digest, signature, schema or structure check."""

@@ -1,32 +1,41 @@
-"""Artifact manifests: cut files into content-addressed chunks, sign, verify.
+"""Artifact manifests: cut files into content-addressed chunks, sign, verify, check.
 
-The cloud builds and signs manifests; the agent verifies them and every byte they name
-before anything is served. Torch-free: both sides import this.
+The cloud builds and signs manifests; the agent verifies them, and checks that they make
+sense (sizes that add up, paths inside the artifact, an entrypoint among the files), before
+a byte they name is downloaded, and verifies every byte before anything is served.
+Torch-free: both sides import this.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import ManifestError
+from edgefleet.core.golden import GoldenRef
+from edgefleet.core.wire import from_proto
 from protos.artifact.v1 import artifact_pb2
 
-MANIFEST_SCHEMA_VERSION = 1
+# 2: golden samples are files (GoldenRef), single-chunk files list no chunks.
+MANIFEST_SCHEMA_VERSION = 2
 # 1 MiB: small enough that a resumed download loses little, large enough that a model of a
 # few hundred MB is a few hundred chunks.
 DEFAULT_CHUNK_SIZE = 1 << 20
-
-
-class ManifestError(EdgefleetError):
-    code = ErrorCode.FAILED_PRECONDITION
+# What a device accepts at most, whatever a manifest claims: one chunk, and one file.
+MAX_CHUNK_BYTES = 64 << 20
+MAX_FILE_BYTES = 64 << 30
+MAX_FILES = 100_000
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PATH_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 
 
 @dataclass(frozen=True)
@@ -45,21 +54,41 @@ def iter_file_chunks(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterat
             yield block
 
 
-def describe_file(
-    path: Path, name: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+def describe_blocks(
+    name: str, blocks: Iterable[bytes]
 ) -> tuple[artifact_pb2.ArtifactFile, list[tuple[ChunkRef, bytes]]]:
-    """The manifest entry of one file and its chunks' bytes (to store content-addressed)."""
+    """The manifest entry of a file made of `blocks`, and its chunks' bytes (to store by
+    content). A single-chunk file lists no chunks: the file's own digest names its chunk."""
     whole = hashlib.sha256()
     entry = artifact_pb2.ArtifactFile(path=name)
     chunks: list[tuple[ChunkRef, bytes]] = []
-    for block in iter_file_chunks(path, chunk_size):
+    for block in blocks:
         whole.update(block)
-        ref = ChunkRef(sha256_hex(block), len(block))
-        entry.chunks.add(sha256=ref.sha256, size=ref.size)
-        chunks.append((ref, block))
-    entry.size = sum(c.size for c in entry.chunks)
+        chunks.append((ChunkRef(sha256_hex(block), len(block)), block))
+    entry.size = sum(ref.size for ref, _ in chunks)
     entry.sha256 = whole.hexdigest()
+    if len(chunks) > 1:
+        for ref, _ in chunks:
+            entry.chunks.add(sha256=ref.sha256, size=ref.size)
     return entry, chunks
+
+
+def describe_file(
+    path: Path, name: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[artifact_pb2.ArtifactFile, list[tuple[ChunkRef, bytes]]]:
+    """The manifest entry of one file on disk and its chunks' bytes."""
+    return describe_blocks(name, iter_file_chunks(path, chunk_size))
+
+
+def file_chunks(entry: artifact_pb2.ArtifactFile) -> list[ChunkRef]:
+    """The chunks whose bytes, in order, make the file."""
+    if not entry.chunks:
+        return [ChunkRef(entry.sha256, entry.size)] if entry.size else []
+    return [ChunkRef(c.sha256, c.size) for c in entry.chunks]
+
+
+def golden_refs(manifest: artifact_pb2.Manifest) -> tuple[GoldenRef, ...]:
+    return tuple(from_proto(g, GoldenRef) for g in manifest.golden)
 
 
 def manifest_bytes(manifest: artifact_pb2.Manifest) -> bytes:
@@ -114,21 +143,85 @@ def verify_manifest(
     except InvalidSignature:
         raise ManifestError(f"manifest {digest[:12]} has an invalid signature") from None
     manifest = artifact_pb2.Manifest()
-    manifest.ParseFromString(signed.manifest)
-    if manifest.schema_version > MANIFEST_SCHEMA_VERSION:
+    try:
+        manifest.ParseFromString(signed.manifest)
+    except Exception:  # DecodeError, or a nested message that does not parse
+        raise ManifestError(f"manifest {digest[:12]} does not parse as a manifest") from None
+    if manifest.schema_version != MANIFEST_SCHEMA_VERSION:
+        newer = manifest.schema_version > MANIFEST_SCHEMA_VERSION
         raise ManifestError(
-            f"manifest schema {manifest.schema_version} is newer than this agent understands "
-            f"({MANIFEST_SCHEMA_VERSION}); upgrade the agent"
+            f"manifest schema {manifest.schema_version} is "
+            + ("newer than this agent understands; upgrade the agent" if newer else "too old")
+            + f" (this agent reads schema {MANIFEST_SCHEMA_VERSION})"
         )
+    check_manifest(manifest)
     return manifest
+
+
+def check_manifest(manifest: artifact_pb2.Manifest) -> None:
+    """A signed manifest must still make sense before a byte it names is downloaded: a valid
+    model name and version, relative and unique paths, chunk sizes that add up to each
+    file's size and stay within bounds, an entrypoint and golden files among its files."""
+    label = f"manifest of {manifest.model[:64]!r} v{manifest.version}"
+    if not NAME_PATTERN.match(manifest.model) or manifest.version < 1:
+        raise ManifestError(f"{label} names no valid model and version")
+    if len(manifest.files) > MAX_FILES:
+        raise ManifestError(f"{label} lists {len(manifest.files)} files, over {MAX_FILES}")
+    paths: set[str] = set()
+    for entry in manifest.files:
+        check_path(entry.path, label)
+        if entry.path in paths:
+            raise ManifestError(f"{label} lists {entry.path!r} twice")
+        paths.add(entry.path)
+        if not _SHA256.match(entry.sha256):
+            raise ManifestError(f"{label}: {entry.path} has no valid sha256")
+        if entry.size > MAX_FILE_BYTES:
+            raise ManifestError(f"{label}: {entry.path} claims {entry.size} bytes")
+        chunks = file_chunks(entry)
+        for chunk in chunks:
+            if not _SHA256.match(chunk.sha256) or not 0 < chunk.size <= MAX_CHUNK_BYTES:
+                raise ManifestError(
+                    f"{label}: {entry.path} names a chunk with an invalid digest or a size "
+                    f"outside 1..{MAX_CHUNK_BYTES} bytes"
+                )
+        total = sum(c.size for c in chunks)
+        if total != entry.size:
+            raise ManifestError(
+                f"{label}: the chunks of {entry.path} add up to {total} bytes, but the file "
+                f"is {entry.size}"
+            )
+    if manifest.entrypoint not in paths:
+        raise ManifestError(
+            f"{label}: its entrypoint {manifest.entrypoint[:200]!r} is not one of its files"
+        )
+    for ref in manifest.golden:
+        if ref.inputs not in paths or ref.outputs not in paths:
+            raise ManifestError(f"{label}: a golden sample names a file it does not list")
+
+
+def check_path(path: str, label: str = "manifest") -> PurePosixPath:
+    """A file path of an artifact: relative, '/'-separated, no '..', plain characters."""
+    rel = PurePosixPath(path)
+    if (
+        not path
+        or len(path) > 1024
+        or rel.is_absolute()
+        or "\\" in path
+        or any(not _PATH_PART.match(part) for part in rel.parts)
+        or str(rel) != path
+    ):
+        raise ManifestError(
+            f"{label} names file {path[:200]!r}, which is not a relative path inside the artifact"
+        )
+    return rel
 
 
 def all_chunks(manifest: artifact_pb2.Manifest) -> list[ChunkRef]:
     """Every distinct chunk the manifest names, in file order."""
     seen: dict[str, ChunkRef] = {}
     for f in manifest.files:
-        for c in f.chunks:
-            seen.setdefault(c.sha256, ChunkRef(c.sha256, c.size))
+        for chunk in file_chunks(f):
+            seen.setdefault(chunk.sha256, chunk)
     return list(seen.values())
 
 

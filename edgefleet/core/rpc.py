@@ -1,15 +1,35 @@
-"""The one table from ErrorCode to gRPC status, and the helpers servicers use with it."""
+"""gRPC on both sides of the wire, in one place: the table from error class to status, the
+one server interceptor every edgefleet server runs, and the client's way back.
+
+The interceptor (:class:`CallGuard`) wraps every method of every service a server offers:
+
+- it decodes request bytes itself, so bytes that are no message answer INVALID_ARGUMENT
+  (grpc's own decoder would answer INTERNAL and log a traceback per request);
+- it asks the server's `authorize` callback who the caller is, before the method runs, so
+  a method cannot forget its check; what it answers is the caller of :func:`caller`;
+- it turns an EdgefleetError into its status with a bounded message, and any other
+  exception into a fixed INTERNAL message (the details go to the log only).
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from edgefleet.core.errors import EdgefleetError, ErrorCode
+from edgefleet.core.errors import (
+    BY_CODE,
+    EdgefleetError,
+    ErrorCode,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,72 +42,179 @@ GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
-
 ERROR_CODE: dict[grpc.StatusCode, ErrorCode] = {v: k for k, v in GRPC_STATUS.items()}
 
-F = TypeVar("F", bound=Callable[..., Any])
+# Status messages travel in HTTP/2 trailers: a message echoing a client's 20 KB name would
+# break the transport instead of answering. Every message is cut to this many characters.
+MAX_MESSAGE_CHARS = 1000
+
+Authorize = Callable[[str, Sequence[tuple[str, str | bytes]]], object]
+"""(full method name, invocation metadata) -> the caller, or raise an EdgefleetError."""
+
+_CALLER: ContextVar[object] = ContextVar("edgefleet_caller", default=None)
+
+
+def caller() -> Any:
+    """Who makes the call being served: what the server's `authorize` answered for it."""
+    return _CALLER.get()
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(message) <= limit:
+        return message
+    return message[: limit - 30] + f"... ({len(message) - limit + 30} more characters)"
 
 
 def abort_with(context: grpc.ServicerContext, error: EdgefleetError) -> None:
     """End the call with the status that the error's code maps to."""
-    context.abort(GRPC_STATUS[error.code], error.message)
+    context.abort(GRPC_STATUS[error.code], bounded(error.message))
 
 
-def grpc_method(fn: F) -> F:
-    """Wrap a unary servicer method: EdgefleetError -> its status; anything else -> INTERNAL.
-
-    The server keeps serving whatever a request does; an unexpected exception is logged
-    with its traceback and answered INTERNAL rather than crashing a worker thread.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(self, request, context)
-        except EdgefleetError as err:
-            abort_with(context, err)
-        except Exception as err:
-            if _is_abort(err):
-                raise
-            log.exception("unexpected error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
-        return None  # unreachable: abort raises
-
-    return wrapper  # type: ignore[return-value]
-
-
-def grpc_stream_method(fn: F) -> F:
-    """Like grpc_method, for methods that return or yield a stream of responses."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            yield from fn(self, request, context)
-        except EdgefleetError as err:
-            abort_with(context, err)
-        except Exception as err:
-            if _is_abort(err):
-                raise
-            log.exception("unexpected error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _is_abort(err: Exception) -> bool:
+def _is_abort(err: BaseException) -> bool:
     # grpc raises a bare Exception from context.abort(); let it through untouched.
     return type(err) is Exception and not err.args
 
 
+def _fail(context: grpc.ServicerContext, method: str, err: BaseException) -> None:
+    if isinstance(err, EdgefleetError):
+        abort_with(context, err)
+    incident = secrets.token_hex(4)
+    log.error("unexpected error in %s (incident %s)", method, incident, exc_info=err)
+    context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error (incident {incident}); the server's log has the details",
+    )
+
+
+def _decoder(method: str, parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        if parse is None:
+            return raw
+        try:
+            return parse(raw)
+        except (DecodeError, ValueError, RuntimeError):
+            raise InvalidArgument(
+                f"the request to {method} is not a valid protobuf message; check the client's "
+                "generated code against this server's .proto"
+            ) from None
+
+    return decode
+
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+
+
+class CallGuard(grpc.ServerInterceptor):
+    """The one interceptor of an edgefleet server: decode safely, authorize, map errors."""
+
+    def __init__(self, authorize: Authorize | None = None) -> None:
+        self._authorize = authorize
+        self._handlers: dict[str, Handler | None] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        method: str = details.method
+        if method not in self._handlers:
+            inner = continuation(details)
+            self._handlers[method] = None if inner is None else self._wrap(method, inner)
+        return self._handlers[method]
+
+    def _wrap(self, method: str, inner: Handler) -> Handler:
+        decode = _decoder(method, inner.request_deserializer)
+        authorize = self._authorize
+        serialize = inner.response_serializer
+
+        def enter(context: grpc.ServicerContext) -> Any:
+            if authorize is None:
+                return None
+            return _CALLER.set(authorize(method, context.invocation_metadata() or ()))
+
+        def leave(token: Any) -> None:
+            if token is not None:
+                _CALLER.reset(token)
+
+        def requests(raw: Iterator[bytes]) -> Iterator[Any]:
+            for item in raw:
+                yield decode(item)
+
+        if not inner.request_streaming and not inner.response_streaming:
+            behaviour: Any = inner.unary_unary
+
+            def unary_unary(raw: bytes, context: grpc.ServicerContext) -> Any:
+                token = None
+                try:
+                    token = enter(context)
+                    return behaviour(decode(raw), context)
+                except BaseException as err:
+                    if _is_abort(err):
+                        raise
+                    _fail(context, method, err)
+                finally:
+                    leave(token)
+                return None  # unreachable: _fail aborts
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+
+        if inner.request_streaming and not inner.response_streaming:
+            behaviour = inner.stream_unary
+
+            def stream_unary(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+                token = None
+                try:
+                    token = enter(context)
+                    return behaviour(requests(raw), context)
+                except BaseException as err:
+                    if _is_abort(err):
+                        raise
+                    _fail(context, method, err)
+                finally:
+                    leave(token)
+                return None
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
+
+        def streaming(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            token = None
+            try:
+                token = enter(context)
+                stream: Any = inner.stream_stream if inner.request_streaming else inner.unary_stream
+                responses = stream(
+                    requests(raw) if inner.request_streaming else decode(raw), context
+                )
+                yield from responses
+            except BaseException as err:
+                if _is_abort(err) or isinstance(err, GeneratorExit):
+                    raise
+                _fail(context, method, err)
+            finally:
+                leave(token)
+
+        if inner.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=serialize)
+        return grpc.unary_stream_rpc_method_handler(streaming, response_serializer=serialize)
+
+
 def error_from_rpc(err: grpc.RpcError) -> EdgefleetError:
-    """Turn a failed call into the EdgefleetError a client can catch and show."""
+    """The failed call as the EdgefleetError subclass of its status (NotFound for NOT_FOUND,
+    ...), so a client can `except NotFound:`."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = err.details() if hasattr(err, "details") else str(err)
-    mapped = ERROR_CODE.get(code, ErrorCode.INTERNAL)
+    details = (err.details() if hasattr(err, "details") else "") or ""
     if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"cannot reach the server: {details}"
-    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        mapped, details = ErrorCode.UNAVAILABLE, f"the server did not answer in time: {details}"
-    return EdgefleetError(details or code.name, code=mapped)
+        return Unavailable(f"cannot reach the server: {details or 'no answer'}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"the server did not answer in time: {details or 'deadline exceeded'}")
+    if code == grpc.StatusCode.CANCELLED:
+        return Unavailable(f"the call was cancelled: {details or 'cancelled'}")
+    mapped = ERROR_CODE.get(code)
+    if mapped is None:
+        return Internal(f"{code.name}: {details}" if details else code.name)
+    return BY_CODE[mapped](details or code.name)

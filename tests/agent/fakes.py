@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,11 +13,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.state import Identity
-from edgefleet.core.errors import EdgefleetError, ErrorCode, NotFound, Unauthenticated
-from edgefleet.core.manifests import describe_file, manifest_digest, public_key_bytes, sign_manifest
+from edgefleet.core.errors import NotFound, Unauthenticated, Unavailable
+from edgefleet.core.fleet import Assignment, Capabilities, DesiredState, Enrollment, ReportedState
+from edgefleet.core.golden import GoldenRef, sample_paths, tensor_set_bytes
+from edgefleet.core.manifests import (
+    describe_blocks,
+    describe_file,
+    manifest_digest,
+    public_key_bytes,
+    sign_manifest,
+)
 from edgefleet.core.tensors import to_raw
 from protos.artifact.v1 import artifact_pb2
-from protos.fleet.v1 import fleet_pb2
 
 WIDTH = 64
 CHUNK = 256  # small chunks, so that every model is several of them
@@ -38,19 +45,33 @@ def model_bytes(bias: float) -> bytes:
     return model.SerializeToString()
 
 
-def golden(bias: float, *, off_by: float = 0.0) -> artifact_pb2.GoldenSample:
+@dataclass(frozen=True)
+class Golden:
+    """A golden sample: the bytes of its inputs and expected outputs files."""
+
+    inputs: bytes
+    outputs: bytes
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+
+def _golden_arrays(bias: float, off_by: float) -> tuple[np.ndarray, np.ndarray]:
     x = np.arange(2 * WIDTH, dtype=np.float32).reshape(2, WIDTH) / 10
-    y = x + np.float32(bias + off_by)
-    return artifact_pb2.GoldenSample(
-        inputs=[
-            artifact_pb2.TensorValue(name="x", datatype="FP32", shape=[2, WIDTH], data=to_raw(x))
-        ],
-        outputs=[
-            artifact_pb2.TensorValue(name="y", datatype="FP32", shape=[2, WIDTH], data=to_raw(y))
-        ],
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    return x, x + np.float32(bias + off_by)
+
+
+def golden(bias: float, *, off_by: float = 0.0) -> Golden:
+    x, y = _golden_arrays(bias, off_by)
+    return Golden(tensor_set_bytes({"x": x}), tensor_set_bytes({"y": y}))
+
+
+def inline_golden(bias: float) -> artifact_pb2.GoldenSample:
+    """The same sample as a push carries it."""
+    x, y = _golden_arrays(bias, 0.0)
+    sample = artifact_pb2.GoldenSample(rtol=1e-5, atol=1e-5)
+    sample.inputs.add(name="x", datatype="FP32", shape=list(x.shape), data=to_raw(x))
+    sample.outputs.add(name="y", datatype="FP32", shape=list(y.shape), data=to_raw(y))
+    return sample
 
 
 @dataclass
@@ -71,8 +92,11 @@ def build_artifact(
     *,
     bias: float | None = None,
     body: bytes | None = None,
-    sample: artifact_pb2.GoldenSample | None = None,
+    sample: Golden | None = None,
+    edit: Callable[[artifact_pb2.Manifest], None] | None = None,
 ) -> Artifact:
+    """A signed artifact of a real model; `edit` changes the manifest before it is signed
+    (the attacker who holds the key, or a buggy cloud)."""
     bias = float(version) if bias is None else bias
     data = body if body is not None else model_bytes(bias)
     src = tmp / f"src-{model}-{version}-{bias}.onnx"
@@ -82,7 +106,17 @@ def build_artifact(
         model=model, version=version, target="onnx-cpu-fp32", format="onnx", entrypoint="model.onnx"
     )
     manifest.files.append(entry)
-    manifest.golden_samples.append(sample if sample is not None else golden(bias))
+    sample = sample if sample is not None else golden(bias)
+    inputs_path, outputs_path = sample_paths(0)
+    for path, body_bytes in ((inputs_path, sample.inputs), (outputs_path, sample.outputs)):
+        blocks = [body_bytes[i : i + CHUNK] for i in range(0, len(body_bytes), CHUNK)]
+        file_entry, file_chunks = describe_blocks(path, blocks)
+        manifest.files.append(file_entry)
+        chunks += file_chunks
+    ref = GoldenRef(inputs_path, outputs_path, sample.rtol, sample.atol)
+    manifest.golden.add(inputs=ref.inputs, outputs=ref.outputs, rtol=ref.rtol, atol=ref.atol)
+    if edit is not None:
+        edit(manifest)
     signed = sign_manifest(manifest, key)
     parsed = artifact_pb2.Manifest()
     parsed.ParseFromString(signed.manifest)
@@ -107,11 +141,11 @@ class FakeCloud:
     chunks: dict[str, bytes] = field(default_factory=dict)
     down: bool = False
     corrupt: set[str] = field(default_factory=set)
-    # Break a chunk stream after this many pieces (once per chunk), to test resume.
+    # Break the first chunk stream that reaches this many pieces (once), to test resume.
     break_after_pieces: int | None = None
     piece_size: int = 64
     fetch_offsets: list[tuple[str, int]] = field(default_factory=list)
-    reports: list[fleet_pb2.ReportStateRequest] = field(default_factory=list)
+    reports: list[ReportedState] = field(default_factory=list)
     calls: int = 0
     enrolled: list[str] = field(default_factory=list)
     identity: Identity | None = None
@@ -131,40 +165,40 @@ class FakeCloud:
     def _check(self) -> None:
         self.calls += 1
         if self.down:
-            raise EdgefleetError(
-                "cannot reach the server: connection refused", code=ErrorCode.UNAVAILABLE
-            )
+            raise Unavailable("cannot reach the server: connection refused")
 
     def enroll(
         self,
         enroll_token: str,
         device_id: str,
         labels: dict[str, str],
-        capabilities: fleet_pb2.Capabilities,
-    ) -> fleet_pb2.EnrollResponse:
+        capabilities: Capabilities,
+    ) -> Enrollment:
         self._check()
         if enroll_token != "enroll-secret":
             raise Unauthenticated("enrollment token is not valid")
         self.enrolled.append(device_id or "dev-1")
-        return fleet_pb2.EnrollResponse(
+        return Enrollment(
             device_id=device_id or "dev-1",
             device_token="device-token",
-            manifest_public_keys=[public_key_bytes(self.key)],
+            manifest_public_keys=(public_key_bytes(self.key),),
         )
 
     def authenticate(self, identity: Identity) -> None:
         self.identity = identity
 
-    def get_desired_state(self) -> fleet_pb2.DesiredState:
+    def get_desired_state(self) -> DesiredState:
         self._check()
-        state = fleet_pb2.DesiredState(device_id="dev-1", generation=self.generation)
-        for name, (version, digest) in sorted(self.models.items()):
-            state.models.add(
-                model=name, version=version, target="onnx-cpu-fp32", manifest_digest=digest
-            )
-        return state
+        return DesiredState(
+            "dev-1",
+            self.generation,
+            tuple(
+                Assignment(name, version, "onnx-cpu-fp32", digest)
+                for name, (version, digest) in sorted(self.models.items())
+            ),
+        )
 
-    def report_state(self, report: fleet_pb2.ReportStateRequest) -> int:
+    def report_state(self, report: ReportedState) -> int:
         self._check()
         with self._lock:
             self.reports.append(report)
@@ -186,12 +220,10 @@ class FakeCloud:
             if (
                 self.break_after_pieces is not None
                 and pieces >= self.break_after_pieces
-                and sha256 not in self._broken
+                and not self._broken
             ):
                 self._broken.add(sha256)
-                raise EdgefleetError(
-                    "cannot reach the server: stream reset", code=ErrorCode.UNAVAILABLE
-                )
+                raise Unavailable("cannot reach the server: stream reset")
             yield data[start : start + self.piece_size]
 
     def watch(self, known_generation: int) -> Iterator[int]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.artifacts import ArtifactStore, DiskFull, verify_files
-from agent.chunks import ChunkCorrupt, ChunkIncomplete, ChunkStore
-from agent.errors import ArtifactRejected
+from agent.artifacts import ArtifactStore, verify_files
+from agent.chunks import ChunkStore
+from agent.errors import ArtifactRejected, ChunkCorrupt, ChunkIncomplete, DiskFull
 from edgefleet.core.manifests import ChunkRef
 from tests.agent.fakes import build_artifact
 

@@ -51,8 +51,8 @@ def test_run_serves_offline_writes_port_file_and_stops_on_sigterm(tmp_path: Path
     port_file = tmp_path / "port"
     env = {
         **os.environ,
-        "EDGEFLEET_BACKOFF_CAP_S": "0.5",
-        "EDGEFLEET_PROVIDERS": '["CPUExecutionProvider"]',
+        "EDGEFLEET_AGENT_BACKOFF_CAP_S": "0.5",
+        "EDGEFLEET_AGENT_PROVIDERS": '["CPUExecutionProvider"]',
     }
     proc = subprocess.Popen(
         [

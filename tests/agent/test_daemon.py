@@ -73,7 +73,7 @@ def test_against_the_real_cloud_service(tmp_path: Path) -> None:
 
     from cloudsvc.settings import CloudSettings
     from edgefleet.client import AdminClient
-    from tests.agent.fakes import golden, model_bytes
+    from tests.agent.fakes import inline_golden, model_bytes
 
     cloud = server_mod.serve(
         CloudSettings.model_validate(
@@ -109,7 +109,7 @@ def test_against_the_real_cloud_service(tmp_path: Path) -> None:
         for version in (1, 2):
             path = tmp_path / f"m{version}.onnx"
             path.write_bytes(model_bytes(float(version)))
-            pushed = admin.push_model("m", path, golden_samples=[golden(float(version))])
+            pushed = admin.push_model("m", path, golden_samples=[inline_golden(float(version))])
             assert pushed.version == version
             admin.deploy("m", version, selector={"site": "lab"})
             admin.wait_converged("m", version, ["edge-1"], timeout=60)

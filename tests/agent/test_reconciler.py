@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.reconciler import NotEnrolled
+from agent.errors import NotEnrolled
 from edgefleet.core.errors import EdgefleetError
-from protos.fleet.v1 import fleet_pb2
+from edgefleet.core.fleet import ModelPhase
 from tests.agent.conftest import Rig
 from tests.agent.fakes import WIDTH, build_artifact, golden
 
-READY = fleet_pb2.MODEL_PHASE_READY
-FAILED = fleet_pb2.MODEL_PHASE_FAILED
+READY = ModelPhase.READY
+FAILED = ModelPhase.FAILED
 
 
 def infer(rig: Rig, name: str = "m", version: int | None = None) -> float:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.state import Identity, Slot, StateError, StateStore
+from agent.errors import StateError
+from agent.state import Identity, Slot, StateStore
 
 
 def test_identity_and_keys_round_trip(tmp_path: Path) -> None:

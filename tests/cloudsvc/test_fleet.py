@@ -9,13 +9,10 @@ import pytest
 from cloudsvc.errors import Forbidden, NotAuthenticated, NotReady, UnknownResource
 from cloudsvc.fleet import Fleet, best_target
 from cloudsvc.registry import Registry
-from cloudsvc.store.metadata import (
-    ArtifactRecord,
-    CapabilitiesRecord,
-    EnrollTokenRecord,
-    ModelStatusRecord,
-)
+from cloudsvc.store.metadata import EnrollTokenRecord
 from edgefleet.core.auth import hash_token
+from edgefleet.core.fleet import Capabilities, ModelPhase, ModelStatus, ReportedState
+from edgefleet.core.versions import Artifact
 
 from .conftest import ENROLL_TOKEN
 
@@ -28,7 +25,7 @@ def test_enroll_with_static_and_created_tokens(fleet: Fleet, signer: object) -> 
     assert expires > time.time()
     second = fleet.enroll(token, device_id="cam-7")
     assert second.device_id == "cam-7"
-    assert second.manifest_public_keys == fleet.trusted_keys
+    assert list(second.manifest_public_keys) == fleet.trusted_keys
     # Only the hash of a device token is stored.
     stored = fleet.metadata.get_device("cam-7")
     assert stored is not None and stored.token_hash == hash_token(second.device_token)
@@ -132,34 +129,33 @@ def test_reports_are_stored_and_devices_listed_with_online(
 ) -> None:
     fleet.enroll(ENROLL_TOKEN, device_id="a1", labels={"site": "a"})
     fleet.enroll(ENROLL_TOKEN, device_id="b1", labels={"site": "b"})
-    status = ModelStatusRecord("clf", active_version=1, phase=3)
-    caps = CapabilitiesRecord(arch="aarch64", execution_providers=("CPUExecutionProvider",))
+    status = ModelStatus("clf", active_version=1, phase=ModelPhase.READY)
+    caps = Capabilities(arch="aarch64", execution_providers=("CPUExecutionProvider",))
     generation = fleet.report(
-        "a1", 0, [status], last_error="", inference_endpoint="10.0.0.7:8001", capabilities=caps
+        ReportedState("a1", 0, (status,), caps, last_error="", inference_endpoint="10.0.0.7:8001")
     )
     assert generation == 0
     view = fleet.device("a1")
     assert view.online and view.reported is not None
-    assert view.reported.models == (status,) and view.reported.inference_endpoint == "10.0.0.7:8001"
-    assert view.device.capabilities == caps
+    assert view.reported.models == (status,) and view.inference_endpoint == "10.0.0.7:8001"
+    assert view.capabilities == caps
+    assert view.reported.reported_at > 0  # the cloud's clock, not the device's
     # A device last seen long ago is offline.
     fleet.metadata.touch_device("b1", time.time() - 3600)
-    views = {v.device.device_id: v.online for v in fleet.devices()}
+    views = {v.device_id: v.online for v in fleet.devices()}
     assert views == {"a1": True, "b1": False}
-    assert [v.device.device_id for v in fleet.devices({"site": "b"})] == ["b1"]
+    assert [v.device_id for v in fleet.devices({"site": "b"})] == ["b1"]
     with pytest.raises(UnknownResource):
         fleet.device("nope")
 
 
 def test_best_target_follows_the_device_providers() -> None:
     arts = [
-        ArtifactRecord("m", 1, t, "0" * 64, 1, 1, 1)
+        Artifact("m", 1, t, "0" * 64, 1, 1, 1)
         for t in ("onnx-cpu-fp32", "onnx-cpu-int8", "tensorrt-fp16")
     ]
-    cpu = CapabilitiesRecord(execution_providers=("CPUExecutionProvider",))
-    trt = CapabilitiesRecord(
-        execution_providers=("TensorrtExecutionProvider", "CPUExecutionProvider")
-    )
+    cpu = Capabilities(execution_providers=("CPUExecutionProvider",))
+    trt = Capabilities(execution_providers=("TensorrtExecutionProvider", "CPUExecutionProvider"))
     assert best_target(arts, cpu) == "onnx-cpu-fp32"
     assert best_target(arts, trt) == "tensorrt-fp16"
     assert best_target(arts[2:], cpu) is None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -20,16 +19,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.activation import load_and_check
 from agent.runtime import SessionOptions
 from cloudsvc.errors import InvalidRequest, UnknownResource
-from cloudsvc.jobs.events import Progress
 from cloudsvc.jobs.feeds import EVALUATION_FILE, EvaluationData
-from cloudsvc.jobs.manager import JobManager, JobSettings
+from cloudsvc.jobs.manager import JobManager
 from cloudsvc.jobs.spec import CompileSpec, FineTuneSpec, parse_spec
 from cloudsvc.jobs.uploads import UploadKind, UploadStore
 from cloudsvc.registry import SOURCE_KEY, Registry
+from cloudsvc.settings import CloudSettings, JobSettings
 from cloudsvc.signing import ManifestSigner
 from cloudsvc.store.blobs import FolderBlobStore
-from cloudsvc.store.metadata import JobRecord, JobState
 from cloudsvc.store.sqlite import SqliteMetadataStore
+from edgefleet.core.jobs import Job, JobProgress, JobState
+from edgefleet.core.manifests import file_chunks
 from protos.artifact.v1 import artifact_pb2
 from tests.cloudsvc.conftest import write_linear_model
 
@@ -44,10 +44,10 @@ class Rig:
     manager: JobManager
     uploads: UploadStore
 
-    def settings(self) -> JobSettings:
-        return self.manager.settings
+    def settings(self) -> CloudSettings:
+        return cloud_settings(self.root)
 
-    def wait(self, job_id: str) -> JobRecord:
+    def wait(self, job_id: str) -> Job:
         return wait_for(self.manager, job_id)
 
     def manifest(self, digest: str) -> artifact_pb2.Manifest:
@@ -56,7 +56,7 @@ class Rig:
         return manifest
 
 
-def wait_for(manager: JobManager, job_id: str) -> JobRecord:
+def wait_for(manager: JobManager, job_id: str) -> Job:
     """The job once it ended; a test failure if it runs past JOB_TIMEOUT_S (a hang guard)."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     for _ in manager.watch(job_id):
@@ -66,20 +66,17 @@ def wait_for(manager: JobManager, job_id: str) -> JobRecord:
     return manager.get(job_id)
 
 
+def cloud_settings(root: Path) -> CloudSettings:
+    jobs = JobSettings(fashion_mnist_dir=root / "no-fashion-mnist", threads=1, cancel_grace_s=5.0)
+    return CloudSettings.load(None, data_dir=root, jobs=jobs)
+
+
 def make_rig(root: Path) -> Rig:
     metadata = SqliteMetadataStore(root / "metadata.db")
     registry = Registry(
         metadata, FolderBlobStore(root / "blobs"), ManifestSigner(Ed25519PrivateKey.generate())
     )
-    settings = JobSettings(
-        jobs_dir=root / "jobs",
-        uploads_dir=root / "uploads",
-        cache_dir=root / "cache",
-        fashion_mnist_dir=root / "no-fashion-mnist",
-        threads=1,
-        cancel_grace_s=5.0,
-    )
-    manager = JobManager(metadata, registry, settings).start()
+    manager = JobManager(metadata, registry, cloud_settings(root)).start()
     return Rig(root, metadata, registry, manager, UploadStore(root / "uploads", 1 << 26))
 
 
@@ -107,7 +104,8 @@ def phases(rig: Rig, job_id: str) -> list[str]:
     seen: list[str] = []
     for e in rig.metadata.list_job_events(job_id):
         if e.kind == "progress":
-            phase = Progress.from_json(e.data).phase
+            assert e.progress is not None
+            phase = e.progress.phase
             if not seen or seen[-1] != phase:
                 seen.append(phase)
     return seen
@@ -146,7 +144,7 @@ def test_a_finetune_job_registers_a_verified_version_with_lineage_and_metrics(
         # What a device does with it: every file checked, loaded, golden samples passed.
         folder = tmp_path / "device" / artifact.target
         manifest = rig.registry.materialize(artifact.manifest_digest, folder)
-        assert 1 <= len(manifest.golden_samples) <= 4  # held-out examples, within a budget
+        assert 1 <= len(manifest.golden) <= 4  # held-out examples, within a budget
         assert "class_names" in manifest.preprocessing.params
         loaded = load_and_check(manifest, artifact.manifest_digest, folder, SessionOptions())
         assert loaded.version == 1
@@ -156,7 +154,7 @@ def test_a_finetune_job_registers_a_verified_version_with_lineage_and_metrics(
     kept = EvaluationData.load(source / EVALUATION_FILE)
     assert len(kept.labels) == lineage.validation_examples
     assert kept.validation["image"].shape[1:] == (3, 32, 32)
-    assert not (rig.settings().jobs_dir / job.job_id / "builds").exists()
+    assert not (rig.manager.jobs_dir / job.job_id / "builds").exists()
 
 
 def test_head_only_finetunes_of_one_base_change_only_the_head_files(rig: Rig) -> None:
@@ -177,9 +175,12 @@ def test_head_only_finetunes_of_one_base_change_only_the_head_files(rig: Rig) ->
     )
     before = {f.path: f.sha256 for f in a1.files}
     changed = {f.path for f in a2.files if before.get(f.path) != f.sha256}
-    assert changed == {"head.weight.bin", "head.bias.bin"}
-    held = {c.sha256 for f in a1.files for c in f.chunks}
-    new_bytes = sum(c.size for f in a2.files for c in f.chunks if c.sha256 not in held)
+    # The head, and the golden sample's expected outputs; its inputs are v1's (the same
+    # examples, so the same bytes a device already holds).
+    assert changed == {"head.weight.bin", "head.bias.bin", "golden/0.outputs.pb"}
+    assert [g.inputs for g in a2.golden] == [g.inputs for g in a1.golden]
+    held = {c.sha256 for f in a1.files for c in file_chunks(f)}
+    new_bytes = sum(c.size for f in a2.files for c in file_chunks(f) if c.sha256 not in held)
     total = sum(f.size for f in a2.files)
     assert new_bytes < 0.05 * total
     # the registry tells what moving from the parent costs a device: new chunks + manifest
@@ -198,14 +199,14 @@ def test_a_search_keeps_the_best_trial_by_validation_accuracy(rig: Rig) -> None:
     done = rig.wait(rig.manager.submit(spec).job_id)
     assert done.state is JobState.SUCCEEDED, done.error
     version = rig.registry.get_version("shapes", 1)
-    trials = json.loads(done.result)["trials"]
-    assert [t["params"]["lr"] for t in trials] == ["1e-06", "0.03"]
-    best = max(trials, key=lambda t: t["val_accuracy"])
-    assert [t["best"] for t in trials] == [t is best for t in trials]
-    assert best["params"]["lr"] == "0.03" and trials[0]["val_accuracy"] < best["val_accuracy"]
+    trials = done.trials
+    assert [t.params["lr"] for t in trials] == ["1e-06", "0.03"]
+    best = max(trials, key=lambda t: t.val_accuracy)
+    assert [t.best for t in trials] == [t is best for t in trials]
+    assert best.params["lr"] == "0.03" and trials[0].val_accuracy < best.val_accuracy
     assert version.lineage is not None and version.lineage.hyperparameters["lr"] == "0.03"
     assert version.evaluation is not None
-    assert version.evaluation.accuracy == pytest.approx(best["val_accuracy"])
+    assert version.evaluation.accuracy == pytest.approx(best.val_accuracy)
 
 
 def test_bad_input_fails_before_any_training(rig: Rig, tmp_path: Path) -> None:
@@ -230,7 +231,7 @@ def test_cancel_stops_a_running_worker_and_a_queued_job(rig: Rig) -> None:
     queued = rig.manager.submit(finetune())
     assert rig.manager.cancel(queued.job_id).state is JobState.CANCELLED
     for event in rig.manager.watch(long.job_id):
-        if event.kind == "progress" and Progress.from_json(event.data).epoch >= 1:
+        if event.progress is not None and event.progress.epoch >= 1:
             break
     running = rig.manager.get(long.job_id)
     assert running.state is JobState.RUNNING
@@ -250,7 +251,7 @@ def test_jobs_cut_off_by_a_stop_or_a_crash_end_failed_and_can_be_retried(
 ) -> None:
     job = rig.manager.submit(finetune(params={"epochs": "10000", "patience": "0"}))
     for event in rig.manager.watch(job.job_id):
-        if event.kind == "progress" and Progress.from_json(event.data).phase == "training":
+        if event.progress is not None and event.progress.phase == "training":
             break
     rig.manager.stop()
     stopped = rig.manager.get(job.job_id)
@@ -258,13 +259,13 @@ def test_jobs_cut_off_by_a_stop_or_a_crash_end_failed_and_can_be_retried(
     assert f"edgefleet jobs retry {job.job_id}" in stopped.error
     # A crash leaves the record "running" with no worker: the next start ends it.
     crashed = rig.metadata.create_job(
-        JobRecord(
+        Job(
             "",
             "finetune",
             "shapes",
             finetune().model_dump_json(),
             state=JobState.RUNNING,
-            progress=Progress(phase="training", epoch=3, epochs=20).to_json(),
+            progress=JobProgress(phase="training", epoch=3, epochs=20),
         )
     )
     again = JobManager(rig.metadata, rig.registry, rig.settings()).start()

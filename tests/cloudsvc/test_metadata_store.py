@@ -12,25 +12,29 @@ import pytest
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import (
-    ArtifactRecord,
-    Assignment,
-    CapabilitiesRecord,
-    ClassMetricsRecord,
-    DeploymentRecord,
-    DesiredStateRecord,
     DeviceRecord,
     EnrollTokenRecord,
-    EvaluationRecord,
-    JobRecord,
-    JobState,
-    LineageRecord,
     MetadataStore,
-    ModelStatusRecord,
-    ReportedStateRecord,
-    TensorSpecRecord,
-    VersionRecord,
 )
 from cloudsvc.store.sqlite import SqliteMetadataStore
+from edgefleet.core.fleet import (
+    Assignment,
+    Capabilities,
+    Deployment,
+    DesiredState,
+    ModelPhase,
+    ModelStatus,
+    ReportedState,
+)
+from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState, TargetOutcome, Trial
+from edgefleet.core.versions import (
+    Artifact,
+    ClassScore,
+    Evaluation,
+    Lineage,
+    ModelVersion,
+    TensorSpec,
+)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -44,8 +48,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetadataSt
     s.close()
 
 
-def _version(model: str, number: int, parent: int = 0) -> VersionRecord:
-    return VersionRecord(
+def _version(model: str, number: int, parent: int = 0) -> ModelVersion:
+    return ModelVersion(
         model=model,
         version=number,
         description=f"{model} v{number}",
@@ -53,14 +57,12 @@ def _version(model: str, number: int, parent: int = 0) -> VersionRecord:
         source_sha256="ab" * 32,
         parent_version=parent,
         metadata={"dataset": "fashion", "lr": "0.01"},
-        inputs=(TensorSpecRecord("x", "FP32", (-1, 4)),),
-        outputs=(TensorSpecRecord("probs", "FP32", (-1, 3)),),
+        inputs=(TensorSpec("x", "FP32", (-1, 4)),),
+        outputs=(TensorSpec("probs", "FP32", (-1, 3)),),
         golden_sample_count=2,
         created_by="admin",
         artifacts=(
-            ArtifactRecord(
-                model, number, "onnx-cpu-fp32", f"{number:064x}", 100, 1, 1000, "aa", "k1"
-            ),
+            Artifact(model, number, "onnx-cpu-fp32", f"{number:064x}", 100, 1, 1000, "aa", "k1"),
         ),
     )
 
@@ -95,7 +97,7 @@ def test_models_listed_by_name_and_ensure_is_idempotent(store: MetadataStore) ->
 
 def test_artifacts_added_per_target_and_found_by_digest(store: MetadataStore) -> None:
     store.add_version(_version("clf", 1))
-    extra = ArtifactRecord("clf", 1, "onnx-cpu-int8", "c" * 64, 50, 1, 2000, "bb", "k1")
+    extra = Artifact("clf", 1, "onnx-cpu-int8", "c" * 64, 50, 1, 2000, "bb", "k1")
     store.add_artifact(extra)
     version = store.get_version("clf", 1)
     assert version is not None and version.artifact("onnx-cpu-int8") == extra
@@ -104,13 +106,11 @@ def test_artifacts_added_per_target_and_found_by_digest(store: MetadataStore) ->
     with pytest.raises(Conflict):
         store.add_artifact(extra)
     with pytest.raises(UnknownResource):
-        store.add_artifact(ArtifactRecord("clf", 9, "x", "e" * 64, 1, 1, 1))
+        store.add_artifact(Artifact("clf", 9, "x", "e" * 64, 1, 1, 1))
 
 
 def test_devices_round_trip_and_lookup_by_token_hash(store: MetadataStore) -> None:
-    caps = CapabilitiesRecord(
-        "x86_64", "linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2"
-    )
+    caps = Capabilities("x86_64", "linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2")
     device = DeviceRecord("dev-1", "hash-1", 10, {"site": "a"}, caps, 11.5)
     store.put_device(device)
     store.put_device(DeviceRecord("dev-0", "hash-0", 10))
@@ -125,23 +125,35 @@ def test_devices_round_trip_and_lookup_by_token_hash(store: MetadataStore) -> No
     assert store.device_by_token_hash("hash-1") is None
 
 
-def test_desired_state_is_compare_and_set_on_generation(store: MetadataStore) -> None:
-    assert store.get_desired("dev-1") == DesiredStateRecord("dev-1", 0, ())
-    first = DesiredStateRecord("dev-1", 1, (Assignment("clf", 1, "onnx-cpu-fp32", "a" * 64),))
-    assert store.put_desired(first, expected_generation=0)
-    assert store.get_desired("dev-1") == first
-    stale = DesiredStateRecord("dev-1", 1, ())
-    assert not store.put_desired(stale, expected_generation=0)
-    assert store.get_desired("dev-1") == first
+def test_assign_replaces_the_model_and_moves_each_generation_on(store: MetadataStore) -> None:
+    assert store.get_desired("dev-1") == DesiredState("dev-1", 0, ())
+    clf1 = Assignment("clf", 1, "onnx-cpu-fp32", "a" * 64)
+    det1 = Assignment("det", 1, "onnx-cpu-fp32", "b" * 64)
+    assert store.assign({"dev-1": clf1, "dev-2": clf1}) == {"dev-1": 1, "dev-2": 1}
+    assert store.assign({"dev-1": det1}) == {"dev-1": 2}
+    clf2 = Assignment("clf", 2, "onnx-cpu-int8", "c" * 64)
+    assert store.assign({"dev-1": clf2}) == {"dev-1": 3}
+    assert store.get_desired("dev-1") == DesiredState("dev-1", 3, (clf2, det1))
+    assert store.get_desired("dev-2") == DesiredState("dev-2", 1, (clf1,))
+
+
+def test_assign_records_its_deployment_in_the_same_transaction(store: MetadataStore) -> None:
+    clf1 = Assignment("clf", 1, "onnx-cpu-fp32", "a" * 64)
+    deployment = Deployment("clf", {"site": "a"}, 1, "", 5.0)
+    store.assign({"dev-1": clf1}, deployment)
+    assert store.list_deployments() == [deployment]
+    assert store.get_desired("dev-1").assignment("clf") == clf1
 
 
 def test_reported_state_round_trip(store: MetadataStore) -> None:
     assert store.get_reported("dev-1") is None
-    state = ReportedStateRecord(
+    state = ReportedState(
         "dev-1",
         3,
-        (ModelStatusRecord("clf", 2, "a" * 64, 1, 2, 3, "", "CPUExecutionProvider"),),
+        (ModelStatus("clf", 2, "a" * 64, 1, 2, ModelPhase.READY, "", "CPUExecutionProvider"),),
+        Capabilities(arch="aarch64", execution_providers=("CPUExecutionProvider",)),
         "disk full",
+        {"site": "a"},
         "10.0.0.7:8001",
         123.0,
     )
@@ -161,12 +173,8 @@ def test_enroll_tokens_by_hash(store: MetadataStore) -> None:
 
 def test_concurrent_generation_bumps_never_lose_one(store: MetadataStore) -> None:
     def bump() -> None:
-        for _ in range(25):
-            while True:
-                current = store.get_desired("dev-1")
-                new = DesiredStateRecord("dev-1", current.generation + 1, ())
-                if store.put_desired(new, current.generation):
-                    break
+        for n in range(25):
+            store.assign({"dev-1": Assignment("clf", n + 1, "onnx-cpu-fp32", "a" * 64)})
 
     threads = [threading.Thread(target=bump) for _ in range(4)]
     for t in threads:
@@ -191,19 +199,19 @@ def test_sqlite_survives_reopen_and_migrates_once(tmp_path: Path) -> None:
 
 
 def test_deployments_replace_per_model_and_selector_in_order(store: MetadataStore) -> None:
-    site_a = (("site", "a"),)
-    store.put_deployment(DeploymentRecord("clf", site_a, 1, "", 1.0))
-    store.put_deployment(DeploymentRecord("det", (), 1, "", 2.0))
-    store.put_deployment(DeploymentRecord("clf", site_a, 2, "onnx-cpu-fp32", 3.0))
+    site_a = {"site": "a"}
+    store.assign({}, Deployment("clf", site_a, 1, "", 1.0))
+    store.assign({}, Deployment("det", {}, 1, "", 2.0))
+    store.assign({}, Deployment("clf", site_a, 2, "onnx-cpu-fp32", 3.0))
     got = store.list_deployments()
-    assert [(d.model, d.selector, d.version) for d in got] == [("det", (), 1), ("clf", site_a, 2)]
+    assert [(d.model, d.selector, d.version) for d in got] == [("det", {}, 1), ("clf", site_a, 2)]
     assert got[1].target == "onnx-cpu-fp32"
     assert got[1].matches({"site": "a", "hw": "x86"}) and not got[1].matches({"site": "b"})
 
 
-def _fine_tuned(model: str, number: int) -> VersionRecord:
+def _fine_tuned(model: str, number: int) -> ModelVersion:
     base = _version(model, number)
-    art = ArtifactRecord(
+    art = Artifact(
         model,
         number,
         "onnx-cpu-int8",
@@ -221,7 +229,7 @@ def _fine_tuned(model: str, number: int) -> VersionRecord:
     return dataclasses.replace(
         base,
         artifacts=(*base.artifacts, art),
-        lineage=LineageRecord(
+        lineage=Lineage(
             base_model="small-cnn",
             base_digest="b" * 64,
             dataset="fashion-mnist",
@@ -238,12 +246,12 @@ def _fine_tuned(model: str, number: int) -> VersionRecord:
             epochs_run=9,
             best_epoch=4,
         ),
-        evaluation=EvaluationRecord(
+        evaluation=Evaluation(
             accuracy=0.9,
             count=20,
             per_class=(
-                ClassMetricsRecord("cat", 0.9, 0.9, 10),
-                ClassMetricsRecord("dog", 0.9, 0.9, 10),
+                ClassScore("cat", 0.9, 0.9, 10),
+                ClassScore("dog", 0.9, 0.9, 10),
             ),
             confusion=((9, 1), (1, 9)),
             split="validation 20%, stratified, seed 7",
@@ -265,31 +273,46 @@ def test_fine_tuned_versions_keep_lineage_evaluation_and_artifact_metrics(
 
 
 def test_jobs_get_ids_in_order_and_list_newest_first(store: MetadataStore) -> None:
-    first = store.create_job(
-        JobRecord("", "finetune", "clf", '{"base": "small-cnn"}', created_at=1)
-    )
-    second = store.create_job(JobRecord("", "compile", "det", "{}", created_at=2))
+    first = store.create_job(Job("", "finetune", "clf", '{"base": "small-cnn"}', created_at=1))
+    second = store.create_job(Job("", "compile", "det", "{}", created_at=2))
     assert (first.job_id, second.job_id) == ("job-1", "job-2")
     assert store.get_job("job-1") == first
     assert store.get_job("job-9") is None
     assert [j.job_id for j in store.list_jobs()] == ["job-2", "job-1"]
     assert [j.job_id for j in store.list_jobs(model="clf")] == ["job-1"]
     assert store.list_jobs(limit=1) == [second]
-    running = dataclasses.replace(first, state=JobState.RUNNING, started_at=5.0, slot="cpu")
+    running = dataclasses.replace(
+        first,
+        state=JobState.RUNNING,
+        started_at=5.0,
+        slot="cpu",
+        progress=JobProgress("training", 2, 10, 0.5),
+    )
     store.update_job(running)
     assert store.get_job("job-1") == running
     assert store.list_jobs(states=[JobState.RUNNING]) == [running]
     assert store.list_jobs(states=[JobState.QUEUED, JobState.FAILED]) == [second]
     with pytest.raises(UnknownResource):
         store.update_job(dataclasses.replace(first, job_id="job-77"))
+    done = dataclasses.replace(
+        running,
+        state=JobState.SUCCEEDED,
+        result_version=3,
+        trials=(Trial(1, {"lr": "0.1"}, 0.9, 4, 2.5, True),),
+        targets=(TargetOutcome("onnx-cpu-int8", "refused", "lost 2 points", {"a": 1.0}),),
+    )
+    store.update_job(done)
+    assert store.get_job("job-1") == done
 
 
 def test_job_events_are_numbered_per_job_and_read_after_a_seq(store: MetadataStore) -> None:
-    job = store.create_job(JobRecord("", "finetune", "clf", "{}"))
-    other = store.create_job(JobRecord("", "finetune", "clf", "{}"))
+    job = store.create_job(Job("", "finetune", "clf", "{}"))
+    other = store.create_job(Job("", "finetune", "clf", "{}"))
     for n in range(5):
-        store.add_job_event(job.job_id, "log", f"line {n}", at=float(n))
-    store.add_job_event(other.job_id, "progress", data='{"epoch": 1}')
+        store.add_job_event(JobEvent(job.job_id, 0, float(n), "log", f"line {n}"))
+    progress = JobProgress("training", epoch=1)
+    store.add_job_event(JobEvent(other.job_id, 0, 9.0, "progress", "e1", progress))
+    store.add_job_event(JobEvent(other.job_id, 0, 9.5, "state", "done", None, JobState.FAILED))
     events = store.list_job_events(job.job_id)
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
     assert [e.message for e in store.list_job_events(job.job_id, after_seq=3)] == [
@@ -297,19 +320,20 @@ def test_job_events_are_numbered_per_job_and_read_after_a_seq(store: MetadataSto
         "line 4",
     ]
     assert store.list_job_events(job.job_id, after_seq=1, limit=2)[-1].seq == 3
-    assert [(e.seq, e.kind, e.data) for e in store.list_job_events(other.job_id)] == [
-        (1, "progress", '{"epoch": 1}')
+    assert [(e.seq, e.kind, e.progress, e.state) for e in store.list_job_events(other.job_id)] == [
+        (1, "progress", progress, JobState.UNSPECIFIED),
+        (2, "state", None, JobState.FAILED),
     ]
 
 
 def test_sqlite_jobs_survive_reopen_and_ids_are_never_reused(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     first = SqliteMetadataStore(path)
-    job = first.create_job(JobRecord("", "finetune", "clf", "{}"))
-    first.add_job_event(job.job_id, "log", "started")
+    job = first.create_job(Job("", "finetune", "clf", "{}"))
+    first.add_job_event(JobEvent(job.job_id, 0, 1.0, "log", "started"))
     first.close()
     again = SqliteMetadataStore(path)
     assert again.get_job(job.job_id) == job
     assert again.list_job_events(job.job_id)[0].message == "started"
-    assert again.create_job(JobRecord("", "finetune", "clf", "{}")).job_id == "job-2"
+    assert again.create_job(Job("", "finetune", "clf", "{}")).job_id == "job-2"
     again.close()

@@ -10,8 +10,8 @@ import pytest
 from cloudsvc.errors import BadModel, InvalidRequest, UnknownResource
 from cloudsvc.registry import Registry
 from cloudsvc.signing import ManifestSigner
-from edgefleet.core.manifests import all_chunks, verify_manifest
-from edgefleet.core.tensors import from_raw
+from edgefleet.core.golden import read_sample
+from edgefleet.core.manifests import all_chunks, file_chunks, golden_refs, verify_manifest
 from protos.artifact.v1 import artifact_pb2
 
 from .conftest import write_linear_model
@@ -45,35 +45,41 @@ def test_push_records_a_signed_manifest_whose_chunks_rebuild_the_file(
     assert dict(manifest.metadata) == {"lr": "0.1"}
     chunks = all_chunks(manifest)
     assert len(chunks) > 1  # the fixture's chunk size is 64 bytes
-    rebuilt = b"".join(registry.blobs.get(c.sha256) for c in manifest.files[0].chunks)
+    rebuilt = b"".join(registry.blobs.get(c.sha256) for c in file_chunks(manifest.files[0]))
     assert rebuilt == model_path.read_bytes()
-    assert artifact.chunk_count == len(chunks) and artifact.size_bytes == len(rebuilt)
+    assert artifact.chunk_count == len(chunks)
+    assert artifact.size_bytes == sum(f.size for f in manifest.files)  # the golden files too
+    assert artifact.file_count == len(manifest.files) == 1 + 2 * len(manifest.golden)
 
 
 def test_golden_samples_are_made_and_match_onnx_runtime(
-    registry: Registry, model_path: Path
+    registry: Registry, model_path: Path, tmp_path: Path
 ) -> None:
     version = registry.push("clf", model_path)
     manifest = artifact_pb2.Manifest()
     manifest.ParseFromString(
         registry.signed_manifest(version.artifacts[0].manifest_digest).manifest
     )
-    samples = list(manifest.golden_samples)
+    # The samples are files of the artifact, fetched like any other, inputs apart from
+    # expected outputs.
+    folder = tmp_path / "artifact"
+    registry.materialize(version.artifacts[0].manifest_digest, folder)
+    samples = [read_sample(folder, ref) for ref in golden_refs(manifest)]
     # Dynamic batch: one sample of batch 1 and one of batch 2.
-    assert [list(s.inputs[0].shape) for s in samples] == [[1, 4], [2, 4]]
+    assert [inputs["x"].shape for inputs, _ in samples] == [(1, 4), (2, 4)]
     assert version.golden_sample_count == 2
     session = _session(model_path)
-    for sample in samples:
-        x = from_raw(sample.inputs[0].data, sample.inputs[0].datatype, list(sample.inputs[0].shape))
-        expected = from_raw(sample.outputs[0].data, "FP32", list(sample.outputs[0].shape))
-        [got] = session.run(None, {"x": x})
+    for (inputs, expected), ref in zip(samples, golden_refs(manifest), strict=True):
+        [got] = session.run(None, inputs)
         np.testing.assert_allclose(
-            got, np.asarray(expected, np.float32), rtol=sample.rtol, atol=sample.atol
+            got, np.asarray(expected["probs"], np.float32), rtol=ref.rtol, atol=ref.atol
         )
-        assert (sample.rtol, sample.atol) == (1e-3, 1e-4)
+        assert (ref.rtol, ref.atol) == (1e-3, 1e-4)
 
 
-def test_given_golden_samples_are_kept(registry: Registry, model_path: Path) -> None:
+def test_given_golden_samples_are_kept(
+    registry: Registry, model_path: Path, tmp_path: Path
+) -> None:
     x = np.ones((1, 4), np.float32)
     [y] = _session(model_path).run(None, {"x": x})
     sample = artifact_pb2.GoldenSample(rtol=0.01, atol=0.001)
@@ -84,7 +90,11 @@ def test_given_golden_samples_are_kept(registry: Registry, model_path: Path) -> 
     manifest.ParseFromString(
         registry.signed_manifest(version.artifacts[0].manifest_digest).manifest
     )
-    assert list(manifest.golden_samples) == [sample]
+    [ref] = golden_refs(manifest)
+    assert (ref.rtol, ref.atol) == (0.01, 0.001)
+    registry.materialize(version.artifacts[0].manifest_digest, tmp_path / "a")
+    inputs, outputs = read_sample(tmp_path / "a", ref)
+    assert np.array_equal(inputs["x"], x) and np.array_equal(outputs["probs"], y)
 
     broken = artifact_pb2.GoldenSample()
     broken.CopyFrom(sample)
@@ -151,4 +161,4 @@ def test_golden_samples_too_big_for_a_manifest_are_left_out(
     version = registry.push("big", _model_with_big_weights(tmp_path / "big.onnx", 1 << 20))
     assert version.golden_sample_count == 0
     signed = registry.signed_manifest(version.artifacts[0].manifest_digest)
-    assert len(signed.manifest) < 1 << 20
+    assert len(signed.manifest) < 4 << 10

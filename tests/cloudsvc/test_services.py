@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from cloudsvc.server import CloudServer, serve
 from cloudsvc.settings import CloudSettings
 from edgefleet.core.auth import bearer_metadata
-from edgefleet.core.manifests import verify_manifest
+from edgefleet.core.manifests import file_chunks, verify_manifest
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
@@ -91,14 +91,14 @@ def test_push_list_deploy_and_fetch_end_to_end(
     assert [(d.device_id, d.generation) for d in deployed.devices] == [("cam-1", 1)]
 
     desired = agent.GetDesiredState(fleet_pb2.GetDesiredStateRequest(), metadata=creds)
-    [assignment] = desired.models
+    [assignment] = desired.assignments
     assert (desired.generation, assignment.version) == (1, 1)
     signed = agent.GetManifest(
         fleet_pb2.GetManifestRequest(digest=assignment.manifest_digest), metadata=creds
     )
     manifest = verify_manifest(signed, device.manifest_public_keys, assignment.manifest_digest)
     rebuilt = b""
-    for chunk in manifest.files[0].chunks:
+    for chunk in file_chunks(manifest.files[0]):
         pieces = list(
             agent.FetchChunk(fleet_pb2.FetchChunkRequest(sha256=chunk.sha256), metadata=creds)
         )
@@ -109,21 +109,23 @@ def test_push_list_deploy_and_fetch_end_to_end(
 
     reported = agent.ReportState(
         fleet_pb2.ReportStateRequest(
-            observed_generation=1,
-            models=[
-                fleet_pb2.ModelStatus(
-                    model="clf", active_version=1, phase=fleet_pb2.MODEL_PHASE_READY
-                )
-            ],
-            inference_endpoint="127.0.0.1:8001",
+            state=fleet_pb2.ReportedState(
+                observed_generation=1,
+                models=[
+                    fleet_pb2.ModelStatus(
+                        model="clf", active_version=1, phase=fleet_pb2.MODEL_PHASE_READY
+                    )
+                ],
+                inference_endpoint="127.0.0.1:8001",
+            )
         ),
         metadata=creds,
     )
     assert reported.desired_generation == 1
     seen = admin.GetDevice(admin_pb2.GetDeviceRequest(device_id="cam-1"), metadata=ADMIN)
-    assert seen.online and (seen.desired_generation, seen.reported_generation) == (1, 1)
-    assert seen.models[0].phase == fleet_pb2.MODEL_PHASE_READY
-    assert seen.inference_endpoint == "127.0.0.1:8001"
+    assert seen.online and (seen.desired.generation, seen.reported.observed_generation) == (1, 1)
+    assert seen.reported.models[0].phase == fleet_pb2.MODEL_PHASE_READY
+    assert seen.reported.inference_endpoint == "127.0.0.1:8001"
     listed = admin.ListDevices(admin_pb2.ListDevicesRequest(selector={"site": "a"}), metadata=ADMIN)
     assert [d.device_id for d in listed.devices] == ["cam-1"]
 
@@ -278,7 +280,8 @@ def test_device_credentials_are_checked(admin: Admin, agent: Agent, channel: grp
         ),
         "other's report": (
             lambda: agent.ReportState(
-                fleet_pb2.ReportStateRequest(device_id=other), metadata=creds
+                fleet_pb2.ReportStateRequest(state=fleet_pb2.ReportedState(device_id=other)),
+                metadata=creds,
             ),
             grpc.StatusCode.PERMISSION_DENIED,
         ),
@@ -346,7 +349,7 @@ def test_fetch_chunk_streams_pieces_and_resumes_from_an_offset(
             metadata=creds,
         )
         manifest = verify_manifest(signed, device.manifest_public_keys)
-        [chunk] = manifest.files[0].chunks
+        [chunk] = file_chunks(manifest.files[0])
         whole = list(
             agent.FetchChunk(fleet_pb2.FetchChunkRequest(sha256=chunk.sha256), metadata=creds)
         )

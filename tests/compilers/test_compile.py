@@ -22,10 +22,12 @@ def cnn(tmp_path: Path) -> Path:
 def test_cpu_fp32_artifact_is_optimised_laid_out_and_measured(cnn: Path, tmp_path: Path) -> None:
     x = images(40)
     artifact = compile_target(cnn, "onnx-cpu-fp32", tmp_path / "out", evaluate=agreement(cnn, x))
-    assert artifact.primary == tmp_path / "out" / "model.onnx"
-    assert set(artifact.files) == {artifact.primary, *external_files(artifact.primary)}
-    assert {p for p in (tmp_path / "out").iterdir()} == set(artifact.files)
-    np.testing.assert_allclose(run(artifact.primary, x), run(cnn, x), rtol=1e-4, atol=1e-5)
+    assert artifact.entrypoint == tmp_path / "out" / "model.onnx"
+    files = {artifact.folder / f for f in artifact.files}
+    assert files == {artifact.entrypoint, *external_files(artifact.entrypoint)}
+    assert {p for p in (tmp_path / "out").iterdir()} == files
+    assert artifact.target == "onnx-cpu-fp32" and artifact.format == "onnx"
+    np.testing.assert_allclose(run(artifact.entrypoint, x), run(cnn, x), rtol=1e-4, atol=1e-5)
     assert artifact.metrics["accuracy_drop"] == 0.0
     assert artifact.metrics["size_bytes"] > 0
     assert artifact.steps == ("optimize-extended",)
@@ -42,7 +44,7 @@ def test_cpu_int8_artifact_uses_static_qdq_for_a_cnn(cnn: Path, tmp_path: Path) 
     )
     assert artifact.steps == ("int8-static-qdq-per-channel",)
     assert artifact.metrics["accuracy_drop"] <= 0.1
-    assert run(artifact.primary, images(2)).shape == (2, 4)
+    assert run(artifact.entrypoint, images(2)).shape == (2, 4)
 
 
 def test_gpu_fp16_artifact_is_built_on_a_cpu_machine(cnn: Path, tmp_path: Path) -> None:

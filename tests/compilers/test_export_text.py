@@ -258,7 +258,7 @@ def test_int8_target_picks_dynamic_quantisation_and_agrees_with_fp32(
     assert int8.steps[0].startswith("int8-dynamic")
     assert int8.metrics["accuracy"] == 1.0
     assert int8.metrics["size_bytes"] < 0.4 * int8.metrics["source_size_bytes"]
-    assert (predict(int8.primary) == fp32).all()
+    assert (predict(int8.entrypoint) == fp32).all()
 
 
 # ---------------------------------------------------------------- errors, no MiniLM needed

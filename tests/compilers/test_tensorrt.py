@@ -196,7 +196,7 @@ def test_compile_target_selects_the_engine_builder_when_tensorrt_imports(
         evaluate=lambda _path: next(scores),
         timing_cache=tmp_path / "t.cache",
     )
-    assert [f.name for f in artifact.files] == ["model.plan"]
+    assert list(artifact.files) == ["model.plan"] and artifact.format == "tensorrt-plan"
     assert artifact.metrics["accuracy_drop"] == pytest.approx(0.005)
     assert artifact.steps == ("tensorrt-engine-fp16",)
 

@@ -12,9 +12,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from edgefleet.client.admin import AdminClient, Device
-from edgefleet.client.inference import InferenceClient
 from edgefleet.cli.processes import ManagedProcess, agent_process, cloud_process
+from edgefleet.client.admin import AdminClient
+from edgefleet.client.inference import InferenceClient
+from edgefleet.core.fleet import Device
 from tests.onnx_models import expected_logits, linear_model
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,11 @@ class Fleet:
             self.cloud.address,
             enroll_token or self.enroll_token,
             labels or {"site": "test"},
-            env={"EDGEFLEET_REPORT_INTERVAL_S": "1", "EDGEFLEET_BACKOFF_CAP_S": "2", **(env or {})},
+            env={
+                "EDGEFLEET_AGENT_REPORT_INTERVAL_S": "1",
+                "EDGEFLEET_AGENT_BACKOFF_CAP_S": "2",
+                **(env or {}),
+            },
         )
         proc.start()
         if wait:

@@ -145,7 +145,7 @@ def test_sigkill_during_download_resumes_and_never_serves_partial(
     # ~12 MB: a dozen 1 MiB chunks, downloaded at a capped rate so the kill lands mid-way.
     v2 = linear_model(tmp_path / "big.onnx", features=256, hidden=12000, seed=2)
     expected = {1: expected_logits(v1, x), 2: expected_logits(v2, x)}
-    slow = {"EDGEFLEET_MAX_DOWNLOAD_BYTES_PER_S": str(4 << 20)}
+    slow = {"EDGEFLEET_AGENT_MAX_DOWNLOAD_BYTES_PER_S": str(4 << 20)}
     fleet.start_agent("a1", env=slow)
     fleet.admin.push_model("m", v1)
     fleet.admin.deploy("m", 1)

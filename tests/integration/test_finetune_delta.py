@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from cloudsvc.store.blobs import FolderBlobStore
+from edgefleet.cli.processes import ManagedProcess, cloud_process
 from edgefleet.client import AdminClient
 from edgefleet.client.inference import InferenceClient
-from edgefleet.cli.processes import ManagedProcess, cloud_process
-from edgefleet.core.tensors import from_raw
+from edgefleet.core.golden import tensors_from_bytes
+from edgefleet.core.manifests import file_chunks
 from protos.artifact.v1 import artifact_pb2
 from tests.integration.conftest import Fleet, running
 
@@ -32,7 +33,7 @@ def job_fleet(tmp_path: Path) -> Iterator[Fleet]:
     threads on a busy 2-core machine run many times slower)."""
     admin_token, enroll_token = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
     cloud = cloud_process(tmp_path, admin_token, enroll_token)
-    cloud.env["EDGEFLEET_JOB_THREADS"] = "1"
+    cloud.env["EDGEFLEET_CLOUD_JOBS__THREADS"] = "1"
     cloud.start().wait_ready(60)
     f = Fleet(tmp_path, admin_token, enroll_token, cloud)
     try:
@@ -57,34 +58,34 @@ def fetched_since_start(agent: ManagedProcess) -> tuple[int, int]:
 
 
 def chunk_sizes(manifest: artifact_pb2.Manifest) -> dict[str, int]:
-    return {c.sha256: c.size for f in manifest.files for c in f.chunks}
+    return {c.sha256: c.size for f in manifest.files for c in file_chunks(f)}
 
 
 def test_head_only_finetune_ships_only_the_head(job_fleet: Fleet) -> None:
     fleet = job_fleet
     fleet.start_agent("a1")
     fleet.wait_for(lambda ds: len(ds) == 1, what="the agent enrolled")
-    # The same base on two different samples; the second queues behind the first.
-    jobs = [
-        fleet.admin.finetune(
+
+    # The same base on two different samples; v2's parent is v1.
+    def submit(data: str, seed: int) -> str:
+        return fleet.admin.finetune(
             MODEL,
             base="small-cnn",
             data=data,
             params={"strategy": "head", "epochs": 3, "seed": seed},
             targets=[TARGET],
-        )
-        for data, seed in (("synthetic:240:0", 0), ("synthetic:320:1", 1))
-    ]
+        ).job_id
 
-    assert finished_version(fleet.admin, jobs[0].job_id) == 1
+    assert finished_version(fleet.admin, submit("synthetic:240:0", 0)) == 1
     fleet.admin.deploy(MODEL, 1, target=TARGET)
     fleet.wait_for(lambda ds: running(ds) == {"a1": 1}, what="a1 on v1")
     # A restart starts the agent's transfer counters from zero, with v1 held on disk.
     fleet.restart_agent("a1")
     fleet.wait_for(lambda ds: running(ds) == {"a1": 1}, what="a1 serving v1 from disk")
 
-    assert finished_version(fleet.admin, jobs[1].job_id) == 2
+    assert finished_version(fleet.admin, submit("synthetic:320:1", 1)) == 2
     v1, v2 = fleet.admin.version(MODEL, 1), fleet.admin.version(MODEL, 2)
+    assert v2.parent_version == 1
     for v in (v1, v2):
         assert v.lineage is not None
         assert (v.lineage.base_model, v.lineage.strategy) == ("small-cnn", "head")
@@ -104,7 +105,11 @@ def test_head_only_finetune_ships_only_the_head(job_fleet: Fleet) -> None:
     delta = {sha: size for sha, size in new_chunks.items() if sha not in old_chunks}
     by_path = {f.path: f.sha256 for f in m1.files}
     changed = sorted(f.path for f in m2.files if by_path.get(f.path) != f.sha256)
-    assert changed and all(path.startswith("head.") for path in changed), changed
+    # The head, and the golden samples' expected outputs: their inputs are v1's examples,
+    # bytes the device already holds.
+    outputs = sorted(g.outputs for g in m2.golden)
+    assert outputs and changed == sorted(["head.bias.bin", "head.weight.bin", *outputs])
+    assert [g.inputs for g in m2.golden] == [g.inputs for g in m1.golden]
     full = sum(f.size for f in m2.files)
     assert full == a2.size_bytes
 
@@ -116,19 +121,22 @@ def test_head_only_finetune_ships_only_the_head(job_fleet: Fleet) -> None:
 
     # Served over the Open Inference Protocol: v2 reproduces the job's golden outputs,
     # and its new head answers differently from v1 (still loaded, for rollback).
-    assert m2.golden_samples
+    files = {f.path: f for f in m2.files}
+
+    def tensors(path: str) -> dict[str, np.ndarray]:
+        return tensors_from_bytes(b"".join(blobs.get(c.sha256) for c in file_chunks(files[path])))
+
     with InferenceClient(fleet.agents["a1"].address) as client:
-        for sample in m2.golden_samples:
-            inputs = {t.name: from_raw(t.data, t.datatype, list(t.shape)) for t in sample.inputs}
+        for sample in m2.golden:
+            inputs = tensors(sample.inputs)
             new = client.infer(MODEL, inputs)
             old = client.infer(MODEL, inputs, version=1)
             assert new.model_version == "2" and old.model_version == "1"
-            for t in sample.outputs:
-                want = from_raw(t.data, t.datatype, list(t.shape)).astype(np.float64)
+            for name, want in tensors(sample.outputs).items():
                 np.testing.assert_allclose(
-                    new.outputs[t.name], want, rtol=sample.rtol, atol=sample.atol
+                    new.outputs[name], want, rtol=sample.rtol, atol=sample.atol
                 )
-                assert not np.allclose(old.outputs[t.name], want, rtol=1e-3, atol=1e-3)
+                assert not np.allclose(old.outputs[name], want, rtol=1e-3, atol=1e-3)
 
     chunk_dir = fleet.workdir / "a1" / "chunks"
     assert all((chunk_dir / sha).is_file() for sha in new_chunks)

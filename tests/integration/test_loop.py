@@ -23,8 +23,9 @@ def test_push_deploy_infer_and_upgrade(fleet: Fleet, models: Versions) -> None:
     devices = fleet.wait_for(lambda ds: len(ds) == 3, what="three enrolled devices")
     by_id = {d.device_id: d for d in devices}
     assert by_id["b1"].labels == {"site": "plant-2", "hw": "jetson"}
-    assert "CPUExecutionProvider" in by_id["a1"].execution_providers
-    assert by_id["a1"].arch and by_id["a1"].memory_bytes > 0
+    caps = by_id["a1"].capabilities
+    assert "CPUExecutionProvider" in caps.execution_providers
+    assert caps.arch and caps.memory_bytes > 0
 
     v1 = fleet.admin.push_model("m", models.v1, description="first")
     assert v1.version == 1 and v1.golden_sample_count >= 1
@@ -47,7 +48,7 @@ def test_push_deploy_infer_and_upgrade(fleet: Fleet, models: Versions) -> None:
         what="every device on v2",
     )
     assert all(not d.last_error for d in devices)
-    assert all(d.reported_generation == d.desired_generation for d in devices)
+    assert all(d.reported_generation == d.desired.generation for d in devices)
 
     for name in ("a1", "a2", "b1"):
         version, logits = fleet.infer(name, models.x)

@@ -167,7 +167,9 @@ class Model(_message.Message):
 Global___Model: _TypeAlias = Model  # noqa: Y015
 
 @_typing.final
-class ArtifactInfo(_message.Message):
+class Artifact(_message.Message):
+    """One version compiled for one target: a signed manifest and the files it names."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -198,6 +200,11 @@ class ArtifactInfo(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     FILE_COUNT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_HEX_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     manifest_digest: _builtins.str
     size_bytes: _builtins.int
@@ -206,6 +213,12 @@ class ArtifactInfo(_message.Message):
     """Runtime format of the entrypoint: "onnx" or "tensorrt-plan"."""
     file_count: _builtins.int
     """Number of files (the graph, one per weight tensor, tokenizer files, ...)."""
+    model: _builtins.str
+    version: _builtins.int
+    created_at: _builtins.int
+    signature_hex: _builtins.str
+    """Ed25519 signature over the manifest bytes (hex), and which key made it."""
+    key_id: _builtins.str
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """What the compile measured: size_bytes, compile_seconds, latency_p50_ms (batch 1, one
@@ -228,14 +241,19 @@ class ArtifactInfo(_message.Message):
         steps: _abc.Iterable[_builtins.str] | None = ...,
         format: _builtins.str = ...,
         file_count: _builtins.int = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        created_at: _builtins.int = ...,
+        signature_hex: _builtins.str = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "file_count", b"file_count", "format", b"format", "manifest_digest", b"manifest_digest", "metrics", b"metrics", "size_bytes", b"size_bytes", "steps", b"steps", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "created_at", b"created_at", "file_count", b"file_count", "format", b"format", "key_id", b"key_id", "manifest_digest", b"manifest_digest", "metrics", b"metrics", "model", b"model", "signature_hex", b"signature_hex", "size_bytes", b"size_bytes", "steps", b"steps", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ArtifactInfo: _TypeAlias = ArtifactInfo  # noqa: Y015
+Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
 
 @_typing.final
 class Lineage(_message.Message):
@@ -327,7 +345,7 @@ class Lineage(_message.Message):
 Global___Lineage: _TypeAlias = Lineage  # noqa: Y015
 
 @_typing.final
-class ClassMetrics(_message.Message):
+class ClassScore(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -352,7 +370,7 @@ class ClassMetrics(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ClassMetrics: _TypeAlias = ClassMetrics  # noqa: Y015
+Global___ClassScore: _TypeAlias = ClassScore  # noqa: Y015
 
 @_typing.final
 class ConfusionRow(_message.Message):
@@ -392,7 +410,7 @@ class Evaluation(_message.Message):
     split: _builtins.str
     """How the split was made, e.g. "validation 20%, stratified, seed 0"."""
     @_builtins.property
-    def per_class(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassMetrics]: ...
+    def per_class(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassScore]: ...
     @_builtins.property
     def confusion(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfusionRow]:
         """Rows are true classes, columns predicted classes."""
@@ -402,7 +420,7 @@ class Evaluation(_message.Message):
         *,
         accuracy: _builtins.float = ...,
         count: _builtins.int = ...,
-        per_class: _abc.Iterable[Global___ClassMetrics] | None = ...,
+        per_class: _abc.Iterable[Global___ClassScore] | None = ...,
         confusion: _abc.Iterable[Global___ConfusionRow] | None = ...,
         split: _builtins.str = ...,
     ) -> None: ...
@@ -464,7 +482,7 @@ class ModelVersion(_message.Message):
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
-    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactInfo]: ...
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]: ...
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_artifact_pb2.TensorSpec]: ...
     @_builtins.property
@@ -483,7 +501,7 @@ class ModelVersion(_message.Message):
         description: _builtins.str = ...,
         parent_version: _builtins.int = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        artifacts: _abc.Iterable[Global___ArtifactInfo] | None = ...,
+        artifacts: _abc.Iterable[Global___Artifact] | None = ...,
         inputs: _abc.Iterable[_artifact_pb2.TensorSpec] | None = ...,
         outputs: _abc.Iterable[_artifact_pb2.TensorSpec] | None = ...,
         created_at: _builtins.int = ...,
@@ -692,6 +710,97 @@ class DeployResponse(_message.Message):
 Global___DeployResponse: _TypeAlias = DeployResponse  # noqa: Y015
 
 @_typing.final
+class Deployment(_message.Message):
+    """A standing intent: devices whose labels contain `selector` run `model` v`version`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    target: _builtins.str
+    """Empty: each device's best target."""
+    created_at: _builtins.float
+    """Unix seconds."""
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        version: _builtins.int = ...,
+        target: _builtins.str = ...,
+        created_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "model", b"model", "selector", b"selector", "target", b"target", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsRequest: _TypeAlias = ListDeploymentsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]: ...
+    def __init__(
+        self,
+        *,
+        deployments: _abc.Iterable[Global___Deployment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: Y015
+
+@_typing.final
 class ListDevicesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -733,6 +842,10 @@ Global___ListDevicesRequest: _TypeAlias = ListDevicesRequest  # noqa: Y015
 
 @_typing.final
 class Device(_message.Message):
+    """An enrolled device as the operator sees it: what the cloud wants of it and what it last
+    reported.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -760,29 +873,23 @@ class Device(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     ONLINE_FIELD_NUMBER: _builtins.int
     LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
-    DESIRED_GENERATION_FIELD_NUMBER: _builtins.int
-    REPORTED_GENERATION_FIELD_NUMBER: _builtins.int
-    DESIRED_MODELS_FIELD_NUMBER: _builtins.int
-    MODELS_FIELD_NUMBER: _builtins.int
-    LAST_ERROR_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
-    INFERENCE_ENDPOINT_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
+    REPORTED_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     online: _builtins.bool
     last_seen_at: _builtins.int
-    desired_generation: _builtins.int
-    reported_generation: _builtins.int
-    last_error: _builtins.str
     enrolled_at: _builtins.int
-    inference_endpoint: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def capabilities(self) -> _fleet_pb2.Capabilities: ...
     @_builtins.property
-    def desired_models(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.ModelAssignment]: ...
+    def desired(self) -> _fleet_pb2.DesiredState: ...
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.ModelStatus]: ...
+    def reported(self) -> _fleet_pb2.ReportedState:
+        """Unset until the device first reports."""
+
     def __init__(
         self,
         *,
@@ -791,17 +898,13 @@ class Device(_message.Message):
         capabilities: _fleet_pb2.Capabilities | None = ...,
         online: _builtins.bool = ...,
         last_seen_at: _builtins.int = ...,
-        desired_generation: _builtins.int = ...,
-        reported_generation: _builtins.int = ...,
-        desired_models: _abc.Iterable[_fleet_pb2.ModelAssignment] | None = ...,
-        models: _abc.Iterable[_fleet_pb2.ModelStatus] | None = ...,
-        last_error: _builtins.str = ...,
         enrolled_at: _builtins.int = ...,
-        inference_endpoint: _builtins.str = ...,
+        desired: _fleet_pb2.DesiredState | None = ...,
+        reported: _fleet_pb2.ReportedState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "desired", b"desired", "reported", b"reported"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "desired_generation", b"desired_generation", "desired_models", b"desired_models", "device_id", b"device_id", "enrolled_at", b"enrolled_at", "inference_endpoint", b"inference_endpoint", "labels", b"labels", "last_error", b"last_error", "last_seen_at", b"last_seen_at", "models", b"models", "online", b"online", "reported_generation", b"reported_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "desired", b"desired", "device_id", b"device_id", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_seen_at", b"last_seen_at", "online", b"online", "reported", b"reported"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

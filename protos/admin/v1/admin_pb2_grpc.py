@@ -59,6 +59,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.DeployRequest.SerializeToString,
                 response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.DeployResponse.FromString,
                 _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/ListDeployments',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
         self.ListDevices = channel.unary_unary(
                 '/edgefleet.admin.v1.AdminService/ListDevices',
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDevicesRequest.SerializeToString,
@@ -105,7 +110,15 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Deploy(self, request, context):
-        """Set the desired state of every device matching a label selector.
+        """Set the desired state of every device matching a label selector, and keep it as a
+        standing deployment for devices that enroll later.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """Standing deployments, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +170,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Deploy,
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.DeployRequest.FromString,
                     response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.DeployResponse.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsResponse.SerializeToString,
             ),
             'ListDevices': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDevices,
@@ -309,6 +327,33 @@ class AdminService:
             '/edgefleet.admin.v1.AdminService/Deploy',
             protos_dot_admin_dot_v1_dot_admin__pb2.DeployRequest.SerializeToString,
             protos_dot_admin_dot_v1_dot_admin__pb2.DeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ListDeployments',
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

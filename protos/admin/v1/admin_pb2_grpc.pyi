@@ -39,7 +39,11 @@ class AdminServiceStub:
     ListVersions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListVersionsRequest, _admin_pb2.ListVersionsResponse]
     GetVersion: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetVersionRequest, _admin_pb2.ModelVersion]
     Deploy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeployRequest, _admin_pb2.DeployResponse]
-    """Set the desired state of every device matching a label selector."""
+    """Set the desired state of every device matching a label selector, and keep it as a
+    standing deployment for devices that enroll later.
+    """
+    ListDeployments: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeploymentsRequest, _admin_pb2.ListDeploymentsResponse]
+    """Standing deployments, oldest first."""
     ListDevices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDevicesRequest, _admin_pb2.ListDevicesResponse]
     GetDevice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetDeviceRequest, _admin_pb2.Device]
     CreateEnrollToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateEnrollTokenRequest, _admin_pb2.CreateEnrollTokenResponse]
@@ -54,7 +58,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListVersions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListVersionsRequest, _admin_pb2.ListVersionsResponse]  # type: ignore[assignment]
     GetVersion: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetVersionRequest, _admin_pb2.ModelVersion]  # type: ignore[assignment]
     Deploy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeployRequest, _admin_pb2.DeployResponse]  # type: ignore[assignment]
-    """Set the desired state of every device matching a label selector."""
+    """Set the desired state of every device matching a label selector, and keep it as a
+    standing deployment for devices that enroll later.
+    """
+    ListDeployments: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeploymentsRequest, _admin_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
+    """Standing deployments, oldest first."""
     ListDevices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDevicesRequest, _admin_pb2.ListDevicesResponse]  # type: ignore[assignment]
     GetDevice: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetDeviceRequest, _admin_pb2.Device]  # type: ignore[assignment]
     CreateEnrollToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateEnrollTokenRequest, _admin_pb2.CreateEnrollTokenResponse]  # type: ignore[assignment]
@@ -96,7 +104,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.DeployRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeployResponse, _abc.Awaitable[_admin_pb2.DeployResponse]]:
-        """Set the desired state of every device matching a label selector."""
+        """Set the desired state of every device matching a label selector, and keep it as a
+        standing deployment for devices that enroll later.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeployments(
+        self,
+        request: _admin_pb2.ListDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDeploymentsResponse, _abc.Awaitable[_admin_pb2.ListDeploymentsResponse]]:
+        """Standing deployments, oldest first."""
 
     @_abc_1.abstractmethod
     def ListDevices(

@@ -521,9 +521,10 @@ class Job(_message.Message):
     """finetune or compile"""
     model: _builtins.str
     state: Global___JobState.ValueType
-    created_at: _builtins.int
-    started_at: _builtins.int
-    finished_at: _builtins.int
+    created_at: _builtins.float
+    """Unix seconds; 0 until it happens."""
+    started_at: _builtins.float
+    finished_at: _builtins.float
     slot: _builtins.str
     """Where it runs: "cpu" or "cuda:N"."""
     error: _builtins.str
@@ -547,9 +548,9 @@ class Job(_message.Message):
         kind: _builtins.str = ...,
         model: _builtins.str = ...,
         state: Global___JobState.ValueType = ...,
-        created_at: _builtins.int = ...,
-        started_at: _builtins.int = ...,
-        finished_at: _builtins.int = ...,
+        created_at: _builtins.float = ...,
+        started_at: _builtins.float = ...,
+        finished_at: _builtins.float = ...,
         slot: _builtins.str = ...,
         progress: Global___JobProgress | None = ...,
         error: _builtins.str = ...,
@@ -664,32 +665,39 @@ class JobEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
-    AT_MS_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    at_ms: _builtins.int
+    at: _builtins.float
+    """Unix seconds."""
     kind: _builtins.str
     """log, progress or state"""
     message: _builtins.str
     state: Global___JobState.ValueType
+    """Set on state events."""
+    job_id: _builtins.str
     @_builtins.property
-    def progress(self) -> Global___JobProgress: ...
+    def progress(self) -> Global___JobProgress:
+        """Set on progress events."""
+
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
-        at_ms: _builtins.int = ...,
+        at: _builtins.float = ...,
         kind: _builtins.str = ...,
         message: _builtins.str = ...,
         progress: Global___JobProgress | None = ...,
         state: Global___JobState.ValueType = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "kind", b"kind", "message", b"message", "progress", b"progress", "seq", b"seq", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "job_id", b"job_id", "kind", b"kind", "message", b"message", "progress", b"progress", "seq", b"seq", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/artifact/v1/artifact.proto\x12\x15\x65\x64gefleet.artifact.v1\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x0bTensorValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x93\x01\n\x0cGoldenSample\x12\x32\n\x06inputs\x18\x01 \x03(\x0b\x32\".edgefleet.artifact.v1.TensorValue\x12\x33\n\x07outputs\x18\x02 \x03(\x0b\x32\".edgefleet.artifact.v1.TensorValue\x12\x0c\n\x04rtol\x18\x03 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x04 \x01(\x01\"%\n\x05\x43hunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"h\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12,\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x1c.edgefleet.artifact.v1.Chunk\"\x80\x01\n\rPreprocessing\x12@\n\x06params\x18\x01 \x03(\x0b\x32\x30.edgefleet.artifact.v1.Preprocessing.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x04\n\x08Manifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\x12\x12\n\nentrypoint\x18\x06 \x01(\t\x12\x32\n\x05\x66iles\x18\x07 \x03(\x0b\x32#.edgefleet.artifact.v1.ArtifactFile\x12\x31\n\x06inputs\x18\x08 \x03(\x0b\x32!.edgefleet.artifact.v1.TensorSpec\x12\x32\n\x07outputs\x18\t \x03(\x0b\x32!.edgefleet.artifact.v1.TensorSpec\x12;\n\x0egolden_samples\x18\n \x03(\x0b\x32#.edgefleet.artifact.v1.GoldenSample\x12;\n\rpreprocessing\x18\x0b \x01(\x0b\x32$.edgefleet.artifact.v1.Preprocessing\x12?\n\x08metadata\x18\x0c \x03(\x0b\x32-.edgefleet.artifact.v1.Manifest.MetadataEntry\x12\x12\n\ncreated_at\x18\r \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/artifact/v1/artifact.proto\x12\x15\x65\x64gefleet.artifact.v1\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x0bTensorValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"@\n\tTensorSet\x12\x33\n\x07tensors\x18\x01 \x03(\x0b\x32\".edgefleet.artifact.v1.TensorValue\"\x93\x01\n\x0cGoldenSample\x12\x32\n\x06inputs\x18\x01 \x03(\x0b\x32\".edgefleet.artifact.v1.TensorValue\x12\x33\n\x07outputs\x18\x02 \x03(\x0b\x32\".edgefleet.artifact.v1.TensorValue\x12\x0c\n\x04rtol\x18\x03 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x04 \x01(\x01\"%\n\x05\x43hunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"h\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12,\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x1c.edgefleet.artifact.v1.Chunk\"H\n\tGoldenRef\x12\x0e\n\x06inputs\x18\x01 \x01(\t\x12\x0f\n\x07outputs\x18\x02 \x01(\t\x12\x0c\n\x04rtol\x18\x03 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x04 \x01(\x01\"\x80\x01\n\rPreprocessing\x12@\n\x06params\x18\x01 \x03(\x0b\x32\x30.edgefleet.artifact.v1.Preprocessing.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x04\n\x08Manifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\x12\x12\n\nentrypoint\x18\x06 \x01(\t\x12\x32\n\x05\x66iles\x18\x07 \x03(\x0b\x32#.edgefleet.artifact.v1.ArtifactFile\x12\x31\n\x06inputs\x18\x08 \x03(\x0b\x32!.edgefleet.artifact.v1.TensorSpec\x12\x32\n\x07outputs\x18\t \x03(\x0b\x32!.edgefleet.artifact.v1.TensorSpec\x12;\n\rpreprocessing\x18\x0b \x01(\x0b\x32$.edgefleet.artifact.v1.Preprocessing\x12?\n\x08metadata\x18\x0c \x03(\x0b\x32-.edgefleet.artifact.v1.Manifest.MetadataEntry\x12\x12\n\ncreated_at\x18\r \x01(\x03\x12\x30\n\x06golden\x18\x0e \x03(\x0b\x32 .edgefleet.artifact.v1.GoldenRef\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\n\x10\x0b\"E\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,20 +39,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_end=119
   _globals['_TENSORVALUE']._serialized_start=121
   _globals['_TENSORVALUE']._serialized_end=195
-  _globals['_GOLDENSAMPLE']._serialized_start=198
-  _globals['_GOLDENSAMPLE']._serialized_end=345
-  _globals['_CHUNK']._serialized_start=347
-  _globals['_CHUNK']._serialized_end=384
-  _globals['_ARTIFACTFILE']._serialized_start=386
-  _globals['_ARTIFACTFILE']._serialized_end=490
-  _globals['_PREPROCESSING']._serialized_start=493
-  _globals['_PREPROCESSING']._serialized_end=621
-  _globals['_PREPROCESSING_PARAMSENTRY']._serialized_start=576
-  _globals['_PREPROCESSING_PARAMSENTRY']._serialized_end=621
-  _globals['_MANIFEST']._serialized_start=624
-  _globals['_MANIFEST']._serialized_end=1153
-  _globals['_MANIFEST_METADATAENTRY']._serialized_start=1106
-  _globals['_MANIFEST_METADATAENTRY']._serialized_end=1153
-  _globals['_SIGNEDMANIFEST']._serialized_start=1155
-  _globals['_SIGNEDMANIFEST']._serialized_end=1224
+  _globals['_TENSORSET']._serialized_start=197
+  _globals['_TENSORSET']._serialized_end=261
+  _globals['_GOLDENSAMPLE']._serialized_start=264
+  _globals['_GOLDENSAMPLE']._serialized_end=411
+  _globals['_CHUNK']._serialized_start=413
+  _globals['_CHUNK']._serialized_end=450
+  _globals['_ARTIFACTFILE']._serialized_start=452
+  _globals['_ARTIFACTFILE']._serialized_end=556
+  _globals['_GOLDENREF']._serialized_start=558
+  _globals['_GOLDENREF']._serialized_end=630
+  _globals['_PREPROCESSING']._serialized_start=633
+  _globals['_PREPROCESSING']._serialized_end=761
+  _globals['_PREPROCESSING_PARAMSENTRY']._serialized_start=716
+  _globals['_PREPROCESSING_PARAMSENTRY']._serialized_end=761
+  _globals['_MANIFEST']._serialized_start=764
+  _globals['_MANIFEST']._serialized_end=1288
+  _globals['_MANIFEST_METADATAENTRY']._serialized_start=1235
+  _globals['_MANIFEST_METADATAENTRY']._serialized_end=1282
+  _globals['_SIGNEDMANIFEST']._serialized_start=1290
+  _globals['_SIGNEDMANIFEST']._serialized_end=1359
 # @@protoc_insertion_point(module_scope)

@@ -82,8 +82,32 @@ class TensorValue(_message.Message):
 Global___TensorValue: _TypeAlias = TensorValue  # noqa: Y015
 
 @_typing.final
+class TensorSet(_message.Message):
+    """Named tensors: the content of a golden sample's inputs file and of its outputs file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorValue]: ...
+    def __init__(
+        self,
+        *,
+        tensors: _abc.Iterable[Global___TensorValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorSet: _TypeAlias = TensorSet  # noqa: Y015
+
+@_typing.final
 class GoldenSample(_message.Message):
-    """One input and the outputs the model must produce for it, within tolerances."""
+    """One input and the outputs the model must produce for it, within tolerances, inline: how
+    a push carries its own golden samples. The registry turns them into files (GoldenRef).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -137,8 +161,8 @@ Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
 
 @_typing.final
 class ArtifactFile(_message.Message):
-    """A file of the artifact (the ONNX graph, an external-data file), cut into chunks whose
-    concatenation is the file.
+    """A file of the artifact (the ONNX graph, an external-data file, a golden sample), cut into
+    chunks whose concatenation is the file.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -148,10 +172,15 @@ class ArtifactFile(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
     path: _builtins.str
+    """Relative, '/'-separated, no '..'."""
     size: _builtins.int
     sha256: _builtins.str
     @_builtins.property
-    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Chunk]: ...
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Chunk]:
+        """Empty when the file is a single chunk (its sha256 and size are the file's), which most
+        files of a per-tensor export are: it keeps the manifest, fetched whole, small.
+        """
+
     def __init__(
         self,
         *,
@@ -167,6 +196,40 @@ class ArtifactFile(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArtifactFile: _TypeAlias = ArtifactFile  # noqa: Y015
+
+@_typing.final
+class GoldenRef(_message.Message):
+    """A smoke test the device must pass before serving: the model run on the inputs file must
+    give the outputs file's tensors within rtol/atol. Both are files of the manifest (a
+    serialized TensorSet each), content-addressed like any chunk, so a new version whose
+    golden inputs are the same examples downloads only its new outputs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    RTOL_FIELD_NUMBER: _builtins.int
+    ATOL_FIELD_NUMBER: _builtins.int
+    inputs: _builtins.str
+    outputs: _builtins.str
+    rtol: _builtins.float
+    atol: _builtins.float
+    def __init__(
+        self,
+        *,
+        inputs: _builtins.str = ...,
+        outputs: _builtins.str = ...,
+        rtol: _builtins.float = ...,
+        atol: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "inputs", b"inputs", "outputs", b"outputs", "rtol", b"rtol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoldenRef: _TypeAlias = GoldenRef  # noqa: Y015
 
 @_typing.final
 class Preprocessing(_message.Message):
@@ -245,10 +308,10 @@ class Manifest(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
-    GOLDEN_SAMPLES_FIELD_NUMBER: _builtins.int
     PREPROCESSING_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    GOLDEN_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     """Bumped when this message changes in a way an old agent cannot read."""
     model: _builtins.str
@@ -268,11 +331,11 @@ class Manifest(_message.Message):
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
-    def golden_samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___GoldenSample]: ...
-    @_builtins.property
     def preprocessing(self) -> Global___Preprocessing: ...
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def golden(self) -> _containers.RepeatedCompositeFieldContainer[Global___GoldenRef]: ...
     def __init__(
         self,
         *,
@@ -285,14 +348,14 @@ class Manifest(_message.Message):
         files: _abc.Iterable[Global___ArtifactFile] | None = ...,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
-        golden_samples: _abc.Iterable[Global___GoldenSample] | None = ...,
         preprocessing: Global___Preprocessing | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _builtins.int = ...,
+        golden: _abc.Iterable[Global___GoldenRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "entrypoint", b"entrypoint", "files", b"files", "format", b"format", "golden_samples", b"golden_samples", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "entrypoint", b"entrypoint", "files", b"files", "format", b"format", "golden", b"golden", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -193,7 +193,7 @@ class GetDesiredStateRequest(_message.Message):
 Global___GetDesiredStateRequest: _TypeAlias = GetDesiredStateRequest  # noqa: Y015
 
 @_typing.final
-class ModelAssignment(_message.Message):
+class Assignment(_message.Message):
     """The version of one model a device should run."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -221,7 +221,7 @@ class ModelAssignment(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ModelAssignment: _TypeAlias = ModelAssignment  # noqa: Y015
+Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):
@@ -229,22 +229,22 @@ class DesiredState(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
-    MODELS_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """Grows by one each time this device's desired state changes; never goes back."""
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelAssignment]: ...
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]: ...
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         generation: _builtins.int = ...,
-        models: _abc.Iterable[Global___ModelAssignment] | None = ...,
+        assignments: _abc.Iterable[Global___Assignment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "device_id", b"device_id", "generation", b"generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,7 +336,9 @@ class ModelStatus(_message.Message):
 Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
 
 @_typing.final
-class ReportStateRequest(_message.Message):
+class ReportedState(_message.Message):
+    """What a device runs and how it is, as it reports it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -366,12 +368,15 @@ class ReportStateRequest(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     INFERENCE_ENDPOINT_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     observed_generation: _builtins.int
     last_error: _builtins.str
     """Device-level error (e.g. cannot reach a chunk); empty when healthy."""
     inference_endpoint: _builtins.str
     """Address of the device's Open Inference Protocol endpoint, e.g. 10.0.0.7:8001."""
+    reported_at: _builtins.float
+    """Unix seconds when the cloud received it; the cloud sets it, devices leave it 0."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
     @_builtins.property
@@ -388,10 +393,31 @@ class ReportStateRequest(_message.Message):
         last_error: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         inference_endpoint: _builtins.str = ...,
+        reported_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "device_id", b"device_id", "inference_endpoint", b"inference_endpoint", "labels", b"labels", "last_error", b"last_error", "models", b"models", "observed_generation", b"observed_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "device_id", b"device_id", "inference_endpoint", b"inference_endpoint", "labels", b"labels", "last_error", b"last_error", "models", b"models", "observed_generation", b"observed_generation", "reported_at", b"reported_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportedState: _TypeAlias = ReportedState  # noqa: Y015
+
+@_typing.final
+class ReportStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___ReportedState: ...
+    def __init__(
+        self,
+        *,
+        state: Global___ReportedState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

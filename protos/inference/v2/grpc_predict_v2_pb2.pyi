@@ -4,8 +4,10 @@ isort:skip_file
 The Open Inference Protocol (KServe v2), gRPC flavour.
 
 Wire contract: package, service, message and field names and numbers are exactly those
-of the published protocol, so Triton's, KServe's and MLServer's clients talk to an
-edgefleet agent unchanged. Do not renumber or rename anything here.
+of the published protocol (Triton's grpc_service.proto, which KServe's is a subset of),
+so Triton's, KServe's and MLServer's clients talk to an edgefleet agent unchanged.
+tests/agent/inference/test_wire_contract.py compares every message with Triton's.
+Do not renumber or rename anything here.
 """
 
 from collections import abc as _abc
@@ -540,21 +542,27 @@ class InferParameter(_message.Message):
     BOOL_PARAM_FIELD_NUMBER: _builtins.int
     INT64_PARAM_FIELD_NUMBER: _builtins.int
     STRING_PARAM_FIELD_NUMBER: _builtins.int
+    DOUBLE_PARAM_FIELD_NUMBER: _builtins.int
+    UINT64_PARAM_FIELD_NUMBER: _builtins.int
     bool_param: _builtins.bool
     int64_param: _builtins.int
     string_param: _builtins.str
+    double_param: _builtins.float
+    uint64_param: _builtins.int
     def __init__(
         self,
         *,
         bool_param: _builtins.bool = ...,
         int64_param: _builtins.int = ...,
         string_param: _builtins.str = ...,
+        double_param: _builtins.float = ...,
+        uint64_param: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_param", b"bool_param", "int64_param", b"int64_param", "parameter_choice", b"parameter_choice", "string_param", b"string_param"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_param", b"bool_param", "double_param", b"double_param", "int64_param", b"int64_param", "parameter_choice", b"parameter_choice", "string_param", b"string_param", "uint64_param", b"uint64_param"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_param", b"bool_param", "int64_param", b"int64_param", "parameter_choice", b"parameter_choice", "string_param", b"string_param"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_param", b"bool_param", "double_param", b"double_param", "int64_param", b"int64_param", "parameter_choice", b"parameter_choice", "string_param", b"string_param", "uint64_param", b"uint64_param"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_parameter_choice: _TypeAlias = _typing.Literal["bool_param", "int64_param", "string_param"]  # noqa: Y015
+    _WhichOneofReturnType_parameter_choice: _TypeAlias = _typing.Literal["bool_param", "int64_param", "string_param", "double_param", "uint64_param"]  # noqa: Y015
     _WhichOneofArgType_parameter_choice: _TypeAlias = _typing.Literal["parameter_choice", b"parameter_choice"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_parameter_choice) -> _WhichOneofReturnType_parameter_choice | None: ...
 

@@ -4,8 +4,10 @@ isort:skip_file
 The Open Inference Protocol (KServe v2), gRPC flavour.
 
 Wire contract: package, service, message and field names and numbers are exactly those
-of the published protocol, so Triton's, KServe's and MLServer's clients talk to an
-edgefleet agent unchanged. Do not renumber or rename anything here.
+of the published protocol (Triton's grpc_service.proto, which KServe's is a subset of),
+so Triton's, KServe's and MLServer's clients talk to an edgefleet agent unchanged.
+tests/agent/inference/test_wire_contract.py compares every message with Triton's.
+Do not renumber or rename anything here.
 """
 
 from collections import abc as _abc

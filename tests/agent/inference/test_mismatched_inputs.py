@@ -14,8 +14,8 @@ from onnx import TensorProto, helper
 
 from agent.inference.server import InferenceServer, start_inference_server
 from agent.runtime import ModelRepository, SessionOptions, load_model
-from edgefleet.core.errors import EdgefleetError, ErrorCode
 from edgefleet.client.inference import InferenceClient
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 
 
 @pytest.fixture

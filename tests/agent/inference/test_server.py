@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import edgefleet
 from agent.inference.server import InferenceServer, start_inference_server
 from agent.runtime import LoadedModel, ModelRepository
-from edgefleet.core.errors import EdgefleetError, ErrorCode
 from edgefleet.client.inference import InferenceClient
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -324,7 +324,7 @@ def test_health_follows_serving_and_readiness(affine_v1: LoadedModel) -> None:
 
 
 def test_port_in_use_is_a_clear_error(server: InferenceServer) -> None:
-    with pytest.raises(EdgefleetError, match="pick a free port"):
+    with pytest.raises(EdgefleetError, match="choose another with --inference-port"):
         start_inference_server(ModelRepository(), "127.0.0.1", server.port)
 
 

@@ -1,14 +1,20 @@
-"""Our inference proto against the published Open Inference Protocol (KServe v2) contract.
+"""Our inference proto against the published Open Inference Protocol contract.
 
-The expected tables below are copied by hand from kserve/kserve
-``docs/predict-api/v2/grpc_predict_v2.proto`` (the same file Triton ships as
-``grpc_service.proto``'s core): every message, field name, number, type and label, and
-the service's methods. Any drift in ours (a renumbered field, a changed type, an extra or
-missing field) breaks Triton's and KServe's clients silently, so it fails here instead.
+Two references. The tables below are copied by hand from kserve/kserve
+``docs/predict-api/v2/grpc_predict_v2.proto``, with the two InferParameter fields Triton's
+``grpc_service.proto`` adds (double_param, uint64_param; without them a Triton client's
+double or uint64 parameter was dropped silently). And the descriptors tritonclient itself
+ships (its ``service_pb2``, generated from Triton's grpc_service.proto): every message we
+define must be there, field for field. Any drift in ours (a renumbered field, a changed
+type, an extra or missing field) breaks Triton's and KServe's clients silently, so it
+fails here instead.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from google.protobuf import descriptor_pb2
 
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
@@ -131,6 +137,8 @@ EXPECTED_MESSAGES: dict[str, list[tuple[str, int, int, int, str]]] = {
         ("bool_param", 1, OPT, BOOL, ""),
         ("int64_param", 2, OPT, INT64, ""),
         ("string_param", 3, OPT, STRING, ""),
+        ("double_param", 4, OPT, DOUBLE, ""),
+        ("uint64_param", 5, OPT, UINT64, ""),
     ],
     "InferTensorContents": [
         ("bool_contents", 1, REP, BOOL, ""),
@@ -217,3 +225,42 @@ def test_service_methods_match_the_published_contract() -> None:
     assert pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == (
         "inference.GRPCInferenceService"
     )
+
+
+def _fields(message: Any) -> list[tuple[str, int, int, bool, str]]:
+    return [
+        (
+            f.name,
+            f.number,
+            f.type,
+            f.is_repeated,
+            f.message_type.full_name if f.message_type is not None else "",
+        )
+        for f in message.fields
+    ]
+
+
+def _walk(message: Any, path: str = "") -> dict[str, Any]:
+    found = {path + message.name: message}
+    for nested in message.nested_types:
+        found.update(_walk(nested, path + message.name + "."))
+    return found
+
+
+def test_every_message_matches_tritons_own_descriptors() -> None:
+    # tritonclient[grpc] is in the dev extra; its descriptors are Triton's published proto.
+    triton = pytest.importorskip(
+        "tritonclient.grpc.service_pb2", reason="tritonclient[grpc] (dev extra) is not installed"
+    )
+    theirs: dict[str, Any] = {}
+    for message in triton.DESCRIPTOR.message_types_by_name.values():
+        theirs.update(_walk(message))
+    for message in pb.DESCRIPTOR.message_types_by_name.values():
+        for path, ours in _walk(message).items():
+            assert path in theirs, f"{path} is not in Triton's grpc_service.proto"
+            assert _fields(ours) == _fields(theirs[path]), path
+    methods = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        assert method.name in methods
+        assert method.input_type.full_name == methods[method.name].input_type.full_name
+        assert method.output_type.full_name == methods[method.name].output_type.full_name

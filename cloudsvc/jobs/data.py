@@ -1,0 +1,63 @@
+"""The data a job names, as a Dataset, and as the exported graph's named inputs. Torch-free
+except for a text backbone's tokenizer, which the caller passes in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cloudsvc.jobs.env import WorkerEnv
+from cloudsvc.jobs.feeds import Feeds
+from cloudsvc.jobs.spec import UPLOAD_PREFIX, DataOptions, resolve_upload
+from transfer.datasets import Dataset, load_dataset, load_fashion_mnist, sample_dataset
+
+OUTPUT_NAME = "logits"
+IMAGE_INPUT = "image"
+TEXT_INPUTS = ("input_ids", "attention_mask")
+# Kept with the source for later compiles: enough to score INT8 within a fraction of a
+# point, small enough to store with every version.
+MAX_EVALUATION_EXAMPLES = 1000
+MAX_CALIBRATION_EXAMPLES = 256
+
+
+def load_job_data(reference: str, options: DataOptions, env: WorkerEnv, seed: int) -> Dataset:
+    """The data set a job names, sampled down to `options.limit` examples when set."""
+    if reference.startswith("fashion-mnist"):
+        dataset = load_fashion_mnist(
+            "test" if reference.endswith(":test") else "train", root=env.fashion_mnist_dir
+        )
+    else:
+        path: str | Path = reference
+        if reference.startswith(UPLOAD_PREFIX):
+            path = resolve_upload(reference, env.uploads_dir)
+        table = str(path).lower().endswith((".csv", ".parquet", ".pq"))
+        table_options: dict[str, Any] = (
+            {"label_column": options.label_column, "text_column": options.text_column}
+            if table
+            else {}
+        )
+        dataset = load_dataset(path, **table_options)
+    return sample_dataset(dataset, options.limit, seed) if options.limit else dataset
+
+
+def feed_maker(backbone: Any, kind: str) -> Callable[[npt.NDArray[Any]], Feeds]:
+    """Raw examples (pixels or strings) -> the exported graph's named inputs."""
+    if kind == "text":
+
+        def text_feeds(texts: npt.NDArray[Any]) -> Feeds:
+            ids, mask = backbone.prepare(texts)
+            return {
+                TEXT_INPUTS[0]: ids.numpy().astype(np.int64),
+                TEXT_INPUTS[1]: mask.numpy().astype(np.int64),
+            }
+
+        return text_feeds
+
+    def image_feeds(images: npt.NDArray[Any]) -> Feeds:
+        return {IMAGE_INPUT: np.ascontiguousarray(images, dtype=np.float32)}
+
+    return image_feeds

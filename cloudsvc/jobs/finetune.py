@@ -1,0 +1,351 @@
+"""What a worker does for a fine-tune job (needs torch): validate -> train (each trial of a
+search) -> export to ONNX with a parity check -> compile every target -> hand the files to
+the manager. Every check that can fail on the user's input (data set, backbone, settings,
+targets) runs in the `validating` phase, before the first forward pass."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloudsvc.errors import JobFailed
+from cloudsvc.jobs.compile import buildable, compile_all
+from cloudsvc.jobs.data import (
+    MAX_CALIBRATION_EXAMPLES,
+    MAX_EVALUATION_EXAMPLES,
+    OUTPUT_NAME,
+    TEXT_INPUTS,
+    feed_maker,
+    load_job_data,
+)
+from cloudsvc.jobs.env import WorkerEnv
+from cloudsvc.jobs.events import Reporter
+from cloudsvc.jobs.feeds import EVALUATION_FILE, EvaluationData, Feeds, rows, take
+from cloudsvc.jobs.results import JobResult
+from cloudsvc.jobs.spec import UPLOAD_PREFIX, FineTuneParams, FineTuneSpec, resolve_upload
+from cloudsvc.registry import SOURCE_TARGET
+from compilers.build import Build
+from compilers.targets import resolve_target
+from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.jobs import Trial
+from edgefleet.core.versions import ClassScore, Evaluation, Lineage
+from transfer.datasets import Dataset, Split
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobResult:
+    import torch
+
+    from transfer.backbones import Backbone, load_backbone
+    from transfer.datasets import split_dataset
+    from transfer.finetune import check_config
+
+    if env.threads:
+        torch.set_num_threads(env.threads)
+    trials = spec.trials()
+    first = trials[0]
+    report.phase("validating", f"loading data set {spec.data}")
+    dataset = load_job_data(spec.data, spec.data_options, env, first.seed)
+    counts = ", ".join(f"{k} {v}" for k, v in dataset.class_counts().items())
+    report.log(f"data set {dataset.source}: {len(dataset)} examples; {counts}")
+
+    def backbone_for(params: FineTuneParams) -> Backbone:
+        base: str | Path = spec.base
+        if spec.base.startswith(UPLOAD_PREFIX):
+            base = resolve_upload(spec.base, env.uploads_dir)
+        shape = dataset.input_shape if dataset.kind == "image" else None
+        return load_backbone(base, input_shape=shape, image_size=params.image_size)
+
+    report.log(f"loading backbone {spec.base}")
+    from transfer.backbones import default_small_cnn_path
+
+    if spec.base == "small-cnn" and not default_small_cnn_path().exists():
+        report.log("pretraining the built-in small-cnn on generated images (once per machine)")
+    backbone = backbone_for(first)
+    backbone.check_inputs(dataset.kind, dataset.input_shape)
+    configs = [_config(p, env) for p in trials]
+    for config in configs:
+        check_config(config, backbone)
+    profiles = [buildable(resolve_target(t)) for t in spec.targets]
+    split = split_dataset(dataset, first.validation_fraction, first.seed)
+    report.log(
+        f"split: {len(split.train)} training, {len(split.validation)} validation examples "
+        f"(stratified, seed {first.seed}); backbone {backbone.name} "
+        f"({backbone.feature_dim} features); {len(trials)} trial(s); targets "
+        f"{', '.join(spec.targets)}"
+    )
+
+    report.phase("training")
+    best: tuple[Any, Any, int] | None = None
+    outcomes: list[Trial] = []
+    dirty = False
+    started = time.perf_counter()
+    for number, (params, config) in enumerate(zip(trials, configs, strict=True), 1):
+        if number > 1 and (config.strategy != "head" or dirty):
+            # last-n / full train the backbone in place; every such trial starts from the
+            # pretrained weights, and a kept head-only winner keeps its own.
+            backbone = backbone_for(params)
+        report.update(trial=number, trials=len(trials), epoch=0, epochs=config.epochs)
+        trial_started = time.perf_counter()
+        done_before = number - 1
+
+        def on_epoch(p: Any, done_before: int = done_before, t0: float = trial_started) -> None:
+            per_trial = (time.perf_counter() - started) / max(done_before, 1)
+            later = (len(trials) - done_before - 1) * (
+                per_trial if done_before else time.perf_counter() - t0 + p.eta_seconds
+            )
+            report.update(
+                epoch=p.epoch,
+                epochs=p.epochs,
+                loss=p.loss,
+                train_accuracy=p.train_accuracy,
+                val_accuracy=p.val_accuracy,
+                eta_seconds=p.eta_seconds + later,
+            )
+
+        try:
+            model, result = _fine_tune(backbone, dataset, config, split, on_epoch)
+        except EdgefleetError as err:
+            if len(trials) == 1:
+                raise
+            outcomes.append(Trial(number=number, params=params.as_strings(), error=str(err)))
+            report.log(f"trial {number} failed: {err}")
+            dirty = True
+            continue
+        dirty = config.strategy != "head"
+        accuracy = result.metrics.accuracy
+        outcomes.append(
+            Trial(
+                number=number,
+                params=params.as_strings(),
+                val_accuracy=accuracy,
+                epochs_run=result.epochs_run,
+                seconds=time.perf_counter() - trial_started,
+            )
+        )
+        report.log(
+            f"trial {number}/{len(trials)} ({_describe(params, spec)}): validation accuracy "
+            f"{accuracy:.2%} after {result.epochs_run} epoch(s), best at epoch "
+            f"{result.best_epoch}, {result.training_seconds:.1f}s on {result.device}"
+        )
+        if best is None or accuracy > best[1].metrics.accuracy:
+            best = (model, result, number)
+    if best is None:
+        raise JobFailed("every trial of the search failed; see the log for each one's error")
+    model, result, best_number = best
+    outcomes = [replace(t, best=t.number == best_number) for t in outcomes]
+    best_params = trials[best_number - 1]
+
+    report.phase("exporting", "ONNX with a dynamic batch, one file per weight tensor")
+    feeds = feed_maker(backbone, dataset.kind)
+    source_dir = env.job_dir / "source"
+    validation = split.validation
+    # Seeded samples across the whole split: data sets are often stored class by class,
+    # and the first examples alone would calibrate INT8 and score it on a few classes.
+    rng = np.random.default_rng(best_params.seed)
+    kept = np.sort(rng.permutation(len(validation))[:MAX_EVALUATION_EXAMPLES])
+    val_feeds = feeds(validation.inputs[kept])
+    typical = np.sort(rng.permutation(len(split.train))[:MAX_CALIBRATION_EXAMPLES])
+    cal_feeds = feeds(split.train.inputs[typical])
+    source_files = _export(model, val_feeds, source_dir, dataset.kind, report)
+    evaluation_data = EvaluationData(
+        validation=val_feeds,
+        labels=validation.labels[kept],
+        calibration=cal_feeds,
+        class_names=dataset.class_names,
+    )
+    evaluation_data.save(source_dir / EVALUATION_FILE)
+    shipped = _tokenizer_files(backbone, source_dir)
+    preprocessing = _preprocessing(backbone, dataset.class_names, shipped)
+    source = Build(
+        target=SOURCE_TARGET,
+        folder=source_dir,
+        files=(*source_files, *shipped, EVALUATION_FILE),
+        steps=("export-dynamo-per-tensor", "parity-checked"),
+        preprocessing=preprocessing,
+    )
+
+    report.phase("compiling", ", ".join(spec.targets))
+    builds, target_outcomes = compile_all(
+        profiles,
+        source_dir / "model.onnx",
+        evaluation_data,
+        spec.max_accuracy_drop,
+        env,
+        report,
+        preprocessing,
+        shipped,
+    )
+    lineage = Lineage(
+        base_model=spec.base if spec.base.startswith(UPLOAD_PREFIX) else backbone.name,
+        base_digest=result.backbone_digest,
+        dataset=spec.data
+        + (f" (limit {spec.data_options.limit})" if spec.data_options.limit else ""),
+        dataset_digest=result.dataset_digest,
+        hyperparameters=best_params.as_strings(),
+        seed=best_params.seed,
+        strategy=best_params.strategy,
+        device=result.device,
+        training_seconds=time.perf_counter() - started,
+        job_id=env.job_id,
+        class_names=tuple(dataset.class_names),
+        train_examples=result.train_examples,
+        validation_examples=result.validation_examples,
+        epochs_run=result.epochs_run,
+        best_epoch=result.best_epoch,
+    )
+    metrics = result.metrics
+    evaluation = Evaluation(
+        accuracy=metrics.accuracy,
+        count=metrics.count,
+        per_class=tuple(
+            ClassScore(name=c.name, precision=c.precision, recall=c.recall, support=c.support)
+            for c in metrics.per_class
+        ),
+        confusion=tuple(tuple(row) for row in metrics.confusion),
+        split=(
+            f"validation {best_params.validation_fraction:.0%}, stratified, seed {best_params.seed}"
+        ),
+    )
+    return JobResult(
+        builds=tuple(builds),
+        source=source,
+        outcomes=tuple(target_outcomes),
+        trials=tuple(outcomes) if len(trials) > 1 else (),
+        lineage=lineage,
+        evaluation=evaluation,
+    )
+
+
+def _describe(params: FineTuneParams, spec: FineTuneSpec) -> str:
+    searched = [name for name, _ in spec.search] or ["strategy", "lr"]
+    values = params.model_dump()
+    return ", ".join(f"{k}={values[k]}" for k in searched)
+
+
+def _config(params: FineTuneParams, env: WorkerEnv) -> Any:
+    from transfer.finetune import FineTuneConfig
+
+    return FineTuneConfig(
+        strategy=params.strategy,
+        epochs=params.epochs,
+        lr=params.lr,
+        batch_size=params.batch_size,
+        weight_decay=params.weight_decay,
+        unfreeze_blocks=params.unfreeze_blocks,
+        backbone_lr_scale=params.backbone_lr_scale,
+        patience=params.patience or None,
+        seed=params.seed,
+        validation_fraction=params.validation_fraction,
+        device=params.device,
+        cache_dir=env.cache_dir if params.strategy == "head" else None,
+    )
+
+
+def _fine_tune(
+    backbone: Any, dataset: Dataset, config: Any, split: Split, on_epoch: Callable[[Any], None]
+) -> tuple[Any, Any]:
+    from transfer.finetune import fine_tune
+
+    return fine_tune(backbone, dataset, config, on_epoch=on_epoch, split=split)
+
+
+def _export(model: Any, val_feeds: Feeds, folder: Path, kind: str, report: Reporter) -> list[str]:
+    """The classifier as ONNX in `folder` (graph first, then one file per tensor), checked
+    against torch on held-out inputs at batch 1 and at batch 8."""
+    import torch
+
+    from compilers.export import check_parity, export_onnx
+
+    sample = {k: torch.from_numpy(v[:2]) for k, v in val_feeds.items()}
+    dynamic = {name: {1: "sequence"} for name in TEXT_INPUTS} if kind == "text" else None
+    path = export_onnx(
+        _exportable(model, sample, report),
+        sample,
+        folder / "model.onnx",
+        output_name=OUTPUT_NAME,
+        external_data=True,
+        dynamic_dims=dynamic,
+    )
+    checks = [take(val_feeds, 0, 1), take(val_feeds, 0, min(8, rows(val_feeds)))]
+    parity = check_parity(model, path, checks, rtol=1e-3, atol=1e-4)
+    worst = max(parity.max_abs_diff.values())
+    report.log(f"ONNX matches torch within {worst:.2g} on {len(checks)} held-out batches")
+    from compilers.layout import external_files
+
+    return ["model.onnx", *sorted(p.name for p in external_files(path))]
+
+
+def _exportable(model: Any, sample: dict[str, Any], report: Reporter) -> Any:
+    """The classifier as torch.export can trace it. A TorchScript backbone (fine-tuned as
+    it is) is converted to an exported program with its trained weights first; the parity
+    check then compares the export with the TorchScript model itself."""
+    import torch
+
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return model
+    from torch._export.converter import TS2EPConverter
+
+    from transfer.backbones import ExportedModule
+    from transfer.finetune import Classifier
+
+    report.log("converting the TorchScript backbone to torch.export for the ONNX export")
+    try:
+        program = TS2EPConverter(model.backbone, tuple(sample.values())).convert()
+    except Exception as err:
+        raise JobFailed(
+            f"the TorchScript backbone could not be converted for export ({type(err).__name__}: "
+            f"{err}); save it with torch.export.export(...) and torch.export.save(...) instead"
+        ) from None
+    return Classifier(
+        ExportedModule(program.module()), model.head, model.class_names, model.preprocessing
+    ).eval()
+
+
+def _tokenizer_files(backbone: Any, dest: Path) -> list[str]:
+    """Copy the tokenizer a text backbone needs next to the model; their relative paths."""
+    folder = backbone.preprocessing.tokenizer_path
+    if not folder:
+        return []
+    shipped = []
+    for name in TOKENIZER_FILES:
+        src = Path(folder) / name
+        if src.is_file():
+            (dest / "tokenizer").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest / "tokenizer" / name)
+            shipped.append(f"tokenizer/{name}")
+    return shipped
+
+
+def _preprocessing(
+    backbone: Any, class_names: tuple[str, ...], shipped: list[str]
+) -> dict[str, str]:
+    pre = backbone.preprocessing
+    params = {
+        "kind": pre.kind,
+        "inputs": pre.description,
+        "in_graph": "; ".join(pre.in_graph),
+        "output": f"{OUTPUT_NAME}: one score per class, argmax is the prediction",
+        "class_names": json.dumps(list(class_names)),
+    }
+    if pre.input_shape:
+        params["input_shape"] = json.dumps(list(pre.input_shape))
+    if pre.pixel_range:
+        params["pixel_range"] = json.dumps(list(pre.pixel_range))
+    if shipped:
+        params["tokenizer"] = "tokenizer/ (Hugging Face tokenizers files shipped in the artifact)"
+        params["max_length"] = str(pre.max_length or "")
+    return params

@@ -1,0 +1,168 @@
+"""Every domain type and its message agree field for field, and survive the round trip.
+
+This is what keeps "a new field costs two edits" true: add a field to a type and not to its
+message (or the reverse) and this fails naming both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from google.protobuf.message import Message
+
+from edgefleet.core import fleet, jobs, versions
+from edgefleet.core.wire import from_json, from_proto, to_json, to_proto
+from protos.admin.v1 import admin_pb2, jobs_pb2
+from protos.artifact.v1 import artifact_pb2
+from protos.fleet.v1 import fleet_pb2
+from protos.inference.v2 import grpc_predict_v2_pb2 as oip
+
+SPEC = versions.TensorSpec("x", "FP32", (-1, 3))
+LINEAGE = versions.Lineage(
+    "small-cnn",
+    "ab" * 32,
+    "synthetic",
+    "cd" * 32,
+    {"lr": "0.001"},
+    3,
+    "head",
+    "cpu",
+    1.5,
+    "job-1",
+    ("a", "b"),
+    80,
+    20,
+    4,
+    3,
+)
+EVALUATION = versions.Evaluation(
+    0.75,
+    20,
+    (versions.ClassScore("a", 0.5, 1.0, 10), versions.ClassScore("b", 1.0, 0.5, 10)),
+    ((10, 0), (5, 5)),
+    "validation 20%",
+)
+ARTIFACT = versions.Artifact(
+    "m",
+    2,
+    "onnx-cpu-fp32",
+    "ef" * 32,
+    1000,
+    3,
+    1700000000,
+    "00ff",
+    "kid",
+    {"size_bytes": 1.0},
+    ("optimize",),
+    "onnx",
+    4,
+)
+VERSION = versions.ModelVersion(
+    "m",
+    2,
+    "second",
+    1700000000,
+    "12" * 32,
+    1,
+    {"job": "job-1"},
+    (SPEC,),
+    (SPEC,),
+    2,
+    "admin",
+    (ARTIFACT,),
+    LINEAGE,
+    EVALUATION,
+)
+CAPS = fleet.Capabilities("x86_64", "Linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2")
+DESIRED = fleet.DesiredState("d1", 7, (fleet.Assignment("m", 2, "onnx-cpu-fp32", "ef" * 32),))
+STATUS = fleet.ModelStatus("m", 2, "ef" * 32, 1, 2, fleet.ModelPhase.READY, "", "CPU")
+REPORTED = fleet.ReportedState("d1", 7, (STATUS,), CAPS, "", {"site": "a"}, "1.2.3.4:8001", 5.0)
+PROGRESS = jobs.JobProgress("training", 2, 10, 0.5, 0.9, 0.8, 12.0, 1, 2, "")
+TRIAL = jobs.Trial(1, {"lr": "0.1"}, 0.8, 5, 1.25, True, "")
+OUTCOME = jobs.TargetOutcome("onnx-cpu-int8", "refused", "lost 2 points", {"accuracy": 0.9})
+
+# (an instance of every domain type, the message it travels as)
+PAIRS: list[tuple[object, type[Message]]] = [
+    (SPEC, artifact_pb2.TensorSpec),
+    (SPEC, oip.ModelMetadataResponse.TensorMetadata),
+    (versions.Model("m", "d", 1, 2, 2), admin_pb2.Model),
+    (ARTIFACT, admin_pb2.Artifact),
+    (LINEAGE, admin_pb2.Lineage),
+    (EVALUATION, admin_pb2.Evaluation),
+    (VERSION, admin_pb2.ModelVersion),
+    (CAPS, fleet_pb2.Capabilities),
+    (DESIRED, fleet_pb2.DesiredState),
+    (STATUS, fleet_pb2.ModelStatus),
+    (REPORTED, fleet_pb2.ReportedState),
+    (fleet.Enrollment("d1", "dev_x", (b"k" * 32,)), fleet_pb2.EnrollResponse),
+    (
+        fleet.Device("d1", {"site": "a"}, CAPS, True, 1700000000.0, 1699999999, DESIRED, REPORTED),
+        admin_pb2.Device,
+    ),
+    (PROGRESS, jobs_pb2.JobProgress),
+    (TRIAL, jobs_pb2.Trial),
+    (OUTCOME, jobs_pb2.TargetOutcome),
+    (
+        jobs.Job(
+            "job-1",
+            "finetune",
+            "m",
+            '{"a": 1}',
+            jobs.JobState.SUCCEEDED,
+            1.0,
+            2.0,
+            3.0,
+            "cpu",
+            PROGRESS,
+            "",
+            2,
+            (TRIAL,),
+            (OUTCOME,),
+            "job-0",
+        ),
+        jobs_pb2.Job,
+    ),
+    (
+        jobs.JobEvent("job-1", 3, 1.5, "progress", "x", PROGRESS, jobs.JobState.RUNNING),
+        jobs_pb2.JobEvent,
+    ),
+]
+
+
+def _names(obj: object) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("obj", "message"), PAIRS, ids=lambda p: getattr(p, "__name__", ""))
+def test_type_and_message_have_the_same_fields(obj: object, message: type[Message]) -> None:
+    wire = {f.name for f in message.DESCRIPTOR.fields}
+    assert _names(obj) == wire, (
+        f"{type(obj).__name__} and {message.DESCRIPTOR.full_name} differ: only in the type "
+        f"{sorted(_names(obj) - wire)}, only in the message {sorted(wire - _names(obj))}"
+    )
+
+
+@pytest.mark.parametrize(("obj", "message"), PAIRS, ids=lambda p: getattr(p, "__name__", ""))
+def test_round_trip_through_the_message(obj: object, message: type[Message]) -> None:
+    sent = to_proto(obj, message)
+    back = from_proto(message.FromString(sent.SerializeToString()), type(obj))
+    assert back == obj
+
+
+@pytest.mark.parametrize(("obj", "message"), PAIRS, ids=lambda p: getattr(p, "__name__", ""))
+def test_round_trip_through_json(obj: object, message: type[Message]) -> None:
+    assert from_json(type(obj), to_json(obj)) == obj
+
+
+def test_absent_optional_message_stays_none() -> None:
+    bare = dataclasses.replace(VERSION, lineage=None, evaluation=None)
+    back = from_proto(to_proto(bare, admin_pb2.ModelVersion), versions.ModelVersion)
+    assert back.lineage is None and back.evaluation is None
+
+
+def test_deployment_round_trip() -> None:
+    deployment = fleet.Deployment("m", {"site": "a"}, 3, "onnx-cpu-int8", 12.5)
+    message = to_proto(deployment, admin_pb2.Deployment)
+    assert from_proto(message, fleet.Deployment) == deployment
+    assert {f.name for f in admin_pb2.Deployment.DESCRIPTOR.fields} == _names(deployment)

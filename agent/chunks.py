@@ -35,6 +35,7 @@ class TransferStats:
     bytes_resumed: int = 0
     chunks_fetched: int = 0
     chunks_skipped: int = 0
+    manifest_bytes: int = 0  # signed manifests as they travelled (compressed)
 
 
 def fsync_dir(path: Path) -> None:
@@ -84,6 +85,10 @@ class ChunkStore:
             if part.is_file():
                 total += min(part.stat().st_size, ref.size)
         return total
+
+    def count_manifest(self, size: int) -> None:
+        with self._lock:
+            self.stats.manifest_bytes += size
 
     def count_skipped(self, refs: Iterable[ChunkRef]) -> None:
         with self._lock:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -13,6 +12,9 @@ import click
 from agent.errors import SettingsError
 from agent.settings import AgentSettings, load, parse_labels
 from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.logs import configure as configure_logs
+
+log = logging.getLogger("edgefleet.agent")
 
 
 def write_port_file(path: Path, port: int) -> None:
@@ -24,11 +26,6 @@ def write_port_file(path: Path, port: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _echo(message: str) -> None:
-    click.echo(f"{time.strftime('%H:%M:%S')} {message}")
-    sys.stdout.flush()
 
 
 @click.group("agent")
@@ -57,6 +54,11 @@ def agent() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the bound inference port here once serving.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="text (default) or json: one object a line, for log shippers.",
+)
 def run(
     cloud: str | None,
     enroll_token: str | None,
@@ -67,6 +69,7 @@ def run(
     inference_port: int | None,
     config_file: Path | None,
     port_file: Path | None,
+    log_format: str | None,
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
     try:
@@ -79,6 +82,7 @@ def run(
             labels=parse_labels(labels) if labels else None,
             inference_host=inference_host,
             inference_port=inference_port,
+            log_format=log_format,
         )
     except SettingsError as err:
         raise click.ClickException(err.message) from None
@@ -89,17 +93,20 @@ def run_agent(settings: AgentSettings, port_file: Path | None = None) -> None:
     # Imported here so that `edgefleet agent --help` stays fast.
     from agent.daemon import Agent
 
-    click.echo("edgefleet agent settings:\n" + settings.describe())
-    daemon = Agent(settings, on_event=_echo)
+    configure_logs(settings.log_format)
+    log.info("edgefleet agent settings:\n%s", settings.describe())
+    daemon = Agent(settings)
     try:
         daemon.start()
     except EdgefleetError as err:
         daemon.stop()
         raise click.ClickException(err.message) from None
     who = daemon.device_id or "(not enrolled yet)"
-    _echo(
-        f"agent {who} serving Open Inference Protocol on "
-        f"{settings.inference_host}:{daemon.inference_port}"
+    log.info(
+        "agent %s serving Open Inference Protocol on %s:%d",
+        who,
+        settings.inference_host,
+        daemon.inference_port,
     )
     if port_file is not None:
         write_port_file(port_file, daemon.inference_port)
@@ -112,10 +119,10 @@ def run_agent(settings: AgentSettings, port_file: Path | None = None) -> None:
             f"{name} v{daemon.repository.default_version(name)}"
             for name in daemon.repository.names()
         )
-        click.echo(
+        log.info(
             f"agent {daemon.device_id or who} stopped: serving {serving or 'nothing'}; "
             f"{r.counters.activations} activation(s), {r.counters.rejections} rejection(s), "
             f"{r.counters.passes} pass(es); fetched {stats.bytes_fetched} bytes in "
             f"{stats.chunks_fetched} chunk(s), skipped {stats.bytes_skipped} bytes already "
-            f"held, resumed {stats.bytes_resumed} bytes"
+            f"held, resumed {stats.bytes_resumed} bytes; {stats.manifest_bytes} manifest bytes"
         )

@@ -35,7 +35,7 @@ from edgefleet.core.fleet import (
     ModelStatus,
     ReportedState,
 )
-from edgefleet.core.manifests import all_chunks, manifest_digest, verify_manifest
+from edgefleet.core.manifests import all_chunks, expand, manifest_digest, verify_manifest
 from edgefleet.core.retry import Backoff
 from protos.artifact.v1 import artifact_pb2
 
@@ -293,7 +293,9 @@ class Reconciler:
             error="",
         )
         label = f"{name} v{assignment.version}"
-        signed = self.link.get_manifest(digest)
+        wire = self.link.get_manifest(digest)
+        self.chunks.count_manifest(len(wire.manifest_zlib) or len(wire.manifest))
+        signed = expand(wire)
         manifest = verify_manifest(signed, self.state.trusted_keys(), digest)
         if manifest.model != name or manifest.version != assignment.version:
             raise ArtifactRejected(

@@ -13,7 +13,8 @@ on disk); a second head-only fine-tune of the same base on a different sample (a
 seed, more examples), submitted once v1 is registered so that its parent is v1 (the
 default: the model's latest version) and its golden samples re-use v1's golden input
 files, makes v2, which is deployed and converged; the agents are stopped and the bytes they
-fetched are read from their stop summary ("fetched N bytes in K chunk(s)").
+fetched are read from their stop summary ("fetched N bytes in K chunk(s)", and the manifest
+bytes as they travelled).
 
 Baseline: the full v2 artifact, what a device that holds nothing downloads: every file of
 the manifest (model files and the golden sample files `golden/<n>.inputs.pb` and
@@ -32,12 +33,12 @@ and the data set are installed (skipped with the reason otherwise). Static INT8 
 activation ranges on the training data, so a new head on new data moves quantisation
 parameters beyond the head: its share is reported, not held to a target.
 
-Measured on the 2-core dev machine (one job thread, ~1 min 20 s in all): small-cnn FP32
-2.49% (1,078 chunk bytes + a 1,749-byte manifest of 113 KB; met), INT8 10.8%;
-EfficientNet-Lite0 FP32 0.61% (51,488 chunk bytes + a 32,792-byte manifest of 13.9 MB, its
-list of 260 files 97% of it; not met), INT8 4.6% (with --max-accuracy-drop 0.25). In every
-row the agent fetched exactly the bytes the manifests predict. Table, manifest breakdown
-and reading in benchmarks/README.md.
+Measured on the 2-core dev machine (one job thread, ~70 s in all): small-cnn FP32 1.90%
+(1,078 chunk bytes + a manifest of 1,749 bytes that travels as 1,063, of 113 KB; met), INT8
+6.5%; EfficientNet-Lite0 FP32 0.46% (51,488 chunk bytes + a 32,792-byte manifest, its list
+of 260 files 97% of it, that travels zlib-compressed as 12,746; met). In every row the
+agent fetched exactly the bytes the manifests predict. Table, manifest breakdown and
+reading in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ HEADER_FIELDS = (
 )
 SUMMARY = re.compile(
     r"fetched (\d+) bytes in (\d+) chunk\(s\), skipped (\d+) bytes already held, "
-    r"resumed (\d+) bytes"
+    r"resumed (\d+) bytes; (\d+) manifest bytes"
 )
 
 
@@ -90,6 +91,7 @@ class Transfer:
     chunks_fetched: int
     bytes_skipped: int
     bytes_resumed: int
+    manifest_bytes: int  # signed manifests as they travelled (zlib-compressed)
 
 
 @dataclass
@@ -98,7 +100,8 @@ class Row:
     target: str
     files: int
     file_bytes: int
-    manifest_bytes: int
+    manifest_bytes: int  # the signed manifest's plain bytes
+    manifest_wire_bytes: int  # what the agent fetched for it (compressed)
     full_bytes: int
     v1_fetched_bytes: int
     predicted_bytes: int
@@ -269,8 +272,8 @@ class Bench:
             raise RuntimeError(
                 f"{proc.name} (exit {code}) printed no stop summary:\n{proc.log_tail(30)}"
             )
-        fetched, chunks, skipped, resumed = (int(v) for v in found[-1])
-        return Transfer(fetched, chunks, skipped, resumed)
+        fetched, chunks, skipped, resumed, manifests = (int(v) for v in found[-1])
+        return Transfer(fetched, chunks, skipped, resumed, manifests)
 
     def restart_agent(self, target: str) -> Transfer:
         transfer = self.stop_agent(target)
@@ -404,7 +407,8 @@ def run_case(
         after = chunk_files(work / f"agent-{t}")
         new_bytes = sum(size for name, size in after.items() if name not in held[t])
         file_bytes = sum(f.size for f in m2.files)
-        full = file_bytes + len(signed)
+        wire = second[t].manifest_bytes  # one manifest fetched since the restart: v2's
+        full = file_bytes + wire
         fetched = second[t].bytes_fetched
         outcome.rows.append(
             Row(
@@ -413,6 +417,7 @@ def run_case(
                 files=len(m2.files),
                 file_bytes=file_bytes,
                 manifest_bytes=len(signed),
+                manifest_wire_bytes=wire,
                 full_bytes=full,
                 v1_fetched_bytes=first[t].bytes_fetched,
                 predicted_bytes=sum(predicted.values()),
@@ -420,7 +425,7 @@ def run_case(
                 fetched_bytes=fetched,
                 fetched_chunks=second[t].chunks_fetched,
                 new_chunk_file_bytes=new_bytes,
-                share=(fetched + len(signed)) / full,
+                share=(fetched + wire) / full,
                 share_chunks_only=fetched / file_bytes,
                 target_share=TARGET_SHARES.get(case.backbone, 0.0) if t.endswith("fp32") else 0.0,
                 parent_version=record2.parent_version,
@@ -449,12 +454,14 @@ def print_rows(outcomes: list[Outcome]) -> None:
     for o in outcomes:
         for r in o.rows:
             print(
-                f"{r.backbone + ' / ' + r.target:<34} {r.full_bytes:>10} {r.manifest_bytes:>9} "
+                f"{r.backbone + ' / ' + r.target:<34} {r.full_bytes:>10} "
+                f"{r.manifest_wire_bytes:>9} "
                 f"{r.v1_fetched_bytes:>10} {r.predicted_bytes:>10} {r.fetched_bytes:>10} "
                 f"{r.new_chunk_file_bytes:>10} {r.share:>7.2%} {r.share_chunks_only:>7.2%}"
             )
     print(
-        "\nfull v2: files + signed manifest (baseline: a device holding nothing); v1 fresh: "
+        "\nfull v2: files + signed manifest as fetched, zlib-compressed (baseline: a device "
+        "holding nothing); v1 fresh: "
         "bytes the agent fetched for v1 from nothing;\npredicted: chunks of v2 that v1 lacks; "
         "fetched: the agent's own count for v2; new files: chunk files that appeared;\n"
         "share: (fetched + manifest) / full v2; chunks: fetched / files of v2"
@@ -473,7 +480,7 @@ def print_rows(outcomes: list[Outcome]) -> None:
                 f"re-used from v1 (v2's parent: v{r.parent_version})"
             )
             print(
-                f"  v2 manifest {r.manifest_bytes} B: "
+                f"  v2 manifest {r.manifest_bytes} B ({r.manifest_wire_bytes} B as fetched): "
                 + ", ".join(f"{k} {v}" for k, v in r.manifest_parts.items())
             )
             print("  files list: " + ", ".join(f"{k} {v}" for k, v in r.files_list.items()))
@@ -493,7 +500,7 @@ def print_rows(outcomes: list[Outcome]) -> None:
                     allowed = int(r.target_share * r.full_bytes)
                     verdict += (
                         f" by {r.share - r.target_share:.2%} points "
-                        f"({r.fetched_bytes + r.manifest_bytes - allowed} bytes over)"
+                        f"({r.fetched_bytes + r.manifest_wire_bytes - allowed} bytes over)"
                     )
                 print(
                     f"{r.backbone} {r.target}: {r.share:.2%} of the full artifact "

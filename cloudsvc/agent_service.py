@@ -111,7 +111,7 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
         self, request: fleet_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> artifact_pb2.SignedManifest:
         self._device(request.device_id)
-        return self.registry.signed_manifest(check_digest(request.digest))
+        return self.registry.wire_manifest(check_digest(request.digest))
 
     def FetchChunk(
         self, request: fleet_pb2.FetchChunkRequest, context: grpc.ServicerContext

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -12,6 +13,9 @@ from types import FrameType
 import click
 
 from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.logs import configure as configure_logs
+
+log = logging.getLogger("edgefleet.cloud")
 
 
 def _write_port_file(path: Path, port: int) -> None:
@@ -41,6 +45,11 @@ def cloud() -> None:
     type=click.Path(path_type=Path),
     help="Write the bound port here once serving (for --port 0).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="text (default) or json: one object a line, for log shippers.",
+)
 def serve(
     data_dir: Path | None,
     host: str | None,
@@ -49,6 +58,7 @@ def serve(
     enroll_tokens: tuple[str, ...],
     config_file: Path | None,
     port_file: Path | None,
+    log_format: str | None,
 ) -> None:
     """Serve the admin and agent APIs until SIGTERM or Ctrl-C."""
     from cloudsvc.server import CloudServer
@@ -62,8 +72,10 @@ def serve(
             port=port,
             admin_token=admin_token,
             enroll_tokens=list(enroll_tokens) or None,
+            log_format=log_format,
         )
-        click.echo("edgefleet cloud settings:\n" + settings.describe())
+        configure_logs(settings.log_format)
+        log.info("edgefleet cloud settings:\n%s", settings.describe())
         server = CloudServer(settings).start()
     except EdgefleetError as err:
         raise click.ClickException(err.message) from None
@@ -78,12 +90,18 @@ def serve(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if server.admin_token.path is not None:
-        click.echo(f"admin token is in {server.admin_token.path}")
+        log.info("admin token is in %s", server.admin_token.path)
+    if not settings.enroll_tokens:
+        log.info(
+            "no enroll token was given (--enroll-token): devices enroll only with tokens made "
+            "by `edgefleet enroll-token --ttl 86400 --cloud %s` (with the admin token)",
+            server.address,
+        )
     if port_file is not None:
         _write_port_file(port_file, server.port)
-    click.echo(f"edgefleet cloud listening on {server.address}", err=False)
-    click.echo(
-        f"jobs run on: {', '.join(server.jobs.slots) or 'nothing (job_cpu_slots=0, no GPU)'}"
+    log.info("edgefleet cloud listening on %s", server.address)
+    log.info(
+        "jobs run on: %s", ", ".join(server.jobs.slots) or "nothing (jobs.cpu_slots=0, no GPU)"
     )
     while not stop.wait(1.0):
         pass
@@ -92,7 +110,7 @@ def serve(
     devices = len(server.metadata.list_devices())
     jobs = len(server.metadata.list_jobs(limit=1_000_000))
     server.stop(grace=5.0)
-    click.echo(
+    log.info(
         f"edgefleet cloud stopped ({received[0] if received else 'stop'}) after "
         f"{time.time() - started:.0f}s: {models} model(s), {devices} device(s), {jobs} job(s)"
     )

@@ -41,6 +41,7 @@ from edgefleet.core.golden import (
 from edgefleet.core.manifests import (
     DEFAULT_CHUNK_SIZE,
     NAME_PATTERN,
+    compress,
     describe_blocks,
     file_chunks,
     iter_file_chunks,
@@ -62,6 +63,8 @@ from protos.artifact.v1 import artifact_pb2
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "onnx-cpu-fp32"
+# Compressed manifests kept for devices' fetches (a rollout asks for the same few).
+WIRE_CACHE = 256
 ENTRYPOINT = "model.onnx"
 # Target name of the kept export a fine-tuned version was compiled from (never deployed),
 # and the version metadata key that names its manifest.
@@ -186,6 +189,8 @@ class Registry:
         self.chunk_size = chunk_size
         # Numbering a version and recording it must not interleave with another push.
         self._push_lock = threading.Lock()
+        self._wire: dict[str, artifact_pb2.SignedManifest] = {}
+        self._wire_lock = threading.Lock()
 
     def push(
         self,
@@ -523,6 +528,19 @@ class Registry:
             signature=bytes.fromhex(artifact.signature_hex),
             key_id=artifact.key_id,
         )
+
+    def wire_manifest(self, digest: str) -> artifact_pb2.SignedManifest:
+        """The signed manifest as devices fetch it (compressed); the same bytes for every
+        device, so each is compressed once."""
+        with self._wire_lock:
+            cached = self._wire.get(digest)
+        if cached is None:
+            cached = compress(self.signed_manifest(digest))
+            with self._wire_lock:
+                if len(self._wire) >= WIRE_CACHE:
+                    self._wire.pop(next(iter(self._wire)))
+                self._wire[digest] = cached
+        return cached
 
     def _unknown_model(self, model: str) -> UnknownResource:
         known = ", ".join(m.name for m in self.metadata.list_models()[:20]) or "none yet"

@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloudsvc.access import ADMIN_SERVICE, AGENT_SERVICE, JOB_SERVICE, Gate
-from cloudsvc.admin_service import AdminService
+from cloudsvc.admin_service import PUSH_PREFIX, AdminService
 from cloudsvc.agent_service import AgentService
 from cloudsvc.errors import CloudError
 from cloudsvc.fleet import Fleet
@@ -25,7 +25,7 @@ from cloudsvc.jobs.uploads import UploadStore
 from cloudsvc.registry import Registry
 from cloudsvc.settings import CloudSettings
 from cloudsvc.signing import ManifestSigner, write_private
-from cloudsvc.store.blobs import FolderBlobStore
+from cloudsvc.store.blobs import FolderBlobStore, remove_leftovers
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import MetadataStore
 from cloudsvc.store.sqlite import SqliteMetadataStore
@@ -65,6 +65,19 @@ def resolve_admin_token(settings: CloudSettings) -> AdminToken:
     return AdminToken(value, path)
 
 
+def clean_interrupted_writes(
+    settings: CloudSettings, blobs: FolderBlobStore, uploads: UploadStore
+) -> int:
+    """Delete what pushes, uploads and blob writes cut off by a kill left behind (a push is
+    received whole in tmp/ before anything refers to it); bytes freed."""
+    freed = blobs.clean_incoming() + uploads.clean_incoming()
+    if settings.tmp_dir.is_dir():
+        freed += remove_leftovers(settings.tmp_dir.glob(f"{PUSH_PREFIX}*"))
+    if freed:
+        log.info("removed %d bytes that interrupted pushes and uploads left behind", freed)
+    return freed
+
+
 def open_metadata(settings: CloudSettings) -> MetadataStore:
     if settings.metadata_backend == "memory":
         return MemoryMetadataStore()
@@ -81,6 +94,8 @@ class CloudServer:
         self.metadata = open_metadata(settings)
         self.blobs = FolderBlobStore(settings.blobs_dir)
         self.signer = ManifestSigner.from_file(settings.signing_key_path)
+        uploads = UploadStore(settings.uploads_dir, settings.max_upload_bytes)
+        self.cleaned = clean_interrupted_writes(settings, self.blobs, uploads)
         self.registry = Registry(self.metadata, self.blobs, self.signer, settings.chunk_size)
         self.fleet = Fleet(
             self.metadata,
@@ -112,7 +127,7 @@ class CloudServer:
             self._server,
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self.jobs, UploadStore(settings.uploads_dir, settings.max_upload_bytes)),
+            JobService(self.jobs, uploads),
             self._server,
         )
         fleet_pb2_grpc.add_AgentServiceServicer_to_server(

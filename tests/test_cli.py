@@ -3,8 +3,11 @@ commands load without torch."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import click
 import pytest
@@ -68,3 +71,48 @@ def test_demo_runs_the_whole_loop(tmp_path: object) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "demo complete" in done.stdout
     assert "moved v1 → v2" in done.stdout
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.integration
+def test_demo_on_sigterm_stops_its_children_and_keeps_a_users_folder(tmp_path: Path) -> None:
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("the user's own file")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet.cli", "demo", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Once the agents' ports are written, the cloud and three agents run as children.
+        while len(list(workdir.glob("edge-*.port"))) < 3:
+            assert demo.poll() is None, demo.communicate()[0]
+            assert time.monotonic() < deadline, "the demo did not start its agents"
+            time.sleep(0.2)
+        assert len(_processes_mentioning(str(workdir))) >= 4
+        demo.send_signal(signal.SIGTERM)
+        output, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 128 + signal.SIGTERM, output
+    assert "demo stopped by SIGTERM" in output
+    assert _processes_mentioning(str(workdir)) == []  # no orphaned cloud, agent or worker
+    assert (workdir / "notes.txt").read_text() == "the user's own file"
+    assert (workdir / "cloud.log").exists()  # what the demo wrote stays for the user to read

@@ -16,7 +16,6 @@ Every check that can fail (settings, data set vs backbone, split) runs before an
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -30,10 +29,12 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from edgefleet.core.versions import Evaluation
+from edgefleet.core.wire import to_jsonable
 from transfer.backbones import Backbone, Preprocessing
 from transfer.datasets import Dataset, Split, split_dataset, validate_dataset
 from transfer.errors import InvalidConfig
-from transfer.metrics import ClassificationMetrics, evaluate
+from transfer.metrics import evaluate
 from transfer.train import seed_everything
 
 Strategy = Literal["head", "last-n", "full"]
@@ -99,19 +100,13 @@ class FineTuneResult:
     epochs_run: int
     best_epoch: int
     stopped_early: bool
-    metrics: ClassificationMetrics
+    metrics: Evaluation
     history: tuple[EpochProgress, ...] = field(default=())
     preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["metrics"] = self.metrics.to_dict()
-        out["class_names"] = list(self.class_names)
-        out["history"] = [asdict(h) for h in self.history]
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        value: dict[str, Any] = to_jsonable(self)
+        return value
 
 
 class Classifier(nn.Module):

@@ -35,7 +35,7 @@ from compilers.build import Build
 from compilers.targets import resolve_target
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.jobs import Trial
-from edgefleet.core.versions import ClassScore, Evaluation, Lineage
+from edgefleet.core.versions import Lineage
 from transfer.datasets import Dataset, Split
 
 TOKENIZER_FILES = (
@@ -207,18 +207,9 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
         epochs_run=result.epochs_run,
         best_epoch=result.best_epoch,
     )
-    metrics = result.metrics
-    evaluation = Evaluation(
-        accuracy=metrics.accuracy,
-        count=metrics.count,
-        per_class=tuple(
-            ClassScore(name=c.name, precision=c.precision, recall=c.recall, support=c.support)
-            for c in metrics.per_class
-        ),
-        confusion=tuple(tuple(row) for row in metrics.confusion),
-        split=(
-            f"validation {best_params.validation_fraction:.0%}, stratified, seed {best_params.seed}"
-        ),
+    evaluation = replace(
+        result.metrics,
+        split=f"validation {best_params.validation_fraction:.0%}, stratified, seed {best_params.seed}",
     )
     return JobResult(
         builds=tuple(builds),

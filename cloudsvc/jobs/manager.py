@@ -88,6 +88,7 @@ class JobManager:
     def start(self) -> JobManager:
         for job in self.metadata.list_jobs(states=[JobState.RUNNING], limit=10_000):
             phase = job.progress.phase or "start-up"
+            self._drop_bulky(self.jobs_dir / job.job_id)
             self._finish(
                 job,
                 JobState.FAILED,
@@ -351,8 +352,12 @@ class JobManager:
             self._register(job, job_dir)
         else:
             self._finish(job, JobState.FAILED, self._failure(job_dir, code))
+        self._drop_bulky(job_dir)
+
+    def _drop_bulky(self, job_dir: Path) -> None:
+        """Builds and sources are registered (or worthless) once a job ends; logs stay."""
         if not self.settings.keep_files:
-            for bulky in ("builds", "source"):
+            for bulky in ("builds", "source", PARENT_GOLDEN):
                 shutil.rmtree(job_dir / bulky, ignore_errors=True)
 
     def _failure(self, job_dir: Path, code: int) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.jobs.spec import UPLOAD_PREFIX
+from cloudsvc.store.blobs import remove_leftovers
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 DIGEST_CHARS = 16
@@ -53,6 +54,13 @@ class UploadStore:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root
         self.max_bytes = max_bytes
+
+    def clean_incoming(self) -> int:
+        """Delete what a killed upload left (`.incoming-*` files, `.staging-*` folders);
+        bytes freed. Only at start, before any upload runs."""
+        if not self.root.is_dir():
+            return 0
+        return remove_leftovers([*self.root.glob(".incoming-*"), *self.root.glob(".staging-*")])
 
     def receive(self, name: str, kind: UploadKind, size: int, pieces: Iterable[bytes]) -> Upload:
         """Store what `pieces` carry (exactly `size` bytes) and answer its reference."""

@@ -10,9 +10,11 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -95,6 +97,19 @@ class MemoryBlobStore(BlobStore):
         return io.BytesIO(self._bytes(sha256))
 
 
+def remove_leftovers(paths: Iterable[Path]) -> int:
+    """Delete the files and folders given; the bytes freed."""
+    freed = 0
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            freed += path.lstat().st_size
+            path.unlink(missing_ok=True)
+    return freed
+
+
 class FolderBlobStore(BlobStore):
     """Blobs as files `root/ab/cdef…`; written to a temp file, fsynced, then renamed, so a
     crash never leaves half a blob under a final name."""
@@ -127,6 +142,11 @@ class FolderBlobStore(BlobStore):
 
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
+
+    def clean_incoming(self) -> int:
+        """Delete half-written blobs a killed process left (`.incoming-*`); bytes freed.
+        Only at start, before any writer runs."""
+        return remove_leftovers(self.root.glob("*/.incoming-*"))
 
     def size(self, sha256: str) -> int:
         try:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from edgefleet import __version__
+from edgefleet.core.logs import configure as configure_logs
 
 # command name -> "module:attribute" of a click command or group.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,6 +22,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("agent.cli:agent", "Run the device agent (reconcile, serve inference)."),
     "models": ("edgefleet.cli.admin:models", "Push and inspect models and their versions."),
     "deploy": ("edgefleet.cli.admin:deploy", "Set the version a group of devices should run."),
+    "deployments": (
+        "edgefleet.cli.admin:deployments",
+        "Standing deployments: what each selector's devices run.",
+    ),
     "devices": ("edgefleet.cli.admin:devices", "List devices: labels, online, versions, errors."),
     "enroll-token": ("edgefleet.cli.admin:enroll_token", "Create a token devices enroll with."),
     "finetune": (
@@ -80,9 +85,7 @@ def cli(verbose: int) -> None:
     EDGEFLEET_CLOUD / EDGEFLEET_ADMIN_TOKEN.
     """
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(
-        level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs("text", max(level, logging.DEBUG))
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,10 +19,22 @@ from rich.table import Table
 from edgefleet.client.admin import AdminClient
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.fleet import Device, ModelPhase
+from edgefleet.core.wire import to_jsonable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console()
+
+
+def json_option(fn: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON (for scripts) instead of tables."
+    )(fn)
+
+
+def print_json(value: object) -> None:
+    """Domain objects (or lists of them) as JSON on stdout: no colour, no wrapping."""
+    click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=True))
 
 
 def cloud_options(fn: F) -> F:
@@ -176,11 +189,15 @@ def push(
 
 
 @models.command("list")
+@json_option
 @cloud_options
-def list_models(cloud: str, token: str | None) -> None:
+def list_models(as_json: bool, cloud: str, token: str | None) -> None:
     """List models with their latest version."""
     with admin(cloud, token) as client:
         rows = client.models()
+    if as_json:
+        print_json(rows)
+        return
     table = Table("model", "latest", "versions", "created", "description")
     for m in rows:
         table.add_row(
@@ -192,11 +209,15 @@ def list_models(cloud: str, token: str | None) -> None:
 
 @models.command("versions")
 @click.argument("name")
+@json_option
 @cloud_options
-def versions(name: str, cloud: str, token: str | None) -> None:
+def versions(name: str, as_json: bool, cloud: str, token: str | None) -> None:
     """List the versions of NAME with lineage, signature and artifacts."""
     with admin(cloud, token) as client:
         rows = client.versions(name)
+    if as_json:
+        print_json(rows)
+        return
     table = Table("version", "parent", "created", "inputs", "outputs", "artifacts", "description")
     for v in rows:
         arts = ", ".join(f"{a.target} ({human_bytes(a.size_bytes)})" for a in v.artifacts)
@@ -216,12 +237,16 @@ def versions(name: str, cloud: str, token: str | None) -> None:
 @models.command("show")
 @click.argument("name")
 @click.argument("version", type=int)
+@json_option
 @cloud_options
-def show(name: str, version: int, cloud: str, token: str | None) -> None:
+def show(name: str, version: int, as_json: bool, cloud: str, token: str | None) -> None:
     """One version in full: lineage, held-out metrics with the confusion matrix, and each
     artifact with what its compile measured."""
     with admin(cloud, token) as client:
         v = client.version(name, version)
+    if as_json:
+        print_json(v)
+        return
     console.print(f"[bold]{v.model} v{v.version}[/]: {escape(v.description)}")
     console.print(
         f"  created {ago(v.created_at)} by {v.created_by or '?'}"
@@ -352,12 +377,16 @@ def deploy(
 @click.option(
     "--selector", "-l", multiple=True, metavar="KEY=VALUE", help="Only devices with this label."
 )
+@json_option
 @cloud_options
-def devices(selector: tuple[str, ...], cloud: str, token: str | None) -> None:
-    """List devices: labels, online state, running versions, desired vs reported generation,
-    and the last error."""
+def devices(selector: tuple[str, ...], as_json: bool, cloud: str, token: str | None) -> None:
+    """List devices: labels, online state, inference address, running versions, desired vs
+    reported generation, and the last error."""
     with admin(cloud, token) as client:
         rows = client.devices(parse_pairs(selector, "--selector"))
+    if as_json:
+        print_json(rows)
+        return
     console.print(render_devices(rows))
     online = sum(1 for d in rows if d.online)
     converged = sum(1 for d in rows if d.converged)
@@ -368,7 +397,9 @@ def devices(selector: tuple[str, ...], cloud: str, token: str | None) -> None:
 
 
 def render_devices(rows: list[Device]) -> Table:
-    table = Table("device", "labels", "online", "running", "generation", "last error")
+    table = Table(
+        "device", "labels", "online", "inference at", "running", "generation", "last error"
+    )
     for d in rows:
         running = (
             ", ".join(
@@ -389,11 +420,37 @@ def render_devices(rows: list[Device]) -> Table:
             d.device_id,
             ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())),
             "[green]yes[/]" if d.online else f"[red]no[/] ({ago(d.last_seen_at)})",
+            d.inference_endpoint or "-",
             running,
             gen,
             "[red]" + escape("; ".join(d.errors)) + "[/]" if d.errors else "",
         )
     return table
+
+
+@click.command()
+@json_option
+@cloud_options
+def deployments(as_json: bool, cloud: str, token: str | None) -> None:
+    """Standing deployments: which version each selector's devices run, those that enroll
+    later included. A newer deployment of a model replaces one with the same selector."""
+    with admin(cloud, token) as client:
+        rows = client.deployments()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("model", "version", "selector", "target", "since")
+    for d in rows:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(d.selector.items()))
+        table.add_row(
+            d.model,
+            f"v{d.version}",
+            selector or "(every device)",
+            d.target or "best",
+            ago(d.created_at),
+        )
+    console.print(table)
+    console.print(f"{len(rows)} standing deployment(s)")
 
 
 @click.command("enroll-token")

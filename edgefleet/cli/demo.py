@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -148,13 +150,26 @@ def _describe_version(version: ModelVersion, job: Job) -> None:
             console.print(f"    {outcome.target}: {outcome.status}: {reason}")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the demo: unwind (stopping every child), like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
 @click.command()
 @click.option("--agents", default=3, show_default=True, help="How many agents to start.")
 @click.option("--keep", is_flag=True, help="Keep the working folder (logs, data) afterwards.")
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Use this folder instead of a temporary one.",
+    help="Use this folder instead of a temporary one. A folder that exists already is "
+    "never deleted (the demo's files stay in it); a new one is, unless --keep.",
 )
 def demo(agents: int, keep: bool, workdir: Path | None) -> None:
     """Show the whole loop on this machine: cloud + agents on loopback, v1 then v2.
@@ -167,12 +182,15 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
     """
     from transfer.synthetic import synthetic_pixels
 
+    # Only what the demo made is deleted at the end: a folder the user had stays.
+    ours = workdir is None or not workdir.exists()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     admin_token, enroll_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     step = Step(8)
     procs: list[ManagedProcess] = []
     console.print(f"[bold]edgefleet demo[/] in {workdir}")
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with step("starting the cloud service"):
             cloud_proc = cloud_process(workdir, admin_token, enroll_token).start()
@@ -266,6 +284,10 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
             "--data YOUR-DATA`; see README.md"
         )
         cloud.close()
+    except Terminated as signalled:
+        console.print(f"[yellow]demo stopped by {signalled}[/]: stopping the cloud and agents")
+        keep = True
+        raise SystemExit(128 + signalled.signum) from None
     except Exception as err:
         console.print(f"[red]demo failed:[/] {err}")
         for p in procs:
@@ -273,9 +295,12 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
         keep = True
         raise SystemExit(1) from None
     finally:
+        # Every child stops whatever ended the demo: success, failure, Ctrl-C or SIGTERM.
         for p in reversed(procs):
             p.stop()
-        if keep:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if keep or not ours:
             console.print(f"working folder kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)

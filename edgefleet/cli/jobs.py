@@ -31,12 +31,15 @@ from edgefleet.cli.admin import (
     cloud_options,
     console,
     human_bytes,
+    json_option,
     points,
+    print_json,
     update_size,
 )
 from edgefleet.client.admin import AdminClient
 from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.versions import ModelVersion
+from edgefleet.core.wire import to_jsonable
 
 STATE_STYLE = {
     JobState.QUEUED: "yellow",
@@ -427,11 +430,17 @@ def jobs() -> None:
 @click.option("--model", default="", help="Only this model's jobs.")
 @click.option("--active", is_flag=True, help="Only queued and running jobs.")
 @click.option("--limit", type=int, default=30, show_default=True)
+@json_option
 @cloud_options
-def list_jobs(model: str, active: bool, limit: int, cloud: str, token: str | None) -> None:
+def list_jobs(
+    model: str, active: bool, limit: int, as_json: bool, cloud: str, token: str | None
+) -> None:
     """Jobs, newest first, with where each one is."""
     with admin(cloud, token) as client:
         rows = client.jobs(model, active_only=active, limit=limit)
+    if as_json:
+        print_json(rows)
+        return
     table = Table("job", "kind", "model", "state", "progress", "result", "slot", "created", "took")
     for j in rows:
         end = j.finished_at or time.time()
@@ -454,11 +463,15 @@ def list_jobs(model: str, active: bool, limit: int, cloud: str, token: str | Non
 
 @jobs.command("show")
 @click.argument("job_id")
+@json_option
 @cloud_options
-def show_job(job_id: str, cloud: str, token: str | None) -> None:
+def show_job(job_id: str, as_json: bool, cloud: str, token: str | None) -> None:
     """Everything about one job: request, state, progress, trials, targets, error."""
     with admin(cloud, token) as client:
         job = client.job(job_id)
+    if as_json:
+        print_json(job)
+        return
     console.print(f"[bold]{job.job_id}[/] {job.kind} of {job.model}: {_state(job.state)}")
     request = {k: v for k, v in job.request.items() if v not in (None, "", [], {}, 0)}
     console.print(f"  request: {escape(json.dumps(request, sort_keys=True))}")
@@ -489,10 +502,16 @@ def show_job(job_id: str, cloud: str, token: str | None) -> None:
 @jobs.command("logs")
 @click.argument("job_id")
 @click.option("-f", "--follow", "follow_", is_flag=True, help="Keep printing until the job ends.")
+@json_option
 @cloud_options
-def job_logs(job_id: str, follow_: bool, cloud: str, token: str | None) -> None:
+def job_logs(job_id: str, follow_: bool, as_json: bool, cloud: str, token: str | None) -> None:
     """The job's log: its messages, state changes and (with -f) live progress."""
     with admin(cloud, token) as client:
+        if as_json:
+            # One event a line, as they come (with -f, until the job ends).
+            for event in client.watch_job(job_id, follow=follow_):
+                click.echo(json.dumps(to_jsonable(event), sort_keys=True))
+            return
         if follow_:
             job = follow(client, job_id)
             summarise(client, job)
@@ -570,14 +589,18 @@ def _pick(versions: Sequence[ModelVersion], wanted: str) -> list[ModelVersion]:
 @runs.command("compare")
 @click.argument("name")
 @click.option("--versions", default="", help="Only these versions, e.g. 2,5,6 [default: all].")
+@json_option
 @cloud_options
-def compare(name: str, versions: str, cloud: str, token: str | None) -> None:
+def compare(name: str, versions: str, as_json: bool, cloud: str, token: str | None) -> None:
     """Versions of NAME side by side: lineage, settings that differ, held-out metrics, and
     per target the size, latency and accuracy change. The best accuracy is marked."""
     with admin(cloud, token) as client:
         rows = _pick(client.versions(name), versions)
     if not rows:
         raise click.ClickException(f"{name} has no versions yet")
+    if as_json:
+        print_json(rows)
+        return
     table = Table("", *(f"v{v.version}" for v in rows), title=f"{name}: {len(rows)} version(s)")
     hyper_names = sorted({k for v in rows if v.lineage for k in v.lineage.hyperparameters})
     shown = [

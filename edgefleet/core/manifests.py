@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,6 +34,8 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
 MAX_FILE_BYTES = 64 << 30
 MAX_FILES = 100_000
+# The largest manifest a device expands from the wire; a compressed bomb stops here.
+MAX_MANIFEST_BYTES = 64 << 20
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PATH_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
@@ -121,12 +124,44 @@ def manifest_digest(signed: artifact_pb2.SignedManifest) -> str:
     return sha256_hex(signed.manifest)
 
 
+def compress(signed: artifact_pb2.SignedManifest) -> artifact_pb2.SignedManifest:
+    """The signed manifest as it travels to devices: its bytes zlib-compressed."""
+    return artifact_pb2.SignedManifest(
+        manifest_zlib=zlib.compress(signed.manifest, 9),
+        signature=signed.signature,
+        key_id=signed.key_id,
+    )
+
+
+def expand(
+    signed: artifact_pb2.SignedManifest, max_bytes: int = MAX_MANIFEST_BYTES
+) -> artifact_pb2.SignedManifest:
+    """The signed manifest with plain bytes, from a compressed one; at most `max_bytes`."""
+    if not signed.manifest_zlib:
+        return signed
+    if signed.manifest:
+        raise ManifestError("a signed manifest carries both plain and compressed bytes")
+    inflate = zlib.decompressobj()
+    try:
+        body = inflate.decompress(signed.manifest_zlib, max_bytes)
+    except zlib.error as err:
+        raise ManifestError(f"the compressed manifest does not inflate: {err}") from None
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise ManifestError(
+            f"the compressed manifest inflates past {max_bytes} bytes, or is cut short"
+        )
+    return artifact_pb2.SignedManifest(
+        manifest=body, signature=signed.signature, key_id=signed.key_id
+    )
+
+
 def verify_manifest(
     signed: artifact_pb2.SignedManifest,
     trusted_keys: Iterable[bytes],
     expected_digest: str | None = None,
 ) -> artifact_pb2.Manifest:
     """The manifest, once its digest and its signature by a trusted key are checked."""
+    signed = expand(signed)
     digest = manifest_digest(signed)
     if expected_digest is not None and digest != expected_digest:
         raise ManifestError(

@@ -146,51 +146,32 @@ class CallGuard(grpc.ServerInterceptor):
             for item in raw:
                 yield decode(item)
 
-        if not inner.request_streaming and not inner.response_streaming:
-            behaviour: Any = inner.unary_unary
+        # What the servicer method is given: one decoded message, or a stream of them.
+        parse: Callable[[Any], Any] = requests if inner.request_streaming else decode
+        behaviour: Any = (
+            (inner.stream_stream if inner.response_streaming else inner.stream_unary)
+            if inner.request_streaming
+            else (inner.unary_stream if inner.response_streaming else inner.unary_unary)
+        )
 
-            def unary_unary(raw: bytes, context: grpc.ServicerContext) -> Any:
-                token = None
-                try:
-                    token = enter(context)
-                    return behaviour(decode(raw), context)
-                except BaseException as err:
-                    if _is_abort(err):
-                        raise
-                    _fail(context, method, err)
-                finally:
-                    leave(token)
-                return None  # unreachable: _fail aborts
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
-
-        if inner.request_streaming and not inner.response_streaming:
-            behaviour = inner.stream_unary
-
-            def stream_unary(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-                token = None
-                try:
-                    token = enter(context)
-                    return behaviour(requests(raw), context)
-                except BaseException as err:
-                    if _is_abort(err):
-                        raise
-                    _fail(context, method, err)
-                finally:
-                    leave(token)
-                return None
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
+        def unary(raw: Any, context: grpc.ServicerContext) -> Any:
+            token = None
+            try:
+                token = enter(context)
+                return behaviour(parse(raw), context)
+            except BaseException as err:
+                if _is_abort(err):
+                    raise
+                _fail(context, method, err)
+            finally:
+                leave(token)
+            return None  # unreachable: _fail aborts
 
         def streaming(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             token = None
             try:
                 token = enter(context)
-                stream: Any = inner.stream_stream if inner.request_streaming else inner.unary_stream
-                responses = stream(
-                    requests(raw) if inner.request_streaming else decode(raw), context
-                )
-                yield from responses
+                yield from behaviour(parse(raw), context)
             except BaseException as err:
                 if _is_abort(err) or isinstance(err, GeneratorExit):
                     raise
@@ -198,6 +179,13 @@ class CallGuard(grpc.ServerInterceptor):
             finally:
                 leave(token)
 
+        if not inner.response_streaming:
+            make = (
+                grpc.stream_unary_rpc_method_handler
+                if inner.request_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+            return make(unary, response_serializer=serialize)
         if inner.request_streaming:
             return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=serialize)
         return grpc.unary_stream_rpc_method_handler(streaming, response_serializer=serialize)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -64,6 +65,7 @@ def test_run_serves_offline_writes_port_file_and_stops_on_sigterm(tmp_path: Path
             "--inference-port", "0",
             "--label", "site=lab",
             "--port-file", str(port_file),
+            "--log-format", "json",
         ],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -87,6 +89,10 @@ def test_run_serves_offline_writes_port_file_and_stops_on_sigterm(tmp_path: Path
             proc.kill()
     assert proc.returncode == 0, output
     assert "hidden-token" not in output
-    assert f"serving Open Inference Protocol on 127.0.0.1:{port}" in output
-    assert "cannot reach" in output
-    assert "stopped: serving nothing" in output
+    # Every line a log shipper can read: one JSON object with a time, a level and a logger.
+    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    messages = " | ".join(r["message"] for r in records)
+    assert f"serving Open Inference Protocol on 127.0.0.1:{port}" in messages
+    assert "cannot reach" in messages
+    assert "stopped: serving nothing" in messages

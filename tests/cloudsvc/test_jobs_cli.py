@@ -3,6 +3,7 @@ loopback, as a user types them."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -76,6 +77,26 @@ def test_finetune_a_local_folder_then_inspect_compile_and_compare(
     assert compared.exit_code == 0, compared.output
     assert "val accuracy" in compared.output and "onnx-cpu-int8" in compared.output
     assert "best validation accuracy" in compared.output
+
+    # Every list and show command speaks JSON for scripts: the same fields as the types.
+    version = json.loads(run("models", "show", "parts", "1", "--json").output)
+    assert version["lineage"]["base_model"] == "small-cnn"
+    assert {a["target"] for a in version["artifacts"]} == {"onnx-cpu-fp32", "onnx-cpu-int8"}
+    assert [m["name"] for m in json.loads(run("models", "list", "--json").output)] == ["parts"]
+    versions = json.loads(run("models", "versions", "parts", "--json").output)
+    assert [v["version"] for v in versions] == [1]
+    compared_json = json.loads(run("runs", "compare", "parts", "--json").output)
+    assert compared_json[0]["evaluation"]["accuracy"] == version["evaluation"]["accuracy"]
+    jobs = json.loads(run("jobs", "list", "--json").output)
+    assert [(j["job_id"], j["state"]) for j in jobs] == [
+        ("job-2", "succeeded"),
+        ("job-1", "succeeded"),
+    ]
+    assert json.loads(run("jobs", "show", "job-1", "--json").output)["result_version"] == 1
+    lines = run("jobs", "logs", "job-1", "--json").output.strip().splitlines()
+    assert json.loads(lines[-1])["state"] == "succeeded"
+    assert json.loads(run("devices", "--json").output) == []
+    assert json.loads(run("deployments", "--json").output) == []
 
 
 def test_a_bad_local_data_set_is_refused_before_any_upload(

@@ -203,3 +203,65 @@ def test_after_a_restart_the_previous_version_is_still_addressable(
     version, logits = fleet.infer("a1", models.x, version=1)
     assert version == 1
     np.testing.assert_allclose(logits, models.expected(1), rtol=1e-5, atol=1e-5)
+
+
+def test_sigkill_of_the_cloud_mid_deploy_leaves_all_or_nothing(
+    fleet: Fleet, models: Versions
+) -> None:
+    """A deploy to 300 devices is one transaction: killed at any moment, the cloud comes
+    back with every matching device assigned (the deploy recorded) or none of them (the
+    deploy never acknowledged), never a part; an acknowledged deploy is never lost."""
+    import random
+    import threading
+
+    import grpc
+
+    from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+    with grpc.insecure_channel(fleet.cloud.address) as channel:
+        stub = fleet_pb2_grpc.AgentServiceStub(channel)
+        for n in range(300):
+            stub.Enroll(
+                fleet_pb2.EnrollRequest(
+                    enroll_token=fleet.enroll_token, device_id=f"d{n:03d}", labels={"site": "a"}
+                ),
+                timeout=30,
+            )
+    rounds, rng = 8, random.Random(5)
+    for _ in range(rounds + 1):
+        fleet.admin.push_model("m", models.v1)
+    started = time.perf_counter()
+    fleet.admin.deploy("m", rounds + 1, selector={"site": "a"})
+    took = time.perf_counter() - started  # the kills land within about this long
+    outcomes = []
+    for version in range(1, rounds + 1):
+        acknowledged: list[bool] = []
+
+        def deploy(version: int = version, acknowledged: list[bool] = acknowledged) -> None:
+            try:
+                fleet.admin.deploy("m", version, selector={"site": "a"})
+                acknowledged.append(True)
+            except Exception:
+                acknowledged.append(False)
+
+        thread = threading.Thread(target=deploy)
+        thread.start()
+        time.sleep(rng.uniform(0.0, 1.2 * took))
+        fleet.cloud.kill()
+        thread.join(30)
+        fleet.restart_cloud()
+        standing = {
+            (d.model, tuple(d.selector.items())): d.version for d in fleet.admin.deployments()
+        }
+        recorded = standing.get(("m", (("site", "a"),)), 0)
+        assigned = {d.device_id: d.desired.assignment("m") for d in fleet.admin.devices()}
+        versions = {a.version if a else 0 for a in assigned.values()}
+        # Every device has what the standing deployment says: one version for all 300.
+        assert len(assigned) == 300 and versions == {recorded}, (version, recorded, versions)
+        if acknowledged == [True]:
+            assert recorded == version  # an acknowledged deploy survives the kill
+        outcomes.append((acknowledged == [True], recorded == version))
+    # The kills landed before the answer (some deploys were never acknowledged), and on
+    # both sides of the commit.
+    assert not all(acked for acked, _ in outcomes)
+    assert any(landed for _, landed in outcomes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,30 @@ def test_push_deploy_infer_and_upgrade(fleet: Fleet, models: Versions) -> None:
     version, logits = fleet.infer("a1", models.x, version=1)
     assert version == 1
     np.testing.assert_allclose(logits, models.expected(1), rtol=1e-5, atol=1e-5)
+
+    # `edgefleet devices` says where each device answers inference, as a table and as JSON.
+    env = {**os.environ, "EDGEFLEET_CLOUD": fleet.cloud.address}
+    env["EDGEFLEET_ADMIN_TOKEN"] = fleet.admin_token
+    env["COLUMNS"] = "250"
+    table = subprocess.run(
+        [sys.executable, "-m", "edgefleet.cli", "devices"], env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert fleet.agents["a1"].address in table.stdout and "inference at" in table.stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "edgefleet.cli", "devices", "--json"], env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    endpoints = {
+        d["device_id"]: d["reported"]["inference_endpoint"] for d in json.loads(listed.stdout)
+    }
+    assert endpoints == {name: fleet.agents[name].address for name in ("a1", "a2", "b1")}
+    standing = fleet.admin.deployments()
+    assert [(d.model, dict(d.selector), d.version) for d in standing] == [
+        ("m", {"site": "plant-1"}, 1),
+        ("m", {}, 2),
+    ]
 
 
 def test_cli_lists_what_the_api_holds(fleet: Fleet, models: Versions) -> None:

@@ -48,7 +48,7 @@ def test_head_only_learns_and_the_model_reproduces_its_metrics(
     split = split_dataset(pixels, 0.2, 0)
     preds = _predict(model, split.validation)
     assert float((preds == split.validation.labels).mean()) == result.metrics.accuracy
-    data = json.loads(result.to_json())
+    data = json.loads(json.dumps(result.to_dict()))
     assert data["dataset_digest"] == pixels.digest and data["seed"] == 0
     assert data["hyperparameters"]["strategy"] == "head"
     assert len(data["metrics"]["confusion"]) == 4

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from transfer.metrics import ClassificationMetrics, accuracy, confusion_matrix, evaluate
+from edgefleet.core.versions import Evaluation
+from edgefleet.core.wire import from_json, to_json
+from transfer.metrics import accuracy, confusion_matrix, evaluate
 
 
 def test_confusion_matrix_rows_are_true_classes() -> None:
@@ -19,14 +19,13 @@ def test_precision_recall_per_class() -> None:
     assert (cat.precision, cat.recall, cat.support) == (0.5, 0.5, 2)
     assert (dog.precision, dog.recall, dog.support) == (0.5, 1.0, 1)
     assert (owl.precision, owl.recall, owl.support) == (1.0, 2 / 3, 3)
-    assert metrics.class_names == ("cat", "dog", "owl")
+    assert [c.name for c in metrics.per_class] == ["cat", "dog", "owl"]
 
 
 def test_never_predicted_class_gives_zero_not_nan_and_json_round_trips() -> None:
     metrics = evaluate(np.array([0, 1, 1]), np.array([0, 0, 0]), ["a", "b"])
     assert metrics.per_class[1].precision == 0.0
-    text = metrics.to_json()
+    text = to_json(metrics)
     assert "NaN" not in text
-    again = ClassificationMetrics.from_dict(json.loads(text))
-    assert again == metrics
+    assert from_json(Evaluation, text) == metrics
     assert accuracy([1, 2], [1, 3]) == 0.5

@@ -372,20 +372,28 @@ class SignedManifest(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    MANIFEST_ZLIB_FIELD_NUMBER: _builtins.int
     manifest: _builtins.bytes
     signature: _builtins.bytes
     key_id: _builtins.str
     """sha256 hex of the raw public key, so devices can pick the right key after rotation."""
+    manifest_zlib: _builtins.bytes
+    """On the wire to devices: the manifest bytes compressed with zlib (RFC 1950), in place
+    of `manifest`. The digest and the signature are over the uncompressed bytes. A
+    manifest is fetched whole for every version, and its file list of digests and tensor
+    names shrinks to about a third.
+    """
     def __init__(
         self,
         *,
         manifest: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
+        manifest_zlib: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "manifest", b"manifest", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "manifest", b"manifest", "manifest_zlib", b"manifest_zlib", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

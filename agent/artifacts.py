@@ -9,18 +9,15 @@ A `.staging` folder left by a kill is deleted at start.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from agent.chunks import ChunkStore, file_sha256, fsync_dir
+from agent.chunks import ChunkStore, disk_full, file_sha256, fsync_dir
 from agent.errors import ArtifactRejected, DiskFull
 from edgefleet.core.errors import ManifestError
-from edgefleet.core.manifests import all_chunks, check_path, file_chunks
+from edgefleet.core.manifests import NAME_PATTERN, all_chunks, check_path, file_chunks
 from protos.artifact.v1 import artifact_pb2
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class ArtifactStore:
         self.chunks = chunks
 
     def version_dir(self, model: str, digest: str) -> Path:
-        if not _SAFE_NAME.match(model):
+        if not NAME_PATTERN.match(model):
             raise ArtifactRejected(
                 f"model name {model!r} is not usable as a folder name (letters, digits, . _ -)"
             )
@@ -65,18 +62,7 @@ class ArtifactStore:
         """Delete an installed version folder that failed verification."""
         shutil.rmtree(self.version_dir(model, digest), ignore_errors=True)
 
-    def assemble(self, model: str, digest: str, manifest: artifact_pb2.Manifest) -> Path:
-        """The version's folder, built from chunks and verified file by file."""
-        final = self.version_dir(model, digest)
-        if final.is_dir():
-            try:
-                verify_files(final, manifest)
-                return final
-            except ArtifactRejected:
-                # Rotted or tampered on disk: rebuild it from the verified chunks.
-                shutil.rmtree(final)
-        staging = final.with_name(f"{digest}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
+    def _write_files(self, staging: Path, manifest: artifact_pb2.Manifest) -> None:
         staging.mkdir(parents=True)
         for entry in manifest.files:
             target = staging / _relative(entry.path)
@@ -92,7 +78,31 @@ class ArtifactStore:
                         shutil.copyfileobj(f, out)
                 out.flush()
                 os.fsync(out.fileno())
-        verify_files(staging, manifest)
+
+    def assemble(self, model: str, digest: str, manifest: artifact_pb2.Manifest) -> Path:
+        """The version's folder, built from chunks and verified file by file."""
+        final = self.version_dir(model, digest)
+        if final.is_dir():
+            try:
+                verify_files(final, manifest)
+                return final
+            except ArtifactRejected:
+                # Rotted or tampered on disk: rebuild it from the verified chunks.
+                shutil.rmtree(final)
+        staging = final.with_name(f"{digest}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._write_files(staging, manifest)
+            verify_files(staging, manifest)
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)  # never a half-built folder left
+            if not (isinstance(err, OSError) and disk_full(err)):
+                raise
+            raise DiskFull(
+                f"the disk filled up while assembling {manifest.model} v{manifest.version}; "
+                f"the half-built folder was deleted and what runs keeps running: free space "
+                f"under {self.models_dir}"
+            ) from None
         for folder in {(staging / _relative(e.path)).parent for e in manifest.files}:
             fsync_dir(folder)
         os.replace(staging, final)

@@ -7,6 +7,7 @@ rename, so a chunk file that exists is always whole and correct (even after a ki
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ArtifactRejected, ChunkCorrupt, ChunkIncomplete
+from agent.errors import ArtifactRejected, ChunkCorrupt, ChunkIncomplete, DiskFull
 from agent.ratelimit import RateLimiter
 from edgefleet.core.manifests import ChunkRef, all_chunks
 from protos.artifact.v1 import artifact_pb2
@@ -36,6 +37,10 @@ class TransferStats:
     chunks_fetched: int = 0
     chunks_skipped: int = 0
     manifest_bytes: int = 0  # signed manifests as they travelled (compressed)
+
+
+def disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def fsync_dir(path: Path) -> None:
@@ -113,17 +118,28 @@ class ChunkStore:
             with self._lock:
                 self.stats.bytes_resumed += offset
         if offset < ref.size:
-            with part.open("ab") as out:
-                for data in source(ref.sha256, offset):
-                    self.rate_limit.acquire(len(data))
-                    out.write(data)
-                    offset += len(data)
-                    with self._lock:
-                        self.stats.bytes_fetched += len(data)
-                    if offset > ref.size:
-                        break
-                out.flush()
-                os.fsync(out.fileno())
+            try:
+                with part.open("ab") as out:
+                    for data in source(ref.sha256, offset):
+                        self.rate_limit.acquire(len(data))
+                        out.write(data)
+                        offset += len(data)
+                        with self._lock:
+                            self.stats.bytes_fetched += len(data)
+                        if offset > ref.size:
+                            break
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as err:
+                if not disk_full(err):
+                    raise
+                # Nothing half-written stays behind on a full disk: the space is needed more.
+                part.unlink(missing_ok=True)
+                raise DiskFull(
+                    f"the disk filled up while downloading chunk {ref.sha256[:12]} ({offset} of "
+                    f"{ref.size} bytes); the partial download was deleted and what runs keeps "
+                    f"running: free space under {self.root.parent} and it is fetched again"
+                ) from None
         size = part.stat().st_size
         if size != ref.size:
             if size > ref.size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ from agent.errors import SettingsError
 from agent.settings import AgentSettings, load, parse_labels
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.logs import configure as configure_logs
+from edgefleet.core.tls import INSECURE_WARNING
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -33,60 +35,184 @@ def agent() -> None:
     """Run the device agent: reconcile models with the cloud and serve inference."""
 
 
+def _settings_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options `run` and `reenroll` share: where the cloud is and how it is trusted."""
+    for option in reversed(
+        [
+            click.option(
+                "--cloud", help="host:port of the cloud service [env EDGEFLEET_AGENT_CLOUD]."
+            ),
+            click.option(
+                "--ca-file",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="CA bundle that verifies the cloud's certificate (the cloud's "
+                "DATA_DIR/trust/ca.pem), provisioned out of band.",
+            ),
+            click.option(
+                "--root-key",
+                help="Fingerprint of the cloud's root key (DATA_DIR/trust/root-key.txt of the "
+                "cloud), provisioned out of band: the only key this device will trust, with "
+                "its signed successors.",
+            ),
+            click.option(
+                "--insecure",
+                is_flag=True,
+                default=None,
+                help="Reach the cloud in plain text: credentials and models cross the network "
+                "unencrypted (signatures still guard what runs). Trusted networks only.",
+            ),
+            click.option(
+                "--data-dir",
+                type=click.Path(path_type=Path),
+                help="Where the agent keeps its state (made 0700).",
+            ),
+            click.option(
+                "--config",
+                "config_file",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="TOML file of settings (same names as the EDGEFLEET_AGENT_* variables, "
+                "lowercase).",
+            ),
+            click.option(
+                "--log-format",
+                type=click.Choice(["text", "json"]),
+                help="text (default) or json: one object a line, for log shippers.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 @agent.command("run")
-@click.option("--cloud", help="host:port of the cloud service [env EDGEFLEET_AGENT_CLOUD].")
-@click.option("--enroll-token", help="Enrollment token, needed on the first start only.")
+@_settings_options
 @click.option(
-    "--data-dir", type=click.Path(path_type=Path), help="Where the agent keeps its state."
+    "--enroll-token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File holding the enrollment token (`edgefleet tokens create`), needed on the first "
+    "start only [env EDGEFLEET_AGENT_ENROLL_TOKEN]. Never on the command line: `ps` shows it.",
 )
 @click.option("--device-id", help="Device id to ask for at enrollment.")
-@click.option("--label", "labels", multiple=True, metavar="K=V", help="A device label; repeatable.")
-@click.option("--inference-host", help="Address the inference server binds (default 0.0.0.0).")
-@click.option("--inference-port", type=int, help="Inference port (default 8001; 0 picks one).")
 @click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML file of settings (same names as the EDGEFLEET_AGENT_* variables, lowercase).",
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="K=V",
+    help="A label this device reports (advisory: the labels that place it in deployments are "
+    "the operator's, from its enroll token or `edgefleet devices label`); repeatable.",
 )
+@click.option(
+    "--inference-host",
+    help="Address the inference server binds (default 127.0.0.1; 0.0.0.0 opens it to the "
+    "network: set an inference token and TLS then).",
+)
+@click.option("--inference-port", type=int, help="Inference port (default 8001; 0 picks one).")
 @click.option(
     "--port-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the bound inference port here once serving.",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    help="text (default) or json: one object a line, for log shippers.",
-)
 def run(
     cloud: str | None,
-    enroll_token: str | None,
+    ca_file: Path | None,
+    root_key: str | None,
+    insecure: bool | None,
     data_dir: Path | None,
+    config_file: Path | None,
+    log_format: str | None,
+    enroll_token_file: Path | None,
     device_id: str | None,
     labels: tuple[str, ...],
     inference_host: str | None,
     inference_port: int | None,
-    config_file: Path | None,
     port_file: Path | None,
-    log_format: str | None,
 ) -> None:
-    """Run the agent until SIGTERM or Ctrl-C."""
+    """Run the agent until SIGTERM or Ctrl-C.
+
+    \b
+    First start on a device (files provisioned out of band):
+      edgefleet agent run --cloud cloud.example:50051 --ca-file ca.pem \\
+          --root-key "$(cat root-key.txt)" --enroll-token-file enroll-token
+    """
+    os.umask(0o077)  # the state, the credential and the device key are this user's only
+    settings = _load(
+        config_file,
+        cloud=cloud,
+        ca_file=ca_file,
+        root_key=root_key,
+        insecure=insecure,
+        data_dir=data_dir,
+        log_format=log_format,
+        enroll_token_file=enroll_token_file,
+        device_id=device_id,
+        labels=_labels(labels),
+        inference_host=inference_host,
+        inference_port=inference_port,
+    )
+    run_agent(settings, port_file)
+
+
+@agent.command("reenroll")
+@_settings_options
+@click.option(
+    "--enroll-token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File holding a re-enroll token made for this device (`edgefleet tokens create "
+    "--reenroll ID`); without one, the device's current credential is used.",
+)
+def reenroll(
+    cloud: str | None,
+    ca_file: Path | None,
+    root_key: str | None,
+    insecure: bool | None,
+    data_dir: Path | None,
+    config_file: Path | None,
+    log_format: str | None,
+    enroll_token_file: Path | None,
+) -> None:
+    """Rotate this device's credential (and its client certificate under mutual TLS).
+
+    The agent never drops its identity on its own when the cloud refuses it: after a
+    revocation, or to rotate a credential, the operator makes a re-enroll token bound to
+    the device and runs this on it. A running agent picks the new credential up on its next
+    pass.
+    """
+    os.umask(0o077)
+    settings = _load(
+        config_file,
+        cloud=cloud,
+        ca_file=ca_file,
+        root_key=root_key,
+        insecure=insecure,
+        data_dir=data_dir,
+        log_format=log_format,
+        enroll_token_file=enroll_token_file,
+    )
+    configure_logs(settings.log_format)
+    from agent.daemon import reenroll_device
+
     try:
-        settings = load(
-            config_file,
-            cloud=cloud,
-            enroll_token=enroll_token,
-            data_dir=data_dir,
-            device_id=device_id,
-            labels=parse_labels(labels) if labels else None,
-            inference_host=inference_host,
-            inference_port=inference_port,
-            log_format=log_format,
-        )
+        identity = reenroll_device(settings)
+    except EdgefleetError as err:
+        raise click.ClickException(err.message) from None
+    how = " with a new client certificate" if identity.certificate else ""
+    click.echo(
+        f"device {identity.device_id} re-enrolled{how}; its new credential is in {settings.db_path}"
+    )
+
+
+def _labels(items: tuple[str, ...]) -> dict[str, str] | None:
+    try:
+        return parse_labels(items) if items else None
     except SettingsError as err:
         raise click.ClickException(err.message) from None
-    run_agent(settings, port_file)
+
+
+def _load(config_file: Path | None, **overrides: object) -> AgentSettings:
+    try:
+        return load(config_file, **overrides)
+    except SettingsError as err:
+        raise click.ClickException(err.message) from None
 
 
 def run_agent(settings: AgentSettings, port_file: Path | None = None) -> None:
@@ -103,11 +229,18 @@ def run_agent(settings: AgentSettings, port_file: Path | None = None) -> None:
         raise click.ClickException(err.message) from None
     who = daemon.device_id or "(not enrolled yet)"
     log.info(
-        "agent %s serving Open Inference Protocol on %s:%d",
+        "agent %s serving Open Inference Protocol on %s:%d%s; cloud %s over %s",
         who,
         settings.inference_host,
         daemon.inference_port,
+        " (OPEN TO THE NETWORK, UNPROTECTED: see the warning above)"
+        if daemon.exposure_warning
+        else "",
+        settings.cloud,
+        "PLAIN TEXT (--insecure)" if settings.insecure else "TLS",
     )
+    if settings.insecure:
+        log.warning("the agent reaches the cloud in %s", INSECURE_WARNING)
     if port_file is not None:
         write_port_file(port_file, daemon.inference_port)
     try:

@@ -11,16 +11,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Protocol, TypeVar
 
 import grpc
 
 from agent.state import Identity
 from edgefleet.core.auth import bearer_metadata
-from edgefleet.core.errors import EdgefleetError, ErrorCode, Internal, Unauthenticated
-from edgefleet.core.fleet import Capabilities, DesiredState, Enrollment, ReportedState
+from edgefleet.core.errors import (
+    EdgefleetError,
+    ErrorCode,
+    Internal,
+    Unauthenticated,
+    Unavailable,
+)
+from edgefleet.core.fleet import Capabilities, Enrollment, ReportedState
 from edgefleet.core.retry import Backoff
 from edgefleet.core.rpc import error_from_rpc
+from edgefleet.core.tls import ClientSecurity
+from edgefleet.core.trust import SignedDesiredState, TrustChain
 from edgefleet.core.wire import from_proto, to_proto
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
@@ -43,11 +52,20 @@ class CloudLink(Protocol):
         device_id: str,
         labels: dict[str, str],
         capabilities: Capabilities,
+        *,
+        certificate_request: bytes = b"",
+        current_credential: str = "",
     ) -> Enrollment: ...
 
     def authenticate(self, identity: Identity) -> None: ...
 
-    def get_desired_state(self) -> DesiredState: ...
+    def get_trust(self) -> TrustChain:
+        """The cloud's root keys and rotations, unverified: the caller follows the chain."""
+        ...
+
+    def get_desired_state(self) -> SignedDesiredState:
+        """The signed desired state, unverified: the caller checks it against its trust."""
+        ...
 
     def report_state(self, report: ReportedState) -> int:
         """Send a report; returns the cloud's desired generation."""
@@ -69,35 +87,51 @@ def _call(fn: Callable[[], T]) -> T:
         return fn()
     except grpc.RpcError as err:
         raise error_from_rpc(err) from None
+    except ValueError as err:
+        raise _closed(err) from None
+
+
+def _closed(err: ValueError) -> EdgefleetError:
+    # grpc raises ValueError for a call on a channel closed by stop(): the agent is
+    # stopping, which is no failure of the model being converged.
+    if "closed" in str(err).lower():
+        return Unavailable("the link to the cloud is closed: the agent is stopping")
+    raise err
 
 
 class GrpcCloudLink:
+    """The cloud over gRPC: TLS verified against the provisioned CA bundle (plain text only
+    with `insecure`); with mutual TLS, device calls go to the cloud's device port with the
+    device's own certificate."""
+
     def __init__(
         self,
         address: str,
+        security: ClientSecurity,
         *,
         rpc_timeout_s: float = 15.0,
         chunk_timeout_s: float = 120.0,
         max_message_bytes: int = 64 << 20,
     ) -> None:
         self.address = address
+        self._security = security
         self._rpc_timeout = rpc_timeout_s
         self._chunk_timeout = chunk_timeout_s
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                # Reconnect quickly after the cloud returns; the reconciler paces retries.
-                ("grpc.initial_reconnect_backoff_ms", 500),
-                ("grpc.max_reconnect_backoff_ms", 5_000),
-            ],
-        )
-        self._stub = fleet_pb2_grpc.AgentServiceStub(self._channel)
+        self._options = [
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Reconnect quickly after the cloud returns; the reconciler paces retries.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
+        ]
+        self._channel = security.channel(address, self._options)
+        self._enroll_stub = fleet_pb2_grpc.AgentServiceStub(self._channel)
+        self._device_channel: grpc.Channel | None = None
+        self._stub = self._enroll_stub
         self._identity: Identity | None = None
         self._watch_call: _Cancellable | None = None
         self._lock = threading.Lock()
@@ -112,6 +146,20 @@ class GrpcCloudLink:
         return self._identity.device_id if self._identity else ""
 
     def authenticate(self, identity: Identity) -> None:
+        if (
+            identity.certificate
+            and identity.device_port
+            and (self._identity is None or self._identity.certificate != identity.certificate)
+        ):
+            host = self.address.rpartition(":")[0]
+            secured = replace(
+                self._security, cert_pem=identity.certificate, key_pem=identity.private_key
+            )
+            old = self._device_channel
+            self._device_channel = secured.channel(f"{host}:{identity.device_port}", self._options)
+            self._stub = fleet_pb2_grpc.AgentServiceStub(self._device_channel)
+            if old is not None:
+                old.close()
         self._identity = identity
 
     def enroll(
@@ -120,29 +168,42 @@ class GrpcCloudLink:
         device_id: str,
         labels: dict[str, str],
         capabilities: Capabilities,
+        *,
+        certificate_request: bytes = b"",
+        current_credential: str = "",
     ) -> Enrollment:
         request = fleet_pb2.EnrollRequest(
             enroll_token=enroll_token,
             device_id=device_id,
             labels=labels,
             capabilities=to_proto(capabilities, fleet_pb2.Capabilities),
+            certificate_request=certificate_request,
         )
+        metadata = bearer_metadata(current_credential) if current_credential else None
         response: fleet_pb2.EnrollResponse = _call(
-            lambda: self._stub.Enroll(request, timeout=self._rpc_timeout)
+            lambda: self._enroll_stub.Enroll(request, timeout=self._rpc_timeout, metadata=metadata)
         )
         return from_proto(response, Enrollment)
 
-    def get_desired_state(self) -> DesiredState:
+    def get_trust(self) -> TrustChain:
+        chain: fleet_pb2.TrustChain = _call(
+            lambda: self._enroll_stub.GetTrust(
+                fleet_pb2.GetTrustRequest(), timeout=self._rpc_timeout
+            )
+        )
+        return from_proto(chain, TrustChain)
+
+    def get_desired_state(self) -> SignedDesiredState:
         request = fleet_pb2.GetDesiredStateRequest(device_id=self.device_id)
-        state: fleet_pb2.DesiredState = _call(
+        signed: fleet_pb2.SignedDesiredState = _call(
             lambda: self._stub.GetDesiredState(
                 request, timeout=self._rpc_timeout, metadata=self._meta()
             )
         )
-        return from_proto(state, DesiredState)
+        return from_proto(signed, SignedDesiredState)
 
     def report_state(self, report: ReportedState) -> int:
-        request = fleet_pb2.ReportStateRequest(state=to_proto(report, fleet_pb2.ReportedState))
+        request = to_proto(report, fleet_pb2.ReportedState)
         response: fleet_pb2.ReportStateResponse = _call(
             lambda: self._stub.ReportState(
                 request, timeout=self._rpc_timeout, metadata=self._meta()
@@ -151,7 +212,9 @@ class GrpcCloudLink:
         return int(response.desired_generation)
 
     def get_manifest(self, digest: str) -> artifact_pb2.SignedManifest:
-        request = fleet_pb2.GetManifestRequest(device_id=self.device_id, digest=digest)
+        request = fleet_pb2.GetManifestRequest(
+            device_id=self.device_id, digest=digest, accept_compressed=True
+        )
         signed: artifact_pb2.SignedManifest = _call(
             lambda: self._stub.GetManifest(
                 request, timeout=self._rpc_timeout, metadata=self._meta()
@@ -163,7 +226,11 @@ class GrpcCloudLink:
         request = fleet_pb2.FetchChunkRequest(
             device_id=self.device_id, sha256=sha256, offset=offset
         )
-        stream = self._stub.FetchChunk(request, timeout=self._chunk_timeout, metadata=self._meta())
+        stream = _call(
+            lambda: self._stub.FetchChunk(
+                request, timeout=self._chunk_timeout, metadata=self._meta()
+            )
+        )
         expected = offset
         try:
             for piece in stream:
@@ -184,7 +251,7 @@ class GrpcCloudLink:
         request = fleet_pb2.WatchDesiredStateRequest(
             device_id=self.device_id, known_generation=known_generation
         )
-        call = self._stub.WatchDesiredState(request, metadata=self._meta())
+        call = _call(lambda: self._stub.WatchDesiredState(request, metadata=self._meta()))
         with self._lock:
             self._watch_call = call
         try:
@@ -207,6 +274,8 @@ class GrpcCloudLink:
     def close(self) -> None:
         self.cancel_watch()
         self._channel.close()
+        if self._device_channel is not None:
+            self._device_channel.close()
 
 
 class Watcher:

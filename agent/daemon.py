@@ -18,12 +18,18 @@ from types import FrameType
 from agent.artifacts import ArtifactStore
 from agent.chunks import ChunkStore
 from agent.cloud_link import CloudLink, GrpcCloudLink, Watcher
-from agent.inference.server import InferenceServer, start_inference_server
+from agent.errors import NotEnrolled
+from agent.inference.server import (
+    InferenceSecurity,
+    InferenceServer,
+    RequestLimits,
+    start_inference_server,
+)
 from agent.ratelimit import RateLimiter
 from agent.reconciler import Reconciler
 from agent.runtime import ModelRepository
 from agent.settings import AgentSettings
-from agent.state import StateStore
+from agent.state import Identity, StateStore
 from edgefleet.core.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,11 @@ class Agent:
         return self._server.port
 
     @property
+    def exposure_warning(self) -> str:
+        """Non-empty when the inference port is open to the network unprotected."""
+        return self._server.warning if self._server is not None else ""
+
+    @property
     def reconciler(self) -> Reconciler:
         if self._reconciler is None:
             raise RuntimeError("the agent is not started")
@@ -88,13 +99,16 @@ class Agent:
 
     def start(self, *, reconcile: bool = True) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        # The folder holds the device's credential and key: only this user reads it.
+        s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        s.data_dir.chmod(0o700)
         self._state = StateStore(s.db_path)
         chunks = ChunkStore(s.data_dir / "chunks", RateLimiter(s.max_download_bytes_per_s))
         artifacts = ArtifactStore(s.data_dir, chunks)
         if self._link is None:
             self._link = GrpcCloudLink(
                 s.cloud,
+                s.cloud_security(),
                 rpc_timeout_s=s.rpc_timeout_s,
                 chunk_timeout_s=s.chunk_timeout_s,
             )
@@ -106,9 +120,17 @@ class Agent:
             self.repository,
             s.inference_host,
             s.inference_port,
-            max_message_bytes=s.max_request_bytes,
             batching=s.inference_batching,
             max_batch=s.inference_max_batch,
+            limits=RequestLimits(
+                max_rows=s.inference_max_rows,
+                max_dynamic=s.inference_max_dynamic,
+                max_request_bytes=s.max_request_bytes,
+                large_in_flight=s.inference_large_in_flight,
+            ),
+            security=InferenceSecurity(
+                s.inference_cert_file, s.inference_key_file, s.inference_secret()
+            ),
         )
         self._reconciler.inference_endpoint = advertised_endpoint(s, self._server.port)
         if not reconcile:
@@ -175,3 +197,33 @@ class Agent:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.stop()
+
+
+def reenroll_device(settings: AgentSettings) -> Identity:
+    """Rotate the credential of the device whose state is in settings.data_dir, with a
+    re-enroll token (settings' enroll token) or its current credential; the running agent, if
+    any, reads the new identity on its next pass."""
+    if not settings.db_path.exists():
+        raise NotEnrolled(
+            f"there is no agent state in {settings.data_dir}: a device that never enrolled "
+            "enrolls with `edgefleet agent run --enroll-token-file FILE`"
+        )
+    state = StateStore(settings.db_path)
+    link = GrpcCloudLink(
+        settings.cloud, settings.cloud_security(), rpc_timeout_s=settings.rpc_timeout_s
+    )
+    try:
+        chunks = ChunkStore(settings.data_dir / "chunks", RateLimiter(0))
+        reconciler = Reconciler(
+            settings,
+            state,
+            chunks,
+            ArtifactStore(settings.data_dir, chunks),
+            link,
+            ModelRepository(),
+        )
+        reconciler.ensure_trust()  # the cloud must be the one this device trusts
+        return reconciler.reenroll(settings.enroll_secret())
+    finally:
+        link.close()
+        state.close()

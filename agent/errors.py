@@ -53,3 +53,7 @@ class ChunkCorrupt(ArtifactRejected):
 
 class ChunkIncomplete(ArtifactRejected):
     """The stream ended early; the .part file is kept so the next try resumes."""
+
+
+class NotAuthorized(AgentError, core.Unauthenticated):
+    """An inference call without the bearer token the port requires."""

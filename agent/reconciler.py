@@ -26,6 +26,7 @@ from agent.errors import ArtifactRejected, NotEnrolled, Unavailable
 from agent.runtime import LoadedModel, ModelRepository, SessionOptions
 from agent.settings import AgentSettings
 from agent.state import Identity, ModelRecord, Slot, StateStore
+from edgefleet.core.certs import device_key_and_request
 from edgefleet.core.errors import EdgefleetError, ErrorCode
 from edgefleet.core.fleet import (
     Assignment,
@@ -37,6 +38,14 @@ from edgefleet.core.fleet import (
 )
 from edgefleet.core.manifests import all_chunks, expand, manifest_digest, verify_manifest
 from edgefleet.core.retry import Backoff
+from edgefleet.core.trust import (
+    RootKey,
+    SignedDesiredState,
+    TrustError,
+    accept_desired,
+    follow_chain,
+    parse_fingerprint,
+)
 from protos.artifact.v1 import artifact_pb2
 
 log = logging.getLogger(__name__)
@@ -103,6 +112,7 @@ class Reconciler:
         self._status: dict[str, Work] = {}
         self._device_error = ""
         self._seen_generation = 0
+        self._announced = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._capabilities: Capabilities | None = None
@@ -186,31 +196,111 @@ class Reconciler:
         verify_files(slot.dir, manifest)
         return load_and_check(manifest, slot.digest, slot.dir, self._options)
 
+    # trust ----------------------------------------------------------------------------
+    def ensure_trust(self) -> RootKey:
+        """The root key desired states must be signed by. The first time, the cloud's chain
+        is followed from the fingerprint provisioned out of band (root_key): a cloud that
+        does not hold that key is not trusted, whatever it answers."""
+        keys = self.state.root_keys()
+        pin = self.settings.root_key
+        if keys:
+            if pin and parse_fingerprint(pin) not in {k.fingerprint for k in keys}:
+                raise TrustError(
+                    f"the provisioned root key {pin[:23]}... is not one this device trusts "
+                    f"({keys[-1].fingerprint[:23]}...): it was provisioned for another cloud; "
+                    "move its data folder aside to start over"
+                )
+            return keys[-1]
+        if not pin:
+            raise NotEnrolled(
+                "this device trusts no cloud yet: start it with --root-key (the fingerprint "
+                "in the cloud's data_dir/trust/root-key.txt, provisioned out of band)"
+            )
+        trusted = follow_chain(self.link.get_trust(), parse_fingerprint(pin))
+        self.state.trust(trusted)
+        self._event(f"trusting the cloud's root key v{trusted[-1].version} ({pin[:23]}...)")
+        return trusted[-1]
+
+    def refresh_trust(self) -> RootKey:
+        """Follow the cloud's chain from the newest key trusted: a rotation signed by it
+        (and by the new key) is the only way another key becomes trusted."""
+        keys = self.state.root_keys()
+        trusted = follow_chain(self.link.get_trust(), keys[-1])
+        self.state.trust(trusted)
+        if trusted[-1] != keys[-1]:
+            # As TUF does after a key rotation: the generation floor starts over under the
+            # new key, so a state fast-forwarded with a stolen old key cannot lock the device
+            # out for good (states signed by an old key are refused from now on anyway).
+            self.state.accept(0, 0.0)
+            self._event(f"the cloud rotated its root key: now trusting v{trusted[-1].version}")
+        return trusted[-1]
+
+    def _accept(self, signed: SignedDesiredState, identity: Identity) -> DesiredState:
+        """The desired state, once signed by the trusted root key, for this device, not
+        expired, and no older than the one last accepted; TrustError otherwise."""
+        current = self.ensure_trust()
+        if signed.key_id != current.key_id:
+            current = self.refresh_trust()
+        generation, issued_at = self.state.accepted()
+        state = accept_desired(
+            signed,
+            current,
+            identity.device_id,
+            generation,
+            issued_at,
+            clock_skew_s=self.settings.clock_skew_s,
+        )
+        self.state.accept(state.generation, state.issued_at)
+        return state
+
     # identity -------------------------------------------------------------------------
     def ensure_identity(self) -> Identity:
         identity = self.state.identity()
         if identity is None:
-            token = self.settings.enroll_token
-            if token is None or not token.get_secret_value():
+            token = self.settings.enroll_secret()
+            if not token:
                 raise NotEnrolled(
-                    "this device is not enrolled yet: start it with --enroll-token "
-                    "(or EDGEFLEET_AGENT_ENROLL_TOKEN); create one with `edgefleet enroll-token`"
+                    "this device is not enrolled yet: start it with --enroll-token-file (or "
+                    "EDGEFLEET_AGENT_ENROLL_TOKEN); create one with `edgefleet tokens create`"
                 )
-            response = self.link.enroll(
-                token.get_secret_value(),
-                self.settings.device_id,
-                dict(self.settings.labels),
-                self._caps(),
-            )
-            if not response.manifest_public_keys:
-                raise NotEnrolled(
-                    "the cloud enrolled this device but sent no manifest keys to trust"
-                )
-            identity = Identity(response.device_id, response.device_token)
-            self.state.save_identity(identity, list(response.manifest_public_keys))
-            self._event(f"enrolled as device {identity.device_id}")
+            identity = self._enroll(token, "")
         self.link.authenticate(identity)
         return identity
+
+    def _enroll(self, token: str, current_credential: str, device_id: str = "") -> Identity:
+        """Enroll (or re-enroll) this device; with TLS, ask for a client certificate too
+        (kept only if the cloud does mutual TLS)."""
+        device_id = device_id or self.settings.device_id
+        key, request = (b"", b"")
+        if not self.settings.insecure:
+            key, request = device_key_and_request(device_id)
+        enrollment = self.link.enroll(
+            token,
+            device_id,
+            dict(self.settings.labels),
+            self._caps(),
+            certificate_request=request,
+            current_credential=current_credential,
+        )
+        identity = Identity(
+            enrollment.device_id,
+            enrollment.device_token,
+            enrollment.certificate,
+            key if enrollment.certificate else b"",
+            enrollment.device_port,
+        )
+        self.state.save_identity(identity)
+        how = " with mutual TLS" if enrollment.certificate else ""
+        self._event(f"enrolled as device {identity.device_id}{how}")
+        return identity
+
+    def reenroll(self, token: str = "") -> Identity:
+        """Rotate this device's credential: with its current one, or with a re-enroll token
+        the operator made for it (after a revocation, say)."""
+        identity = self.state.identity()
+        if identity is None:
+            return self.ensure_identity()
+        return self._enroll(token, identity.device_token, identity.device_id)
 
     def _caps(self) -> Capabilities:
         if self._capabilities is None:
@@ -223,20 +313,23 @@ class Reconciler:
         self.counters.passes += 1
         result = PassResult()
         try:
-            self.ensure_identity()
-            desired = self.link.get_desired_state()
+            self.ensure_trust()
+            identity = self.ensure_identity()
+            desired = self._accept(self.link.get_desired_state(), identity)
         except EdgefleetError as err:
-            if (
-                err.code == ErrorCode.UNAUTHENTICATED
-                and self.state.identity() is not None
-                and self.settings.enroll_token is not None
-            ):
-                # The cloud no longer knows this credential (e.g. its database was reset):
-                # enroll again on the next pass.
-                self.state.forget_identity()
-            self._device_error = _describe(err)
+            message = _describe(err)
+            if err.code == ErrorCode.UNAUTHENTICATED and self.state.identity() is not None:
+                # Never dropped on the agent's own: the answer may be an attacker's, and the
+                # operator decides (a re-enroll token and `edgefleet agent reenroll`).
+                message = (
+                    f"the cloud refuses this device's credential ({message}); it keeps "
+                    "serving what it has. If the device was revoked or its identity moved, "
+                    "the operator makes a re-enroll token (`edgefleet tokens create --reenroll "
+                    "ID`) for `edgefleet agent reenroll --enroll-token-file FILE`"
+                )
+            self._device_error = message
             self.counters.failed_passes += 1
-            raise
+            raise type(err)(message) from None
         result.generation = int(desired.generation)
         self._seen_generation = max(self._seen_generation, result.generation)
         device_errors: list[str] = []
@@ -274,7 +367,14 @@ class Reconciler:
         name, digest = assignment.model, assignment.manifest_digest
         record = self.state.model(name)
         active = record.active if record is not None else None
-        if active is not None and active.digest == digest and self._serving(name, active):
+        # The version too: a signed state that names the held manifest under another version
+        # number goes the full way below, where the manifest's own version refuses it.
+        if (
+            active is not None
+            and active.digest == digest
+            and active.version == assignment.version
+            and self._serving(name, active)
+        ):
             self._set_status(
                 name,
                 desired_version=assignment.version,
@@ -293,10 +393,28 @@ class Reconciler:
             error="",
         )
         label = f"{name} v{assignment.version}"
+        floor = self.state.floor(name)
+        if assignment.version < floor and not assignment.rollback:
+            # Signed or not, a move below what this device ran is an operator's decision.
+            raise ArtifactRejected(
+                f"{label} is older than v{floor}, the newest this device has run: going back "
+                f"needs an operator's rollback (`edgefleet rollback {name} --to "
+                f"{assignment.version}`); what it has keeps serving"
+            )
         wire = self.link.get_manifest(digest)
         self.chunks.count_manifest(len(wire.manifest_zlib) or len(wire.manifest))
         signed = expand(wire)
         manifest = verify_manifest(signed, self.state.trusted_keys(), digest)
+        if manifest.expires_at and manifest.expires_at < time.time():
+            raise ArtifactRejected(
+                f"{label}'s manifest expired at "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(manifest.expires_at))} UTC"
+            )
+        if manifest.target != assignment.target:
+            raise ArtifactRejected(
+                f"manifest {digest[:12]} is built for {manifest.target[:64]!r}, but the desired "
+                f"state assigns {label} for {assignment.target!r}"
+            )
         if manifest.model != name or manifest.version != assignment.version:
             raise ArtifactRejected(
                 f"manifest {digest[:12]} describes {manifest.model} v{manifest.version}, "
@@ -322,7 +440,12 @@ class Reconciler:
         self._event(f"activating {label}")
         folder = self._assemble(name, digest, manifest)
         model = load_and_check(manifest, digest, folder, self._options)
-        switched = self.state.switch(name, Slot(assignment.version, digest, folder), generation)
+        switched = self.state.switch(
+            name,
+            Slot(assignment.version, digest, folder),
+            generation,
+            rollback=assignment.rollback,
+        )
         keep = [switched.previous.version] if switched.previous else []
         dropped = self.repository.publish(model, keep=keep)
         del dropped  # released with their sessions once no request holds them
@@ -450,7 +573,9 @@ class Reconciler:
     def notice(self, generation: int) -> None:
         """The cloud announced `generation`; reconcile now if it is news."""
         if generation > self._seen_generation:
-            self._event(f"desired state moved to generation {generation}")
+            if generation != self._announced:  # said once, however often it is repeated
+                self._announced = generation
+                self._event(f"desired state moved to generation {generation}")
             self._wake.set()
 
     def wake(self) -> None:

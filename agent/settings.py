@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     NoDecode,
     SettingsConfigDict,
@@ -19,8 +19,10 @@ from pydantic_settings import (
 
 from agent.errors import SettingsError
 from agent.runtime import PROVIDER_PREFERENCE
+from edgefleet.core.auth import secret_value
 from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.settings import LayeredSettings
+from edgefleet.core.tls import ClientSecurity
 
 
 class AgentSettings(LayeredSettings):
@@ -33,7 +35,34 @@ class AgentSettings(LayeredSettings):
         default="127.0.0.1:50051", description="host:port of the cloud's AgentService."
     )
     enroll_token: SecretStr | None = Field(
-        default=None, description="Enrollment token; needed only until the device has enrolled."
+        default=None,
+        description="Enrollment token; needed only until the device has enrolled. Prefer "
+        "enroll_token_file.",
+    )
+    enroll_token_file: Path | None = Field(
+        default=None, description="A file holding the enrollment token (not on the command line)."
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Reach the cloud in plain text: its credential and models then cross the "
+        "network unencrypted (signatures still protect what the device runs).",
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="The CA bundle that verifies the cloud's certificate (the cloud's "
+        "data_dir/trust/ca.pem), provisioned out of band.",
+    )
+    root_key: str = Field(
+        default="",
+        description="Fingerprint (sha256:...) of the cloud's root key that signs manifests and "
+        "desired states (the cloud's data_dir/trust/root-key.txt), provisioned out of band; "
+        "the device trusts that key and its signed successors, and nothing else.",
+    )
+    clock_skew_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How far this device's clock may lag the cloud's before a fresh desired "
+        "state looks expired.",
     )
     device_id: str = Field(
         default="", description="Device id to ask for at enrollment; empty lets the cloud choose."
@@ -45,7 +74,9 @@ class AgentSettings(LayeredSettings):
         default_factory=dict, description="Labels sent at enrollment and in reports."
     )
     inference_host: str = Field(
-        default="0.0.0.0", description="Address the Open Inference Protocol server binds."
+        default="127.0.0.1",
+        description="Address the Open Inference Protocol server binds: loopback by default; "
+        "0.0.0.0 opens it to the network (set inference_token and TLS then).",
     )
     inference_port: int = Field(
         default=8001,
@@ -91,8 +122,40 @@ class AgentSettings(LayeredSettings):
         description="Free space that must remain on the data disk after a download.",
     )
     max_request_bytes: int = Field(
-        default=64 << 20, gt=0, description="Largest inference request accepted."
+        default=64 << 20,
+        gt=0,
+        description="Largest inference request accepted at all; each model's own limit (from "
+        "its input shapes, inference_max_rows rows) is usually lower.",
     )
+    inference_max_rows: int = Field(
+        default=64,
+        ge=1,
+        description="For a model's request size limit: the most rows (first dimension) one "
+        "request may carry when the model's batch dimension is dynamic.",
+    )
+    inference_max_dynamic: int = Field(
+        default=4096,
+        ge=1,
+        description="For a model's request size limit: the largest size a dynamic dimension "
+        "other than the batch (e.g. sequence length) may take.",
+    )
+    inference_large_in_flight: int = Field(
+        default=2,
+        ge=1,
+        description="Requests over 1 MiB served at once; more wait, so memory stays bounded.",
+    )
+    inference_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token inference calls must carry (unset: none). Prefer "
+        "inference_token_file.",
+    )
+    inference_token_file: Path | None = Field(
+        default=None, description="A file holding inference_token."
+    )
+    inference_cert_file: Path | None = Field(
+        default=None, description="TLS certificate of the inference port (with inference_key_file)."
+    )
+    inference_key_file: Path | None = Field(default=None, description="Its private key.")
     rpc_timeout_s: float = Field(
         default=15.0, gt=0, description="Deadline of unary calls to the cloud."
     )
@@ -127,9 +190,48 @@ class AgentSettings(LayeredSettings):
             return parse_labels([v for v in value.split(",") if v.strip()])
         return value
 
+    @field_validator("root_key")
+    @classmethod
+    def _check_root_key(cls, value: str) -> str:
+        if value:
+            from edgefleet.core.trust import parse_fingerprint
+
+            try:
+                return parse_fingerprint(value)
+            except InvalidArgument as err:
+                raise ValueError(err.message) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> AgentSettings:
+        if (self.inference_cert_file is None) != (self.inference_key_file is None):
+            raise ValueError("inference TLS needs both inference_cert_file and inference_key_file")
+        if self.insecure and self.ca_file is not None:
+            raise ValueError("insecure and ca_file contradict each other: set one")
+        return self
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "agent.db"
+
+    def enroll_secret(self) -> str:
+        """The enrollment token, from the setting or its file ("" when neither is set)."""
+        return self._secret(self.enroll_token, self.enroll_token_file, "the enroll token")
+
+    def inference_secret(self) -> str:
+        return self._secret(self.inference_token, self.inference_token_file, "the inference token")
+
+    @staticmethod
+    def _secret(value: SecretStr | None, path: Path | None, what: str) -> str:
+        try:
+            return secret_value(value, path, what)
+        except InvalidArgument as err:
+            raise SettingsError(err.message) from None
+
+    def cloud_security(self) -> ClientSecurity:
+        security = ClientSecurity(ca_file=self.ca_file, insecure=self.insecure)
+        security.check("the agent")
+        return security
 
 
 def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str]:

@@ -1,13 +1,16 @@
-"""The agent's durable state: one SQLite file (`data_dir/agent.db`).
+"""The agent's durable state: one SQLite file (`data_dir/agent.db`, 0600: it holds the
+device's credential and key).
 
-It holds the device identity, the keys it trusts, and per model the active and previous
-version. Every switch is one transaction, and that commit IS the atomic switch: a kill at
+It holds the device identity, the root keys it trusts (from the provisioned one along the
+signed rotations), the desired state it last accepted, each model's version floor, and per
+model the active and previous version. Every switch is one transaction, and that commit IS the atomic switch: a kill at
 any instant leaves either the old or the new version active, never a mix. WAL with
 synchronous=FULL, so a committed switch survives power loss.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -16,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import StateError
+from agent.errors import DiskFull, StateError
+from edgefleet.core.trust import RootKey
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far we are.
 _MIGRATIONS: tuple[str, ...] = (
@@ -43,6 +47,17 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Keys from an enrollment answer are trusted no more: the root of trust is provisioned
+    # out of band and followed through signed rotations (root_keys). Floors are the highest
+    # version of each model ever activated: going below one needs an operator's rollback.
+    """
+    DROP TABLE trusted_keys;
+    CREATE TABLE root_keys (version INTEGER PRIMARY KEY, public_key BLOB NOT NULL);
+    CREATE TABLE floors (model TEXT PRIMARY KEY, version INTEGER NOT NULL);
+    ALTER TABLE identity ADD COLUMN certificate BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE identity ADD COLUMN private_key BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE identity ADD COLUMN device_port INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -50,6 +65,10 @@ _MIGRATIONS: tuple[str, ...] = (
 class Identity:
     device_id: str
     device_token: str
+    # Mutual TLS: the device's certificate and key (PEM), and the cloud's device port.
+    certificate: bytes = b""
+    private_key: bytes = b""
+    device_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,10 +93,13 @@ class StateStore:
     """Thread-safe access to agent.db; every write is a single durable transaction."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._lock = threading.RLock()
         try:
+            # Made 0600 before SQLite opens it; its -wal and -shm take the same mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            path.chmod(0o600)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -104,13 +126,24 @@ class StateStore:
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield _Tx(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _Tx(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as err:
+                if "full" not in str(err):
+                    raise
+                # Nothing was written (the transaction rolled back): a clear error, not a crash.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise DiskFull(
+                    f"the agent's state in {self.path} cannot be written: the disk is full; "
+                    "what runs keeps running: free space on that disk"
+                ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -119,30 +152,75 @@ class StateStore:
     # identity -------------------------------------------------------------------------
     def identity(self) -> Identity | None:
         with self._lock:
-            row = self._db.execute("SELECT device_id, device_token FROM identity").fetchone()
-        return Identity(row[0], row[1]) if row else None
+            row = self._db.execute(
+                "SELECT device_id, device_token, certificate, private_key, device_port "
+                "FROM identity"
+            ).fetchone()
+        if row is None:
+            return None
+        return Identity(row[0], row[1], bytes(row[2]), bytes(row[3]), int(row[4]))
 
-    def save_identity(self, identity: Identity, public_keys: list[bytes]) -> None:
+    def save_identity(self, identity: Identity) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO identity (id, device_id, device_token, enrolled_at) "
-                "VALUES (1, ?, ?, ?)",
-                (identity.device_id, identity.device_token, time.time()),
-            )
-            db.execute("DELETE FROM trusted_keys")
-            db.executemany(
-                "INSERT OR IGNORE INTO trusted_keys (public_key) VALUES (?)",
-                [(k,) for k in public_keys],
+                "INSERT OR REPLACE INTO identity (id, device_id, device_token, enrolled_at,"
+                " certificate, private_key, device_port) VALUES (1, ?, ?, ?, ?, ?, ?)",
+                (
+                    identity.device_id,
+                    identity.device_token,
+                    time.time(),
+                    identity.certificate,
+                    identity.private_key,
+                    identity.device_port,
+                ),
             )
 
-    def forget_identity(self) -> None:
-        """Drop the credential (e.g. the cloud no longer accepts it) so the next start re-enrolls."""
+    # trust ------------------------------------------------------------------------------
+    def root_keys(self) -> list[RootKey]:
+        """The root keys trusted, oldest first; the last signs desired states."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, public_key FROM root_keys ORDER BY version"
+            ).fetchall()
+        return [RootKey(int(v), bytes(k)) for v, k in rows]
+
+    def trust(self, keys: list[RootKey]) -> None:
+        """Add root keys verified along the chain (never replaces or drops one)."""
         with self._tx() as db:
-            db.execute("DELETE FROM identity")
+            db.executemany(
+                "INSERT OR IGNORE INTO root_keys (version, public_key) VALUES (?, ?)",
+                [(k.version, k.public_key) for k in keys],
+            )
 
     def trusted_keys(self) -> list[bytes]:
+        """Public keys a manifest may be signed by: every trusted root key version."""
+        return [k.public_key for k in self.root_keys()]
+
+    def accepted(self) -> tuple[int, float]:
+        """Generation and issue time of the desired state last accepted."""
         with self._lock:
-            return [bytes(r[0]) for r in self._db.execute("SELECT public_key FROM trusted_keys")]
+            rows = dict(
+                self._db.execute(
+                    "SELECT key, value FROM kv WHERE key IN ('accepted_generation',"
+                    " 'accepted_issued_at')"
+                ).fetchall()
+            )
+        return int(rows.get("accepted_generation", 0)), float(rows.get("accepted_issued_at", 0))
+
+    def accept(self, generation: int, issued_at: float) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+                [("accepted_generation", str(generation)), ("accepted_issued_at", repr(issued_at))],
+            )
+
+    def floor(self, model: str) -> int:
+        """The highest version of `model` this device ever activated (0: none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version FROM floors WHERE model = ?", (model,)
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     # manifests ------------------------------------------------------------------------
     def save_manifest(self, digest: str, signed: bytes) -> None:
@@ -181,9 +259,11 @@ class StateStore:
         new: Slot,
         generation: int,
         *,
+        rollback: bool = False,
         before_commit: Callable[[], None] | None = None,
     ) -> ModelRecord:
-        """Make `new` active and the current active the previous, in one transaction.
+        """Make `new` active and the current active the previous, in one transaction, and
+        raise the model's version floor to it (an operator's `rollback` sets the floor to it).
 
         `before_commit` runs inside the transaction (tests use it to die mid-switch).
         """
@@ -193,6 +273,12 @@ class StateStore:
             previous = old.active if old else None
             if previous is not None and previous.digest == new.digest:
                 previous = old.previous if old else None
+            db.execute(
+                "INSERT INTO floors (model, version) VALUES (?, ?) ON CONFLICT(model)"
+                " DO UPDATE SET version = "
+                + ("excluded.version" if rollback else "max(version, excluded.version)"),
+                (name, new.version),
+            )
             db.execute(
                 "INSERT OR REPLACE INTO models (model, active_version, active_digest, active_dir,"
                 " previous_version, previous_digest, previous_dir, observed_generation,"

@@ -76,7 +76,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start_agent(
-    cli: list[str], cloud: str, enroll: str, data_dir: Path, workdir: Path, tag: str
+    cli: list[str], cloud: str, trust: list[str], data_dir: Path, workdir: Path, tag: str
 ) -> tuple[subprocess.Popen[bytes], Path, float]:
     port_file = workdir / f"agent-{tag}.port"
     port_file.unlink(missing_ok=True)
@@ -89,8 +89,7 @@ def start_agent(
             "run",
             "--cloud",
             cloud,
-            "--enroll-token",
-            enroll,
+            *trust,
             "--data-dir",
             str(data_dir),
             "--inference-host",
@@ -159,13 +158,15 @@ def main() -> None:
     args = parser.parse_args()
 
     cli = edgefleet_command()
-    admin, enroll = secrets.token_hex(16), secrets.token_hex(16)
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_path = work / "small_cnn.onnx"
         export_small_cnn(model_path)
 
+        enroll_file = work / "enroll-token"
+        enroll_file.write_text(secrets.token_hex(16))
+        enroll_file.chmod(0o600)
         cloud_port_file = work / "cloud.port"
         cloud_log = (work / "cloud.log").open("wb")
         cloud_proc = subprocess.Popen(
@@ -179,10 +180,8 @@ def main() -> None:
                 "0",
                 "--port-file",
                 str(cloud_port_file),
-                "--admin-token",
-                admin,
-                "--enroll-token",
-                enroll,
+                "--enroll-token-file",
+                str(enroll_file),
             ],
             stdout=cloud_log,
             stderr=subprocess.STDOUT,
@@ -190,7 +189,12 @@ def main() -> None:
         agent_proc: subprocess.Popen[bytes] | None = None
         try:
             cloud = f"127.0.0.1:{wait_for_file(cloud_port_file, cloud_proc, 60)}"
-            auth = ["--cloud", cloud, "--token", admin]
+            ca = str(work / "cloud" / "trust" / "ca.pem")
+            auth = ["--cloud", cloud, "--token-file", str(work / "cloud" / "admin-token")]
+            auth += ["--ca-file", ca]
+            root_key = (work / "cloud" / "trust" / "root-key.txt").read_text().strip()
+            trust = ["--ca-file", ca, "--root-key", root_key]
+            trust += ["--enroll-token-file", str(enroll_file)]
             subprocess.run(
                 [*cli, "models", "push", MODEL, str(model_path), *auth],
                 check=True,
@@ -214,7 +218,7 @@ def main() -> None:
 
             # 1. First start: enrol, then (once the device exists) deploy, download, verify,
             # smoke-test, load. This figure includes the deploy command's own run time.
-            agent_proc, port_file, started = start_agent(cli, cloud, enroll, data_dir, work, "1")
+            agent_proc, port_file, started = start_agent(cli, cloud, trust, data_dir, work, "1")
             deploy_once_enrolled(time.monotonic() + args.timeout)
             figures["first_start_to_ready_s"] = time_to_ready(
                 agent_proc, port_file, started, args.timeout
@@ -224,7 +228,7 @@ def main() -> None:
             stop(agent_proc)
 
             # 2. Restart from local state, cloud up.
-            agent_proc, port_file, started = start_agent(cli, cloud, enroll, data_dir, work, "2")
+            agent_proc, port_file, started = start_agent(cli, cloud, trust, data_dir, work, "2")
             figures["restart_to_ready_s"] = time_to_ready(
                 agent_proc, port_file, started, args.timeout
             )
@@ -234,7 +238,7 @@ def main() -> None:
 
             # 3. Restart with the cloud gone: serves from local state alone.
             stop(cloud_proc)
-            agent_proc, port_file, started = start_agent(cli, cloud, enroll, data_dir, work, "3")
+            agent_proc, port_file, started = start_agent(cli, cloud, trust, data_dir, work, "3")
             figures["offline_restart_to_ready_s"] = time_to_ready(
                 agent_proc, port_file, started, args.timeout
             )

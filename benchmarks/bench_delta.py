@@ -46,17 +46,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
-import secrets
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import write_json
+
+if TYPE_CHECKING:
+    from edgefleet.client import AdminClient
 
 # Largest share of the full artifact a head-only update may download (onnx-cpu-fp32).
 TARGET_SHARES = {"small-cnn": 0.03, "efficientnet-lite0": 0.005}
@@ -231,25 +233,38 @@ class Bench:
 
         self.work = work
         self.targets = targets
-        self.admin_token = secrets.token_urlsafe(12)
-        self.enroll_token = secrets.token_urlsafe(12)
-        self.cloud = cloud_process(work, self.admin_token, self.enroll_token)
+        self.cloud, self.trust = cloud_process(work)
         self.cloud.env["EDGEFLEET_CLOUD_JOBS__THREADS"] = str(job_threads)
         self.cloud.env["EDGEFLEET_CLOUD_JOBS__FASHION_MNIST_DIR"] = str(fashion_mnist)
         self.agents: dict[str, ManagedProcess] = {}
         self._log_offsets: dict[str, int] = {}
 
+    def client(self) -> AdminClient:
+        from edgefleet.client import AdminClient
+
+        return AdminClient(
+            self.cloud.address,
+            token_file=self.trust.admin_token_file,
+            ca_file=self.trust.ca_file,
+            timeout=30,
+        )
+
     def start(self) -> None:
-        from edgefleet.cli.processes import agent_process
+        from edgefleet.cli.processes import agent_process, write_secret_file
 
         self.cloud.start().wait_ready(60)
+        with self.client() as admin:
+            secrets = {
+                t: admin.create_enroll_token(labels={"bench": "delta", "target": t}, max_uses=1)[0]
+                for t in self.targets
+            }
         for t in self.targets:
             self.agents[t] = agent_process(
                 self.work,
                 f"agent-{t}",
                 self.cloud.address,
-                self.enroll_token,
-                {"bench": "delta", "target": t},
+                self.trust,
+                write_secret_file(self.work / "tokens" / t, secrets[t]),
                 env={
                     "EDGEFLEET_AGENT_REPORT_INTERVAL_S": "1",
                     "EDGEFLEET_AGENT_BACKOFF_CAP_S": "2",
@@ -300,7 +315,6 @@ def run_case(
 ) -> Outcome:
     from agent.state import StateStore
     from cloudsvc.store.blobs import FolderBlobStore
-    from edgefleet.client import AdminClient
     from edgefleet.core.manifests import file_chunks
     from protos.artifact.v1 import artifact_pb2
 
@@ -310,7 +324,7 @@ def run_case(
     bench = Bench(work, targets, job_threads, fashion_mnist)
     bench.start()
     try:
-        with AdminClient(bench.cloud.address, bench.admin_token, timeout=30) as cloud:
+        with bench.client() as cloud:
 
             def finetune(n: int) -> int:
                 job = cloud.finetune(
@@ -332,7 +346,7 @@ def run_case(
                     drop = t.metrics.get("accuracy_drop")
                     scored = f" (accuracy drop {drop * 100:.2f} points)" if drop is not None else ""
                     print(f"  v{done.result_version} {t.target}: {t.status}{scored} {t.reason}")
-                return done.result_version
+                return int(done.result_version)
 
             def deploy(version: int, built: list[str]) -> float:
                 t0 = time.monotonic()

@@ -14,8 +14,11 @@ import grpc
 from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry, check_name
+from cloudsvc.tokens import Tokens
+from edgefleet.core.tokens import Role
 from edgefleet.core.wire import to_proto
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
+from protos.fleet.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +31,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self,
         registry: Registry,
         fleet: Fleet,
+        tokens: Tokens,
         tmp_dir: Path,
         max_upload_bytes: int,
     ) -> None:
         self.registry = registry
         self.fleet = fleet
+        self.tokens = tokens
         self.tmp_dir = tmp_dir
         self.max_upload_bytes = max_upload_bytes
 
@@ -143,8 +148,86 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.Device:
         return to_proto(self.fleet.device(request.device_id), admin_pb2.Device)
 
+    def Rollback(
+        self, request: admin_pb2.RollbackRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.DeployResponse:
+        if request.version == 0:
+            raise InvalidRequest("rollback needs the version to go back to (--to N)")
+        results = self.fleet.deploy(
+            request.model, request.version, dict(request.selector), request.target, rollback=True
+        )
+        return admin_pb2.DeployResponse(
+            devices=[admin_pb2.DeviceGeneration(device_id=d, generation=g) for d, g in results]
+        )
+
+    def LabelDevice(
+        self, request: admin_pb2.LabelDeviceRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.Device:
+        device = self.fleet.label(request.device_id, dict(request.set), list(request.remove))
+        return to_proto(device, admin_pb2.Device)
+
+    def RevokeDevice(
+        self, request: admin_pb2.RevokeDeviceRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.Device:
+        return to_proto(self.fleet.revoke(request.device_id), admin_pb2.Device)
+
     def CreateEnrollToken(
         self, request: admin_pb2.CreateEnrollTokenRequest, context: grpc.ServicerContext
     ) -> admin_pb2.CreateEnrollTokenResponse:
-        token, expires_at = self.fleet.create_enroll_token(request.ttl_seconds, request.note)
-        return admin_pb2.CreateEnrollTokenResponse(enroll_token=token, expires_at=expires_at)
+        secret, token = self.tokens.create_enroll_token(
+            request.ttl_seconds,
+            request.note,
+            request.max_uses,
+            dict(request.labels),
+            request.device_id,
+        )
+        return admin_pb2.CreateEnrollTokenResponse(
+            enroll_token=secret,
+            expires_at=int(token.expires_at),
+            token=to_proto(token, admin_pb2.EnrollToken),
+        )
+
+    def ListEnrollTokens(
+        self, request: admin_pb2.ListEnrollTokensRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListEnrollTokensResponse:
+        return admin_pb2.ListEnrollTokensResponse(
+            tokens=[to_proto(t, admin_pb2.EnrollToken) for t in self.tokens.enroll_tokens()]
+        )
+
+    def RevokeEnrollToken(
+        self, request: admin_pb2.RevokeEnrollTokenRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.EnrollToken:
+        return to_proto(self.tokens.revoke_enroll_token(request.token_id), admin_pb2.EnrollToken)
+
+    def CreateAdminToken(
+        self, request: admin_pb2.CreateAdminTokenRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.CreateAdminTokenResponse:
+        try:
+            role = Role(request.role)
+        except ValueError:
+            raise InvalidRequest(
+                f"role {request.role[:40]!r} is not one of {', '.join(r.value for r in Role)}"
+            ) from None
+        secret, token = self.tokens.create_admin_token(request.name, role)
+        return admin_pb2.CreateAdminTokenResponse(
+            admin_token=secret, token=to_proto(token, admin_pb2.AdminToken)
+        )
+
+    def ListAdminTokens(
+        self, request: admin_pb2.ListAdminTokensRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListAdminTokensResponse:
+        return admin_pb2.ListAdminTokensResponse(
+            tokens=[to_proto(t, admin_pb2.AdminToken) for t in self.tokens.admin_tokens()]
+        )
+
+    def RevokeAdminToken(
+        self, request: admin_pb2.RevokeAdminTokenRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.AdminToken:
+        return to_proto(self.tokens.revoke_admin_token(request.token_id), admin_pb2.AdminToken)
+
+    def RotateRootKey(
+        self, request: admin_pb2.RotateRootKeyRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.RootKey:
+        key = self.fleet.keys.rotate()
+        log.warning("root key rotated to v%d (%s)", key.version, key.fingerprint)
+        return to_proto(key, fleet_pb2.RootKey)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 
-from cloudsvc.access import DeviceCaller
+from cloudsvc.access import DeviceCaller, EnrollCaller
 from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry
@@ -50,17 +51,27 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
             if request.HasField("capabilities")
             else None
         )
+        who: EnrollCaller = caller()
         enrollment = self.fleet.enroll(
-            request.enroll_token, request.device_id, dict(request.labels), caps
+            request.enroll_token,
+            request.device_id,
+            caps,
+            current_credential=who.credential,
+            certificate_request=request.certificate_request,
         )
         log.info("enrolled device %s", enrollment.device_id)
         return to_proto(enrollment, fleet_pb2.EnrollResponse)
 
+    def GetTrust(
+        self, request: fleet_pb2.GetTrustRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.TrustChain:
+        return to_proto(self.fleet.keys.chain(), fleet_pb2.TrustChain)
+
     def GetDesiredState(
         self, request: fleet_pb2.GetDesiredStateRequest, context: grpc.ServicerContext
-    ) -> fleet_pb2.DesiredState:
-        device_id = self._device(request.device_id)
-        return to_proto(self.fleet.desired_state(device_id), fleet_pb2.DesiredState)
+    ) -> fleet_pb2.SignedDesiredState:
+        signed = self.fleet.signed_desired_state(self._device(request.device_id))
+        return to_proto(signed, fleet_pb2.SignedDesiredState)
 
     def WatchDesiredState(
         self, request: fleet_pb2.WatchDesiredStateRequest, context: grpc.ServicerContext
@@ -82,6 +93,7 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
                 )
                 if generation is None:  # the server is stopping or the caller went away
                     return
+                self.fleet.authenticate_id(device_id)  # a revoked device's stream ends
                 # A repeat of the same generation is the keep-alive: a dead peer fails it.
                 yield fleet_pb2.DesiredStateNotice(generation=generation)
                 sent = max(sent, generation)
@@ -90,34 +102,30 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
             self._watchers.release()
 
     def ReportState(
-        self, request: fleet_pb2.ReportStateRequest, context: grpc.ServicerContext
+        self, request: fleet_pb2.ReportedState, context: grpc.ServicerContext
     ) -> fleet_pb2.ReportStateResponse:
-        state = from_proto(request.state, ReportedState)
+        state = from_proto(request, ReportedState)
         device_id = self._device(state.device_id)
-        generation = self.fleet.report(
-            ReportedState(
-                device_id=device_id,
-                observed_generation=state.observed_generation,
-                models=state.models,
-                capabilities=state.capabilities,
-                last_error=state.last_error,
-                labels=state.labels,
-                inference_endpoint=state.inference_endpoint,
-            )
-        )
+        # The cloud's clock says when it arrived, whatever the device wrote.
+        generation = self.fleet.report(replace(state, device_id=device_id, reported_at=0.0))
         return fleet_pb2.ReportStateResponse(desired_generation=generation)
 
     def GetManifest(
         self, request: fleet_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> artifact_pb2.SignedManifest:
-        self._device(request.device_id)
-        return self.registry.wire_manifest(check_digest(request.digest))
+        device_id = self._device(request.device_id)
+        digest = check_digest(request.digest)
+        self.fleet.readable(device_id, digest)
+        if request.accept_compressed:
+            return self.registry.wire_manifest(digest)
+        return self.registry.signed_manifest(digest)
 
     def FetchChunk(
         self, request: fleet_pb2.FetchChunkRequest, context: grpc.ServicerContext
     ) -> Iterator[fleet_pb2.ChunkPiece]:
-        self._device(request.device_id)
+        device_id = self._device(request.device_id)
         sha = check_digest(request.sha256)
+        self.fleet.chunk_readable(device_id, sha)
         blobs = self.registry.blobs
         total = blobs.size(sha)
         if request.offset > total:

@@ -14,6 +14,7 @@ import click
 
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.logs import configure as configure_logs
+from edgefleet.core.tls import INSECURE_WARNING
 
 log = logging.getLogger("edgefleet.cloud")
 
@@ -35,8 +36,44 @@ def cloud() -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="State folder.")
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port to bind (default 50051; 0 = any free port).")
-@click.option("--admin-token", help="Admin token (default: made once, kept in DATA_DIR).")
-@click.option("--enroll-token", "enroll_tokens", multiple=True, help="Accept this enroll token.")
+@click.option(
+    "--admin-token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File holding the first admin token [default: made once, kept in DATA_DIR/admin-token]. "
+    "Secrets never go on the command line, where `ps` shows them.",
+)
+@click.option(
+    "--enroll-token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File holding a fleet-wide enroll token (no expiry, no labels); prefer "
+    "`edgefleet tokens create`.",
+)
+@click.option(
+    "--tls-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of `edgefleet certs init` (server.pem, server.key, ca.pem, ca.key) "
+    "[default: made once in DATA_DIR/tls].",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    help="A host name or address devices reach the cloud by, for the certificate made in "
+    "DATA_DIR/tls (repeatable).",
+)
+@click.option(
+    "--device-port",
+    type=int,
+    help="Mutual TLS: also listen here for devices, which then call with the client "
+    "certificate they get at enrollment (0: any free port).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=None,
+    help="Plain text instead of TLS: tokens, models and data cross the network unencrypted. "
+    "Trusted loopback or lab networks only.",
+)
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file."
 )
@@ -54,8 +91,12 @@ def serve(
     data_dir: Path | None,
     host: str | None,
     port: int | None,
-    admin_token: str | None,
-    enroll_tokens: tuple[str, ...],
+    admin_token_file: Path | None,
+    enroll_token_file: Path | None,
+    tls_dir: Path | None,
+    tls_names: tuple[str, ...],
+    device_port: int | None,
+    insecure: bool | None,
     config_file: Path | None,
     port_file: Path | None,
     log_format: str | None,
@@ -64,16 +105,34 @@ def serve(
     from cloudsvc.server import CloudServer
     from cloudsvc.settings import CloudSettings
 
+    os.umask(0o077)  # every file the cloud writes is its own: keys, tokens, data
     try:
         settings = CloudSettings.load(
             config_file,
             data_dir=data_dir,
             host=host,
             port=port,
-            admin_token=admin_token,
-            enroll_tokens=list(enroll_tokens) or None,
+            admin_token_file=admin_token_file,
+            enroll_token_file=enroll_token_file,
+            insecure=insecure,
             log_format=log_format,
         )
+        tls = settings.tls
+        if tls_dir is not None:
+            tls = tls.model_copy(
+                update={
+                    "cert_file": tls_dir / "server.pem",
+                    "key_file": tls_dir / "server.key",
+                    "ca_file": tls_dir / "ca.pem",
+                    "ca_key_file": tls_dir / "ca.key",
+                }
+            )
+        if tls_names or device_port is not None:
+            update: dict[str, object] = {"names": [*tls.names, *tls_names]}
+            if device_port is not None:
+                update["device_port"] = device_port
+            tls = tls.model_copy(update=update)
+        settings = settings.model_copy(update={"tls": tls})
         configure_logs(settings.log_format)
         log.info("edgefleet cloud settings:\n%s", settings.describe())
         server = CloudServer(settings).start()
@@ -91,15 +150,30 @@ def serve(
     signal.signal(signal.SIGINT, on_signal)
     if server.admin_token.path is not None:
         log.info("admin token is in %s", server.admin_token.path)
-    if not settings.enroll_tokens:
+    if server.tls is None:
+        log.warning("serving %s", INSECURE_WARNING)
+    trust = server.trust_dir
+    log.info(
+        "devices trust this cloud through files in %s, provisioned to them out of band: "
+        "`edgefleet agent run --cloud HOST:%d --ca-file ca.pem --root-key %s "
+        "--enroll-token-file TOKEN-FILE` (make the token with `edgefleet tokens create`)",
+        trust,
+        server.port,
+        server.keys.current.fingerprint,
+    )
+    if not settings.enroll_tokens and settings.enroll_token_file is None:
         log.info(
-            "no enroll token was given (--enroll-token): devices enroll only with tokens made "
-            "by `edgefleet enroll-token --ttl 86400 --cloud %s` (with the admin token)",
-            server.address,
+            "no fleet-wide enroll token was given: devices enroll with tokens made by "
+            "`edgefleet tokens create --label site=... --max-uses N --ttl 1d`"
         )
     if port_file is not None:
         _write_port_file(port_file, server.port)
-    log.info("edgefleet cloud listening on %s", server.address)
+    log.info(
+        "edgefleet cloud listening on %s (%s)%s",
+        server.address,
+        "plain text" if server.tls is None else "TLS",
+        f"; devices with mutual TLS on port {server.device_port}" if server.device_port else "",
+    )
     log.info(
         "jobs run on: %s", ", ".join(server.jobs.slots) or "nothing (jobs.cpu_slots=0, no GPU)"
     )

@@ -24,12 +24,14 @@ from cloudsvc.errors import (
     UnknownResource,
 )
 from cloudsvc.registry import DEFAULT_TARGET, Registry
+from cloudsvc.signing import RootKeys
 from cloudsvc.store.metadata import (
     DeviceRecord,
-    EnrollTokenRecord,
     MetadataStore,
 )
+from cloudsvc.tokens import Tokens
 from edgefleet.core.auth import hash_token, new_token, same_secret
+from edgefleet.core.certs import CertificateAuthority
 from edgefleet.core.fleet import (
     Assignment,
     Capabilities,
@@ -39,14 +41,17 @@ from edgefleet.core.fleet import (
     Enrollment,
     ReportedState,
 )
+from edgefleet.core.tokens import EnrollToken
+from edgefleet.core.trust import SignedDesiredState
 from edgefleet.core.versions import Artifact, ModelVersion
 
 log = logging.getLogger(__name__)
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_LABELS = 64
-MAX_TOKEN_TTL_S = 10 * 366 * 86_400
 MAX_MODELS_REPORTED = 1024
+# Generations are stored as signed 64-bit integers; the wire's uint64 can say more.
+MAX_GENERATION = 2**63 - 1
 # Writing last_seen on every chunk fetch would be an fsync per chunk; once a second is plenty
 # for an "online within 30 s" view.
 _TOUCH_EVERY_S = 1.0
@@ -78,107 +83,129 @@ class Fleet:
         self,
         metadata: MetadataStore,
         registry: Registry,
-        trusted_keys: Sequence[bytes],
+        tokens: Tokens,
         static_enroll_tokens: Sequence[str] = (),
         offline_after_s: float = 30.0,
+        certificate_authority: CertificateAuthority | None = None,
+        device_port: int = 0,
+        keys: RootKeys | None = None,
+        desired_state_ttl_s: float = 86_400.0,
     ) -> None:
+        self.keys = keys or RootKeys.generate()
+        self.desired_state_ttl_s = desired_state_ttl_s
         self.metadata = metadata
         self.registry = registry
-        self.trusted_keys = list(trusted_keys)
+        self.tokens = tokens
         self.static_enroll_tokens = list(static_enroll_tokens)
         self.offline_after_s = offline_after_s
+        self.certificate_authority = certificate_authority
+        self.device_port = device_port
         self._changed = threading.Condition()
         self._closed = False
         self._deploy_lock = threading.Lock()
         self._touched: dict[str, float] = {}
 
     # enrollment ------------------------------------------------------------------------
-    def create_enroll_token(self, ttl_seconds: int = 0, note: str = "") -> tuple[str, int]:
-        """A new enrollment token (only its hash is kept) and its expiry (0 = never)."""
-        if not 0 <= ttl_seconds <= MAX_TOKEN_TTL_S:
-            raise InvalidRequest(
-                f"a token's lifetime is 0 (no expiry) to {MAX_TOKEN_TTL_S} seconds (10 years); "
-                f"got {ttl_seconds}"
-            )
-        if len(note) > 500:
-            raise InvalidRequest("a token's note is at most 500 characters")
-        token = new_token("enr")
-        now = int(time.time())
-        expires = now + ttl_seconds if ttl_seconds else 0
-        self.metadata.add_enroll_token(EnrollTokenRecord(hash_token(token), now, expires, note))
-        return token, expires
-
-    def _check_enroll_token(self, token: str) -> None:
-        if not token:
-            raise NotAuthenticated(
-                "enrollment needs an enroll token; create one with `edgefleet enroll-token`"
-            )
-        if any(same_secret(token, t) for t in self.static_enroll_tokens):
-            return
-        record = self.metadata.get_enroll_token(hash_token(token))
-        if record is None:
-            raise NotAuthenticated(
-                "the enroll token is not valid; create one with `edgefleet enroll-token`"
-            )
-        if not record.valid_at(time.time()):
-            raise NotAuthenticated(
-                "the enroll token expired; create a new one with `edgefleet enroll-token`"
-            )
-
     def enroll(
         self,
         enroll_token: str,
         device_id: str = "",
-        labels: Mapping[str, str] | None = None,
         capabilities: Capabilities | None = None,
+        *,
+        current_credential: str | None = None,
+        certificate_request: bytes = b"",
     ) -> Enrollment:
-        """A device id and a fresh credential; re-enrolling an id rotates its credential."""
-        self._check_enroll_token(enroll_token)
+        """A device id and a fresh credential.
+
+        A new device gets the labels its token grants. An enrolled id is re-enrolled (its
+        credential rotated) only with its current credential or a re-enroll token bound to
+        it: holding a fleet-wide token is not enough to take a device's identity.
+        """
         if device_id and not DEVICE_ID_PATTERN.match(device_id):
             raise InvalidRequest(
                 f"device id {device_id[:80]!r} is not valid: 1-63 characters of letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit"
             )
-        check_labels(labels or {})
+        existing = self.metadata.get_device(device_id) if device_id else None
+        if existing is not None:
+            labels = dict(existing.labels)
+            own = current_credential and same_secret(
+                hash_token(current_credential), existing.token_hash
+            )
+            if not own or existing.revoked:
+                if existing.revoked and not enroll_token:
+                    raise Forbidden(
+                        f"device {device_id!r} was revoked: it re-enrolls only with a "
+                        f"re-enroll token bound to it (`edgefleet tokens create --reenroll "
+                        f"{device_id}`)"
+                    )
+                token = self._enroll_token(enroll_token)
+                if token.device_id != existing.device_id:
+                    raise Forbidden(
+                        f"device {device_id!r} is enrolled already: re-enrolling it needs its "
+                        "current credential or a re-enroll token bound to it (`edgefleet "
+                        f"tokens create --reenroll {device_id}`)"
+                    )
+                labels.update(token.labels)
+        else:
+            token = self._enroll_token(enroll_token)
+            if token.device_id and token.device_id != device_id:
+                raise Forbidden(f"this re-enroll token is for device {token.device_id!r} only")
+            labels = dict(token.labels)
         device_id = device_id or self._new_device_id()
-        token = new_token("dev")
+        certificate = b""
+        if certificate_request and self.certificate_authority is not None:
+            # Without mutual TLS the request is ignored: the device keeps its bearer token.
+            certificate = self.certificate_authority.sign_device(certificate_request, device_id)
+        secret = new_token("dev")
         now = time.time()
-        existing = self.metadata.get_device(device_id)
         record = DeviceRecord(
             device_id=device_id,
-            token_hash=hash_token(token),
+            token_hash=hash_token(secret),
             enrolled_at=existing.enrolled_at if existing else int(now),
-            labels=dict(labels or (existing.labels if existing else {})),
+            labels=labels,
             capabilities=capabilities or (existing.capabilities if existing else Capabilities()),
             last_seen_at=now,
         )
-        self.metadata.put_device(record)
-        if existing is None:
-            self._apply_standing_deployments(record)
-        return Enrollment(device_id, token, tuple(self.trusted_keys))
+        with self._deploy_lock:
+            # Under the deploy lock: a deploy running now either sees this device or wrote
+            # its deployment before the device reads the standing ones.
+            self.metadata.put_device(record)
+            if existing is None:
+                self._apply_standing_deployments(record)
+        with self._changed:
+            self._changed.notify_all()
+        return Enrollment(device_id, secret, certificate, self.device_port if certificate else 0)
+
+    def _enroll_token(self, secret: str) -> EnrollToken:
+        """The token used (its use counted), or NotAuthenticated."""
+        if secret and any(same_secret(secret, t) for t in self.static_enroll_tokens):
+            return EnrollToken(token_id="static", created_at=0.0)
+        return self.tokens.use_enroll_token(secret)
 
     def _apply_standing_deployments(self, device: DeviceRecord) -> None:
         """Give a newly enrolled device what the deployments matching its labels say, the
         newest deployment of each model winning. One that cannot apply is logged, not fatal:
-        enrollment must not fail because of an old deployment."""
+        enrollment must not fail because of an old deployment. Called under _deploy_lock."""
         chosen: dict[str, Assignment] = {}
         for deployment in self.metadata.list_deployments():
             if not deployment.matches(device.labels):
                 continue
             try:
                 record = self.registry.get_version(deployment.model, deployment.version)
-                chosen[deployment.model] = self._assignment(record, device, deployment.target)
+                peak = self.metadata.peaks(device.device_id).get(deployment.model, 0)
+                chosen[deployment.model] = replace(
+                    self._assignment(record, device, deployment.target),
+                    rollback=deployment.rollback or deployment.version < peak,
+                )
             except CloudError as err:
                 log.warning(
                     "deployment of %s to %s skipped: %s", deployment.model, device.device_id, err
                 )
-        if not chosen:
-            return
-        with self._deploy_lock:
-            for assignment in chosen.values():
+        current = self.metadata.get_desired(device.device_id)
+        for assignment in chosen.values():
+            if current.assignment(assignment.model) != assignment:
                 self.metadata.assign({device.device_id: assignment})
-        with self._changed:
-            self._changed.notify_all()
 
     def _new_device_id(self) -> str:
         while True:
@@ -194,12 +221,19 @@ class Fleet:
                 "`authorization: Bearer <token>` metadata"
             )
         device = self.metadata.device_by_token_hash(hash_token(device_token))
-        if device is None:
+        if device is None or device.revoked:
             raise NotAuthenticated(
-                "the device token is not valid (revoked or rotated by a re-enroll); enroll again"
+                "the device credential is not valid (the device was revoked, or re-enrolled "
+                "with a new credential); the operator can issue a re-enroll token"
             )
         self.touch(device.device_id)
         return device.device_id
+
+    def authenticate_id(self, device_id: str) -> None:
+        """NotAuthenticated if the device was revoked since its call began."""
+        device = self.metadata.get_device(device_id)
+        if device is None or device.revoked:
+            raise NotAuthenticated(f"device {device_id} was revoked")
 
     @staticmethod
     def authorize(caller: str, requested: str) -> str:
@@ -219,12 +253,20 @@ class Fleet:
 
     # deploys ---------------------------------------------------------------------------
     def deploy(
-        self, model: str, version: int, selector: Mapping[str, str] | None = None, target: str = ""
+        self,
+        model: str,
+        version: int,
+        selector: Mapping[str, str] | None = None,
+        target: str = "",
+        *,
+        rollback: bool = False,
     ) -> list[tuple[str, int]]:
         """Assign `model` v`version` to every device whose labels contain `selector`.
 
         Each matching device keeps its other models' assignments and gets its generation
-        bumped by one. Returns (device id, new generation) per device.
+        bumped by one. With `rollback`, the assignment says it is an operator's rollback:
+        the only way a device accepts a version below the highest it ran. Returns (device
+        id, new generation) per device.
         """
         selector = dict(selector or {})
         record = self.registry.get_version(model, version)
@@ -243,17 +285,46 @@ class Fleet:
                 "edgefleet agents do not run (they serve ONNX, on TensorRT through ONNX "
                 "Runtime's TensorRT provider where the device has it); deploy an onnx-* target"
             )
-        devices = [d for d in self.metadata.list_devices() if d.matches(selector)]
-        if not devices:
-            raise NotReady(self._no_match_message(selector))
-        plan = {d.device_id: self._assignment(record, d, target) for d in devices}
-        deployment = Deployment(model, selector, version, target, time.time())
         with self._deploy_lock:
+            devices = [
+                d for d in self.metadata.list_devices() if d.matches(selector) and not d.revoked
+            ]
+            if not devices:
+                raise NotReady(self._no_match_message(selector))
+            if not rollback:
+                self._refuse_going_back(model, version, devices)
+            # Below a version a device was ever assigned, the assignment is a rollback: a
+            # device that missed the operator's rollback still takes the versions after it.
+            plan = {
+                d.device_id: replace(
+                    self._assignment(record, d, target),
+                    rollback=rollback or version < self.metadata.peaks(d.device_id).get(model, 0),
+                )
+                for d in devices
+            }
+            deployment = Deployment(model, selector, version, target, time.time(), rollback)
             # One transaction: a crash leaves the whole deploy recorded or none of it.
             generations = self.metadata.assign(plan, deployment)
         with self._changed:
             self._changed.notify_all()
         return sorted(generations.items())
+
+    def _refuse_going_back(self, model: str, version: int, devices: list[DeviceRecord]) -> None:
+        """A deploy moves forward; going below what devices are assigned is a rollback."""
+        ahead = sorted(
+            {
+                a.version
+                for d in devices
+                if (a := self.metadata.get_desired(d.device_id).assignment(model)) is not None
+                and a.version > version
+            }
+        )
+        if ahead:
+            raise NotReady(
+                f"devices of this selector are assigned {model} v{ahead[-1]}: going back to "
+                f"v{version} is a rollback, which devices take only as one: `edgefleet "
+                f"rollback {model} --to {version}` with the same selector"
+            )
 
     def _assignment(self, record: ModelVersion, device: DeviceRecord, target: str) -> Assignment:
         chosen = target or best_target(record.artifacts, device.capabilities)
@@ -284,6 +355,32 @@ class Fleet:
 
     def desired_state(self, device_id: str) -> DesiredState:
         return self.metadata.get_desired(device_id)
+
+    def signed_desired_state(self, device_id: str) -> SignedDesiredState:
+        """The device's desired state, signed by the current root key, issued now and
+        expiring after desired_state_ttl_s: a device in contact always holds a fresh one."""
+        now = time.time()
+        state = replace(
+            self.metadata.get_desired(device_id),
+            issued_at=now,
+            expires_at=now + self.desired_state_ttl_s,
+        )
+        return self.keys.sign_desired(state)
+
+    def readable(self, device_id: str, manifest_digest: str) -> None:
+        """Forbidden unless the manifest is in the device's current or previous desired
+        state: a device reads only the models it is told to run (or ran just before)."""
+        if manifest_digest not in self.metadata.allowed_digests(device_id):
+            raise Forbidden(
+                f"manifest {manifest_digest[:12]} is not in the desired state of {device_id}"
+            )
+
+    def chunk_readable(self, device_id: str, sha256: str) -> None:
+        """Forbidden unless a manifest the device may read names the chunk."""
+        for digest in self.metadata.allowed_digests(device_id):
+            if sha256 in self.registry.chunks_of(digest):
+                return
+        raise Forbidden(f"chunk {sha256[:12]} is in no manifest {device_id} may read")
 
     def wait_for_change(
         self,
@@ -323,7 +420,8 @@ class Fleet:
 
     # reports ---------------------------------------------------------------------------
     def report(self, state: ReportedState) -> int:
-        """Store what the device runs; the cloud's desired generation for it."""
+        """Store what the device runs; the cloud's desired generation for it. The labels a
+        device reports are advisory (kept with the report): selectors use the operator's."""
         device = self.metadata.get_device(state.device_id)
         if device is None:
             raise UnknownResource(f"device {state.device_id!r} is not enrolled; enroll it first")
@@ -332,17 +430,50 @@ class Fleet:
             raise InvalidRequest(
                 f"the report lists {len(state.models)} models; at most {MAX_MODELS_REPORTED}"
             )
+        if state.observed_generation > MAX_GENERATION:
+            raise InvalidRequest(
+                f"observed generation {state.observed_generation} is no generation this cloud "
+                f"issued (they are at most {MAX_GENERATION})"
+            )
         now = time.time()
         self.metadata.put_reported(replace(state, reported_at=now))
         changed = replace(
-            device,
-            labels=dict(state.labels) if state.labels else device.labels,
-            capabilities=state.capabilities or device.capabilities,
-            last_seen_at=now,
+            device, capabilities=state.capabilities or device.capabilities, last_seen_at=now
         )
         if changed != device:
             self.metadata.put_device(changed)
         return self.metadata.get_desired(state.device_id).generation
+
+    # the operator's hold over devices ----------------------------------------------------
+    def label(self, device_id: str, set_: Mapping[str, str], remove: Sequence[str] = ()) -> Device:
+        device = self._enrolled(device_id)
+        labels = {k: v for k, v in device.labels.items() if k not in set(remove)}
+        labels.update(set_)
+        check_labels(labels)
+        relabelled = replace(device, labels=labels)
+        with self._deploy_lock:
+            self.metadata.put_device(relabelled)
+            # What a site runs follows the device there: standing deployments that match its
+            # new labels apply now, as they would have at enrollment.
+            self._apply_standing_deployments(relabelled)
+        self.wake()
+        return self.device(device_id)
+
+    def revoke(self, device_id: str) -> Device:
+        """Refuse every later call of the device; a re-enroll token brings it back."""
+        device = self._enrolled(device_id)
+        self.metadata.put_device(replace(device, revoked=True))
+        self.wake()  # its watch stream ends at the next keep-alive
+        log.warning("device %s revoked by the operator", device_id)
+        return self.device(device_id)
+
+    def _enrolled(self, device_id: str) -> DeviceRecord:
+        device = self.metadata.get_device(device_id)
+        if device is None:
+            raise UnknownResource(
+                f"no device {device_id[:80]!r} is enrolled; list them with `edgefleet devices`"
+            )
+        return device
 
     # listing ---------------------------------------------------------------------------
     def view(self, device: DeviceRecord, now: float | None = None) -> Device:
@@ -356,6 +487,7 @@ class Fleet:
             enrolled_at=device.enrolled_at,
             desired=self.metadata.get_desired(device.device_id),
             reported=self.metadata.get_reported(device.device_id),
+            revoked=device.revoked,
         )
 
     def devices(self, selector: Mapping[str, str] | None = None) -> list[Device]:
@@ -365,12 +497,7 @@ class Fleet:
         ]
 
     def device(self, device_id: str) -> Device:
-        device = self.metadata.get_device(device_id)
-        if device is None:
-            raise UnknownResource(
-                f"no device {device_id[:80]!r} is enrolled; list them with `edgefleet devices`"
-            )
-        return self.view(device)
+        return self.view(self._enrolled(device_id))
 
 
 def check_labels(labels: Mapping[str, str]) -> None:

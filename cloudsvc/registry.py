@@ -24,11 +24,11 @@ from cloudsvc.errors import (
 )
 from cloudsvc.golden import GOLDEN_BYTES_BUDGET, make_golden_samples, pair_bytes
 from cloudsvc.sessions import open_session
-from cloudsvc.signing import ManifestSigner
+from cloudsvc.signing import RootKeys
 from cloudsvc.store.blobs import BlobStore
 from cloudsvc.store.metadata import MetadataStore
 from compilers.build import Build
-from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.errors import EdgefleetError, ManifestError
 from edgefleet.core.golden import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -40,7 +40,9 @@ from edgefleet.core.golden import (
 )
 from edgefleet.core.manifests import (
     DEFAULT_CHUNK_SIZE,
+    MANIFEST_SCHEMA_VERSION,
     NAME_PATTERN,
+    check_manifest,
     compress,
     describe_blocks,
     file_chunks,
@@ -180,16 +182,17 @@ class Registry:
         self,
         metadata: MetadataStore,
         blobs: BlobStore,
-        signer: ManifestSigner,
+        keys: RootKeys,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.metadata = metadata
         self.blobs = blobs
-        self.signer = signer
+        self.keys = keys
         self.chunk_size = chunk_size
         # Numbering a version and recording it must not interleave with another push.
         self._push_lock = threading.Lock()
         self._wire: dict[str, artifact_pb2.SignedManifest] = {}
+        self._chunks: dict[str, frozenset[str]] = {}
         self._wire_lock = threading.Lock()
 
     def push(
@@ -448,7 +451,13 @@ class Registry:
         parent: ModelVersion | None = None,
     ) -> Artifact:
         manifest.created_at = int(time.time())
-        signed = sign_manifest(manifest, self.signer.key)
+        manifest.schema_version = MANIFEST_SCHEMA_VERSION
+        try:
+            # What a device would refuse is never signed.
+            check_manifest(manifest)
+        except ManifestError as err:
+            raise InvalidRequest(f"the artifact cannot be shipped: {err.message}") from None
+        signed = sign_manifest(manifest, self.keys.key)
         digest = sha256_hex(signed.manifest)
         self.blobs.put(digest, signed.manifest)
         metrics = dict(build.metrics) if build else {}
@@ -528,6 +537,22 @@ class Registry:
             signature=bytes.fromhex(artifact.signature_hex),
             key_id=artifact.key_id,
         )
+
+    def chunks_of(self, digest: str) -> frozenset[str]:
+        """The chunk digests a stored manifest names (cached: manifests never change)."""
+        with self._wire_lock:
+            cached = self._chunks.get(digest)
+        if cached is None:
+            if not self.blobs.has(digest):
+                return frozenset()
+            manifest = artifact_pb2.Manifest()
+            manifest.ParseFromString(self.blobs.get(digest))
+            cached = frozenset(c.sha256 for f in manifest.files for c in file_chunks(f))
+            with self._wire_lock:
+                if len(self._chunks) >= WIRE_CACHE:
+                    self._chunks.pop(next(iter(self._chunks)))
+                self._chunks[digest] = cached
+        return cached
 
     def wire_manifest(self, digest: str) -> artifact_pb2.SignedManifest:
         """The signed manifest as devices fetch it (compressed); the same bytes for every

@@ -24,12 +24,17 @@ from cloudsvc.jobs.manager import JobManager
 from cloudsvc.jobs.uploads import UploadStore
 from cloudsvc.registry import Registry
 from cloudsvc.settings import CloudSettings
-from cloudsvc.signing import ManifestSigner, write_private
+from cloudsvc.signing import RootKeys, write_private
 from cloudsvc.store.blobs import FolderBlobStore, remove_leftovers
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import MetadataStore
 from cloudsvc.store.sqlite import SqliteMetadataStore
+from cloudsvc.tokens import Tokens
+from edgefleet.core import certs
+from edgefleet.core.auth import read_secret
+from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.rpc import CallGuard
+from edgefleet.core.tls import server_credentials
 from protos.admin.v1 import admin_pb2_grpc, jobs_pb2_grpc
 from protos.fleet.v1 import fleet_pb2_grpc
 
@@ -51,10 +56,19 @@ class AdminToken:
     path: Path | None
 
 
+def read_secret_file(path: Path, what: str) -> str:
+    try:
+        return read_secret(path, what)
+    except InvalidArgument as err:
+        raise CloudError(err.message) from None
+
+
 def resolve_admin_token(settings: CloudSettings) -> AdminToken:
     """The configured admin token, or the one kept in data_dir/admin-token (made once)."""
     if settings.admin_token is not None and settings.admin_token.get_secret_value():
         return AdminToken(settings.admin_token.get_secret_value(), None)
+    if settings.admin_token_file is not None:
+        return AdminToken(read_secret_file(settings.admin_token_file, "the admin token"), None)
     path = settings.admin_token_path
     if path.exists():
         value = path.read_text().strip()
@@ -78,6 +92,42 @@ def clean_interrupted_writes(
     return freed
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path | None
+    ca_key: Path | None
+
+
+def resolve_tls(settings: CloudSettings) -> TlsFiles | None:
+    """The TLS files the cloud serves with: the configured ones, or a private CA and a
+    server certificate made once in data_dir/tls. None with `insecure`."""
+    if settings.insecure:
+        return None
+    tls = settings.tls
+    if tls.cert_file is not None or tls.key_file is not None:
+        if tls.cert_file is None or tls.key_file is None:
+            raise CloudError("TLS needs both tls.cert_file and tls.key_file (--tls-dir sets both)")
+        return TlsFiles(tls.cert_file, tls.key_file, tls.ca_file, tls.ca_key_file)
+    made = certs.TlsFiles(settings.tls_dir)
+    if not made.server_cert.exists():
+        names = [*tls.names, *([settings.host] if settings.host not in ("0.0.0.0", "::") else [])]
+        certs.init_ca(settings.tls_dir, names)
+        log.info("made a private CA and a server certificate in %s", settings.tls_dir)
+    return TlsFiles(made.server_cert, made.server_key, made.ca_cert, made.ca_key)
+
+
+def publish_trust(settings: CloudSettings, keys: RootKeys, tls: TlsFiles | None) -> Path:
+    """What devices are provisioned with, out of band, in data_dir/trust: the root key's
+    fingerprint (root-key.txt) and the CA bundle that verifies the cloud (ca.pem)."""
+    folder = settings.trust_dir
+    certs.write_public(folder / "root-key.txt", (keys.current.fingerprint + "\n").encode())
+    if tls is not None and tls.ca is not None:
+        certs.write_public(folder / "ca.pem", tls.ca.read_bytes())
+    return folder
+
+
 def open_metadata(settings: CloudSettings) -> MetadataStore:
     if settings.metadata_backend == "memory":
         return MemoryMetadataStore()
@@ -89,28 +139,57 @@ class CloudServer:
 
     def __init__(self, settings: CloudSettings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings.data_dir.chmod(0o700)
         self.admin_token = resolve_admin_token(settings)
+        self.tls = resolve_tls(settings)
+        self.keys = RootKeys.load_or_create(settings.keys_dir)
+        self.trust_dir = publish_trust(settings, self.keys, self.tls)
+        static_tokens = [t.get_secret_value() for t in settings.enroll_tokens]
+        if settings.enroll_token_file is not None:
+            static_tokens.append(read_secret_file(settings.enroll_token_file, "an enroll token"))
         self.metadata = open_metadata(settings)
         self.blobs = FolderBlobStore(settings.blobs_dir)
-        self.signer = ManifestSigner.from_file(settings.signing_key_path)
         uploads = UploadStore(settings.uploads_dir, settings.max_upload_bytes)
         self.cleaned = clean_interrupted_writes(settings, self.blobs, uploads)
-        self.registry = Registry(self.metadata, self.blobs, self.signer, settings.chunk_size)
+        self.registry = Registry(self.metadata, self.blobs, self.keys, settings.chunk_size)
+        self.tokens = Tokens(self.metadata, self.admin_token.value)
+        mutual_tls = self.tls is not None and settings.tls.device_port is not None
+        authority = None
+        if mutual_tls:
+            assert self.tls is not None
+            if self.tls.ca is None or self.tls.ca_key is None:
+                raise CloudError(
+                    "mutual TLS (tls.device_port) signs device certificates: it needs "
+                    "tls.ca_file and tls.ca_key_file (the CA made in data_dir/tls has both)"
+                )
+            authority = certs.CertificateAuthority.load(self.tls.ca, self.tls.ca_key)
         self.fleet = Fleet(
             self.metadata,
             self.registry,
-            trusted_keys=self.signer.trusted_public_keys,
-            static_enroll_tokens=[t.get_secret_value() for t in settings.enroll_tokens],
+            self.tokens,
+            static_enroll_tokens=static_tokens,
             offline_after_s=settings.offline_after_s,
+            certificate_authority=authority,
+            keys=self.keys,
+            desired_state_ttl_s=settings.desired_state_ttl_s,
         )
         self.jobs = JobManager(self.metadata, self.registry, settings)
         self.health = health.HealthServicer()
+        # Streams hold a worker thread each. Anonymous ones (health watches) and device
+        # watches share what RESERVED_WORKERS leaves, so unary calls always find a thread.
+        streams = max(2, settings.max_workers - RESERVED_WORKERS)
+        public_streams = max(1, min(16, streams // 4))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="cloud-rpc"
             ),
-            interceptors=[CallGuard(Gate(self.fleet, self.admin_token.value))],
+            interceptors=[
+                CallGuard(
+                    Gate(self.fleet, self.tokens, mutual_tls=mutual_tls),
+                    public_streams=public_streams,
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -123,7 +202,13 @@ class CloudServer:
             ],
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(self.registry, self.fleet, settings.tmp_dir, settings.max_upload_bytes),
+            AdminService(
+                self.registry,
+                self.fleet,
+                self.tokens,
+                settings.tmp_dir,
+                settings.max_upload_bytes,
+            ),
             self._server,
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
@@ -135,7 +220,7 @@ class CloudServer:
                 self.registry,
                 self.fleet,
                 settings.watch_keepalive_s,
-                max_watchers=max(1, settings.max_workers - RESERVED_WORKERS),
+                max_watchers=max(1, streams - public_streams),
             ),
             self._server,
         )
@@ -143,18 +228,33 @@ class CloudServer:
         reflection.enable_server_reflection(
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        address = f"{settings.host}:{settings.port}"
-        try:
-            self.port = self._server.add_insecure_port(address)
-        except RuntimeError as err:
-            self.metadata.close()
-            raise CloudError(
-                f"cannot listen on {address} ({err}); is another process using the port? "
-                "Pick another with --port (0 = any free port)"
-            ) from None
+        self.port = self._listen(settings.port, "--port")
+        self.device_port = 0
+        if mutual_tls:
+            assert self.tls is not None and self.tls.ca is not None
+            self.device_port = self._listen(
+                settings.tls.device_port or 0, "tls.device_port", client_ca=self.tls.ca
+            )
+            self.fleet.device_port = self.device_port
         self.host = settings.host
         self.started_at = 0.0
         self._stopped = threading.Event()
+
+    def _listen(self, port: int, option: str, client_ca: Path | None = None) -> int:
+        address = f"{self.settings.host}:{port}"
+        try:
+            if self.tls is None:
+                bound = self._server.add_insecure_port(address)
+            else:
+                credentials = server_credentials(self.tls.cert, self.tls.key, client_ca)
+                bound = self._server.add_secure_port(address, credentials)
+        except (RuntimeError, InvalidArgument) as err:
+            self.metadata.close()
+            raise CloudError(
+                f"cannot listen on {address} ({err}); is another process using the port? "
+                f"Pick another with {option} (0 = any free port)"
+            ) from None
+        return bound
 
     @property
     def address(self) -> str:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from edgefleet.core.errors import InvalidArgument
-from edgefleet.core.manifests import DEFAULT_CHUNK_SIZE
+from edgefleet.core.manifests import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
 from edgefleet.core.settings import LayeredSettings
 
 
@@ -44,6 +44,35 @@ class JobSettings(BaseModel):
     )
 
 
+class TlsSettings(BaseModel):
+    """TLS of the cloud's port: `[tls]` in the TOML file. With no files given, a private CA
+    and a server certificate are made once in data_dir/tls (the CA's ca.pem is what clients
+    and devices are given to verify the cloud)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert_file: Path | None = Field(None, description="Server certificate (PEM, with chain).")
+    key_file: Path | None = Field(None, description="Its private key (PEM).")
+    ca_file: Path | None = Field(
+        None, description="The CA bundle that verifies the server (published to devices)."
+    )
+    ca_key_file: Path | None = Field(
+        None, description="The CA's key: signs device certificates for mutual TLS."
+    )
+    names: list[str] = Field(
+        default_factory=list,
+        description="Host names and addresses for a server certificate made here, besides "
+        "loopback and this machine's names.",
+    )
+    device_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Mutual TLS: a second port where devices call with the client certificate "
+        "they got at enrollment (0: any free port; unset: no mutual TLS).",
+    )
+
+
 class CloudSettings(LayeredSettings):
     """Settings of `edgefleet cloud serve`. Environment: EDGEFLEET_CLOUD_<FIELD>, nested
     fields with __ (EDGEFLEET_CLOUD_JOBS__CPU_SLOTS=2)."""
@@ -58,18 +87,38 @@ class CloudSettings(LayeredSettings):
     )
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 for every interface.")
     port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    insecure: bool = Field(
+        False,
+        description="Serve plain text instead of TLS: tokens, models and data then cross the "
+        "network unencrypted. For a trusted loopback or lab network only.",
+    )
+    tls: TlsSettings = Field(default_factory=lambda: TlsSettings(), description="TLS.")
     admin_token: SecretStr | None = Field(
         None,
-        description="Token admin calls must carry; when unset one is made and kept in "
-        "data_dir/admin-token.",
+        description="The first admin token (role admin); when unset one is made and kept in "
+        "data_dir/admin-token. Prefer admin_token_file.",
     )
+    admin_token_file: Path | None = Field(None, description="A file holding admin_token.")
     enroll_tokens: list[SecretStr] = Field(
         default_factory=list,
-        description="Enrollment tokens accepted besides those made by CreateEnrollToken.",
+        description="Fleet-wide enrollment tokens (no expiry, no labels) accepted besides "
+        "those made by `edgefleet tokens create`. Prefer enroll_token_file.",
+    )
+    enroll_token_file: Path | None = Field(
+        None, description="A file holding one more fleet-wide enrollment token."
+    )
+    desired_state_ttl_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="How long a signed desired state stays valid; devices in contact get a "
+        "fresh one at every fetch, and refuse a state older than this (a freeze attack).",
     )
     max_upload_bytes: int = Field(2 << 30, gt=0, description="Largest model file a push may send.")
     chunk_size: int = Field(
-        DEFAULT_CHUNK_SIZE, gt=0, description="Bytes per content-addressed artifact chunk."
+        DEFAULT_CHUNK_SIZE,
+        gt=0,
+        le=MAX_CHUNK_BYTES,
+        description="Bytes per content-addressed artifact chunk (devices refuse larger).",
     )
     offline_after_s: float = Field(
         30.0, gt=0, description="A device counts as online if it called within this many seconds."
@@ -77,8 +126,9 @@ class CloudSettings(LayeredSettings):
     max_workers: int = Field(
         128,
         ge=9,
-        description="gRPC worker threads. Every open WatchDesiredState stream holds one; "
-        "8 are kept for other calls, so at most max_workers - 8 devices watch at once.",
+        description="gRPC worker threads. Every open stream holds one: 8 are kept for other "
+        "calls, a quarter of the rest (16 at most) for streams without a credential (health "
+        "watches), and the others for device watches.",
     )
     watch_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds between keep-alive notices on idle watch streams."
@@ -130,8 +180,16 @@ class CloudSettings(LayeredSettings):
         return self.data_dir / "admin-token"
 
     @property
-    def signing_key_path(self) -> Path:
-        return self.data_dir / "keys" / "manifest-signing.key"
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def trust_dir(self) -> Path:
+        return self.data_dir / "trust"
 
     def shown(self, name: str, value: Any) -> str:
         if name == "admin_token" and value is None:

@@ -1,8 +1,15 @@
-"""The cloud's Ed25519 manifest-signing key: made on first start, loaded afterwards."""
+"""The cloud's root keys (Ed25519): the current one signs manifests and desired states; a
+rotation makes a new one and publishes it signed by the one it replaces and by itself.
+
+On disk (data_dir/keys, 0700): root-<n>.key (0600, PEM) for every version, and
+rotation-<n>.pb for every version after the first. Losing the folder locks every device
+out (they trust these keys and nothing else): back it up.
+"""
 
 from __future__ import annotations
 
-import os
+import re
+import threading
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,51 +21,141 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from cloudsvc.errors import CloudError
+from edgefleet.core.certs import write_secret
+from edgefleet.core.fleet import DesiredState
 from edgefleet.core.manifests import key_id, public_key_bytes
+from edgefleet.core.trust import (
+    KeyRotation,
+    RootKey,
+    SignedDesiredState,
+    TrustChain,
+    rotation,
+    sign_desired,
+)
+from edgefleet.core.wire import from_proto, to_proto
+from protos.fleet.v1 import fleet_pb2
+
+_KEY_FILE = re.compile(r"^root-(\d+)\.key$")
+# What the first versions of the cloud called its one key; adopted as root key v1.
+_LEGACY_KEY = "manifest-signing.key"
 
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file readable by its owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_secret(path, data)
 
 
-def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
-    if path.exists():
-        try:
-            key = load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError) as err:
-            raise CloudError(
-                f"cannot read the manifest signing key {path}: {err}; restore it from a backup "
-                "(a new key means every device must re-enroll)"
-            ) from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise CloudError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    write_private(path, pem)
+def _load(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise CloudError(
+            f"cannot read the root key {path}: {err}; restore it from a backup (a new key "
+            "means every device must be provisioned again)"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CloudError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
     return key
 
 
-class ManifestSigner:
-    """The signing key plus what devices need to trust it."""
+def _pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
-    def __init__(self, key: Ed25519PrivateKey) -> None:
-        self.key = key
-        self.public_key = public_key_bytes(key)
-        self.key_id = key_id(self.public_key)
+
+class RootKeys:
+    """Every root key version this cloud had, and the rotations between them."""
+
+    def __init__(
+        self,
+        keys: list[Ed25519PrivateKey],
+        rotations: list[KeyRotation] | None = None,
+        folder: Path | None = None,
+    ) -> None:
+        if not keys:
+            raise CloudError("a cloud needs at least one root key")
+        self._keys = list(keys)
+        self._rotations = list(rotations or [])
+        self._folder = folder
+        self._lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, path: Path) -> ManifestSigner:
-        return cls(load_or_create_signing_key(path))
+    def generate(cls) -> RootKeys:
+        """One new key, kept in memory only (tests)."""
+        return cls([Ed25519PrivateKey.generate()])
+
+    @classmethod
+    def load_or_create(cls, folder: Path) -> RootKeys:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        legacy = folder / _LEGACY_KEY
+        if legacy.exists() and not (folder / "root-1.key").exists():
+            legacy.rename(folder / "root-1.key")
+        versions = sorted(
+            int(m.group(1)) for p in folder.iterdir() if (m := _KEY_FILE.match(p.name))
+        )
+        if not versions:
+            key = Ed25519PrivateKey.generate()
+            write_secret(folder / "root-1.key", _pem(key))
+            return cls([key], folder=folder)
+        if versions != list(range(1, len(versions) + 1)):
+            raise CloudError(f"root keys in {folder} are not numbered 1..n: {versions}")
+        last = versions[-1]
+        if last > 1 and not (folder / f"rotation-{last}.pb").exists():
+            # A rotation cut off before it was published: its key was never used.
+            (folder / f"root-{last}.key").unlink()
+            versions.pop()
+        keys = [_load(folder / f"root-{v}.key") for v in versions]
+        rotations = []
+        for v in versions[1:]:
+            statement = fleet_pb2.KeyRotation()
+            statement.ParseFromString((folder / f"rotation-{v}.pb").read_bytes())
+            rotations.append(from_proto(statement, KeyRotation))
+        return cls(keys, rotations, folder)
 
     @property
-    def trusted_public_keys(self) -> list[bytes]:
-        return [self.public_key]
+    def key(self) -> Ed25519PrivateKey:
+        """The current key: what signs from now on."""
+        return self._keys[-1]
+
+    @property
+    def current(self) -> RootKey:
+        return RootKey(len(self._keys), public_key_bytes(self.key))
+
+    @property
+    def first(self) -> RootKey:
+        return RootKey(1, public_key_bytes(self._keys[0]))
+
+    @property
+    def key_id(self) -> str:
+        return key_id(public_key_bytes(self.key))
+
+    @property
+    def public_keys(self) -> list[bytes]:
+        """Every version's public key (a manifest signed by any of them still verifies)."""
+        return [public_key_bytes(k) for k in self._keys]
+
+    def chain(self) -> TrustChain:
+        return TrustChain(self.first, tuple(self._rotations))
+
+    def rotate(self) -> RootKey:
+        """Make the next key, publish it signed by the current one and by itself, and sign
+        with it from now on."""
+        with self._lock:
+            new = Ed25519PrivateKey.generate()
+            version = len(self._keys) + 1
+            statement = rotation(self.key, new, version)
+            if self._folder is not None:
+                # The key first: a crash between the two leaves an unused key, never a
+                # published rotation whose key is lost.
+                write_secret(self._folder / f"root-{version}.key", _pem(new))
+                write_secret(
+                    self._folder / f"rotation-{version}.pb",
+                    to_proto(statement, fleet_pb2.KeyRotation).SerializeToString(
+                        deterministic=True
+                    ),
+                )
+            self._keys.append(new)
+            self._rotations.append(statement)
+            return self.current
+
+    def sign_desired(self, state: DesiredState) -> SignedDesiredState:
+        return sign_desired(state, self.key)

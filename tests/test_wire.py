@@ -7,11 +7,12 @@ message (or the reverse) and this fails naming both.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from google.protobuf.message import Message
 
-from edgefleet.core import fleet, jobs, versions
+from edgefleet.core import fleet, jobs, tokens, trust, versions
 from edgefleet.core.wire import from_json, from_proto, to_json, to_proto
 from protos.admin.v1 import admin_pb2, jobs_pb2
 from protos.artifact.v1 import artifact_pb2
@@ -75,7 +76,10 @@ VERSION = versions.ModelVersion(
     EVALUATION,
 )
 CAPS = fleet.Capabilities("x86_64", "Linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2")
-DESIRED = fleet.DesiredState("d1", 7, (fleet.Assignment("m", 2, "onnx-cpu-fp32", "ef" * 32),))
+DESIRED = fleet.DesiredState(
+    "d1", 7, (fleet.Assignment("m", 2, "onnx-cpu-fp32", "ef" * 32, True),), 1.5, 2.5
+)
+ROOT = trust.RootKey(2, b"p" * 32)
 STATUS = fleet.ModelStatus("m", 2, "ef" * 32, 1, 2, fleet.ModelPhase.READY, "", "CPU")
 REPORTED = fleet.ReportedState("d1", 7, (STATUS,), CAPS, "", {"site": "a"}, "1.2.3.4:8001", 5.0)
 PROGRESS = jobs.JobProgress("training", 2, 10, 0.5, 0.9, 0.8, 12.0, 1, 2, "")
@@ -95,11 +99,25 @@ PAIRS: list[tuple[object, type[Message]]] = [
     (DESIRED, fleet_pb2.DesiredState),
     (STATUS, fleet_pb2.ModelStatus),
     (REPORTED, fleet_pb2.ReportedState),
-    (fleet.Enrollment("d1", "dev_x", (b"k" * 32,)), fleet_pb2.EnrollResponse),
+    (fleet.Enrollment("d1", "dev_x", b"-----CERT-----", 7443), fleet_pb2.EnrollResponse),
     (
-        fleet.Device("d1", {"site": "a"}, CAPS, True, 1700000000.0, 1699999999, DESIRED, REPORTED),
+        fleet.Device(
+            "d1", {"site": "a"}, CAPS, True, 1700000000.0, 1699999999, DESIRED, REPORTED, True
+        ),
         admin_pb2.Device,
     ),
+    (fleet.Deployment("m", {"site": "a"}, 3, "onnx-cpu-int8", 12.5, True), admin_pb2.Deployment),
+    (ROOT, fleet_pb2.RootKey),
+    (
+        trust.TrustChain(ROOT, (trust.KeyRotation(b"new", b"s" * 64, b"t" * 64),)),
+        fleet_pb2.TrustChain,
+    ),
+    (trust.SignedDesiredState(b"state", b"s" * 64, "abcd"), fleet_pb2.SignedDesiredState),
+    (
+        tokens.EnrollToken("t1", 1.0, 2.0, "n", 3, 1, {"site": "a"}, True, "d1"),
+        admin_pb2.EnrollToken,
+    ),
+    (tokens.AdminToken("t2", "ci", tokens.Role.OPERATOR, 3.0, True), admin_pb2.AdminToken),
     (PROGRESS, jobs_pb2.JobProgress),
     (TRIAL, jobs_pb2.Trial),
     (OUTCOME, jobs_pb2.TargetOutcome),
@@ -166,3 +184,17 @@ def test_deployment_round_trip() -> None:
     message = to_proto(deployment, admin_pb2.Deployment)
     assert from_proto(message, fleet.Deployment) == deployment
     assert {f.name for f in admin_pb2.Deployment.DESCRIPTOR.fields} == _names(deployment)
+
+
+@pytest.mark.parametrize(
+    ("enum", "proto_enum", "prefix"),
+    [
+        (fleet.ModelPhase, fleet_pb2.ModelPhase, "MODEL_PHASE_"),
+        (jobs.JobState, jobs_pb2.JobState, "JOB_STATE_"),
+    ],
+)
+def test_wire_enums_follow_their_proto_enum(enum: Any, proto_enum: Any, prefix: str) -> None:
+    """A member travels as its position: the domain enum must list the proto's values in
+    number order under the same names, or a device would report the wrong phase."""
+    wire = {v.number: v.name.removeprefix(prefix) for v in proto_enum.DESCRIPTOR.values}
+    assert {m.number: m.name for m in enum} == wire

@@ -14,10 +14,13 @@ reflection is on so ``grpcurl`` can list the service.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,12 +29,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 import edgefleet
-from agent.errors import AgentError, InvalidRequest, Unavailable
+from agent.errors import AgentError, InvalidRequest, NotAuthorized, Unavailable
 from agent.inference.batching import DEFAULT_MAX_BATCH, DynamicBatcher
+from agent.inference.limits import (
+    LargeRequests,
+    MemoryStats,
+    over_limit,
+    peek_model,
+    request_limit,
+    tune_allocator,
+)
 from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
 from agent.runtime import LoadedModel, ModelRepository
+from edgefleet.core.auth import same_secret, token_from_metadata
 from edgefleet.core.errors import ErrorCode
 from edgefleet.core.rpc import CallGuard
+from edgefleet.core.tls import server_credentials
+from edgefleet.core.wire import to_proto
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -44,12 +58,42 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 EXTENSIONS: tuple[str, ...] = ()
 
 _PLAN_CACHE_LIMIT = 64
+INFER_METHOD = f"/{SERVICE_NAME}/ModelInfer"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How large inference requests may be, and how many large ones run at once."""
+
+    max_rows: int = 64  # a dynamic first dimension counts as this many rows
+    max_dynamic: int = 4096  # any other dynamic dimension (a sequence length, say)
+    max_request_bytes: int = 64 << 20  # no request is larger, whatever the model
+    large_in_flight: int = 2  # requests over 1 MiB served at once
+    # Hand the memory of finished large requests back to the system (glibc). Off only to
+    # measure what it saves (benchmarks/bench_inference_memory.py).
+    give_back_memory: bool = True
+
+
+@dataclass(frozen=True)
+class InferenceSecurity:
+    """TLS for the port (certificate and key files) and the bearer token its inference calls
+    must carry; neither by default (the port binds loopback by default)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    token: str = field(default="", repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
 
 
 @dataclass(frozen=True)
 class _ModelEntry:
     plan: ModelPlan
     batcher: DynamicBatcher | None  # None when batching is off
+    limit: int  # largest request, in bytes
+    limit_detail: str
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -62,11 +106,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         *,
         batching: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
+        limits: RequestLimits | None = None,
     ) -> None:
         self._repository = repository
         self._serving = is_serving
         self._batching = batching
         self._max_batch = max_batch
+        self._limits = limits or RequestLimits()
+        self.large = LargeRequests(
+            self._limits.large_in_flight, give_back=self._limits.give_back_memory
+        )
         # id(model) -> its plan and batcher; a plan holds its model, so an id is never reused
         # while cached.
         self._plans: dict[int, _ModelEntry] = {}
@@ -88,11 +137,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if self._batching
                 else None
             )
-            entry = _ModelEntry(plan_for(model), batcher)
+            plan = plan_for(model)
+            lim = self._limits
+            limit = request_limit(
+                model.inputs,
+                [spec.dtype.itemsize for spec in plan.inputs.values()],
+                max_rows=lim.max_rows,
+                max_dynamic=lim.max_dynamic,
+                ceiling=lim.max_request_bytes,
+            )
+            detail = (
+                f"{', '.join(str(t) for t in model.inputs)[:300]} with at most {lim.max_rows} "
+                f"rows and {lim.max_dynamic} per other dynamic dimension"
+            )
+            entry = _ModelEntry(plan, batcher, limit, detail)
             plans = self._plans if len(self._plans) < _PLAN_CACHE_LIMIT else {}
             # Replaced whole rather than mutated while other threads read it.
             self._plans = {**plans, id(model): entry}
         return entry
+
+    @contextlib.contextmanager
+    def admit(self, raw: bytes) -> Iterator[None]:
+        """Refuse a request over its model's limit before it is parsed, and queue large
+        ones so that only a few are in memory (parsed, run, answered) at once."""
+        name, version = peek_model(raw)
+        if name:
+            try:
+                entry = self._entry(self._repository.get(name, version))
+            except AgentError:
+                entry = None  # the full parse and look-up answer properly
+            if entry is not None and len(raw) > entry.limit:
+                self.large.refused(len(raw))
+                raise over_limit(name, len(raw), entry.limit, entry.limit_detail)
+        with self.large.admit(len(raw)):
+            yield
 
     def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
@@ -131,8 +209,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name,
             versions=[str(v) for v in self._repository.versions(model.name)],
             platform=PLATFORM,
-            inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs],
-            outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs],
+            inputs=[to_proto(t, T) for t in model.inputs],
+            outputs=[to_proto(t, T) for t in model.outputs],
         )
 
     def ModelInfer(
@@ -140,6 +218,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         if request.parameters:
             _refuse_parameters("the request", request.parameters)
+        for tensor in request.inputs:
+            if tensor.parameters:
+                _refuse_parameters(f"input {tensor.name[:64]!r}", tensor.parameters)
         for output in request.outputs:
             if output.parameters:
                 _refuse_parameters(f"output {output.name!r}", output.parameters)
@@ -211,7 +292,9 @@ class InferenceServer:
         servicer: InferenceServicer,
         health_servicer: _HealthServicer,
         serving: threading.Event,
+        warning: str = "",
     ) -> None:
+        self.warning = warning
         self._server = server
         self.port = port
         self._servicer = servicer
@@ -229,6 +312,11 @@ class InferenceServer:
 
     def ready(self) -> bool:
         return self._servicer.ready()
+
+    @property
+    def memory_stats(self) -> MemoryStats:
+        """Large requests served, requests refused over their model's limit, heap trims."""
+        return self._servicer.large.stats
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; running calls get `grace` seconds to finish."""
@@ -251,37 +339,94 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+class BearerGate:
+    """The inference port's `authorize`: with a token set, every inference method needs it
+    (health and reflection stay open for probes and grpcurl)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, method: str, context: grpc.ServicerContext) -> object:
+        if not self._token or not method.startswith(f"/{SERVICE_NAME}/"):
+            return None
+        presented = token_from_metadata(context.invocation_metadata() or ())
+        if presented is None or not same_secret(presented, self._token):
+            raise NotAuthorized(
+                "this inference port needs a bearer token: send `authorization: Bearer "
+                "<token>` metadata (InferenceClient(..., token=...))"
+            )
+        return "client"
+
+
+def exposure_warning(host: str, security: InferenceSecurity) -> str:
+    """What the start-up line says when the port is reachable from the network unprotected."""
+    if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
+        return ""
+    missing = [
+        what
+        for what, present in (("authentication", bool(security.token)), ("TLS", security.tls))
+        if not present
+    ]
+    if not missing:
+        return ""
+    return (
+        f"WARNING: inference is open to every host that reaches {host} without "
+        f"{' or '.join(missing)}: anyone on the network can run and probe the models; set "
+        "inference_token_file and inference_cert_file/inference_key_file, or bind 127.0.0.1"
+    )
+
+
 def start_inference_server(
     repository: ModelRepository,
     host: str,
     port: int,
     *,
     max_workers: int = 8,
-    max_message_bytes: int = 64 << 20,
+    max_message_bytes: int | None = None,
     batching: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
+    limits: RequestLimits | None = None,
+    security: InferenceSecurity | None = None,
 ) -> InferenceServer:
     """Serve the repository's models over the Open Inference Protocol on host:port.
 
-    Port 0 picks a free port; the returned server's ``port`` says which. Requests larger than
-    `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server keeps serving.
+    Port 0 picks a free port; the returned server's ``port`` says which. A request larger
+    than its model's limit (from the model's input shapes and `limits`) is refused with
+    RESOURCE_EXHAUSTED before it is parsed, and the server keeps serving; at most
+    ``limits.large_in_flight`` requests over 1 MiB are served at once.
     With `batching`, requests to a model that arrive while it is running are run together as
     one batch of at most `max_batch` rows (see ``agent.inference.batching``); a request that
     finds its model idle runs at once, so batching adds no wait. It is off by default: it pays
     where a batch of n costs much less than n runs (GPUs, multi-threaded sessions); on one CPU
     thread a small CNN costs the same per row at any batch size, and the benchmark showed no
     gain (``benchmarks/bench_inference.py --batching`` compares).
+    `security` adds TLS and a bearer token (see InferenceSecurity).
     """
     if max_batch < 1:
         raise InvalidRequest(f"max_batch must be at least 1, got {max_batch}")
+    limits = limits or RequestLimits()
+    if max_message_bytes is not None:
+        limits = replace(limits, max_request_bytes=max_message_bytes)
+    security = security or InferenceSecurity()
+    if limits.give_back_memory:
+        tune_allocator()
     serving = threading.Event()
     serving.set()
-    servicer = InferenceServicer(repository, serving, batching=batching, max_batch=max_batch)
+    servicer = InferenceServicer(
+        repository, serving, batching=batching, max_batch=max_batch, limits=limits
+    )
     health_servicer = _HealthServicer(servicer.ready)
+    # Each open health Watch (open to anyone, token or not) holds a worker thread: at most
+    # half of them, so that inference is always served.
+    guard = CallGuard(
+        BearerGate(security.token),
+        public_streams=max(1, max_workers // 2),
+        admit={INFER_METHOD: servicer.admit},
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),
-        interceptors=[CallGuard()],
-        options=server_options(max_message_bytes),
+        interceptors=[guard],
+        options=server_options(limits.max_request_bytes),
         maximum_concurrent_rpcs=None,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -297,7 +442,13 @@ def start_inference_server(
         "free one) and --inference-host"
     )
     try:
-        bound = server.add_insecure_port(address)
+        if security.tls:
+            assert security.cert_file is not None and security.key_file is not None
+            bound = server.add_secure_port(
+                address, server_credentials(security.cert_file, security.key_file)
+            )
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as err:
         raise Unavailable(f"cannot serve inference on {address}: {err}; {fix}") from None
     if not bound:
@@ -307,5 +458,11 @@ def start_inference_server(
         )
     server.start()
     health_servicer.refresh()
-    log.info("inference server listening on %s (port %d)", host, bound)
-    return InferenceServer(server, bound, servicer, health_servicer, serving)
+    how = ", ".join(
+        what for what, on in (("TLS", security.tls), ("bearer token", bool(security.token))) if on
+    )
+    log.info("inference server listening on %s (port %d%s)", host, bound, f"; {how}" if how else "")
+    warning = exposure_warning(host, security)
+    if warning:
+        log.warning(warning)
+    return InferenceServer(server, bound, servicer, health_servicer, serving, warning)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from pydantic import ValidationError
 
 from edgefleet.core.jobs import JobProgress
-from edgefleet.core.wire import from_json
+from edgefleet.core.wire import from_json, to_jsonable
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,10 @@ class Reporter:
         if not force and now - self._last_sent < self._min_interval:
             return
         self._last_sent = now
-        self._write({"event": "progress", "progress": asdict(self.current)})
+        self._write({"event": "progress", "progress": to_jsonable(self.current)})
 
     def _write(self, data: dict[str, Any]) -> None:
         with self._lock:
-            self._out.write(json.dumps(data) + "\n")
+            # NaN (a diverging loss) is written as JSON's NaN constant, which the reader takes.
+            self._out.write(json.dumps(data, allow_nan=True) + "\n")
             self._out.flush()

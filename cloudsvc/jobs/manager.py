@@ -306,7 +306,7 @@ class JobManager:
                 (job_dir / PARENT_GOLDEN).mkdir(exist_ok=True)
                 (job_dir / PARENT_GOLDEN / f"{index:03d}.pb").write_bytes(data)
         env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1] if slot.startswith("cuda") else ""
+        env["CUDA_VISIBLE_DEVICES"] = _visible_device(slot, os.environ.get("CUDA_VISIBLE_DEVICES"))
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
         )
@@ -325,14 +325,17 @@ class JobManager:
     def _follow(self, running: _Running) -> None:
         job_id = running.job_id
         assert running.process.stdout is not None
-        for line in running.process.stdout:
-            parsed = parse_line(line)
-            if parsed.kind == "progress" and parsed.progress is not None:
-                self._progress(job_id, parsed.progress)
-            elif parsed.message:
-                self._log(job_id, parsed.message)
-        code = running.process.wait()
         try:
+            for line in running.process.stdout:
+                try:
+                    parsed = parse_line(line)
+                    if parsed.kind == "progress" and parsed.progress is not None:
+                        self._progress(job_id, parsed.progress)
+                    elif parsed.message:
+                        self._log(job_id, parsed.message)
+                except Exception:  # one bad line must not stop reading (the pipe would fill)
+                    log.exception("%s: could not record a worker line", job_id)
+            code = running.process.wait()
             self._conclude(running, code)
         except Exception as err:
             log.exception("finishing %s failed", job_id)
@@ -473,8 +476,22 @@ def _summary(spec: JobSpec) -> str:
     )
 
 
+def _visible_device(slot: str, visible: str | None) -> str:
+    """What CUDA_VISIBLE_DEVICES a worker on `slot` sees: the slot's GPU among those the
+    cloud itself was given (the operator's CUDA_VISIBLE_DEVICES), or none for the CPU."""
+    if not slot.startswith("cuda"):
+        return ""
+    index = int(slot.split(":")[1])
+    given = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return given[index] if index < len(given) else str(index)
+
+
 def detect_gpus() -> int:
-    """How many GPUs NVIDIA's driver lists here (0 without the driver or `nvidia-smi`)."""
+    """How many GPUs NVIDIA's driver lists here (0 without the driver or `nvidia-smi`), or
+    how many CUDA_VISIBLE_DEVICES names when the operator narrowed them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([v for v in visible.split(",") if v.strip()])
     try:
         listed = subprocess.run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False

@@ -215,11 +215,20 @@ def check_data(data: str, uploads_dir: Path, fashion_mnist_dir: Path) -> None:
     if data.startswith(UPLOAD_PREFIX):
         resolve_upload(data, uploads_dir)
         return
-    if not Path(data).exists():
+    if not _exists(Path(data)):
         raise UnknownResource(
             f"data set {data!r} is neither built in ({', '.join(BUILT_IN_DATA)}), an upload, "
             "nor a path on the cloud machine; give a local path to the CLI to upload it"
         )
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, but False for a name the file system refuses (too long): such a name
+    comes from a request and names nothing here."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def resolve_upload(reference: str, uploads_dir: Path) -> Path:
@@ -229,7 +238,7 @@ def resolve_upload(reference: str, uploads_dir: Path) -> Path:
     if not digest or not name or "/" in name or name in (".", "..") or not digest.isalnum():
         raise InvalidRequest(f"{reference!r} is not an upload reference (upload:<digest>/<name>)")
     path = uploads_dir / digest / name
-    if not path.exists():
+    if not _exists(path):
         raise UnknownResource(
             f"upload {reference!r} is not on this cloud (uploads are per cloud); upload it again"
         )

@@ -8,12 +8,14 @@ from collections.abc import Mapping, Sequence
 
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.metadata import (
+    AdminTokenRecord,
     DeviceRecord,
     EnrollTokenRecord,
     MetadataStore,
 )
 from edgefleet.core.fleet import Assignment, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.versions import Artifact, Model, ModelVersion
 
 
@@ -26,6 +28,9 @@ class MemoryMetadataStore(MetadataStore):
         self._desired: dict[str, DesiredState] = {}
         self._reported: dict[str, ReportedState] = {}
         self._tokens: dict[str, EnrollTokenRecord] = {}
+        self._admin_tokens: dict[str, AdminTokenRecord] = {}
+        self._previous: dict[str, DesiredState] = {}
+        self._peaks: dict[str, dict[str, int]] = {}
         self._deployments: dict[tuple[str, tuple[tuple[str, str], ...]], Deployment] = {}
         self._jobs: dict[str, Job] = {}  # insertion order is creation order
         self._job_events: dict[str, list[JobEvent]] = {}
@@ -133,10 +138,23 @@ class MemoryMetadataStore(MetadataStore):
                 self._deployments[key] = deployment
             generations = {}
             for device_id, assignment in assignments.items():
-                state = self.get_desired(device_id).with_assignment(assignment)
+                current = self.get_desired(device_id)
+                state = current.with_assignment(assignment)
+                self._previous[device_id] = current
                 self._desired[device_id] = state
+                peaks = self._peaks.setdefault(device_id, {})
+                peaks[assignment.model] = max(peaks.get(assignment.model, 0), assignment.version)
                 generations[device_id] = state.generation
             return generations
+
+    def peaks(self, device_id: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._peaks.get(device_id, {}))
+
+    def allowed_digests(self, device_id: str) -> set[str]:
+        with self._lock:
+            previous = self._previous.get(device_id, DesiredState(device_id))
+            return self.get_desired(device_id).digests() | previous.digests()
 
     def get_reported(self, device_id: str) -> ReportedState | None:
         with self._lock:
@@ -155,6 +173,57 @@ class MemoryMetadataStore(MetadataStore):
     def get_enroll_token(self, token_hash: str) -> EnrollTokenRecord | None:
         with self._lock:
             return self._tokens.get(token_hash)
+
+    def find_enroll_token(self, token_id: str) -> EnrollTokenRecord | None:
+        with self._lock:
+            return next((t for t in self._tokens.values() if t.token.token_id == token_id), None)
+
+    def list_enroll_tokens(self) -> list[EnrollToken]:
+        with self._lock:
+            return [t.token for t in reversed(self._tokens.values())]
+
+    def put_enroll_token(self, token: EnrollTokenRecord) -> None:
+        with self._lock:
+            if token.token_hash not in self._tokens:
+                raise UnknownResource(f"no enrollment token {token.token.token_id}")
+            self._tokens[token.token_hash] = token
+
+    def use_enroll_token(self, token_hash: str, now: float) -> tuple[EnrollToken | None, str]:
+        with self._lock:
+            record = self._tokens.get(token_hash)
+            if record is None:
+                return None, "is not valid"
+            refusal = record.token.refusal(now)
+            if refusal:
+                return record.token, refusal
+            used = dataclasses.replace(record.token, uses=record.token.uses + 1)
+            self._tokens[token_hash] = EnrollTokenRecord(token_hash, used)
+            return used, ""
+
+    def add_admin_token(self, token: AdminTokenRecord) -> None:
+        with self._lock:
+            if token.token_hash in self._admin_tokens:
+                raise Conflict("that admin token exists already")
+            self._admin_tokens[token.token_hash] = token
+
+    def get_admin_token(self, token_hash: str) -> AdminTokenRecord | None:
+        with self._lock:
+            return self._admin_tokens.get(token_hash)
+
+    def find_admin_token(self, token_id: str) -> AdminTokenRecord | None:
+        with self._lock:
+            found = self._admin_tokens.values()
+            return next((t for t in found if t.token.token_id == token_id), None)
+
+    def list_admin_tokens(self) -> list[AdminToken]:
+        with self._lock:
+            return [t.token for t in reversed(self._admin_tokens.values())]
+
+    def put_admin_token(self, token: AdminTokenRecord) -> None:
+        with self._lock:
+            if token.token_hash not in self._admin_tokens:
+                raise UnknownResource(f"no admin token {token.token.token_id}")
+            self._admin_tokens[token.token_hash] = token
 
     def list_deployments(self) -> list[Deployment]:
         with self._lock:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from edgefleet.core.fleet import Assignment, Capabilities, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.versions import Artifact, Model, ModelVersion
 
 
@@ -28,6 +29,7 @@ class DeviceRecord:
     labels: Mapping[str, str] = field(default_factory=dict)
     capabilities: Capabilities = field(default_factory=Capabilities)
     last_seen_at: float = 0.0
+    revoked: bool = False
 
     def matches(self, selector: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in selector.items())
@@ -35,13 +37,16 @@ class DeviceRecord:
 
 @dataclass(frozen=True)
 class EnrollTokenRecord:
-    token_hash: str
-    created_at: int
-    expires_at: int = 0  # unix seconds; 0 = never
-    note: str = ""
+    """An enrollment token and the hash it is found by (the secret itself is never kept)."""
 
-    def valid_at(self, now: float) -> bool:
-        return self.expires_at == 0 or now < self.expires_at
+    token_hash: str
+    token: EnrollToken
+
+
+@dataclass(frozen=True)
+class AdminTokenRecord:
+    token_hash: str
+    token: AdminToken
 
 
 class MetadataStore(ABC):
@@ -119,6 +124,16 @@ class MetadataStore(ABC):
         """
 
     @abstractmethod
+    def peaks(self, device_id: str) -> dict[str, int]:
+        """Model -> the highest version ever assigned to the device (kept by `assign`):
+        below it, an assignment is a rollback, whatever the device activated since."""
+
+    @abstractmethod
+    def allowed_digests(self, device_id: str) -> set[str]:
+        """Manifest digests of the device's current and previous desired state: what it
+        may read."""
+
+    @abstractmethod
     def get_reported(self, device_id: str) -> ReportedState | None: ...
 
     @abstractmethod
@@ -130,6 +145,39 @@ class MetadataStore(ABC):
 
     @abstractmethod
     def get_enroll_token(self, token_hash: str) -> EnrollTokenRecord | None: ...
+
+    @abstractmethod
+    def find_enroll_token(self, token_id: str) -> EnrollTokenRecord | None: ...
+
+    @abstractmethod
+    def list_enroll_tokens(self) -> list[EnrollToken]:
+        """Every enrollment token, newest first."""
+
+    @abstractmethod
+    def put_enroll_token(self, token: EnrollTokenRecord) -> None:
+        """Replace a stored token (revoked, ...); UnknownResource if there is none."""
+
+    @abstractmethod
+    def use_enroll_token(self, token_hash: str, now: float) -> tuple[EnrollToken | None, str]:
+        """Count one use of the token if it may be used now, atomically: (the token after
+        the use, "") or (the token or None, why it may not)."""
+
+    # admin tokens ------------------------------------------------------------------------
+    @abstractmethod
+    def add_admin_token(self, token: AdminTokenRecord) -> None: ...
+
+    @abstractmethod
+    def get_admin_token(self, token_hash: str) -> AdminTokenRecord | None: ...
+
+    @abstractmethod
+    def find_admin_token(self, token_id: str) -> AdminTokenRecord | None: ...
+
+    @abstractmethod
+    def list_admin_tokens(self) -> list[AdminToken]:
+        """Every admin token, newest first."""
+
+    @abstractmethod
+    def put_admin_token(self, token: AdminTokenRecord) -> None: ...
 
     # deployments -------------------------------------------------------------------------
     @abstractmethod

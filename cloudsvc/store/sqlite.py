@@ -20,6 +20,7 @@ import sqlite_utils
 
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.metadata import (
+    AdminTokenRecord,
     DeviceRecord,
     EnrollTokenRecord,
     MetadataStore,
@@ -33,9 +34,12 @@ from edgefleet.core.fleet import (
     ReportedState,
 )
 from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState, TargetOutcome, Trial
+from edgefleet.core.tokens import AdminToken, EnrollToken, Role
 from edgefleet.core.versions import Artifact, Evaluation, Lineage, Model, ModelVersion, TensorSpec
 from edgefleet.core.wire import from_json, to_json
 
+# SQLite's integers are signed 64-bit; a larger Python int cannot be bound as a parameter.
+SQLITE_MAX_INT = 2**63 - 1
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[tuple[int, str, Migration]] = []
 
@@ -156,6 +160,43 @@ def _jobs(db: sqlite_utils.Database) -> None:
 def _reported_details(db: sqlite_utils.Database) -> None:
     db.table("reported").add_column("capabilities", str, not_null_default="")
     db.table("reported").add_column("labels", str, not_null_default="{}")
+
+
+@migration(5, "token details, admin tokens, device revocation, previous desired state")
+def _trust(db: sqlite_utils.Database) -> None:
+    tokens = db.table("enroll_tokens")
+    tokens.add_column("token_id", str, not_null_default="")
+    tokens.add_column("max_uses", int, not_null_default=0)
+    tokens.add_column("uses", int, not_null_default=0)
+    tokens.add_column("labels", str, not_null_default="{}")
+    tokens.add_column("revoked", int, not_null_default=0)
+    tokens.add_column("device_id", str, not_null_default="")
+    db.execute("UPDATE enroll_tokens SET token_id = substr(token_hash, 1, 12)")
+    db.table("admin_tokens").create(
+        {
+            "token_hash": str,
+            "token_id": str,
+            "name": str,
+            "role": str,
+            "created_at": float,
+            "revoked": int,
+        },
+        pk="token_hash",
+    )
+    db.table("devices").add_column("revoked", int, not_null_default=0)
+    db.table("desired").add_column("previous", str, not_null_default="[]")
+    db.table("deployments").add_column("rollback", int, not_null_default=0)
+
+
+@migration(6, "the highest version ever assigned, per device and model")
+def _peaks(db: sqlite_utils.Database) -> None:
+    db.table("desired").add_column("peaks", str, not_null_default="{}")
+    for row in db.execute("SELECT device_id, assignments, previous FROM desired").fetchall():
+        peaks: dict[str, int] = {}
+        for column in (row[1], row[2]):
+            for a in json.loads(column or "[]"):
+                peaks[a["model"]] = max(peaks.get(a["model"], 0), int(a["version"]))
+        db.execute("UPDATE desired SET peaks = ? WHERE device_id = ?", (json.dumps(peaks), row[0]))
 
 
 def _optional_json(cls: Any, text: str) -> Any:
@@ -392,12 +433,14 @@ class SqliteMetadataStore(MetadataStore):
             labels=json.loads(r["labels"]),
             capabilities=from_json(Capabilities, r["capabilities"]),
             last_seen_at=r["last_seen_at"],
+            revoked=bool(r["revoked"]),
         )
 
     def put_device(self, device: DeviceRecord) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO devices (device_id, token_hash, enrolled_at, labels,"
+                " capabilities, last_seen_at, revoked) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     device.device_id,
                     device.token_hash,
@@ -405,6 +448,7 @@ class SqliteMetadataStore(MetadataStore):
                     json.dumps(dict(device.labels), sort_keys=True),
                     to_json(device.capabilities),
                     device.last_seen_at,
+                    int(device.revoked),
                 ),
             )
 
@@ -447,24 +491,57 @@ class SqliteMetadataStore(MetadataStore):
         with self._tx() as conn:
             if deployment is not None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?,"
-                    " (SELECT coalesce(max(seq), 0) + 1 FROM deployments))",
+                    "INSERT OR REPLACE INTO deployments (model, selector, version, target,"
+                    " created_at, seq, rollback) VALUES (?, ?, ?, ?, ?,"
+                    " (SELECT coalesce(max(seq), 0) + 1 FROM deployments), ?)",
                     (
                         deployment.model,
                         json.dumps(deployment.key[1]),
                         deployment.version,
                         deployment.target,
                         deployment.created_at,
+                        int(deployment.rollback),
                     ),
                 )
             for device_id, assignment in assignments.items():
-                state = self._desired(conn, device_id).with_assignment(assignment)
+                current = self._desired(conn, device_id)
+                state = current.with_assignment(assignment)
+                peaks = self._peaks(conn, device_id)
+                peaks[assignment.model] = max(peaks.get(assignment.model, 0), assignment.version)
                 conn.execute(
-                    "INSERT OR REPLACE INTO desired VALUES (?, ?, ?)",
-                    (device_id, state.generation, to_json(state.assignments)),
+                    "INSERT OR REPLACE INTO desired (device_id, generation, assignments,"
+                    " previous, peaks) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        device_id,
+                        state.generation,
+                        to_json(state.assignments),
+                        to_json(current.assignments),
+                        json.dumps(peaks, sort_keys=True),
+                    ),
                 )
                 generations[device_id] = state.generation
         return generations
+
+    @staticmethod
+    def _peaks(conn: sqlite3.Connection, device_id: str) -> dict[str, int]:
+        row = conn.execute("SELECT peaks FROM desired WHERE device_id = ?", (device_id,)).fetchone()
+        return {str(k): int(v) for k, v in json.loads(row[0]).items()} if row else {}
+
+    def peaks(self, device_id: str) -> dict[str, int]:
+        with self._lock:
+            return self._peaks(self._conn, device_id)
+
+    def allowed_digests(self, device_id: str) -> set[str]:
+        rows = self._rows(
+            "SELECT assignments, previous FROM desired WHERE device_id = ?", (device_id,)
+        )
+        if not rows:
+            return set()
+        return {
+            a.manifest_digest
+            for column in ("assignments", "previous")
+            for a in from_json(tuple[Assignment, ...], rows[0][column])
+        }
 
     def get_reported(self, device_id: str) -> ReportedState | None:
         rows = self._rows("SELECT * FROM reported WHERE device_id = ?", (device_id,))
@@ -502,21 +579,143 @@ class SqliteMetadataStore(MetadataStore):
 
     # enrollment tokens -------------------------------------------------------------------
     def add_enroll_token(self, token: EnrollTokenRecord) -> None:
+        t = token.token
         with self._tx() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO enroll_tokens VALUES (?, ?, ?, ?)",
-                    (token.token_hash, token.created_at, token.expires_at, token.note),
+                    "INSERT INTO enroll_tokens (token_hash, created_at, expires_at, note, token_id,"
+                    " max_uses, uses, labels, revoked, device_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        token.token_hash,
+                        t.created_at,
+                        t.expires_at,
+                        t.note,
+                        t.token_id,
+                        t.max_uses,
+                        t.uses,
+                        json.dumps(dict(t.labels), sort_keys=True),
+                        int(t.revoked),
+                        t.device_id,
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict("that enrollment token exists already") from None
 
+    @staticmethod
+    def _enroll_token(r: sqlite3.Row) -> EnrollTokenRecord:
+        return EnrollTokenRecord(
+            r["token_hash"],
+            EnrollToken(
+                token_id=r["token_id"],
+                created_at=r["created_at"],
+                expires_at=r["expires_at"],
+                note=r["note"],
+                max_uses=r["max_uses"],
+                uses=r["uses"],
+                labels=json.loads(r["labels"]),
+                revoked=bool(r["revoked"]),
+                device_id=r["device_id"],
+            ),
+        )
+
     def get_enroll_token(self, token_hash: str) -> EnrollTokenRecord | None:
         rows = self._rows("SELECT * FROM enroll_tokens WHERE token_hash = ?", (token_hash,))
-        if not rows:
-            return None
-        r = rows[0]
-        return EnrollTokenRecord(r["token_hash"], r["created_at"], r["expires_at"], r["note"])
+        return self._enroll_token(rows[0]) if rows else None
+
+    def find_enroll_token(self, token_id: str) -> EnrollTokenRecord | None:
+        rows = self._rows("SELECT * FROM enroll_tokens WHERE token_id = ?", (token_id,))
+        return self._enroll_token(rows[0]) if rows else None
+
+    def list_enroll_tokens(self) -> list[EnrollToken]:
+        rows = self._rows("SELECT * FROM enroll_tokens ORDER BY created_at DESC, rowid DESC")
+        return [self._enroll_token(r).token for r in rows]
+
+    def put_enroll_token(self, token: EnrollTokenRecord) -> None:
+        t = token.token
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE enroll_tokens SET expires_at = ?, note = ?, max_uses = ?, uses = ?,"
+                " labels = ?, revoked = ?, device_id = ? WHERE token_hash = ?",
+                (
+                    t.expires_at,
+                    t.note,
+                    t.max_uses,
+                    t.uses,
+                    json.dumps(dict(t.labels), sort_keys=True),
+                    int(t.revoked),
+                    t.device_id,
+                    token.token_hash,
+                ),
+            )
+            if cursor.rowcount == 0:
+                raise UnknownResource(f"no enrollment token {t.token_id}")
+
+    def use_enroll_token(self, token_hash: str, now: float) -> tuple[EnrollToken | None, str]:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT * FROM enroll_tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+            if row is None:
+                return None, "is not valid"
+            token = self._enroll_token(row).token
+            refusal = token.refusal(now)
+            if refusal:
+                return token, refusal
+            conn.execute(
+                "UPDATE enroll_tokens SET uses = uses + 1 WHERE token_hash = ?", (token_hash,)
+            )
+            return replace(token, uses=token.uses + 1), ""
+
+    # admin tokens ------------------------------------------------------------------------
+    def add_admin_token(self, token: AdminTokenRecord) -> None:
+        t = token.token
+        with self._tx() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO admin_tokens VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        token.token_hash,
+                        t.token_id,
+                        t.name,
+                        t.role.value,
+                        t.created_at,
+                        int(t.revoked),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("that admin token exists already") from None
+
+    @staticmethod
+    def _admin_token(r: sqlite3.Row) -> AdminTokenRecord:
+        return AdminTokenRecord(
+            r["token_hash"],
+            AdminToken(
+                r["token_id"], r["name"], Role(r["role"]), r["created_at"], bool(r["revoked"])
+            ),
+        )
+
+    def get_admin_token(self, token_hash: str) -> AdminTokenRecord | None:
+        rows = self._rows("SELECT * FROM admin_tokens WHERE token_hash = ?", (token_hash,))
+        return self._admin_token(rows[0]) if rows else None
+
+    def find_admin_token(self, token_id: str) -> AdminTokenRecord | None:
+        rows = self._rows("SELECT * FROM admin_tokens WHERE token_id = ?", (token_id,))
+        return self._admin_token(rows[0]) if rows else None
+
+    def list_admin_tokens(self) -> list[AdminToken]:
+        rows = self._rows("SELECT * FROM admin_tokens ORDER BY created_at DESC, rowid DESC")
+        return [self._admin_token(r).token for r in rows]
+
+    def put_admin_token(self, token: AdminTokenRecord) -> None:
+        t = token.token
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE admin_tokens SET name = ?, role = ?, revoked = ? WHERE token_hash = ?",
+                (t.name, t.role.value, int(t.revoked), token.token_hash),
+            )
+            if cursor.rowcount == 0:
+                raise UnknownResource(f"no admin token {t.token_id}")
 
     # deployments -------------------------------------------------------------------------
     def list_deployments(self) -> list[Deployment]:
@@ -527,6 +726,7 @@ class SqliteMetadataStore(MetadataStore):
                 r["version"],
                 r["target"],
                 r["created_at"],
+                bool(r["rollback"]),
             )
             for r in self._rows("SELECT * FROM deployments ORDER BY seq")
         ]
@@ -649,6 +849,8 @@ class SqliteMetadataStore(MetadataStore):
     def list_job_events(
         self, job_id: str, after_seq: int = 0, limit: int = 10_000
     ) -> list[JobEvent]:
+        # A cursor past SQLite's largest integer (a client's uint64) means "none yet".
+        after_seq = min(after_seq, SQLITE_MAX_INT)
         rows = self._rows(
             "SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (job_id, after_seq, limit),

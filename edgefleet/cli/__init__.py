@@ -26,8 +26,24 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "edgefleet.cli.admin:deployments",
         "Standing deployments: what each selector's devices run.",
     ),
-    "devices": ("edgefleet.cli.admin:devices", "List devices: labels, online, versions, errors."),
-    "enroll-token": ("edgefleet.cli.admin:enroll_token", "Create a token devices enroll with."),
+    "devices": (
+        "edgefleet.cli.admin:devices",
+        "List, show, label and revoke devices.",
+    ),
+    "rollback": (
+        "edgefleet.cli.admin:rollback",
+        "Take devices back to an older version (an operator's rollback).",
+    ),
+    "tokens": (
+        "edgefleet.cli.admin:tokens",
+        "Enrollment tokens: create (labels, uses, expiry), list, revoke.",
+    ),
+    "admin-tokens": (
+        "edgefleet.cli.admin:admin_tokens",
+        "Admin tokens with roles (viewer, operator, admin).",
+    ),
+    "keys": ("edgefleet.cli.admin:keys", "Rotate the root key devices trust."),
+    "certs": ("edgefleet.cli.certs:certs", "Make a private CA and server certificate (TLS)."),
     "finetune": (
         "edgefleet.cli.jobs:finetune",
         "Fine-tune a backbone on your data as a cloud job: new version + artifacts.",
@@ -81,8 +97,8 @@ def cli(verbose: int) -> None:
       edgefleet deploy NAME --version 1   roll it out
       edgefleet devices                   see where every device stands
 
-    Admin commands read the cloud address and admin token from --cloud/--token or
-    EDGEFLEET_CLOUD / EDGEFLEET_ADMIN_TOKEN.
+    Admin commands reach the cloud over TLS: --cloud, --token-file and --ca-file, or
+    EDGEFLEET_CLOUD, EDGEFLEET_ADMIN_TOKEN_FILE and EDGEFLEET_CA_FILE.
     """
     level = logging.WARNING - 10 * verbose
     configure_logs("text", max(level, logging.DEBUG))

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from rich.console import Console
@@ -24,6 +27,8 @@ from edgefleet.core.wire import to_jsonable
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console()
+# What is not the command's result (the secret a script captures) goes to stderr.
+err_console = Console(stderr=True)
 
 
 def json_option(fn: F) -> F:
@@ -37,27 +42,74 @@ def print_json(value: object) -> None:
     click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=True))
 
 
+@dataclass(frozen=True)
+class Connection:
+    """Where the cloud is and how to reach it, from the common options or the environment."""
+
+    address: str
+    token_file: Path | None
+    ca_file: Path | None
+    insecure: bool
+
+    def client(self) -> AdminClient:
+        return AdminClient(
+            self.address,
+            token_file=self.token_file,
+            ca_file=self.ca_file,
+            insecure=self.insecure or None,
+        )
+
+
 def cloud_options(fn: F) -> F:
-    fn = click.option(
-        "--token",
-        envvar="EDGEFLEET_ADMIN_TOKEN",
-        help="Admin token [env EDGEFLEET_ADMIN_TOKEN]; `edgefleet cloud serve` prints where it is kept.",
-    )(fn)
-    fn = click.option(
-        "--cloud",
-        envvar="EDGEFLEET_CLOUD",
-        default="127.0.0.1:50051",
-        show_default=True,
-        help="Cloud service address HOST:PORT [env EDGEFLEET_CLOUD].",
-    )(fn)
-    return fn
+    """--cloud, --token-file, --ca-file and --insecure, given to the command as `cloud`."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any,
+        cloud: str,
+        token_file: Path | None,
+        ca_file: Path | None,
+        insecure: bool,
+        **kwargs: Any,
+    ) -> Any:
+        return fn(*args, cloud=Connection(cloud, token_file, ca_file, insecure), **kwargs)
+
+    for option in (
+        click.option(
+            "--insecure",
+            is_flag=True,
+            help="Plain text: for a cloud started with --insecure on a trusted network only "
+            "[env EDGEFLEET_INSECURE=1].",
+        ),
+        click.option(
+            "--ca-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="CA bundle that verifies the cloud's certificate (its DATA_DIR/trust/ca.pem) "
+            "[env EDGEFLEET_CA_FILE].",
+        ),
+        click.option(
+            "--token-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="File holding an admin token (`edgefleet cloud serve` prints where the first "
+            "one is kept) [env EDGEFLEET_ADMIN_TOKEN_FILE, or EDGEFLEET_ADMIN_TOKEN].",
+        ),
+        click.option(
+            "--cloud",
+            envvar="EDGEFLEET_CLOUD",
+            default="127.0.0.1:50051",
+            show_default=True,
+            help="Cloud service address HOST:PORT [env EDGEFLEET_CLOUD].",
+        ),
+    ):
+        wrapper = option(wrapper)
+    return cast(F, wrapper)
 
 
 @contextmanager
-def admin(cloud: str, token: str | None) -> Iterator[AdminClient]:
+def admin(cloud: Connection) -> Iterator[AdminClient]:
     """An AdminClient whose errors end the command with their message and a non-zero exit."""
     try:
-        with AdminClient(cloud, token) as client:
+        with cloud.client() as client:
             yield client
     except EdgefleetError as err:
         raise click.ClickException(f"{err.message} [{err.code.value}]") from None
@@ -141,8 +193,7 @@ def push(
     meta: tuple[str, ...],
     parent: int,
     skip_verify: bool,
-    cloud: str,
-    token: str | None,
+    cloud: Connection,
 ) -> None:
     """Upload MODEL_FILE (ONNX) as the next version of NAME.
 
@@ -152,7 +203,7 @@ def push(
     """
     metadata = parse_pairs(meta, "--meta")
     with (
-        admin(cloud, token) as client,
+        admin(cloud) as client,
         Progress(
             "[progress.description]{task.description}",
             BarColumn(),
@@ -191,9 +242,9 @@ def push(
 @models.command("list")
 @json_option
 @cloud_options
-def list_models(as_json: bool, cloud: str, token: str | None) -> None:
+def list_models(as_json: bool, cloud: Connection) -> None:
     """List models with their latest version."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         rows = client.models()
     if as_json:
         print_json(rows)
@@ -211,9 +262,9 @@ def list_models(as_json: bool, cloud: str, token: str | None) -> None:
 @click.argument("name")
 @json_option
 @cloud_options
-def versions(name: str, as_json: bool, cloud: str, token: str | None) -> None:
+def versions(name: str, as_json: bool, cloud: Connection) -> None:
     """List the versions of NAME with lineage, signature and artifacts."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         rows = client.versions(name)
     if as_json:
         print_json(rows)
@@ -239,10 +290,10 @@ def versions(name: str, as_json: bool, cloud: str, token: str | None) -> None:
 @click.argument("version", type=int)
 @json_option
 @cloud_options
-def show(name: str, version: int, as_json: bool, cloud: str, token: str | None) -> None:
+def show(name: str, version: int, as_json: bool, cloud: Connection) -> None:
     """One version in full: lineage, held-out metrics with the confusion matrix, and each
     artifact with what its compile measured."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         v = client.version(name, version)
     if as_json:
         print_json(v)
@@ -318,42 +369,26 @@ def show(name: str, version: int, as_json: bool, cloud: str, token: str | None) 
 # deploy ---------------------------------------------------------------------------------
 
 
-@click.command()
-@click.argument("name")
-@click.option("--version", "version", type=int, required=True, help="Version to run.")
-@click.option(
-    "--selector",
-    "-l",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Only devices with this label (repeatable; all must match). None: every device.",
-)
-@click.option("--target", default="", help="Artifact target [default: the device's best].")
-@click.option("--wait/--no-wait", default=False, help="Wait until every selected device runs it.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait.")
-@cloud_options
-def deploy(
+def move(
+    cloud: Connection,
     name: str,
     version: int,
     selector: tuple[str, ...],
     target: str,
     wait: bool,
     timeout: float,
-    cloud: str,
-    token: str | None,
+    *,
+    rollback: bool,
 ) -> None:
-    """Set version VERSION of model NAME as the desired state of every matching device.
-
-    Each device's desired-state generation moves on by one; agents converge on their own
-    (download what they lack, verify, smoke-test, switch) and report back. Watch with
-    `edgefleet devices` or pass --wait.
-    """
+    """What `deploy` and `rollback` do: set the version, say where, and follow if asked."""
     labels = parse_pairs(selector, "--selector")
-    with admin(cloud, token) as client:
-        generations = client.deploy(name, version, selector=labels, target=target)
+    with admin(cloud) as client:
+        call = client.rollback if rollback else client.deploy
+        generations = call(name, version, selector=labels, target=target)
         where = ", ".join(f"{k}={v}" for k, v in labels.items()) or "every device"
+        verb = "rolled back" if rollback else "deployed"
         console.print(
-            f"[green]deployed[/] {name} v{version} to {len(generations)} device(s) ({where})"
+            f"[green]{verb}[/] {name} v{version} to {len(generations)} device(s) ({where})"
         )
         for device_id, gen in sorted(generations.items()):
             console.print(f"  {device_id}: desired generation {gen}")
@@ -370,19 +405,88 @@ def deploy(
             console.print(f"all {len(generations)} device(s) run {name} v{version}")
 
 
-# devices --------------------------------------------------------------------------------
+def version_options(selector_help: str) -> Callable[[F], F]:
+    """The options `deploy` and `rollback` share."""
+
+    def decorate(fn: F) -> F:
+        for option in (
+            cloud_options,
+            click.option(
+                "--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait."
+            ),
+            click.option(
+                "--wait/--no-wait", default=False, help="Wait until every selected device runs it."
+            ),
+            click.option(
+                "--target", default="", help="Artifact target [default: the device's best]."
+            ),
+            click.option(
+                "--selector", "-l", multiple=True, metavar="KEY=VALUE", help=selector_help
+            ),
+        ):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 @click.command()
+@click.argument("name")
+@click.option("--version", "version", type=int, required=True, help="Version to run.")
+@version_options("Only devices with this label (repeatable; all must match). None: every device.")
+def deploy(
+    name: str,
+    version: int,
+    selector: tuple[str, ...],
+    target: str,
+    wait: bool,
+    timeout: float,
+    cloud: Connection,
+) -> None:
+    """Set version VERSION of model NAME as the desired state of every matching device.
+
+    Each device's desired-state generation moves on by one; agents converge on their own
+    (download what they lack, verify, smoke-test, switch) and report back. Watch with
+    `edgefleet devices` or pass --wait.
+    """
+    move(cloud, name, version, selector, target, wait, timeout, rollback=False)
+
+
+# devices --------------------------------------------------------------------------------
+
+
+class DefaultList(click.Group):
+    """A group whose `list` runs when no sub-command is named: `edgefleet devices --json`
+    lists, as it did before the group had other commands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultList)
+def devices() -> None:
+    """Devices: list them, show one, set the labels deployments select by, revoke one.
+
+    \b
+      edgefleet devices                       every device (same as `devices list`)
+      edgefleet devices show dev-1
+      edgefleet devices label dev-1 site=plant-2 --remove line
+      edgefleet devices revoke dev-1          refuse its every later call
+    """
+
+
+@devices.command("list")
 @click.option(
     "--selector", "-l", multiple=True, metavar="KEY=VALUE", help="Only devices with this label."
 )
 @json_option
 @cloud_options
-def devices(selector: tuple[str, ...], as_json: bool, cloud: str, token: str | None) -> None:
+def list_devices(selector: tuple[str, ...], as_json: bool, cloud: Connection) -> None:
     """List devices: labels, online state, inference address, running versions, desired vs
     reported generation, and the last error."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         rows = client.devices(parse_pairs(selector, "--selector"))
     if as_json:
         print_json(rows)
@@ -391,9 +495,76 @@ def devices(selector: tuple[str, ...], as_json: bool, cloud: str, token: str | N
     online = sum(1 for d in rows if d.online)
     converged = sum(1 for d in rows if d.converged)
     failing = sum(1 for d in rows if d.errors)
+    revoked = sum(1 for d in rows if d.revoked)
     console.print(
         f"{len(rows)} device(s): {online} online, {converged} converged, {failing} with errors"
+        + (f", {revoked} revoked" if revoked else "")
     )
+
+
+@devices.command("show")
+@click.argument("device_id")
+@json_option
+@cloud_options
+def show_device(device_id: str, as_json: bool, cloud: Connection) -> None:
+    """One device in full: labels, capabilities, desired and reported state."""
+    with admin(cloud) as client:
+        device = client.device(device_id)
+    if as_json:
+        print_json(device)
+        return
+    console.print(render_devices([device]))
+    caps = device.capabilities
+    console.print(
+        f"enrolled {ago(device.enrolled_at)}; runtime {caps.onnxruntime_version or '?'} with "
+        f"{', '.join(caps.execution_providers) or 'no providers reported'}"
+        + ("; [red]REVOKED[/]" if device.revoked else "")
+    )
+
+
+@devices.command("label")
+@click.argument("device_id")
+@click.argument("labels", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--remove", multiple=True, metavar="KEY", help="A label to remove (repeatable).")
+@json_option
+@cloud_options
+def label_device(
+    device_id: str,
+    labels: tuple[str, ...],
+    remove: tuple[str, ...],
+    as_json: bool,
+    cloud: Connection,
+) -> None:
+    """Set a device's labels: the ones deployments select by. Labels belong to the operator
+    (from the enroll token or this command); what a device reports is advisory. Standing
+    deployments that now match it apply at once."""
+    if not labels and not remove:
+        raise click.UsageError("give KEY=VALUE labels to set, or --remove KEY")
+    with admin(cloud) as client:
+        device = client.label_device(device_id, parse_pairs(labels, "labels"), list(remove))
+    if as_json:
+        print_json(device)
+        return
+    shown = ",".join(f"{k}={v}" for k, v in sorted(device.labels.items())) or "(none)"
+    console.print(
+        f"device {device_id} labels: {shown}; desired generation {device.desired.generation}"
+    )
+
+
+@devices.command("revoke")
+@click.argument("device_id")
+@json_option
+@cloud_options
+def revoke_device(device_id: str, as_json: bool, cloud: Connection) -> None:
+    """Refuse every later call of a device (a stolen or retired one). It keeps serving what
+    it has, offline. To take it back, make a re-enroll token for it (`edgefleet tokens
+    create --reenroll ID`) and run `edgefleet agent reenroll` on it."""
+    with admin(cloud) as client:
+        device = client.revoke_device(device_id)
+    if as_json:
+        print_json(device)
+        return
+    console.print(f"device {device_id} revoked: the cloud refuses its every call from now on")
 
 
 def render_devices(rows: list[Device]) -> Table:
@@ -431,10 +602,10 @@ def render_devices(rows: list[Device]) -> Table:
 @click.command()
 @json_option
 @cloud_options
-def deployments(as_json: bool, cloud: str, token: str | None) -> None:
+def deployments(as_json: bool, cloud: Connection) -> None:
     """Standing deployments: which version each selector's devices run, those that enroll
     later included. A newer deployment of a model replaces one with the same selector."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         rows = client.deployments()
     if as_json:
         print_json(rows)
@@ -453,15 +624,241 @@ def deployments(as_json: bool, cloud: str, token: str | None) -> None:
     console.print(f"{len(rows)} standing deployment(s)")
 
 
-@click.command("enroll-token")
-@click.option("--ttl", type=int, default=0, help="Seconds the token is valid (0: no expiry).")
+# tokens and keys -------------------------------------------------------------------------
+
+DURATION = re.compile(r"^(\d+)([smhdw]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(text: str) -> int:
+    """'90', '90s', '15m', '12h', '7d', '2w' as seconds; '0' or 'never' as 0."""
+    if text.strip().lower() in ("never", "0"):
+        return 0
+    match = DURATION.match(text.strip().lower())
+    if not match:
+        raise click.BadParameter(f"{text!r}: write a duration like 90s, 15m, 12h, 7d or never")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "never"
+
+
+@click.group()
+def tokens() -> None:
+    """Enrollment tokens: what a device needs, once, to join the fleet.
+
+    \b
+      edgefleet tokens create --label site=plant-1 --max-uses 20 --ttl 7d > token
+      edgefleet tokens list
+      edgefleet tokens revoke 3f9a1c2b7d4e
+      edgefleet tokens create --reenroll dev-1 > reenroll-token   (after a revocation)
+    """
+
+
+@tokens.command("create")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A label every device enrolling with it gets (repeatable): what deployments select by.",
+)
+@click.option("--max-uses", type=int, default=0, help="Enrollments it allows (0: any number).")
+@click.option("--ttl", default="1d", show_default=True, help="Valid for: 90s, 15m, 12h, 7d, never.")
 @click.option("--note", default="", help="What the token is for.")
+@click.option(
+    "--reenroll",
+    metavar="DEVICE_ID",
+    default="",
+    help="A re-enroll token: only that enrolled device may use it, once, for a new credential.",
+)
+@json_option
 @cloud_options
-def enroll_token(ttl: int, note: str, cloud: str, token: str | None) -> None:
-    """Create a token that agents enroll with (`edgefleet agent run --enroll-token ...`)."""
-    with admin(cloud, token) as client:
-        value, expires = client.create_enroll_token(ttl, note)
-    click.echo(value)
-    console.print(
-        f"expires: {time.ctime(expires) if expires else 'never'}", style="dim", highlight=False
+def create_token(
+    labels: tuple[str, ...],
+    max_uses: int,
+    ttl: str,
+    note: str,
+    reenroll: str,
+    as_json: bool,
+    cloud: Connection,
+) -> None:
+    """Create an enrollment token; the secret goes to stdout (alone, for `> file`), once."""
+    if max_uses < 0:
+        raise click.BadParameter("--max-uses must be 0 or more")
+    with admin(cloud) as client:
+        secret, record = client.create_enroll_token(
+            ttl_seconds=parse_duration(ttl),
+            note=note,
+            max_uses=max_uses,
+            labels=parse_pairs(labels, "--label"),
+            reenroll=reenroll,
+        )
+    if as_json:
+        click.echo(json.dumps({"secret": secret, "token": to_jsonable(record)}, indent=2))
+        return
+    click.echo(secret)
+    what = f"re-enroll token for {record.device_id}" if record.device_id else "enroll token"
+    grants = ",".join(f"{k}={v}" for k, v in sorted(record.labels.items())) or "no labels"
+    uses = f"{record.max_uses} use(s)" if record.max_uses else "any number of uses"
+    err_console.print(
+        f"{what} {record.token_id}: {grants}, {uses}, expires {when(record.expires_at)}; "
+        "the secret is shown only now: keep it in a file readable by its device only",
+        style="dim",
+        highlight=False,
     )
+
+
+@tokens.command("list")
+@json_option
+@cloud_options
+def list_tokens(as_json: bool, cloud: Connection) -> None:
+    """Enrollment tokens (never their secrets): use counts, expiry, labels, revoked."""
+    with admin(cloud) as client:
+        rows = client.enroll_tokens()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("token", "labels", "uses", "expires", "note", "state")
+    now = time.time()
+    for t in rows:
+        refusal = t.refusal(now)
+        table.add_row(
+            t.token_id,
+            ",".join(f"{k}={v}" for k, v in sorted(t.labels.items()))
+            or (f"re-enroll {t.device_id}" if t.device_id else "-"),
+            f"{t.uses}/{t.max_uses}" if t.max_uses else str(t.uses),
+            when(t.expires_at),
+            escape(t.note),
+            f"[red]{escape(refusal)}[/]" if refusal else "[green]usable[/]",
+        )
+    console.print(table)
+    usable = sum(1 for t in rows if not t.refusal(now))
+    console.print(f"{len(rows)} token(s), {usable} usable")
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@cloud_options
+def revoke_token(token_id: str, cloud: Connection) -> None:
+    """Revoke an enrollment token: no device enrolls with it again (enrolled ones stay)."""
+    with admin(cloud) as client:
+        record = client.revoke_enroll_token(token_id)
+    console.print(f"enroll token {record.token_id} revoked after {record.uses} use(s)")
+
+
+@click.group("admin-tokens")
+def admin_tokens() -> None:
+    """Admin tokens with roles: viewer (read), operator (push, deploy, jobs, labels), admin
+    (tokens, revocations, keys). Stored hashed; the secret is shown once.
+
+    \b
+      edgefleet admin-tokens create ci-pipeline --role operator > ci-token
+      edgefleet admin-tokens list
+      edgefleet admin-tokens revoke 5d1e0a7c9b2f
+    """
+
+
+@admin_tokens.command("create")
+@click.argument("name")
+@click.option(
+    "--role",
+    type=click.Choice(["viewer", "operator", "admin"]),
+    default="viewer",
+    show_default=True,
+    help="What the token may do.",
+)
+@json_option
+@cloud_options
+def create_admin_token(name: str, role: str, as_json: bool, cloud: Connection) -> None:
+    """Create an admin token; the secret goes to stdout (alone, for `> file`), once."""
+    with admin(cloud) as client:
+        secret, record = client.create_admin_token(name, role)
+    if as_json:
+        click.echo(json.dumps({"secret": secret, "token": to_jsonable(record)}, indent=2))
+        return
+    click.echo(secret)
+    err_console.print(
+        f"admin token {record.token_id} ({record.name}, {record.role.value}); the secret is "
+        "shown only now",
+        style="dim",
+        highlight=False,
+    )
+
+
+@admin_tokens.command("list")
+@json_option
+@cloud_options
+def list_admin_tokens(as_json: bool, cloud: Connection) -> None:
+    """Admin tokens (never their secrets)."""
+    with admin(cloud) as client:
+        rows = client.admin_tokens()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("token", "name", "role", "created", "state")
+    for t in rows:
+        table.add_row(
+            t.token_id,
+            escape(t.name),
+            t.role.value,
+            when(t.created_at),
+            "[red]revoked[/]" if t.revoked else "[green]active[/]",
+        )
+    console.print(table)
+    console.print(f"{len(rows)} admin token(s), {sum(1 for t in rows if not t.revoked)} active")
+
+
+@admin_tokens.command("revoke")
+@click.argument("token_id")
+@cloud_options
+def revoke_admin_token(token_id: str, cloud: Connection) -> None:
+    """Revoke an admin token: every later call with it is refused."""
+    with admin(cloud) as client:
+        record = client.revoke_admin_token(token_id)
+    console.print(f"admin token {record.token_id} ({record.name}) revoked")
+
+
+@click.group()
+def keys() -> None:
+    """The root key that signs manifests and desired states."""
+
+
+@keys.command("rotate")
+@json_option
+@cloud_options
+def rotate_keys(as_json: bool, cloud: Connection) -> None:
+    """Make a new root key, signed by the current one (TUF's root rotation): devices follow
+    the signed chain without re-enrolling; new devices may be provisioned with either
+    fingerprint."""
+    with admin(cloud) as client:
+        key = client.rotate_root_key()
+    if as_json:
+        click.echo(json.dumps({**to_jsonable(key), "fingerprint": key.fingerprint}, indent=2))
+        return
+    console.print(f"root key v{key.version}: {key.fingerprint}")
+    console.print("devices move to it on their next pass; nothing to re-provision")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--to", "version", type=int, required=True, help="The older version to go back to.")
+@version_options("Devices with this label (repeatable; none: every device).")
+def rollback(
+    name: str,
+    version: int,
+    selector: tuple[str, ...],
+    target: str,
+    wait: bool,
+    timeout: float,
+    cloud: Connection,
+) -> None:
+    """Take devices back to an older version. Devices never move below the newest version
+    they ran unless the signed desired state says it is an operator's rollback: this is
+    that. `edgefleet devices` then shows what the devices report.
+
+    \b
+      edgefleet rollback defect-classifier --to 3 --selector site=plant-1 --wait
+    """
+    move(cloud, name, version, selector, target, wait, timeout, rollback=True)

@@ -8,7 +8,6 @@ Protocol endpoint; a better version 2 follows and every device moves over to it.
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import signal
 import statistics
@@ -28,7 +27,12 @@ from rich.console import Console
 from rich.table import Table
 
 from edgefleet.cli.admin import human_bytes, render_devices, update_size
-from edgefleet.cli.processes import ManagedProcess, agent_process, cloud_process
+from edgefleet.cli.processes import (
+    ManagedProcess,
+    agent_process,
+    cloud_process,
+    write_secret_file,
+)
 from edgefleet.client.admin import AdminClient
 from edgefleet.core.fleet import Device, ModelPhase
 from edgefleet.core.jobs import Job, JobEvent, JobState
@@ -186,32 +190,35 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
     ours = workdir is None or not workdir.exists()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    admin_token, enroll_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     step = Step(8)
     procs: list[ManagedProcess] = []
     console.print(f"[bold]edgefleet demo[/] in {workdir}")
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        with step("starting the cloud service"):
-            cloud_proc = cloud_process(workdir, admin_token, enroll_token).start()
-            procs.append(cloud_proc)
+        with step("starting the cloud service (TLS with a private CA it makes)"):
+            cloud_proc, trust = cloud_process(workdir)
+            procs.append(cloud_proc.start())
             cloud_proc.wait_ready()
+            cloud = AdminClient(
+                cloud_proc.address, token_file=trust.admin_token_file, ca_file=trust.ca_file
+            )
         names = [f"edge-{i + 1}" for i in range(agents)]
-        with step(f"starting {agents} agents (site=plant-1)"):
+        with step(f"starting {agents} agents (enroll tokens granting site=plant-1)"):
             for name in names:
+                # One single-use token per device, granting its labels: what a user does.
+                secret, _ = cloud.create_enroll_token(
+                    ttl_seconds=3600,
+                    max_uses=1,
+                    labels={"site": "plant-1", "line": name[-1]},
+                    note=f"demo {name}",
+                )
+                token_file = write_secret_file(workdir / "tokens" / name, secret)
                 procs.append(
-                    agent_process(
-                        workdir,
-                        name,
-                        cloud_proc.address,
-                        enroll_token,
-                        {"site": "plant-1", "line": name[-1]},
-                    ).start()
+                    agent_process(workdir, name, cloud_proc.address, trust, token_file).start()
                 )
             for p in procs[1:]:
                 p.wait_ready()
         agent_addr = {p.name: p.address for p in procs[1:]}
-        cloud = AdminClient(cloud_proc.address, admin_token)
         val = synthetic_pixels(320, seed=2)
 
         title = "fine-tuning v1 in the cloud (small-cnn + new head, 120 images, 1 epoch)"
@@ -277,7 +284,8 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
             f"({scores_v1[0].accuracy:.0%} → {scores_v2[0].accuracy:.0%} accuracy), each "
             f"downloading {update_size(moved.metrics, moved.size_bytes)} of the new "
             f"{moved.target} artifact; {requests} inference requests served over the Open "
-            "Inference Protocol."
+            "Inference Protocol. Every link ran TLS; each agent trusted only the cloud's CA "
+            "and root key it was given and enrolled with its own single-use token."
         )
         console.print(
             "next: run `edgefleet cloud serve` and `edgefleet finetune NAME --base small-cnn "

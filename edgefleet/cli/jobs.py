@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from edgefleet.cli.admin import (
+    Connection,
     admin,
     ago,
     cloud_options,
@@ -311,8 +312,7 @@ def finetune(
     parent: int,
     description: str,
     detach: bool,
-    cloud: str,
-    token: str | None,
+    cloud: Connection,
     **settings: Any,
 ) -> None:
     """Fine-tune BASE with a new head on a data set; the result is the next version of NAME.
@@ -329,7 +329,7 @@ def finetune(
       edgefleet finetune apparel --base small-cnn --data ./images --search lr=1e-3,3e-3 --search strategy=head,last-n
     """
     params = {k: v for k, v in settings.items() if v is not None}
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         if Path(base).expanduser().is_file():
             base = _upload_local(client, Path(base).expanduser(), "backbone")
         data_path = Path(data).expanduser()
@@ -386,8 +386,7 @@ def compile_command(
     limit: int,
     max_accuracy_drop: float | None,
     detach: bool,
-    cloud: str,
-    token: str | None,
+    cloud: Connection,
 ) -> None:
     """Build the TARGET artifact of NAME's VERSION as a job, with its accuracy change and
     latency measured; refused when it costs more accuracy than allowed.
@@ -396,7 +395,7 @@ def compile_command(
       edgefleet compile shapes --version 3 --target onnx-cpu-int8
       edgefleet compile detector --version 1 --target onnx-cpu-int8 --data ./val-images
     """
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         if data and Path(data).expanduser().exists():
             _check_local_data(Path(data).expanduser(), "", "", limit)
             data = _upload_local(client, Path(data).expanduser(), "data set")
@@ -432,11 +431,9 @@ def jobs() -> None:
 @click.option("--limit", type=int, default=30, show_default=True)
 @json_option
 @cloud_options
-def list_jobs(
-    model: str, active: bool, limit: int, as_json: bool, cloud: str, token: str | None
-) -> None:
+def list_jobs(model: str, active: bool, limit: int, as_json: bool, cloud: Connection) -> None:
     """Jobs, newest first, with where each one is."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         rows = client.jobs(model, active_only=active, limit=limit)
     if as_json:
         print_json(rows)
@@ -465,9 +462,9 @@ def list_jobs(
 @click.argument("job_id")
 @json_option
 @cloud_options
-def show_job(job_id: str, as_json: bool, cloud: str, token: str | None) -> None:
+def show_job(job_id: str, as_json: bool, cloud: Connection) -> None:
     """Everything about one job: request, state, progress, trials, targets, error."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         job = client.job(job_id)
     if as_json:
         print_json(job)
@@ -504,9 +501,9 @@ def show_job(job_id: str, as_json: bool, cloud: str, token: str | None) -> None:
 @click.option("-f", "--follow", "follow_", is_flag=True, help="Keep printing until the job ends.")
 @json_option
 @cloud_options
-def job_logs(job_id: str, follow_: bool, as_json: bool, cloud: str, token: str | None) -> None:
+def job_logs(job_id: str, follow_: bool, as_json: bool, cloud: Connection) -> None:
     """The job's log: its messages, state changes and (with -f) live progress."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         if as_json:
             # One event a line, as they come (with -f, until the job ends).
             for event in client.watch_job(job_id, follow=follow_):
@@ -531,9 +528,9 @@ def job_logs(job_id: str, follow_: bool, as_json: bool, cloud: str, token: str |
 @jobs.command("cancel")
 @click.argument("job_id")
 @cloud_options
-def cancel_job(job_id: str, cloud: str, token: str | None) -> None:
+def cancel_job(job_id: str, cloud: Connection) -> None:
     """Stop a queued or running job (its worker process is ended)."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         job = client.cancel_job(job_id)
         if not job.finished:
             with console.status(f"stopping {job_id}..."):
@@ -550,9 +547,9 @@ def cancel_job(job_id: str, cloud: str, token: str | None) -> None:
 @click.argument("job_id")
 @click.option("--detach", is_flag=True, help="Submit and return; do not follow the new job.")
 @cloud_options
-def retry_job(job_id: str, detach: bool, cloud: str, token: str | None) -> None:
+def retry_job(job_id: str, detach: bool, cloud: Connection) -> None:
     """Submit a finished job's request again as a new job."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         job = client.retry_job(job_id)
         console.print(f"submitted [bold]{job.job_id}[/] (retry of {job_id})")
         if not detach:
@@ -591,10 +588,10 @@ def _pick(versions: Sequence[ModelVersion], wanted: str) -> list[ModelVersion]:
 @click.option("--versions", default="", help="Only these versions, e.g. 2,5,6 [default: all].")
 @json_option
 @cloud_options
-def compare(name: str, versions: str, as_json: bool, cloud: str, token: str | None) -> None:
+def compare(name: str, versions: str, as_json: bool, cloud: Connection) -> None:
     """Versions of NAME side by side: lineage, settings that differ, held-out metrics, and
     per target the size, latency and accuracy change. The best accuracy is marked."""
-    with admin(cloud, token) as client:
+    with admin(cloud) as client:
         rows = _pick(client.versions(name), versions)
     if not rows:
         raise click.ClickException(f"{name} has no versions yet")

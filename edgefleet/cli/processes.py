@@ -98,17 +98,60 @@ class ManagedProcess:
             self.process.wait(5)
 
 
+@dataclass(frozen=True)
+class CloudTrust:
+    """What a cloud started by :func:`cloud_process` gives its clients, out of band: the CA
+    bundle, the root key fingerprint and the first admin token, as files in its data folder.
+    Empty `ca_file` means the cloud serves plain text (`insecure`)."""
+
+    data_dir: Path
+    insecure: bool = False
+
+    @property
+    def ca_file(self) -> Path | None:
+        return None if self.insecure else self.data_dir / "trust" / "ca.pem"
+
+    @property
+    def root_key(self) -> str:
+        return (self.data_dir / "trust" / "root-key.txt").read_text().strip()
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    def client_args(self) -> list[str]:
+        """The security options of an admin command (`edgefleet devices ...`)."""
+        tls = ["--insecure"] if self.insecure else ["--ca-file", str(self.ca_file)]
+        return ["--token-file", str(self.admin_token_file), *tls]
+
+    def agent_args(self) -> list[str]:
+        """The trust an agent is provisioned with (`edgefleet agent run ...`)."""
+        tls = ["--insecure"] if self.insecure else ["--ca-file", str(self.ca_file)]
+        return ["--root-key", self.root_key, *tls]
+
+
+def write_secret_file(path: Path, secret: str) -> Path:
+    """A secret in a file only its owner reads, for a `--...-file` option."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return path
+
+
 def cloud_process(
     workdir: Path,
-    admin_token: str,
-    enroll_token: str,
     extra: list[str] | None = None,
     port: int = 0,
-) -> ManagedProcess:
-    """The cloud service on loopback; `port` 0 picks a free port (pass the old one to
+    *,
+    insecure: bool = False,
+    enroll_token_file: Path | None = None,
+) -> tuple[ManagedProcess, CloudTrust]:
+    """The cloud service on loopback, with TLS from certificates it makes in its data folder
+    (plain text only with `insecure`); `port` 0 picks a free port (pass the old one to
     restart a cloud where its agents expect it)."""
     data = workdir / "cloud"
-    return ManagedProcess(
+    process = ManagedProcess(
         name="cloud",
         args=[
             "cloud",
@@ -121,27 +164,27 @@ def cloud_process(
             str(port),
             "--port-file",
             str(workdir / "cloud.port"),
-            "--admin-token",
-            admin_token,
-            "--enroll-token",
-            enroll_token,
+            *(["--insecure"] if insecure else []),
+            *(["--enroll-token-file", str(enroll_token_file)] if enroll_token_file else []),
             *(extra or []),
         ],
         log_path=workdir / "cloud.log",
         port_file=workdir / "cloud.port",
     )
+    return process, CloudTrust(data, insecure)
 
 
 def agent_process(
     workdir: Path,
     name: str,
     cloud: str,
-    enroll_token: str,
-    labels: dict[str, str],
+    trust: CloudTrust,
+    enroll_token_file: Path,
     extra: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    label_args = [arg for k, v in labels.items() for arg in ("--label", f"{k}={v}")]
+    """An agent on loopback, provisioned with the cloud's trust and an enroll token file
+    (its labels are the ones the token grants)."""
     return ManagedProcess(
         name=name,
         args=[
@@ -149,8 +192,9 @@ def agent_process(
             "run",
             "--cloud",
             cloud,
-            "--enroll-token",
-            enroll_token,
+            *trust.agent_args(),
+            "--enroll-token-file",
+            str(enroll_token_file),
             "--data-dir",
             str(workdir / name),
             "--device-id",
@@ -161,7 +205,6 @@ def agent_process(
             "0",
             "--port-file",
             str(workdir / f"{name}.port"),
-            *label_args,
             *(extra or []),
         ],
         log_path=workdir / f"{name}.log",

@@ -2,7 +2,7 @@
 pipeline uses to drive everything the CLI can.
 
     from edgefleet.client import AdminClient
-    with AdminClient("127.0.0.1:50051", token="...") as cloud:
+    with AdminClient("127.0.0.1:50051", token_file="admin-token", ca_file="ca.pem") as cloud:
         v = cloud.push_model("defect-classifier", "model.onnx")
         cloud.deploy("defect-classifier", v.version, selector={"site": "plant-1"})
         for d in cloud.devices():
@@ -22,11 +22,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edgefleet.core.auth import bearer_metadata
+from edgefleet.core.auth import bearer_metadata, read_secret
 from edgefleet.core.errors import InvalidArgument, Unavailable
 from edgefleet.core.fleet import Deployment, Device
 from edgefleet.core.jobs import Job, JobEvent
 from edgefleet.core.rpc import error_from_rpc
+from edgefleet.core.tls import ClientSecurity
+from edgefleet.core.tokens import AdminToken, EnrollToken
+from edgefleet.core.trust import RootKey
 from edgefleet.core.versions import Model, ModelVersion
 from edgefleet.core.wire import from_proto
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -47,21 +50,42 @@ class AdminClient:
     """
 
     def __init__(
-        self, address: str | None = None, token: str | None = None, *, timeout: float = 30.0
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
+        insecure: bool | None = None,
     ) -> None:
+        """Connect to the cloud at `address` (EDGEFLEET_CLOUD, default 127.0.0.1:50051).
+
+        The admin token comes from `token`, `token_file`, EDGEFLEET_ADMIN_TOKEN or
+        EDGEFLEET_ADMIN_TOKEN_FILE; the server is verified against `ca_file`
+        (EDGEFLEET_CA_FILE), and plain text needs `insecure` (EDGEFLEET_INSECURE=1).
+        """
         address = address or os.environ.get("EDGEFLEET_CLOUD") or "127.0.0.1:50051"
+        token_path = token_file or os.environ.get("EDGEFLEET_ADMIN_TOKEN_FILE")
+        if not token and token_path:
+            token = read_secret(Path(token_path), "the admin token")
         token = token or os.environ.get("EDGEFLEET_ADMIN_TOKEN")
         if not token:
             raise InvalidArgument(
-                "no admin token: pass --token or set EDGEFLEET_ADMIN_TOKEN "
-                "(the cloud prints where it keeps its token when it starts)"
+                "no admin token: pass --token-file or set EDGEFLEET_ADMIN_TOKEN_FILE (the cloud "
+                "prints where it keeps its first token when it starts)"
             )
+        if insecure is None:
+            insecure = os.environ.get("EDGEFLEET_INSECURE", "").lower() in ("1", "true", "yes")
+        ca = ca_file or os.environ.get("EDGEFLEET_CA_FILE") or None
+        security = ClientSecurity(ca_file=Path(ca) if ca else None, insecure=insecure)
+        security.check("the admin client")
         self.address = address
         self.timeout = timeout
         self._metadata = bearer_metadata(token)
-        self._channel = grpc.insecure_channel(
+        self._channel = security.channel(
             address,
-            options=[
+            [
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
             ],
@@ -181,13 +205,95 @@ class AdminClient:
         request = admin_pb2.GetDeviceRequest(device_id=device_id)
         return from_proto(self._call(self._stub.GetDevice, request), Device)
 
-    def create_enroll_token(self, ttl_seconds: int = 0, note: str = "") -> tuple[str, int]:
-        """A new enrollment token and its expiry (unix seconds, 0 = never)."""
+    def rollback(
+        self,
+        model: str,
+        version: int,
+        *,
+        selector: Mapping[str, str] | None = None,
+        target: str = "",
+    ) -> dict[str, int]:
+        """Take `model` back to an older `version` on the devices matching `selector`: the
+        only way a device moves below the newest version it has run (its version floor)."""
+        response = self._call(
+            self._stub.Rollback,
+            admin_pb2.RollbackRequest(
+                model=model, version=version, selector=dict(selector or {}), target=target
+            ),
+        )
+        return {d.device_id: d.generation for d in response.devices}
+
+    def label_device(
+        self,
+        device_id: str,
+        set_labels: Mapping[str, str] | None = None,
+        remove: Sequence[str] = (),
+    ) -> Device:
+        """Set and remove a device's labels (the ones deployments select by)."""
+        request = admin_pb2.LabelDeviceRequest(
+            device_id=device_id, set=dict(set_labels or {}), remove=list(remove)
+        )
+        return from_proto(self._call(self._stub.LabelDevice, request), Device)
+
+    def revoke_device(self, device_id: str) -> Device:
+        """Refuse every later call of the device until it re-enrolls with a re-enroll token."""
+        request = admin_pb2.RevokeDeviceRequest(device_id=device_id)
+        return from_proto(self._call(self._stub.RevokeDevice, request), Device)
+
+    # tokens and keys ------------------------------------------------------------------
+
+    def create_enroll_token(
+        self,
+        *,
+        ttl_seconds: int = 0,
+        note: str = "",
+        max_uses: int = 0,
+        labels: Mapping[str, str] | None = None,
+        reenroll: str = "",
+    ) -> tuple[str, EnrollToken]:
+        """A new enrollment token (the secret, shown once) and its record. With `reenroll`,
+        a token only that enrolled device may use, once, to take a new credential."""
         response = self._call(
             self._stub.CreateEnrollToken,
-            admin_pb2.CreateEnrollTokenRequest(ttl_seconds=ttl_seconds, note=note),
+            admin_pb2.CreateEnrollTokenRequest(
+                ttl_seconds=ttl_seconds,
+                note=note,
+                max_uses=max_uses,
+                labels=dict(labels or {}),
+                device_id=reenroll,
+            ),
         )
-        return response.enroll_token, response.expires_at
+        return response.enroll_token, from_proto(response.token, EnrollToken)
+
+    def enroll_tokens(self) -> list[EnrollToken]:
+        response = self._call(self._stub.ListEnrollTokens, admin_pb2.ListEnrollTokensRequest())
+        return [from_proto(t, EnrollToken) for t in response.tokens]
+
+    def revoke_enroll_token(self, token_id: str) -> EnrollToken:
+        request = admin_pb2.RevokeEnrollTokenRequest(token_id=token_id)
+        return from_proto(self._call(self._stub.RevokeEnrollToken, request), EnrollToken)
+
+    def create_admin_token(self, name: str, role: str) -> tuple[str, AdminToken]:
+        """A new admin token for a person or a pipeline (viewer, operator or admin)."""
+        response = self._call(
+            self._stub.CreateAdminToken, admin_pb2.CreateAdminTokenRequest(name=name, role=role)
+        )
+        return response.admin_token, from_proto(response.token, AdminToken)
+
+    def admin_tokens(self) -> list[AdminToken]:
+        response = self._call(self._stub.ListAdminTokens, admin_pb2.ListAdminTokensRequest())
+        return [from_proto(t, AdminToken) for t in response.tokens]
+
+    def revoke_admin_token(self, token_id: str) -> AdminToken:
+        request = admin_pb2.RevokeAdminTokenRequest(token_id=token_id)
+        return from_proto(self._call(self._stub.RevokeAdminToken, request), AdminToken)
+
+    def rotate_root_key(self) -> RootKey:
+        """Make a new root key, signed by the current one; devices follow without
+        re-enrolling."""
+        return from_proto(
+            self._call(self._stub.RotateRootKey, admin_pb2.RotateRootKeyRequest()), RootKey
+        )
 
     # jobs -----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -23,9 +24,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from edgefleet.core.auth import bearer_metadata
 from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.rpc import error_from_rpc
 from edgefleet.core.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD, datatype_of
+from edgefleet.core.tls import ClientSecurity
 from edgefleet.core.versions import TensorSpec
 from edgefleet.core.wire import from_proto
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
@@ -127,36 +130,52 @@ class InferenceClient:
     codes (NOT_FOUND for an unknown model, INVALID_ARGUMENT for a bad tensor, ...)."""
 
     def __init__(
-        self, address: str, timeout: float = 10.0, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE
+        self,
+        address: str,
+        timeout: float = 10.0,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        token: str = "",
+        ca_file: Path | None = None,
     ) -> None:
+        """`token`: the bearer token of a port that requires one; `ca_file`: the CA bundle
+        that verifies a TLS port's certificate (plain text without it)."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
+        security = ClientSecurity(ca_file=ca_file, insecure=ca_file is None)
+        self._channel = security.channel(
             address,
-            options=[
+            [
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
         )
+        self._metadata = bearer_metadata(token) if token else None
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._infer = self._stub.ModelInfer
 
     def live(self) -> bool:
         try:
-            return self._stub.ServerLive(pb.ServerLiveRequest(), timeout=self.timeout).live
+            return self._stub.ServerLive(
+                pb.ServerLiveRequest(), timeout=self.timeout, metadata=self._metadata
+            ).live
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
     def ready(self) -> bool:
         try:
-            return self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout).ready
+            return self._stub.ServerReady(
+                pb.ServerReadyRequest(), timeout=self.timeout, metadata=self._metadata
+            ).ready
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
         """(name, version, extensions) of the server."""
         try:
-            r = self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=self.timeout)
+            r = self._stub.ServerMetadata(
+                pb.ServerMetadataRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return r.name, r.version, tuple(r.extensions)
@@ -164,14 +183,16 @@ class InferenceClient:
     def model_ready(self, name: str, version: str | int | None = None) -> bool:
         request = pb.ModelReadyRequest(name=name, version=_version(version))
         try:
-            return self._stub.ModelReady(request, timeout=self.timeout).ready
+            return self._stub.ModelReady(
+                request, timeout=self.timeout, metadata=self._metadata
+            ).ready
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
     def metadata(self, name: str, version: str | int | None = None) -> ModelMetadata:
         request = pb.ModelMetadataRequest(name=name, version=_version(version))
         try:
-            r = self._stub.ModelMetadata(request, timeout=self.timeout)
+            r = self._stub.ModelMetadata(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return from_proto(r, ModelMetadata)
@@ -216,7 +237,7 @@ class InferenceClient:
 
     def infer_prepared(self, request: pb.ModelInferRequest) -> InferResult:
         try:
-            response = self._infer(request, timeout=self.timeout)
+            response = self._infer(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return InferResult(

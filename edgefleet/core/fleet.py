@@ -31,15 +31,20 @@ class Assignment:
     version: int
     target: str
     manifest_digest: str
+    # An operator's rollback: the device may go below the highest version it ran.
+    rollback: bool = False
 
 
 @dataclass(frozen=True)
 class DesiredState:
-    """What one device should run; `generation` grows by one at each change."""
+    """What one device should run; `generation` grows by one at each change. The cloud
+    stamps `issued_at` and `expires_at` (unix seconds) when it signs it for the device."""
 
     device_id: str
     generation: int = 0
     assignments: tuple[Assignment, ...] = ()
+    issued_at: float = 0.0
+    expires_at: float = 0.0
 
     def assignment(self, model: str) -> Assignment | None:
         return next((a for a in self.assignments if a.model == model), None)
@@ -49,6 +54,9 @@ class DesiredState:
         kept = tuple(a for a in self.assignments if a.model != assignment.model)
         models = tuple(sorted((*kept, assignment), key=lambda a: a.model))
         return DesiredState(self.device_id, self.generation + 1, models)
+
+    def digests(self) -> set[str]:
+        return {a.manifest_digest for a in self.assignments}
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class Deployment:
     version: int
     target: str = ""
     created_at: float = 0.0
+    rollback: bool = False
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.selector.items())
@@ -114,11 +123,14 @@ class ReportedState:
 
 @dataclass(frozen=True)
 class Enrollment:
-    """What a device gets for an enrollment token."""
+    """What a device gets for an enrollment token (never keys to trust: those are
+    provisioned out of band)."""
 
     device_id: str
     device_token: str
-    manifest_public_keys: tuple[bytes, ...] = ()
+    # Mutual TLS: the device's client certificate (PEM) and the port to call with it.
+    certificate: bytes = b""
+    device_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,7 @@ class Device:
     enrolled_at: int
     desired: DesiredState
     reported: ReportedState | None = None
+    revoked: bool = False
 
     @property
     def models(self) -> tuple[ModelStatus, ...]:

@@ -90,10 +90,6 @@ def read_sample(folder: Path, ref: GoldenRef) -> tuple[Arrays, Arrays]:
     )
 
 
-def sample_bytes(sample: artifact_pb2.GoldenSample) -> int:
-    return sum(len(t.data) for t in [*sample.inputs, *sample.outputs])
-
-
 def inline_arrays(sample: artifact_pb2.GoldenSample) -> tuple[Arrays, Arrays]:
     """An inline sample (as a push carries it) as input and output arrays."""
     inputs = {t.name: from_raw(t.data, t.datatype, list(t.shape)) for t in sample.inputs}

@@ -25,8 +25,10 @@ from edgefleet.core.golden import GoldenRef
 from edgefleet.core.wire import from_proto
 from protos.artifact.v1 import artifact_pb2
 
-# 2: golden samples are files (GoldenRef), single-chunk files list no chunks.
+# 2: golden samples are files (GoldenRef), single-chunk files list no chunks. Schema 1
+# (golden samples inside) is still read, so versions installed before keep serving.
 MANIFEST_SCHEMA_VERSION = 2
+OLDEST_SCHEMA_READ = 1
 # 1 MiB: small enough that a resumed download loses little, large enough that a model of a
 # few hundred MB is a few hundred chunks.
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -74,13 +76,6 @@ def describe_blocks(
         for ref, _ in chunks:
             entry.chunks.add(sha256=ref.sha256, size=ref.size)
     return entry, chunks
-
-
-def describe_file(
-    path: Path, name: str, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> tuple[artifact_pb2.ArtifactFile, list[tuple[ChunkRef, bytes]]]:
-    """The manifest entry of one file on disk and its chunks' bytes."""
-    return describe_blocks(name, iter_file_chunks(path, chunk_size))
 
 
 def file_chunks(entry: artifact_pb2.ArtifactFile) -> list[ChunkRef]:
@@ -182,12 +177,12 @@ def verify_manifest(
         manifest.ParseFromString(signed.manifest)
     except Exception:  # DecodeError, or a nested message that does not parse
         raise ManifestError(f"manifest {digest[:12]} does not parse as a manifest") from None
-    if manifest.schema_version != MANIFEST_SCHEMA_VERSION:
+    if not OLDEST_SCHEMA_READ <= manifest.schema_version <= MANIFEST_SCHEMA_VERSION:
         newer = manifest.schema_version > MANIFEST_SCHEMA_VERSION
         raise ManifestError(
             f"manifest schema {manifest.schema_version} is "
             + ("newer than this agent understands; upgrade the agent" if newer else "too old")
-            + f" (this agent reads schema {MANIFEST_SCHEMA_VERSION})"
+            + f" (this agent reads schemas {OLDEST_SCHEMA_READ} to {MANIFEST_SCHEMA_VERSION})"
         )
     check_manifest(manifest)
     return manifest
@@ -203,11 +198,14 @@ def check_manifest(manifest: artifact_pb2.Manifest) -> None:
     if len(manifest.files) > MAX_FILES:
         raise ManifestError(f"{label} lists {len(manifest.files)} files, over {MAX_FILES}")
     paths: set[str] = set()
+    folded: set[str] = set()  # case-insensitive file systems see these as one name
+    sizes: dict[str, int] = {}
     for entry in manifest.files:
         check_path(entry.path, label)
-        if entry.path in paths:
-            raise ManifestError(f"{label} lists {entry.path!r} twice")
+        if entry.path.casefold() in folded:
+            raise ManifestError(f"{label} lists {entry.path!r} twice (letter case aside)")
         paths.add(entry.path)
+        folded.add(entry.path.casefold())
         if not _SHA256.match(entry.sha256):
             raise ManifestError(f"{label}: {entry.path} has no valid sha256")
         if entry.size > MAX_FILE_BYTES:
@@ -219,12 +217,21 @@ def check_manifest(manifest: artifact_pb2.Manifest) -> None:
                     f"{label}: {entry.path} names a chunk with an invalid digest or a size "
                     f"outside 1..{MAX_CHUNK_BYTES} bytes"
                 )
+        for chunk in chunks:
+            if sizes.setdefault(chunk.sha256, chunk.size) != chunk.size:
+                raise ManifestError(f"{label} gives chunk {chunk.sha256[:12]} two sizes")
         total = sum(c.size for c in chunks)
         if total != entry.size:
             raise ManifestError(
                 f"{label}: the chunks of {entry.path} add up to {total} bytes, but the file "
                 f"is {entry.size}"
             )
+    for path in paths:
+        parent = PurePosixPath(path).parent
+        while str(parent) != ".":
+            if str(parent).casefold() in folded:
+                raise ManifestError(f"{label} uses {str(parent)!r} as a file and as a folder")
+            parent = parent.parent
     if manifest.entrypoint not in paths:
         raise ManifestError(
             f"{label}: its entrypoint {manifest.entrypoint[:200]!r} is not one of its files"
@@ -258,7 +265,3 @@ def all_chunks(manifest: artifact_pb2.Manifest) -> list[ChunkRef]:
         for chunk in file_chunks(f):
             seen.setdefault(chunk.sha256, chunk)
     return list(seen.values())
-
-
-def artifact_size(manifest: artifact_pb2.Manifest) -> int:
-    return sum(c.size for c in all_chunks(manifest))

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,7 @@ from edgefleet.core.errors import (
     ErrorCode,
     Internal,
     InvalidArgument,
+    ResourceExhausted,
     Unavailable,
 )
 
@@ -47,12 +50,18 @@ GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
 }
 ERROR_CODE: dict[grpc.StatusCode, ErrorCode] = {v: k for k, v in GRPC_STATUS.items()}
 
-# Status messages travel in HTTP/2 trailers: a message echoing a client's 20 KB name would
-# break the transport instead of answering. Every message is cut to this many characters.
-MAX_MESSAGE_CHARS = 1000
+# Status messages travel in HTTP/2 trailers (percent-encoded, so a byte can take three): a
+# message echoing a client's 20 KB name would break the transport instead of answering.
+# Every message is cut to this many UTF-8 bytes.
+MAX_MESSAGE_BYTES = 1000
 
-Authorize = Callable[[str, Sequence[tuple[str, str | bytes]]], object]
-"""(full method name, invocation metadata) -> the caller, or raise an EdgefleetError."""
+Authorize = Callable[[str, grpc.ServicerContext], object]
+"""(full method name, the call's context) -> the caller, or raise an EdgefleetError. The
+context gives the metadata (credentials) and, on a mutual-TLS port, the peer certificate."""
+
+Admit = Callable[[bytes], AbstractContextManager[object]]
+"""(the request's raw bytes) -> held while the call runs, or raise an EdgefleetError: a
+server's chance to refuse or queue a large request before it is parsed into a second copy."""
 
 _CALLER: ContextVar[object] = ContextVar("edgefleet_caller", default=None)
 
@@ -62,10 +71,12 @@ def caller() -> Any:
     return _CALLER.get()
 
 
-def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    if len(message) <= limit:
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    data = message.encode("utf-8")
+    if len(data) <= limit:
         return message
-    return message[: limit - 30] + f"... ({len(message) - limit + 30} more characters)"
+    kept = data[: limit - 40].decode("utf-8", errors="ignore")
+    return f"{kept}... ({len(message) - len(kept)} more characters)"
 
 
 def abort_with(context: grpc.ServicerContext, error: EdgefleetError) -> None:
@@ -113,9 +124,19 @@ else:
 class CallGuard(grpc.ServerInterceptor):
     """The one interceptor of an edgefleet server: decode safely, authorize, map errors."""
 
-    def __init__(self, authorize: Authorize | None = None) -> None:
+    def __init__(
+        self,
+        authorize: Authorize | None = None,
+        public_streams: int = 16,
+        admit: Mapping[str, Admit] | None = None,
+    ) -> None:
         self._authorize = authorize
-        self._handlers: dict[str, Handler | None] = {}
+        self._admit = dict(admit or {})
+        self._handlers: dict[str, Handler] = {}
+        # Streams hold a server thread each: callers without an identity (health watches,
+        # reflection, anything on an open port) may hold this many at once, no more.
+        self._public_streams = threading.BoundedSemaphore(public_streams)
+        self._public_limit = public_streams
 
     def intercept_service(
         self,
@@ -123,20 +144,24 @@ class CallGuard(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         method: str = details.method
-        if method not in self._handlers:
+        handler = self._handlers.get(method)
+        if handler is None:
             inner = continuation(details)
-            self._handlers[method] = None if inner is None else self._wrap(method, inner)
-        return self._handlers[method]
+            if inner is None:  # not served: not cached, so unknown names cannot fill memory
+                return None
+            handler = self._handlers[method] = self._wrap(method, inner)
+        return handler
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
         decode = _decoder(method, inner.request_deserializer)
         authorize = self._authorize
+        admit = None if inner.request_streaming else self._admit.get(method)
         serialize = inner.response_serializer
 
         def enter(context: grpc.ServicerContext) -> Any:
             if authorize is None:
                 return None
-            return _CALLER.set(authorize(method, context.invocation_metadata() or ()))
+            return _CALLER.set(authorize(method, context))
 
         def leave(token: Any) -> None:
             if token is not None:
@@ -158,7 +183,8 @@ class CallGuard(grpc.ServerInterceptor):
             token = None
             try:
                 token = enter(context)
-                return behaviour(parse(raw), context)
+                with admit(raw) if admit is not None else nullcontext():
+                    return behaviour(parse(raw), context)
             except BaseException as err:
                 if _is_abort(err):
                     raise
@@ -167,16 +193,28 @@ class CallGuard(grpc.ServerInterceptor):
                 leave(token)
             return None  # unreachable: _fail aborts
 
+        public = self._public_streams
+        limit = self._public_limit
+
         def streaming(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             token = None
+            held = False
             try:
                 token = enter(context)
+                if caller() is None:
+                    held = public.acquire(blocking=False)
+                    if not held:
+                        raise ResourceExhausted(
+                            f"{limit} streams without a credential are open already; try later"
+                        )
                 yield from behaviour(parse(raw), context)
             except BaseException as err:
                 if _is_abort(err) or isinstance(err, GeneratorExit):
                     raise
                 _fail(context, method, err)
             finally:
+                if held:
+                    public.release()
                 leave(token)
 
         if not inner.response_streaming:

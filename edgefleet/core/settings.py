@@ -10,6 +10,7 @@ the settings it has, not a silent default.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -20,6 +21,18 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
 
 from edgefleet.core.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+# What the admin commands read (edgefleet.client): not a process's setting.
+CLIENT_VARIABLES = frozenset(
+    {
+        "EDGEFLEET_CLOUD",
+        "EDGEFLEET_ADMIN_TOKEN",
+        "EDGEFLEET_ADMIN_TOKEN_FILE",
+        "EDGEFLEET_CA_FILE",
+        "EDGEFLEET_INSECURE",
+    }
+)
 
 # The TOML file of the construction in progress; a context variable rather than class
 # state, so two processes' settings (or two threads) never see each other's file.
@@ -70,7 +83,7 @@ class LayeredSettings(BaseSettings):
             raise InvalidArgument(
                 f"config file {config_file} does not exist; pass an existing TOML file"
             )
-        cls._refuse_unknown_variables(os.environ if environ is None else environ)
+        cls._refuse_unknown_variables(os.environ)
         given = {k: v for k, v in overrides.items() if v is not None}
         token = _CONFIG_FILE.set(config_file)
         try:
@@ -86,6 +99,12 @@ class LayeredSettings(BaseSettings):
         if not prefix:
             return
         known = set(cls.model_fields)
+        for field in known:
+            # Before each process had its own prefix they shared EDGEFLEET_; say so rather
+            # than ignore it (the admin client's two variables are its own, not ours).
+            old = f"EDGEFLEET_{field.upper()}"
+            if old in environ and old not in CLIENT_VARIABLES:
+                log.warning("%s is ignored: this process reads %s%s", old, prefix, field.upper())
         for name in environ:
             if not name.upper().startswith(prefix.upper()):
                 continue

@@ -5,6 +5,8 @@ Shared by the agent's inference server, the cloud's golden samples and the clien
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -101,10 +103,14 @@ def from_raw(
         raise InvalidArgument("BYTES tensors cannot be decoded from raw bytes here")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python's ints: numpy's int64 product wraps ([2**32, 2**32] counted 0 elements).
+    count = math.prod(shape)
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidArgument(
             f"{datatype} tensor of shape {list(shape)} needs {expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as err:  # no elements, but a dimension numpy cannot index
+        raise InvalidArgument(f"shape {list(shape)} cannot be made: {err}") from None

@@ -23,7 +23,7 @@ from typing import Any, Self, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from pydantic import TypeAdapter
+from pydantic import ConfigDict, TypeAdapter
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -48,6 +48,8 @@ class WireEnum(StrEnum):
 
     @classmethod
     def from_number(cls, number: int) -> Self:
+        """The member of a wire number; one this side does not know (a newer peer's) reads
+        as the first member, the protocol's unspecified value."""
         members = list(cls)
         return members[number] if 0 <= number < len(members) else members[0]
 
@@ -110,10 +112,12 @@ def _fill(message: Message, obj: Any) -> None:
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             value_fd = fd.message_type.fields_by_name["value"]
             for key, item in value.items():
-                if value_fd.message_type is not None:
-                    _fill(target[key], item)
-                else:
+                if value_fd.message_type is None:
                     target[key] = _scalar(value_fd, item)
+                elif isinstance(item, Message):
+                    target[key].CopyFrom(item)
+                else:
+                    _fill(target[key], item)
         elif fd.is_repeated:
             if fd.message_type is not None:
                 for item in value:
@@ -188,7 +192,12 @@ def from_proto(message: Message, cls: type[T]) -> T:
         hint = hints[f.name]
         inner = _optional(hint)
         if inner is not None:
-            if fd.has_presence and not message.HasField(fd.name):
+            if not fd.has_presence:
+                raise WireMismatch(
+                    f"{cls.__name__}.{f.name} may be None but {fd.full_name} cannot say so: "
+                    "make it a message or a proto3 `optional` field"
+                )
+            if not message.HasField(fd.name):
                 values[f.name] = None
                 continue
             hint = inner
@@ -196,9 +205,23 @@ def from_proto(message: Message, cls: type[T]) -> T:
     return cls(**values)
 
 
+# NaN and infinity travel as JSON's NaN/Infinity constants (a diverging training loss must
+# not make a job unreadable).
+# NaN stays NaN (a diverged loss is data, not an error); bytes (keys, certificates,
+# signatures) travel as base64, which any JSON reader can take.
+_JSON_CONFIG = ConfigDict(
+    ser_json_inf_nan="constants", ser_json_bytes="base64", val_json_bytes="base64"
+)
+
+
 @functools.cache
 def _adapter(cls: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(cls)
+    if dataclasses.is_dataclass(cls):
+        # A dataclass carries its own pydantic config (TypeAdapter refuses one for it).
+        if "__pydantic_config__" not in vars(cls):
+            cls.__pydantic_config__ = _JSON_CONFIG  # type: ignore[union-attr]
+        return TypeAdapter(cls)
+    return TypeAdapter(cls, config=_JSON_CONFIG)
 
 
 def to_json(obj: Any, cls: Any = None) -> str:

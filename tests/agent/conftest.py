@@ -16,9 +16,11 @@ from tests.agent.fakes import FakeCloud
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> AgentSettings:
+def settings(tmp_path: Path, cloud: FakeCloud) -> AgentSettings:
     return AgentSettings(
         cloud="127.0.0.1:1",
+        insecure=True,  # the fake cloud is in memory: no channel to secure
+        root_key=cloud.root_key,
         enroll_token=SecretStr("enroll-secret"),
         data_dir=tmp_path / "agent",
         providers=["CPUExecutionProvider"],

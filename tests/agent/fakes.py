@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,21 @@ from edgefleet.core.fleet import Assignment, Capabilities, DesiredState, Enrollm
 from edgefleet.core.golden import GoldenRef, sample_paths, tensor_set_bytes
 from edgefleet.core.manifests import (
     describe_blocks,
-    describe_file,
+    iter_file_chunks,
     manifest_digest,
     public_key_bytes,
     sign_manifest,
 )
 from edgefleet.core.tensors import to_raw
+from edgefleet.core.trust import (
+    KeyRotation,
+    RootKey,
+    SignedDesiredState,
+    TrustChain,
+    fingerprint,
+    rotation,
+    sign_desired,
+)
 from protos.artifact.v1 import artifact_pb2
 
 WIDTH = 64
@@ -101,7 +111,7 @@ def build_artifact(
     data = body if body is not None else model_bytes(bias)
     src = tmp / f"src-{model}-{version}-{bias}.onnx"
     src.write_bytes(data)
-    entry, chunks = describe_file(src, "model.onnx", chunk_size=CHUNK)
+    entry, chunks = describe_blocks("model.onnx", iter_file_chunks(src, CHUNK))
     manifest = artifact_pb2.Manifest(
         model=model, version=version, target="onnx-cpu-fp32", format="onnx", entrypoint="model.onnx"
     )
@@ -132,9 +142,17 @@ def load_onnx_ok(data: bytes) -> bool:
 
 @dataclass
 class FakeCloud:
-    """A CloudLink in memory; flip `down` to make every call fail as UNAVAILABLE."""
+    """A CloudLink in memory; flip `down` to make every call fail as UNAVAILABLE.
 
-    key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    It signs desired states and manifests with its root key (`key`, rotated by `rotate`),
+    as the real cloud does; an attack test replaces `desired` to answer anything."""
+
+    keys: list[Ed25519PrivateKey] = field(default_factory=lambda: [Ed25519PrivateKey.generate()])
+    rotations: list[KeyRotation] = field(default_factory=list)
+    ttl_s: float = 3600.0
+    # What get_desired_state answers; None: the state built from `models`, signed now.
+    desired: Callable[[], SignedDesiredState] | None = None
+    rollback: set[str] = field(default_factory=set)
     generation: int = 0
     models: dict[str, tuple[int, str]] = field(default_factory=dict)
     manifests: dict[str, artifact_pb2.SignedManifest] = field(default_factory=dict)
@@ -152,6 +170,36 @@ class FakeCloud:
     _broken: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> Ed25519PrivateKey:
+        return self.keys[-1]
+
+    @property
+    def root_key(self) -> str:
+        """The fingerprint a device is provisioned with: the first key's."""
+        return fingerprint(public_key_bytes(self.keys[0]))
+
+    def rotate(self) -> Ed25519PrivateKey:
+        new = Ed25519PrivateKey.generate()
+        self.rotations.append(rotation(self.key, new, len(self.keys) + 1))
+        self.keys.append(new)
+        return new
+
+    def state(self, **changes: object) -> DesiredState:
+        """The desired state the cloud holds now (with `changes`), unsigned."""
+        now = time.time()
+        state = DesiredState(
+            "dev-1",
+            self.generation,
+            tuple(
+                Assignment(name, version, "onnx-cpu-fp32", digest, name in self.rollback)
+                for name, (version, digest) in sorted(self.models.items())
+            ),
+            issued_at=now,
+            expires_at=now + self.ttl_s,
+        )
+        return replace(state, **changes)  # type: ignore[arg-type]
 
     def publish(self, artifact: Artifact) -> None:
         self.manifests[artifact.digest] = artifact.signed
@@ -173,30 +221,30 @@ class FakeCloud:
         device_id: str,
         labels: dict[str, str],
         capabilities: Capabilities,
+        *,
+        certificate_request: bytes = b"",
+        current_credential: str = "",
     ) -> Enrollment:
         self._check()
-        if enroll_token != "enroll-secret":
+        if enroll_token != "enroll-secret" and not current_credential:
             raise Unauthenticated("enrollment token is not valid")
         self.enrolled.append(device_id or "dev-1")
         return Enrollment(
-            device_id=device_id or "dev-1",
-            device_token="device-token",
-            manifest_public_keys=(public_key_bytes(self.key),),
+            device_id=device_id or "dev-1", device_token=f"device-token-{len(self.enrolled)}"
         )
+
+    def get_trust(self) -> TrustChain:
+        self._check()
+        return TrustChain(RootKey(1, public_key_bytes(self.keys[0])), tuple(self.rotations))
 
     def authenticate(self, identity: Identity) -> None:
         self.identity = identity
 
-    def get_desired_state(self) -> DesiredState:
+    def get_desired_state(self) -> SignedDesiredState:
         self._check()
-        return DesiredState(
-            "dev-1",
-            self.generation,
-            tuple(
-                Assignment(name, version, "onnx-cpu-fp32", digest)
-                for name, (version, digest) in sorted(self.models.items())
-            ),
-        )
+        if self.desired is not None:
+            return self.desired()
+        return sign_desired(self.state(), self.key)
 
     def report_state(self, report: ReportedState) -> int:
         self._check()

@@ -13,6 +13,7 @@ import grpc
 from click.testing import CliRunner
 
 from agent.cli import agent
+from edgefleet.core.certs import init_ca
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_command_has_help() -> None:
     runner = CliRunner()
-    for args in (["--help"], ["run", "--help"]):
+    for args in (["--help"], ["run", "--help"], ["reenroll", "--help"]):
         result = runner.invoke(agent, args)
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output
@@ -48,8 +49,19 @@ def _dead_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_run_serves_offline_writes_port_file_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_the_agent_needs_a_way_to_trust_the_cloud() -> None:
+    result = CliRunner().invoke(agent, ["run", "--cloud", "127.0.0.1:1"])
+    assert result.exit_code != 0
+    assert "--ca-file" in result.output and "--insecure" in result.output
+    bad = CliRunner().invoke(agent, ["run", "--insecure", "--root-key", "abc"])
+    assert bad.exit_code != 0 and "not a root key fingerprint" in bad.output
+
+
+def test_run_serves_offline_keeps_secrets_private_and_stops_on_sigterm(tmp_path: Path) -> None:
     port_file = tmp_path / "port"
+    token_file = tmp_path / "enroll-token"
+    token_file.write_text("hidden-token\n")
+    ca = init_ca(tmp_path / "tls").ca_cert
     env = {
         **os.environ,
         "EDGEFLEET_AGENT_BACKOFF_CAP_S": "0.5",
@@ -59,9 +71,10 @@ def test_run_serves_offline_writes_port_file_and_stops_on_sigterm(tmp_path: Path
         [
             sys.executable, "-m", "edgefleet.cli", "agent", "run",
             "--cloud", f"127.0.0.1:{_dead_port()}",
-            "--enroll-token", "hidden-token",
+            "--ca-file", str(ca),
+            "--root-key", "sha256:" + "ab" * 32,
+            "--enroll-token-file", str(token_file),
             "--data-dir", str(tmp_path / "agent"),
-            "--inference-host", "127.0.0.1",
             "--inference-port", "0",
             "--label", "site=lab",
             "--port-file", str(port_file),
@@ -76,6 +89,8 @@ def test_run_serves_offline_writes_port_file_and_stops_on_sigterm(tmp_path: Path
             assert time.monotonic() < deadline, "no port file"
             time.sleep(0.05)
         port = int(port_file.read_text())
+        assert "hidden-token" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+        # Inference binds loopback unless told otherwise.
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             live = pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(
                 pb.ServerLiveRequest(), timeout=10
@@ -93,6 +108,10 @@ def test_run_serves_offline_writes_port_file_and_stops_on_sigterm(tmp_path: Path
     records = [json.loads(line) for line in output.splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     messages = " | ".join(r["message"] for r in records)
-    assert f"serving Open Inference Protocol on 127.0.0.1:{port}" in messages
+    assert f"serving Open Inference Protocol on 127.0.0.1:{port}; cloud" in messages
+    assert "over TLS" in messages and "WARNING" not in messages
     assert "cannot reach" in messages
     assert "stopped: serving nothing" in messages
+    # Its folder holds its credential: only its user gets in.
+    assert (tmp_path / "agent").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "agent" / "agent.db").stat().st_mode & 0o777 == 0o600

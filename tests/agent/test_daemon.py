@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 
 from agent.daemon import Agent, advertised_endpoint
 from agent.settings import AgentSettings
@@ -67,30 +66,28 @@ def test_advertised_endpoint() -> None:
     assert advertised_endpoint(s, 8001) == "edge-7:9000"
 
 
-def test_against_the_real_cloud_service(tmp_path: Path) -> None:
-    server_mod = pytest.importorskip("cloudsvc.server", reason="the cloud service is not built yet")
-    from pydantic import SecretStr
-
+def test_against_the_real_cloud_service_over_tls(tmp_path: Path) -> None:
+    from cloudsvc.server import serve
     from cloudsvc.settings import CloudSettings
     from edgefleet.client import AdminClient
     from tests.agent.fakes import inline_golden, model_bytes
 
-    cloud = server_mod.serve(
-        CloudSettings.model_validate(
-            {
-                "data_dir": tmp_path / "cloud",
-                "port": 0,
-                "admin_token": "admin-secret",
-                "enroll_tokens": ["enroll-secret"],
-                "chunk_size": 256,
-            }
-        )
+    cloud = serve(
+        CloudSettings.model_validate({"data_dir": tmp_path / "cloud", "port": 0, "chunk_size": 256})
     )
+    trust = cloud.trust_dir
+    admin = AdminClient(
+        cloud.address, token_file=tmp_path / "cloud" / "admin-token", ca_file=trust / "ca.pem"
+    )
+    secret, _ = admin.create_enroll_token(labels={"site": "lab"}, max_uses=1)
+    token_file = tmp_path / "enroll-token"
+    token_file.write_text(secret)
     settings = AgentSettings(
         cloud=cloud.address,
-        enroll_token=SecretStr("enroll-secret"),
+        ca_file=trust / "ca.pem",
+        root_key=(trust / "root-key.txt").read_text(),
+        enroll_token_file=token_file,
         device_id="edge-1",
-        labels={"site": "lab"},
         data_dir=tmp_path / "agent",
         providers=["CPUExecutionProvider"],
         inference_host="127.0.0.1",
@@ -102,7 +99,6 @@ def test_against_the_real_cloud_service(tmp_path: Path) -> None:
         min_free_disk_bytes=0,
     )
     agent = Agent(settings)
-    admin = AdminClient(cloud.address, "admin-secret")
     try:
         agent.start()
         wait_for(lambda: any(d.device_id == "edge-1" for d in admin.devices()))
@@ -115,7 +111,7 @@ def test_against_the_real_cloud_service(tmp_path: Path) -> None:
             admin.wait_converged("m", version, ["edge-1"], timeout=60)
             assert infer(agent.inference_port) == float(version)
         (device,) = admin.devices()
-        assert device.converged
+        assert device.converged and device.labels == {"site": "lab"}
     finally:
         admin.close()
         agent.stop()

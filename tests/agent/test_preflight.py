@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.core.manifests import file_chunks
 from protos.artifact.v1 import artifact_pb2
 from tests.agent.conftest import Rig
 from tests.agent.fakes import build_artifact
@@ -71,6 +72,36 @@ CASES: dict[str, tuple[Edit, str]] = {
     "golden file not listed": (_golden_file_missing, "golden"),
     "a chunk over the limit": (_huge_chunk, "size outside"),
 }
+
+
+def _file_and_folder(m: artifact_pb2.Manifest) -> None:
+    extra = m.files.add()
+    extra.CopyFrom(m.files[1])
+    extra.path = "golden"  # a file named like the folder golden/ the samples live in
+
+
+def _one_chunk_two_sizes(m: artifact_pb2.Manifest) -> None:
+    # A chunk of one file named again by another with a larger size: which bytes are right?
+    chunk = file_chunks(m.files[1])[0]
+    second = m.files[2]
+    second.size = chunk.size + 1
+    del second.chunks[:]
+    second.chunks.add(sha256=chunk.sha256, size=chunk.size + 1)
+
+
+def _case_twins(m: artifact_pb2.Manifest) -> None:
+    twin = m.files.add()
+    twin.CopyFrom(m.files[0])
+    twin.path = "MODEL.onnx"
+
+
+CASES.update(
+    {
+        "a path that is a file and a folder": (_file_and_folder, "as a file and as a folder"),
+        "one chunk with two sizes": (_one_chunk_two_sizes, "two sizes"),
+        "names that differ only in case": (_case_twins, "letter case"),
+    }
+)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -9,16 +9,26 @@ import pytest
 
 from agent.errors import StateError
 from agent.state import Identity, Slot, StateStore
+from edgefleet.core.trust import RootKey
 
 
-def test_identity_and_keys_round_trip(tmp_path: Path) -> None:
+def test_identity_trust_and_floors_survive_a_reopen_in_a_private_file(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "agent.db")
-    assert state.identity() is None
-    state.save_identity(Identity("dev-7", "tok"), [b"k1", b"k2"])
+    assert state.identity() is None and state.root_keys() == []
+    identity = Identity("dev-7", "tok", b"CERT", b"KEY", 7443)
+    state.save_identity(identity)
+    state.trust([RootKey(1, b"k" * 32)])
+    state.trust([RootKey(1, b"x" * 32), RootKey(2, b"n" * 32)])  # never replaces a key
+    state.accept(5, 100.0)
+    state.switch("m", Slot(3, "d3", tmp_path / "3"), 5)
     state.close()
     state = StateStore(tmp_path / "agent.db")
-    assert state.identity() == Identity("dev-7", "tok")
-    assert sorted(state.trusted_keys()) == [b"k1", b"k2"]
+    assert state.identity() == identity
+    assert state.root_keys() == [RootKey(1, b"k" * 32), RootKey(2, b"n" * 32)]
+    assert state.accepted() == (5, 100.0)
+    assert state.floor("m") == 3
+    # The credential and the device key are in it: only this user may read it.
+    assert (tmp_path / "agent.db").stat().st_mode & 0o777 == 0o600
 
 
 def test_switch_moves_active_to_previous(tmp_path: Path) -> None:

@@ -16,11 +16,15 @@ from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry
 from cloudsvc.server import CloudServer, serve
 from cloudsvc.settings import CloudSettings
-from cloudsvc.signing import ManifestSigner
+from cloudsvc.signing import RootKeys
 from cloudsvc.store.blobs import MemoryBlobStore
 from cloudsvc.store.memory import MemoryMetadataStore
+from cloudsvc.tokens import Tokens
 from edgefleet.core.auth import bearer_metadata
-from protos.admin.v1 import admin_pb2_grpc
+from edgefleet.core.tls import ClientSecurity
+from edgefleet.core.trust import TrustChain, follow_chain
+from edgefleet.core.wire import from_proto
+from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 ENROLL_TOKEN = "enr_test-static-token"
@@ -58,28 +62,23 @@ def model_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def signer() -> ManifestSigner:
-    return _new_signer()
-
-
-def _new_signer() -> ManifestSigner:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    return ManifestSigner(Ed25519PrivateKey.generate())
+def keys() -> RootKeys:
+    return RootKeys.generate()
 
 
 @pytest.fixture
-def registry(signer: ManifestSigner) -> Registry:
-    return Registry(MemoryMetadataStore(), MemoryBlobStore(), signer, chunk_size=64)
+def registry(keys: RootKeys) -> Registry:
+    return Registry(MemoryMetadataStore(), MemoryBlobStore(), keys, chunk_size=64)
 
 
 @pytest.fixture
-def fleet(registry: Registry, signer: ManifestSigner) -> Fleet:
+def fleet(registry: Registry, keys: RootKeys) -> Fleet:
     return Fleet(
         registry.metadata,
         registry,
-        trusted_keys=signer.trusted_public_keys,
+        Tokens(registry.metadata, ADMIN_TOKEN),
         static_enroll_tokens=[ENROLL_TOKEN],
+        keys=keys,
     )
 
 
@@ -93,7 +92,7 @@ def settings(tmp_path: Path) -> CloudSettings:
         enroll_tokens=[ENROLL_TOKEN],
         max_upload_bytes=64 << 10,
         chunk_size=1024,
-        max_workers=10,  # 2 watch streams at most
+        max_workers=11,  # 3 stream threads: 2 for device watches, 1 for anonymous ones
     )
 
 
@@ -104,9 +103,15 @@ def cloud(settings: CloudSettings) -> Iterator[CloudServer]:
     server.stop(grace=1.0)
 
 
+def secure_channel(cloud: CloudServer) -> grpc.Channel:
+    """A channel that verifies the cloud against the CA bundle it published: TLS, as every
+    client of a cloud without --insecure."""
+    return ClientSecurity(ca_file=cloud.trust_dir / "ca.pem").channel(cloud.address)
+
+
 @pytest.fixture
 def channel(cloud: CloudServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(cloud.address) as ch:
+    with secure_channel(cloud) as ch:
         yield ch
 
 
@@ -123,10 +128,29 @@ def agent(channel: grpc.Channel) -> fleet_pb2_grpc.AgentServiceStub:
 ADMIN = bearer_metadata(ADMIN_TOKEN)
 
 
-def enroll(
-    agent: fleet_pb2_grpc.AgentServiceStub, device_id: str = "", **labels: str
-) -> fleet_pb2.EnrollResponse:
-    response: fleet_pb2.EnrollResponse = agent.Enroll(
-        fleet_pb2.EnrollRequest(enroll_token=ENROLL_TOKEN, device_id=device_id, labels=labels)
+def enroll(channel: grpc.Channel, device_id: str = "", **labels: str) -> fleet_pb2.EnrollResponse:
+    """Enroll a device; with `labels`, through a token that grants them (labels are the
+    operator's), else with the fixture's fleet-wide token."""
+    token = ENROLL_TOKEN
+    if labels:
+        created = admin_pb2_grpc.AdminServiceStub(channel).CreateEnrollToken(
+            admin_pb2.CreateEnrollTokenRequest(labels=labels, max_uses=1), metadata=ADMIN
+        )
+        token = created.enroll_token
+    response: fleet_pb2.EnrollResponse = fleet_pb2_grpc.AgentServiceStub(channel).Enroll(
+        fleet_pb2.EnrollRequest(enroll_token=token, device_id=device_id)
     )
     return response
+
+
+def desired_of(signed: fleet_pb2.SignedDesiredState) -> fleet_pb2.DesiredState:
+    """The desired state inside a signed one (tests that check signatures do so apart)."""
+    return fleet_pb2.DesiredState.FromString(signed.state)
+
+
+def trusted_keys(cloud: CloudServer, agent: fleet_pb2_grpc.AgentServiceStub) -> list[bytes]:
+    """What a device provisioned with the cloud's root-key.txt trusts: the cloud's chain,
+    followed from that fingerprint."""
+    pin = (cloud.trust_dir / "root-key.txt").read_text().strip()
+    chain = from_proto(agent.GetTrust(fleet_pb2.GetTrustRequest()), TrustChain)
+    return [key.public_key for key in follow_chain(chain, pin)]

@@ -13,15 +13,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloudsvc.access import ROLES
 from cloudsvc.server import SERVICES, CloudServer, clean_interrupted_writes
 from cloudsvc.settings import CloudSettings
 from edgefleet.client import AdminClient
 from edgefleet.core import errors
 from edgefleet.core.auth import bearer_metadata
-from protos.admin.v1 import admin_pb2, jobs_pb2
+from edgefleet.core.tokens import Role
+from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
-from .conftest import ADMIN, ADMIN_TOKEN, ENROLL_TOKEN, enroll
+from .conftest import ADMIN, ADMIN_TOKEN, enroll
 
 DESCRIPTORS = {
     "edgefleet.admin.v1.AdminService": admin_pb2.DESCRIPTOR,
@@ -72,21 +74,64 @@ def test_every_admin_and_job_method_needs_the_admin_token(channel: grpc.Channel)
             assert got == grpc.StatusCode.UNAUTHENTICATED, path
 
 
-def test_every_agent_method_but_enroll_needs_a_device_credential(channel: grpc.Channel) -> None:
+def test_every_agent_method_but_enroll_and_trust_needs_a_device_credential(
+    channel: grpc.Channel,
+) -> None:
     for path, cs, ss in _methods("edgefleet.fleet.v1.AgentService"):
-        got = _call_raw(channel, path, cs, ss, b"")
-        if path.endswith("/Enroll"):
-            assert got == grpc.StatusCode.UNAUTHENTICATED  # no enroll token: refused by Fleet
-        else:
-            assert got == grpc.StatusCode.UNAUTHENTICATED, path
-        # The admin token is no device credential.
-        assert _call_raw(channel, path, cs, ss, b"", ADMIN) != grpc.StatusCode.OK, path
+        if path.endswith("/GetTrust"):
+            # Public keys, pinned by the fingerprint each device is provisioned with.
+            assert _call_raw(channel, path, cs, ss, b"") == grpc.StatusCode.OK
+            continue
+        # Without a credential, and with the admin token, which is no device credential
+        # (nor an enroll token: Enroll refuses it).
+        for metadata in ((), ADMIN):
+            got = _call_raw(channel, path, cs, ss, b"", metadata)
+            assert got == grpc.StatusCode.UNAUTHENTICATED, (path, metadata)
+
+
+def _role_token(channel: grpc.Channel, role: str) -> tuple[tuple[str, str], ...]:
+    created = admin_pb2_grpc.AdminServiceStub(channel).CreateAdminToken(
+        admin_pb2.CreateAdminTokenRequest(name=f"t-{role}", role=role), metadata=ADMIN
+    )
+    return bearer_metadata(created.admin_token)
+
+
+def test_every_admin_method_states_a_role_and_smaller_roles_are_denied(
+    channel: grpc.Channel,
+) -> None:
+    """One table gives every admin and job method the role it needs; a token with a
+    smaller role gets PERMISSION_DENIED before the method runs, on every method."""
+    tokens = {role: _role_token(channel, role.value) for role in Role}
+    for service in ("edgefleet.admin.v1.AdminService", "edgefleet.admin.v1.JobService"):
+        for path, cs, ss in _methods(service):
+            assert path in ROLES, f"{path} states no role: add it to cloudsvc.access.ROLES"
+            needed = ROLES[path]
+            for role, metadata in tokens.items():
+                got = _call_raw(channel, path, cs, ss, b"", metadata)
+                if role.allows(needed):
+                    assert got != grpc.StatusCode.PERMISSION_DENIED, (path, role)
+                else:
+                    assert got == grpc.StatusCode.PERMISSION_DENIED, (path, role)
+
+
+def test_revoked_admin_tokens_and_roles_end_to_end(cloud: CloudServer) -> None:
+    ca = cloud.trust_dir / "ca.pem"
+    with AdminClient(cloud.address, ADMIN_TOKEN, ca_file=ca) as root:
+        secret, record = root.create_admin_token("viewer-1", "viewer")
+        assert record.role is Role.VIEWER and secret not in repr(root.admin_tokens())
+        with AdminClient(cloud.address, secret, ca_file=ca) as viewer:
+            assert viewer.models() == []
+            with pytest.raises(errors.PermissionDenied, match="needs the operator role"):
+                viewer.deploy("m", 1)
+            root.revoke_admin_token(record.token_id)
+            with pytest.raises(errors.Unauthenticated, match="revoked"):
+                viewer.models()
 
 
 def test_undecodable_bytes_are_invalid_argument_on_every_method(
     channel: grpc.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    device = enroll(fleet_pb2_grpc_stub(channel), "cam-1")
+    device = enroll(channel, "cam-1")
     garbage = b"\xff\xff\xff\xff\x0f"  # a varint that never ends: no message parses it
     with caplog.at_level(logging.ERROR):
         for service in DESCRIPTORS:
@@ -116,7 +161,7 @@ def test_an_unexpected_error_is_a_fixed_internal_message(
 
     monkeypatch.setattr(cloud.registry, "list_models", broken)
     with (
-        AdminClient(cloud.address, ADMIN_TOKEN) as client,
+        AdminClient(cloud.address, ADMIN_TOKEN, ca_file=cloud.trust_dir / "ca.pem") as client,
         caplog.at_level(logging.ERROR),
         pytest.raises(errors.Internal) as info,
     ):
@@ -129,7 +174,7 @@ def test_an_unexpected_error_is_a_fixed_internal_message(
 
 
 def test_client_errors_are_typed_and_bounded(cloud: CloudServer) -> None:
-    with AdminClient(cloud.address, ADMIN_TOKEN) as client:
+    with AdminClient(cloud.address, ADMIN_TOKEN, ca_file=cloud.trust_dir / "ca.pem") as client:
         # A 20 KB name used to turn NOT_FOUND into a transport error (the echo overflowed
         # the status trailer); now it is NOT_FOUND with a bounded message.
         with pytest.raises(errors.NotFound) as info:
@@ -142,14 +187,16 @@ def test_client_errors_are_typed_and_bounded(cloud: CloudServer) -> None:
 
 
 def test_label_counts_are_bounded(channel: grpc.Channel) -> None:
-    agent = fleet_pb2_grpc_stub(channel)
+    enroll(channel, "d1")
     labels = {f"k{n}": "v" for n in range(65)}
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
     with pytest.raises(grpc.RpcError) as info:
-        agent.Enroll(
-            fleet_pb2.EnrollRequest(enroll_token=ENROLL_TOKEN, device_id="d1", labels=labels)
-        )
+        admin.LabelDevice(admin_pb2.LabelDeviceRequest(device_id="d1", set=labels), metadata=ADMIN)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 64" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as info:
+        admin.CreateEnrollToken(admin_pb2.CreateEnrollTokenRequest(labels=labels), metadata=ADMIN)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_leftovers_of_interrupted_writes_are_removed_at_start(
@@ -180,5 +227,6 @@ def test_a_service_without_a_rule_is_refused_outright() -> None:
     from cloudsvc.access import Access, access_of
 
     assert access_of("/edgefleet.admin.v1.AdminService/AnyNewMethod") is Access.ADMIN
-    assert access_of("/edgefleet.fleet.v1.AgentService/Enroll") is Access.PUBLIC
+    assert "/edgefleet.admin.v1.AdminService/AnyNewMethod" not in ROLES  # so: refused
+    assert access_of("/edgefleet.fleet.v1.AgentService/Enroll") is Access.ENROLL
     assert access_of("/some.Other/Method") is None  # the Gate answers PERMISSION_DENIED

@@ -16,7 +16,7 @@ from cloudsvc.settings import CloudSettings
 from edgefleet.client import AdminClient
 from edgefleet.core.errors import EdgefleetError, ErrorCode
 from protos.admin.v1 import jobs_pb2, jobs_pb2_grpc
-from tests.cloudsvc.conftest import ADMIN_TOKEN
+from tests.cloudsvc.conftest import ADMIN_TOKEN, secure_channel
 
 
 def write_image_folder(root: Path, classes: int = 2, per_class: int = 12) -> Path:
@@ -39,7 +39,7 @@ def settings(settings: CloudSettings) -> CloudSettings:
 
 @pytest.fixture
 def client(cloud: CloudServer) -> AdminClient:
-    return AdminClient(cloud.address, ADMIN_TOKEN, timeout=20)
+    return AdminClient(cloud.address, ADMIN_TOKEN, timeout=20, ca_file=cloud.trust_dir / "ca.pem")
 
 
 def code_of(call: object) -> ErrorCode:
@@ -50,7 +50,7 @@ def code_of(call: object) -> ErrorCode:
 
 
 def test_job_calls_need_the_admin_token(cloud: CloudServer) -> None:
-    with grpc.insecure_channel(cloud.address) as channel:
+    with secure_channel(cloud) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ListJobs(jobs_pb2.ListJobsRequest())

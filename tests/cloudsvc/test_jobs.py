@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.activation import load_and_check
 from agent.runtime import SessionOptions
@@ -25,7 +24,7 @@ from cloudsvc.jobs.spec import CompileSpec, FineTuneSpec, parse_spec
 from cloudsvc.jobs.uploads import UploadKind, UploadStore
 from cloudsvc.registry import SOURCE_KEY, Registry
 from cloudsvc.settings import CloudSettings, JobSettings
-from cloudsvc.signing import ManifestSigner
+from cloudsvc.signing import RootKeys
 from cloudsvc.store.blobs import FolderBlobStore
 from cloudsvc.store.sqlite import SqliteMetadataStore
 from edgefleet.core.jobs import Job, JobProgress, JobState
@@ -73,9 +72,7 @@ def cloud_settings(root: Path) -> CloudSettings:
 
 def make_rig(root: Path) -> Rig:
     metadata = SqliteMetadataStore(root / "metadata.db")
-    registry = Registry(
-        metadata, FolderBlobStore(root / "blobs"), ManifestSigner(Ed25519PrivateKey.generate())
-    )
+    registry = Registry(metadata, FolderBlobStore(root / "blobs"), RootKeys.generate())
     manager = JobManager(metadata, registry, cloud_settings(root)).start()
     return Rig(root, metadata, registry, manager, UploadStore(root / "uploads", 1 << 26))
 

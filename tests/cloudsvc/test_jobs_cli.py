@@ -26,7 +26,12 @@ def settings(settings: CloudSettings) -> CloudSettings:
 @pytest.fixture
 def run(cloud: CloudServer) -> object:
     runner = CliRunner()
-    env = {"EDGEFLEET_CLOUD": cloud.address, "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN, "COLUMNS": "200"}
+    env = {
+        "EDGEFLEET_CLOUD": cloud.address,
+        "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
+        "EDGEFLEET_CA_FILE": str(cloud.trust_dir / "ca.pem"),
+        "COLUMNS": "200",
+    }
 
     def invoke(*args: str) -> Result:
         return runner.invoke(cli, list(args), env=env, catch_exceptions=False)

@@ -12,6 +12,7 @@ import pytest
 from cloudsvc.errors import Conflict, UnknownResource
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import (
+    AdminTokenRecord,
     DeviceRecord,
     EnrollTokenRecord,
     MetadataStore,
@@ -27,6 +28,7 @@ from edgefleet.core.fleet import (
     ReportedState,
 )
 from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState, TargetOutcome, Trial
+from edgefleet.core.tokens import AdminToken, EnrollToken, Role
 from edgefleet.core.versions import (
     Artifact,
     ClassScore,
@@ -161,14 +163,75 @@ def test_reported_state_round_trip(store: MetadataStore) -> None:
     assert store.get_reported("dev-1") == state
 
 
-def test_enroll_tokens_by_hash(store: MetadataStore) -> None:
-    token = EnrollTokenRecord("h" * 64, 100, 200, "line 3")
-    store.add_enroll_token(token)
-    assert store.get_enroll_token("h" * 64) == token
-    assert store.get_enroll_token("x") is None
+def test_enroll_tokens_by_hash_and_id(store: MetadataStore) -> None:
+    token = EnrollToken("tok-1", 100.0, 200.0, "line 3", 0, 0, {"site": "a"})
+    record = EnrollTokenRecord("h" * 64, token)
+    store.add_enroll_token(record)
+    assert store.get_enroll_token("h" * 64) == record
+    assert store.find_enroll_token("tok-1") == record
+    assert store.get_enroll_token("x") is None and store.find_enroll_token("tok-x") is None
     with pytest.raises(Conflict):
-        store.add_enroll_token(token)
-    assert token.valid_at(150) and not token.valid_at(200)
+        store.add_enroll_token(record)
+    used, refusal = store.use_enroll_token("h" * 64, 150.0)
+    assert refusal == "" and used is not None and used.uses == 1
+    assert store.use_enroll_token("h" * 64, 250.0)[1] == "expired"
+    revoked = dataclasses.replace(token, revoked=True, uses=1)
+    store.put_enroll_token(EnrollTokenRecord("h" * 64, revoked))
+    assert store.list_enroll_tokens() == [revoked]
+    assert store.use_enroll_token("h" * 64, 150.0)[1] == "was revoked"
+    assert store.use_enroll_token("nope", 150.0) == (None, "is not valid")
+    with pytest.raises(UnknownResource):
+        store.put_enroll_token(EnrollTokenRecord("z" * 64, token))
+
+
+def test_a_token_is_never_used_more_than_its_maximum(store: MetadataStore) -> None:
+    store.add_enroll_token(EnrollTokenRecord("h" * 64, EnrollToken("tok-1", 1.0, max_uses=5)))
+    results: list[str] = []
+
+    def use() -> None:
+        for _ in range(10):
+            results.append(store.use_enroll_token("h" * 64, 2.0)[1])
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("") == 5
+    assert store.list_enroll_tokens()[0].uses == 5
+
+
+def test_admin_tokens_by_hash_and_id(store: MetadataStore) -> None:
+    token = AdminToken("tok-2", "ci", Role.OPERATOR, 5.0)
+    store.add_admin_token(AdminTokenRecord("a" * 64, token))
+    assert store.get_admin_token("a" * 64) == AdminTokenRecord("a" * 64, token)
+    assert store.find_admin_token("tok-2") == AdminTokenRecord("a" * 64, token)
+    revoked = dataclasses.replace(token, revoked=True)
+    store.put_admin_token(AdminTokenRecord("a" * 64, revoked))
+    assert store.list_admin_tokens() == [revoked]
+
+
+def test_a_device_may_read_its_current_and_previous_desired_state(store: MetadataStore) -> None:
+    for version, digest in ((1, "a"), (2, "b"), (3, "c")):
+        store.assign({"dev-1": Assignment("clf", version, "onnx-cpu-fp32", digest * 64)})
+    assert store.allowed_digests("dev-1") == {"b" * 64, "c" * 64}
+    assert store.allowed_digests("dev-2") == set()
+
+
+def test_the_highest_version_ever_assigned_is_kept(store: MetadataStore) -> None:
+    for version in (1, 3, 2):
+        store.assign({"dev-1": Assignment("clf", version, "onnx-cpu-fp32", "a" * 64)})
+    store.assign({"dev-1": Assignment("det", 1, "onnx-cpu-fp32", "b" * 64)})
+    assert store.peaks("dev-1") == {"clf": 3, "det": 1}
+    assert store.peaks("dev-2") == {}
+
+
+def test_revoked_devices_stay_revoked(store: MetadataStore) -> None:
+    device = DeviceRecord("dev-1", "t" * 64, 1, {"site": "a"}, Capabilities(), 1.0)
+    store.put_device(dataclasses.replace(device, revoked=True))
+    got = store.get_device("dev-1")
+    assert got is not None and got.revoked
+    assert store.device_by_token_hash("t" * 64) == got
 
 
 def test_concurrent_generation_bumps_never_lose_one(store: MetadataStore) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from cloudsvc.errors import BadModel, InvalidRequest, UnknownResource
 from cloudsvc.registry import Registry
-from cloudsvc.signing import ManifestSigner
+from cloudsvc.signing import RootKeys
 from edgefleet.core.golden import read_sample
 from edgefleet.core.manifests import all_chunks, file_chunks, golden_refs, verify_manifest
 from protos.artifact.v1 import artifact_pb2
@@ -24,7 +24,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def test_push_records_a_signed_manifest_whose_chunks_rebuild_the_file(
-    registry: Registry, signer: ManifestSigner, model_path: Path
+    registry: Registry, keys: RootKeys, model_path: Path
 ) -> None:
     version = registry.push("clf", model_path, description="first", metadata={"lr": "0.1"})
     assert (version.model, version.version, version.description) == ("clf", 1, "first")
@@ -35,7 +35,7 @@ def test_push_records_a_signed_manifest_whose_chunks_rebuild_the_file(
     assert artifact.target == "onnx-cpu-fp32"
 
     signed = registry.signed_manifest(artifact.manifest_digest)
-    manifest = verify_manifest(signed, signer.trusted_public_keys, artifact.manifest_digest)
+    manifest = verify_manifest(signed, keys.public_keys, artifact.manifest_digest)
     assert (manifest.model, manifest.version, manifest.format, manifest.entrypoint) == (
         "clf",
         1,

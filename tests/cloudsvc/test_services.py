@@ -23,7 +23,7 @@ from edgefleet.core.manifests import file_chunks, verify_manifest
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
-from .conftest import ADMIN, enroll
+from .conftest import ADMIN, desired_of, enroll, secure_channel, trusted_keys
 
 Admin = admin_pb2_grpc.AdminServiceStub
 Agent = fleet_pb2_grpc.AgentServiceStub
@@ -69,7 +69,7 @@ def assert_serving(channel: grpc.Channel, admin: Admin) -> None:
 
 
 def test_push_list_deploy_and_fetch_end_to_end(
-    admin: Admin, agent: Agent, channel: grpc.Channel, model_path: Path
+    cloud: CloudServer, admin: Admin, agent: Agent, channel: grpc.Channel, model_path: Path
 ) -> None:
     version = push(admin, model_path, description="first", metadata={"lr": "0.1"})
     assert (version.model, version.version, version.golden_sample_count) == ("clf", 1, 2)
@@ -83,20 +83,21 @@ def test_push_list_deploy_and_fetch_end_to_end(
         == version
     )
 
-    device = enroll(agent, "cam-1", site="a")
+    device = enroll(channel, "cam-1", site="a")
     creds = bearer_metadata(device.device_token)
     deployed = admin.Deploy(
         admin_pb2.DeployRequest(model="clf", version=1, selector={"site": "a"}), metadata=ADMIN
     )
     assert [(d.device_id, d.generation) for d in deployed.devices] == [("cam-1", 1)]
 
-    desired = agent.GetDesiredState(fleet_pb2.GetDesiredStateRequest(), metadata=creds)
+    desired = desired_of(agent.GetDesiredState(fleet_pb2.GetDesiredStateRequest(), metadata=creds))
+    assert desired.device_id == "cam-1" and desired.expires_at > desired.issued_at > 0
     [assignment] = desired.assignments
     assert (desired.generation, assignment.version) == (1, 1)
     signed = agent.GetManifest(
         fleet_pb2.GetManifestRequest(digest=assignment.manifest_digest), metadata=creds
     )
-    manifest = verify_manifest(signed, device.manifest_public_keys, assignment.manifest_digest)
+    manifest = verify_manifest(signed, trusted_keys(cloud, agent), assignment.manifest_digest)
     rebuilt = b""
     for chunk in file_chunks(manifest.files[0]):
         pieces = list(
@@ -108,16 +109,14 @@ def test_push_list_deploy_and_fetch_end_to_end(
     assert rebuilt == model_path.read_bytes()
 
     reported = agent.ReportState(
-        fleet_pb2.ReportStateRequest(
-            state=fleet_pb2.ReportedState(
-                observed_generation=1,
-                models=[
-                    fleet_pb2.ModelStatus(
-                        model="clf", active_version=1, phase=fleet_pb2.MODEL_PHASE_READY
-                    )
-                ],
-                inference_endpoint="127.0.0.1:8001",
-            )
+        fleet_pb2.ReportedState(
+            observed_generation=1,
+            models=[
+                fleet_pb2.ModelStatus(
+                    model="clf", active_version=1, phase=fleet_pb2.MODEL_PHASE_READY
+                )
+            ],
+            inference_endpoint="127.0.0.1:8001",
         ),
         metadata=creds,
     )
@@ -130,13 +129,20 @@ def test_push_list_deploy_and_fetch_end_to_end(
     assert [d.device_id for d in listed.devices] == ["cam-1"]
 
 
-def test_created_enroll_token_enrolls(admin: Admin, agent: Agent) -> None:
+def test_created_enroll_token_enrolls_with_its_labels(admin: Admin, agent: Agent) -> None:
     created = admin.CreateEnrollToken(
-        admin_pb2.CreateEnrollTokenRequest(ttl_seconds=60), metadata=ADMIN
+        admin_pb2.CreateEnrollTokenRequest(ttl_seconds=60, labels={"site": "b"}), metadata=ADMIN
     )
     assert created.expires_at > 0
-    response = agent.Enroll(fleet_pb2.EnrollRequest(enroll_token=created.enroll_token))
-    assert response.device_id.startswith("dev-") and response.manifest_public_keys
+    # The labels a device asks for are advisory; the token's are what it gets.
+    response = agent.Enroll(
+        fleet_pb2.EnrollRequest(enroll_token=created.enroll_token, labels={"site": "a"})
+    )
+    assert response.device_id.startswith("dev-") and response.device_token
+    device = admin.GetDevice(
+        admin_pb2.GetDeviceRequest(device_id=response.device_id), metadata=ADMIN
+    )
+    assert dict(device.labels) == {"site": "b"}
 
 
 @pytest.mark.parametrize(
@@ -232,7 +238,7 @@ def test_unknown_things_and_unmatched_selectors(
         code(lambda: admin.Deploy(admin_pb2.DeployRequest(model="clf", version=1), metadata=ADMIN))
         == grpc.StatusCode.FAILED_PRECONDITION
     )
-    enroll(agent, "cam-1", site="a")
+    enroll(channel, "cam-1", site="a")
     with pytest.raises(grpc.RpcError) as info:
         admin.Deploy(
             admin_pb2.DeployRequest(model="clf", version=1, selector={"site": "b"}), metadata=ADMIN
@@ -247,8 +253,8 @@ def test_unknown_things_and_unmatched_selectors(
 
 
 def test_device_credentials_are_checked(admin: Admin, agent: Agent, channel: grpc.Channel) -> None:
-    mine = enroll(agent, "cam-1")
-    enroll(agent, "cam-2")
+    mine = enroll(channel, "cam-1")
+    enroll(channel, "cam-2")
     creds = bearer_metadata(mine.device_token)
     other = "cam-2"
     calls = {
@@ -279,10 +285,7 @@ def test_device_credentials_are_checked(admin: Admin, agent: Agent, channel: grp
             grpc.StatusCode.PERMISSION_DENIED,
         ),
         "other's report": (
-            lambda: agent.ReportState(
-                fleet_pb2.ReportStateRequest(state=fleet_pb2.ReportedState(device_id=other)),
-                metadata=creds,
-            ),
+            lambda: agent.ReportState(fleet_pb2.ReportedState(device_id=other), metadata=creds),
             grpc.StatusCode.PERMISSION_DENIED,
         ),
         "other's watch": (
@@ -301,7 +304,7 @@ def test_device_credentials_are_checked(admin: Admin, agent: Agent, channel: grp
             lambda: agent.GetManifest(
                 fleet_pb2.GetManifestRequest(digest="0" * 64), metadata=creds
             ),
-            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.PERMISSION_DENIED,  # not in its desired state: nothing to say
         ),
         "malformed digest": (
             lambda: agent.GetManifest(fleet_pb2.GetManifestRequest(digest="xyz"), metadata=creds),
@@ -309,7 +312,7 @@ def test_device_credentials_are_checked(admin: Admin, agent: Agent, channel: grp
         ),
         "unknown chunk": (
             lambda: agent.FetchChunk(fleet_pb2.FetchChunkRequest(sha256="0" * 64), metadata=creds),
-            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.PERMISSION_DENIED,
         ),
     }
     got = {name: status_of(fn) for name, (fn, _) in calls.items()}
@@ -338,17 +341,18 @@ def test_fetch_chunk_streams_pieces_and_resumes_from_an_offset(
     big = settings.model_copy(
         update={"data_dir": tmp_path / "big", "chunk_size": 1 << 20, "max_upload_bytes": 4 << 20}
     )
-    with serve(big) as cloud, grpc.insecure_channel(cloud.address) as channel:
+    with serve(big) as cloud, secure_channel(cloud) as channel:
         admin, agent = Admin(channel), Agent(channel)
         model = _model_with_big_weights(tmp_path / "big.onnx", 150_000)  # ~600 KB
         version = push(admin, model, piece=64 << 10)
-        device = enroll(agent, "cam-1")
+        device = enroll(channel, "cam-1")
         creds = bearer_metadata(device.device_token)
+        admin.Deploy(admin_pb2.DeployRequest(model="clf", version=1), metadata=ADMIN)
         signed = agent.GetManifest(
             fleet_pb2.GetManifestRequest(digest=version.artifacts[0].manifest_digest),
             metadata=creds,
         )
-        manifest = verify_manifest(signed, device.manifest_public_keys)
+        manifest = verify_manifest(signed, trusted_keys(cloud, agent))
         [chunk] = file_chunks(manifest.files[0])
         whole = list(
             agent.FetchChunk(fleet_pb2.FetchChunkRequest(sha256=chunk.sha256), metadata=creds)
@@ -382,10 +386,10 @@ def test_fetch_chunk_streams_pieces_and_resumes_from_an_offset(
 
 
 def test_watch_notices_a_deploy_and_ends_when_the_server_stops(
-    cloud: CloudServer, admin: Admin, agent: Agent, model_path: Path
+    cloud: CloudServer, admin: Admin, agent: Agent, channel: grpc.Channel, model_path: Path
 ) -> None:
     push(admin, model_path)
-    device = enroll(agent, "cam-1")
+    device = enroll(channel, "cam-1")
     stream = agent.WatchDesiredState(
         fleet_pb2.WatchDesiredStateRequest(known_generation=0),
         metadata=bearer_metadata(device.device_token),
@@ -405,13 +409,13 @@ def test_watch_notices_a_deploy_and_ends_when_the_server_stops(
 def test_watchers_beyond_the_limit_are_refused_and_cancelled_ones_free_their_slot(
     admin: Admin, agent: Agent, channel: grpc.Channel
 ) -> None:
-    device = enroll(agent, "cam-1")
+    device = enroll(channel, "cam-1")
     creds = bearer_metadata(device.device_token)
 
     def watch() -> Any:
         return agent.WatchDesiredState(fleet_pb2.WatchDesiredStateRequest(), metadata=creds)
 
-    first, second = watch(), watch()  # the fixture allows 2 (max_workers 10 - 8 reserved)
+    first, second = watch(), watch()  # the fixture allows 2 (see its max_workers)
     assert next(first).generation == next(second).generation == 0
     assert status_of(watch) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_serving(channel, admin)

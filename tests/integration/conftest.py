@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,29 +11,61 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from edgefleet.cli.processes import ManagedProcess, agent_process, cloud_process
+from edgefleet.cli.processes import (
+    CloudTrust,
+    ManagedProcess,
+    agent_process,
+    cloud_process,
+    write_secret_file,
+)
 from edgefleet.client.admin import AdminClient
 from edgefleet.client.inference import InferenceClient
 from edgefleet.core.fleet import Device
 from tests.onnx_models import expected_logits, linear_model
 
-pytestmark = pytest.mark.integration
+INTEGRATION_DIR = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A conftest's pytestmark marks nothing: every test here starts real processes.
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @dataclass
 class Fleet:
     workdir: Path
-    admin_token: str
-    enroll_token: str
     cloud: ManagedProcess
+    trust: CloudTrust
     agents: dict[str, ManagedProcess] = field(default_factory=dict)
     _client: AdminClient | None = None
 
     @property
     def admin(self) -> AdminClient:
         if self._client is None:
-            self._client = AdminClient(self.cloud.address, self.admin_token, timeout=15)
+            self._client = self.client()
         return self._client
+
+    def client(self, timeout: float = 15) -> AdminClient:
+        return AdminClient(
+            self.cloud.address,
+            token_file=self.trust.admin_token_file,
+            ca_file=self.trust.ca_file,
+            insecure=self.trust.insecure,
+            timeout=timeout,
+        )
+
+    @property
+    def admin_args(self) -> list[str]:
+        """How an `edgefleet` admin command reaches this cloud."""
+        return ["--cloud", self.cloud.address, *self.trust.client_args()]
+
+    def enroll_token_file(self, name: str, labels: dict[str, str]) -> Path:
+        """A single-use token granting `labels`, in a file only its owner reads."""
+        secret, _ = self.admin.create_enroll_token(labels=labels, max_uses=1, note=name)
+        return write_secret_file(self.workdir / "tokens" / name, secret)
 
     def start_agent(
         self,
@@ -42,15 +73,19 @@ class Fleet:
         labels: dict[str, str] | None = None,
         *,
         env: dict[str, str] | None = None,
-        enroll_token: str | None = None,
+        extra: list[str] | None = None,
         wait: bool = True,
+        via: str | None = None,
     ) -> ManagedProcess:
+        """An agent process enrolled with a token granting `labels`; `via` is the address
+        it dials instead of the cloud's (a proxy in front of it)."""
         proc = agent_process(
             self.workdir,
             name,
-            self.cloud.address,
-            enroll_token or self.enroll_token,
-            labels or {"site": "test"},
+            via or self.cloud.address,
+            self.trust,
+            self.enroll_token_file(name, labels or {"site": "test"}),
+            extra=extra,
             env={
                 "EDGEFLEET_AGENT_REPORT_INTERVAL_S": "1",
                 "EDGEFLEET_AGENT_BACKOFF_CAP_S": "2",
@@ -79,7 +114,9 @@ class Fleet:
         if self._client is not None:
             self._client.close()
             self._client = None
-        self.cloud = cloud_process(self.workdir, self.admin_token, self.enroll_token, port=port)
+        self.cloud, self.trust = cloud_process(
+            self.workdir, port=port, insecure=self.trust.insecure
+        )
         self.cloud.start().wait_ready(60)
 
     def infer(
@@ -117,10 +154,9 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    admin_token, enroll_token = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
-    cloud = cloud_process(tmp_path, admin_token, enroll_token)
+    cloud, trust = cloud_process(tmp_path)
     cloud.start().wait_ready(60)
-    f = Fleet(tmp_path, admin_token, enroll_token, cloud)
+    f = Fleet(tmp_path, cloud, trust)
     try:
         yield f
     finally:

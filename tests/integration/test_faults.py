@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgefleet.core.errors import EdgefleetError, ErrorCode
 from edgefleet.core.tensors import to_raw
 from protos.artifact.v1 import artifact_pb2
 from tests.integration.conftest import Fleet, Versions, running
@@ -82,11 +83,11 @@ def test_unloadable_model_is_rejected(fleet: Fleet, models: Versions, tmp_path: 
 
 def _devices_cli(fleet: Fleet) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "edgefleet.cli", "devices", "--cloud", fleet.cloud.address],
+        [sys.executable, "-m", "edgefleet.cli", "devices", *fleet.admin_args],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "EDGEFLEET_ADMIN_TOKEN": fleet.admin_token, "COLUMNS": "400"},
+        env={**os.environ, "COLUMNS": "400"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -214,39 +215,42 @@ def test_sigkill_of_the_cloud_mid_deploy_leaves_all_or_nothing(
     import random
     import threading
 
-    import grpc
-
+    from edgefleet.core.tls import ClientSecurity
     from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 
-    with grpc.insecure_channel(fleet.cloud.address) as channel:
+    secret, _ = fleet.admin.create_enroll_token(labels={"site": "a"}, max_uses=300)
+    with ClientSecurity(ca_file=fleet.trust.ca_file).channel(fleet.cloud.address) as channel:
         stub = fleet_pb2_grpc.AgentServiceStub(channel)
         for n in range(300):
             stub.Enroll(
-                fleet_pb2.EnrollRequest(
-                    enroll_token=fleet.enroll_token, device_id=f"d{n:03d}", labels={"site": "a"}
-                ),
-                timeout=30,
+                fleet_pb2.EnrollRequest(enroll_token=secret, device_id=f"d{n:03d}"), timeout=30
             )
     rounds, rng = 8, random.Random(5)
-    for _ in range(rounds + 1):
+    for _ in range(rounds + 2):
         fleet.admin.push_model("m", models.v1)
+    fleet.admin.deploy("m", 1, selector={"site": "a"})
     started = time.perf_counter()
-    fleet.admin.deploy("m", rounds + 1, selector={"site": "a"})
+    fleet.admin.deploy("m", 2, selector={"site": "a"})  # one like those the kills cut
     took = time.perf_counter() - started  # the kills land within about this long
     outcomes = []
-    for version in range(1, rounds + 1):
+    unexpected: list[BaseException] = []
+    for version in range(3, rounds + 3):  # forward each time: no rollback involved
         acknowledged: list[bool] = []
 
         def deploy(version: int = version, acknowledged: list[bool] = acknowledged) -> None:
             try:
                 fleet.admin.deploy("m", version, selector={"site": "a"})
                 acknowledged.append(True)
-            except Exception:
+            except EdgefleetError as err:
                 acknowledged.append(False)
+                if err.code is not ErrorCode.UNAVAILABLE:  # the kill, not a refusal
+                    unexpected.append(err)
 
         thread = threading.Thread(target=deploy)
         thread.start()
-        time.sleep(rng.uniform(0.0, 1.2 * took))
+        # Alternately early (before the answer, mostly) and late (around the commit).
+        early = version % 2 == 0
+        time.sleep(rng.uniform(0.0, took) if early else rng.uniform(0.8 * took, 1.6 * took))
         fleet.cloud.kill()
         thread.join(30)
         fleet.restart_cloud()
@@ -261,6 +265,7 @@ def test_sigkill_of_the_cloud_mid_deploy_leaves_all_or_nothing(
         if acknowledged == [True]:
             assert recorded == version  # an acknowledged deploy survives the kill
         outcomes.append((acknowledged == [True], recorded == version))
+    assert not unexpected, unexpected
     # The kills landed before the answer (some deploys were never acknowledged), and on
     # both sides of the commit.
     assert not all(acked for acked, _ in outcomes)

@@ -4,7 +4,6 @@ v2, an agent running v1 fetches only the chunks v2 adds, and serves v2's new hea
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,11 +30,10 @@ SUMMARY = re.compile(r"fetched (\d+) bytes in (\d+) chunk\(s\)")
 def job_fleet(tmp_path: Path) -> Iterator[Fleet]:
     """The `fleet` fixture's cloud, running its fine-tune jobs on one torch thread (two
     threads on a busy 2-core machine run many times slower)."""
-    admin_token, enroll_token = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
-    cloud = cloud_process(tmp_path, admin_token, enroll_token)
+    cloud, trust = cloud_process(tmp_path)
     cloud.env["EDGEFLEET_CLOUD_JOBS__THREADS"] = "1"
     cloud.start().wait_ready(60)
-    f = Fleet(tmp_path, admin_token, enroll_token, cloud)
+    f = Fleet(tmp_path, cloud, trust)
     try:
         yield f
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -61,9 +62,9 @@ def test_push_deploy_infer_and_upgrade(fleet: Fleet, models: Versions) -> None:
     np.testing.assert_allclose(logits, models.expected(1), rtol=1e-5, atol=1e-5)
 
     # `edgefleet devices` says where each device answers inference, as a table and as JSON.
-    env = {**os.environ, "EDGEFLEET_CLOUD": fleet.cloud.address}
-    env["EDGEFLEET_ADMIN_TOKEN"] = fleet.admin_token
-    env["COLUMNS"] = "250"
+    env = {**os.environ, "EDGEFLEET_CLOUD": fleet.cloud.address, "COLUMNS": "250"}
+    env["EDGEFLEET_ADMIN_TOKEN_FILE"] = str(fleet.trust.admin_token_file)
+    env["EDGEFLEET_CA_FILE"] = str(fleet.trust.ca_file)
     table = subprocess.run(
         [sys.executable, "-m", "edgefleet.cli", "devices"], env=env, capture_output=True,
         text=True, timeout=60,
@@ -87,7 +88,7 @@ def test_push_deploy_infer_and_upgrade(fleet: Fleet, models: Versions) -> None:
 
 def test_cli_lists_what_the_api_holds(fleet: Fleet, models: Versions) -> None:
     fleet.start_agent("a1", {"site": "plant-1"})
-    env_args = ["--cloud", fleet.cloud.address, "--token", fleet.admin_token]
+    env_args = fleet.admin_args
 
     def cli(*args: str) -> str:
         done = subprocess.run(
@@ -116,7 +117,7 @@ def test_admin_calls_need_the_admin_token(fleet: Fleet) -> None:
     from edgefleet.client import AdminClient
 
     with (
-        AdminClient(fleet.cloud.address, "wrong-token") as bad,
+        AdminClient(fleet.cloud.address, "wrong-token", ca_file=fleet.trust.ca_file) as bad,
         pytest.raises(EdgefleetError) as err,
     ):
         bad.models()
@@ -145,9 +146,8 @@ def test_agent_keeps_its_identity_across_restarts(fleet: Fleet, models: Versions
     # A restart must not need the enrollment token again: the device credential persists.
     agent = fleet.agents["a1"]
     agent.stop()
-    args = list(agent.args)
-    args[args.index("--enroll-token") + 1] = "no-longer-valid"
-    agent.args = args
+    # The single-use token is spent; even gone, the restart does not need it.
+    Path(agent.args[agent.args.index("--enroll-token-file") + 1]).unlink()
     agent.start().wait_ready(60)
     fleet.admin.push_model("m", models.v1)
     fleet.admin.deploy("m", 1)

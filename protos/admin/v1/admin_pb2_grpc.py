@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos.admin.v1 import admin_pb2 as protos_dot_admin_dot_v1_dot_admin__pb2
+from protos.fleet.v1 import fleet_pb2 as protos_dot_fleet_dot_v1_dot_fleet__pb2
 
 GRPC_GENERATED_VERSION = '1.81.0'
 GRPC_VERSION = grpc.__version__
@@ -64,6 +65,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsRequest.SerializeToString,
                 response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsResponse.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/Rollback',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.DeployResponse.FromString,
+                _registered_method=True)
         self.ListDevices = channel.unary_unary(
                 '/edgefleet.admin.v1.AdminService/ListDevices',
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDevicesRequest.SerializeToString,
@@ -74,10 +80,50 @@ class AdminServiceStub:
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetDeviceRequest.SerializeToString,
                 response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.Device.FromString,
                 _registered_method=True)
+        self.LabelDevice = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/LabelDevice',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.LabelDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.Device.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/RevokeDevice',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.Device.FromString,
+                _registered_method=True)
         self.CreateEnrollToken = channel.unary_unary(
                 '/edgefleet.admin.v1.AdminService/CreateEnrollToken',
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateEnrollTokenRequest.SerializeToString,
                 response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateEnrollTokenResponse.FromString,
+                _registered_method=True)
+        self.ListEnrollTokens = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/ListEnrollTokens',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListEnrollTokensRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListEnrollTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeEnrollToken = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/RevokeEnrollToken',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.RevokeEnrollTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.EnrollToken.FromString,
+                _registered_method=True)
+        self.CreateAdminToken = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/CreateAdminToken',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateAdminTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateAdminTokenResponse.FromString,
+                _registered_method=True)
+        self.ListAdminTokens = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/ListAdminTokens',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListAdminTokensRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListAdminTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeAdminToken = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/RevokeAdminToken',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.RevokeAdminTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.AdminToken.FromString,
+                _registered_method=True)
+        self.RotateRootKey = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/RotateRootKey',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.RotateRootKeyRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RootKey.FromString,
                 _registered_method=True)
 
 
@@ -124,6 +170,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Move devices back to an older version: their desired state marks it as an operator's
+        rollback, which is the only way a device goes below the highest version it ran.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListDevices(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -136,8 +190,61 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LabelDevice(self, request, context):
+        """Set or remove a device's labels (they belong to the operator, not the device).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """Refuse every later call of a device; it stays listed, as revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateEnrollToken(self, request, context):
-        """A new enrollment token; only its hash is stored.
+        """Enrollment tokens: expiry, maximum uses, the labels they grant; or a re-enroll token
+        bound to one device id. Only hashes are stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnrollTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeEnrollToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAdminToken(self, request, context):
+        """Admin tokens with roles. Only hashes are stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdminTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAdminToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateRootKey(self, request, context):
+        """Start signing with a new root key, published signed by the current one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +283,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsRequest.FromString,
                     response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDeploymentsResponse.SerializeToString,
             ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.DeployResponse.SerializeToString,
+            ),
             'ListDevices': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDevices,
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDevicesRequest.FromString,
@@ -186,10 +298,50 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetDeviceRequest.FromString,
                     response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.Device.SerializeToString,
             ),
+            'LabelDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelDevice,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.LabelDeviceRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.Device.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.Device.SerializeToString,
+            ),
             'CreateEnrollToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEnrollToken,
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateEnrollTokenRequest.FromString,
                     response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateEnrollTokenResponse.SerializeToString,
+            ),
+            'ListEnrollTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollTokens,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListEnrollTokensRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListEnrollTokensResponse.SerializeToString,
+            ),
+            'RevokeEnrollToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrollToken,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.RevokeEnrollTokenRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.EnrollToken.SerializeToString,
+            ),
+            'CreateAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAdminToken,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateAdminTokenRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.CreateAdminTokenResponse.SerializeToString,
+            ),
+            'ListAdminTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdminTokens,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListAdminTokensRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListAdminTokensResponse.SerializeToString,
+            ),
+            'RevokeAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAdminToken,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.RevokeAdminTokenRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.AdminToken.SerializeToString,
+            ),
+            'RotateRootKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateRootKey,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.RotateRootKeyRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RootKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +517,33 @@ class AdminService:
             _registered_method=True)
 
     @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/Rollback',
+            protos_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.DeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListDevices(request,
             target,
             options=(),
@@ -419,6 +598,60 @@ class AdminService:
             _registered_method=True)
 
     @staticmethod
+    def LabelDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/LabelDevice',
+            protos_dot_admin_dot_v1_dot_admin__pb2.LabelDeviceRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/RevokeDevice',
+            protos_dot_admin_dot_v1_dot_admin__pb2.RevokeDeviceRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateEnrollToken(request,
             target,
             options=(),
@@ -435,6 +668,168 @@ class AdminService:
             '/edgefleet.admin.v1.AdminService/CreateEnrollToken',
             protos_dot_admin_dot_v1_dot_admin__pb2.CreateEnrollTokenRequest.SerializeToString,
             protos_dot_admin_dot_v1_dot_admin__pb2.CreateEnrollTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ListEnrollTokens',
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListEnrollTokensRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListEnrollTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrollToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/RevokeEnrollToken',
+            protos_dot_admin_dot_v1_dot_admin__pb2.RevokeEnrollTokenRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.EnrollToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/CreateAdminToken',
+            protos_dot_admin_dot_v1_dot_admin__pb2.CreateAdminTokenRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.CreateAdminTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdminTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ListAdminTokens',
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListAdminTokensRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListAdminTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/RevokeAdminToken',
+            protos_dot_admin_dot_v1_dot_admin__pb2.RevokeAdminTokenRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.AdminToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateRootKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/RotateRootKey',
+            protos_dot_admin_dot_v1_dot_admin__pb2.RotateRootKeyRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.RootKey.FromString,
             options,
             channel_credentials,
             insecure,

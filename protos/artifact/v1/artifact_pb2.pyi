@@ -312,6 +312,7 @@ class Manifest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     GOLDEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     """Bumped when this message changes in a way an old agent cannot read."""
     model: _builtins.str
@@ -324,6 +325,10 @@ class Manifest(_message.Message):
     """Path (among `files`) the runtime loads."""
     created_at: _builtins.int
     """Unix seconds when the cloud built this manifest."""
+    expires_at: _builtins.int
+    """Unix seconds after which devices refuse to install it (0: never); what is installed
+    keeps serving.
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactFile]: ...
     @_builtins.property
@@ -352,10 +357,11 @@ class Manifest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _builtins.int = ...,
         golden: _abc.Iterable[Global___GoldenRef] | None = ...,
+        expires_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "entrypoint", b"entrypoint", "files", b"files", "format", b"format", "golden", b"golden", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "entrypoint", b"entrypoint", "expires_at", b"expires_at", "files", b"files", "format", b"format", "golden", b"golden", "inputs", b"inputs", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -121,11 +121,16 @@ class EnrollRequest(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_REQUEST_FIELD_NUMBER: _builtins.int
     enroll_token: _builtins.str
     device_id: _builtins.str
     """The id the device asks for; empty lets the cloud choose one."""
+    certificate_request: _builtins.bytes
+    """Mutual TLS: a certificate request (PEM) for the device's own key."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Advisory: the operator's labels come from the token (and `edgefleet devices label`)."""
+
     @_builtins.property
     def capabilities(self) -> Global___Capabilities: ...
     def __init__(
@@ -135,10 +140,11 @@ class EnrollRequest(_message.Message):
         device_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         capabilities: Global___Capabilities | None = ...,
+        certificate_request: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "device_id", b"device_id", "enroll_token", b"enroll_token", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "certificate_request", b"certificate_request", "device_id", b"device_id", "enroll_token", b"enroll_token", "labels", b"labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -150,28 +156,124 @@ class EnrollResponse(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_TOKEN_FIELD_NUMBER: _builtins.int
-    MANIFEST_PUBLIC_KEYS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    DEVICE_PORT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_token: _builtins.str
     """Secret. Sent on every later call as `authorization: Bearer <device_token>`."""
-    @_builtins.property
-    def manifest_public_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Raw Ed25519 public keys that sign manifests; the device trusts these from now on."""
-
+    certificate: _builtins.bytes
+    """Mutual TLS: a client certificate for the device (PEM), signed by the cloud's CA from
+    the request the device sent; empty when the cloud does not do mutual TLS.
+    """
+    device_port: _builtins.int
+    """Mutual TLS: the port devices call once they hold a certificate (0: none)."""
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         device_token: _builtins.str = ...,
-        manifest_public_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        certificate: _builtins.bytes = ...,
+        device_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_token", b"device_token", "manifest_public_keys", b"manifest_public_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "device_id", b"device_id", "device_port", b"device_port", "device_token", b"device_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollResponse: _TypeAlias = EnrollResponse  # noqa: Y015
+
+@_typing.final
+class GetTrustRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTrustRequest: _TypeAlias = GetTrustRequest  # noqa: Y015
+
+@_typing.final
+class RootKey(_message.Message):
+    """An Ed25519 public key of the cloud's root of trust, numbered from 1."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    public_key: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RootKey: _TypeAlias = RootKey  # noqa: Y015
+
+@_typing.final
+class KeyRotation(_message.Message):
+    """The cloud moved to a new root key: the new key (a serialized RootKey) signed by the key
+    it replaces and by itself (TUF's root rotation).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEW_KEY_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SIGNATURE_FIELD_NUMBER: _builtins.int
+    NEW_SIGNATURE_FIELD_NUMBER: _builtins.int
+    new_key: _builtins.bytes
+    previous_signature: _builtins.bytes
+    new_signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        new_key: _builtins.bytes = ...,
+        previous_signature: _builtins.bytes = ...,
+        new_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_key", b"new_key", "new_signature", b"new_signature", "previous_signature", b"previous_signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRotation: _TypeAlias = KeyRotation  # noqa: Y015
+
+@_typing.final
+class TrustChain(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    ROTATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def first(self) -> Global___RootKey: ...
+    @_builtins.property
+    def rotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyRotation]: ...
+    def __init__(
+        self,
+        *,
+        first: Global___RootKey | None = ...,
+        rotations: _abc.Iterable[Global___KeyRotation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "rotations", b"rotations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustChain: _TypeAlias = TrustChain  # noqa: Y015
 
 @_typing.final
 class GetDesiredStateRequest(_message.Message):
@@ -202,11 +304,14 @@ class Assignment(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     target: _builtins.str
     manifest_digest: _builtins.str
     """sha256 hex of the SignedManifest.manifest bytes."""
+    rollback: _builtins.bool
+    """An operator's rollback: the device may go below the highest version it ran."""
     def __init__(
         self,
         *,
@@ -214,10 +319,11 @@ class Assignment(_message.Message):
         version: _builtins.int = ...,
         target: _builtins.str = ...,
         manifest_digest: _builtins.str = ...,
+        rollback: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "model", b"model", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "model", b"model", "rollback", b"rollback", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,9 +336,16 @@ class DesiredState(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """Grows by one each time this device's desired state changes; never goes back."""
+    issued_at: _builtins.float
+    """Unix seconds: when the cloud signed it, and after when a device refuses it (a frozen
+    or replayed state goes stale); refreshed at every fetch.
+    """
+    expires_at: _builtins.float
     @_builtins.property
     def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]: ...
     def __init__(
@@ -241,14 +354,44 @@ class DesiredState(_message.Message):
         device_id: _builtins.str = ...,
         generation: _builtins.int = ...,
         assignments: _abc.Iterable[Global___Assignment] | None = ...,
+        issued_at: _builtins.float = ...,
+        expires_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "device_id", b"device_id", "generation", b"generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "device_id", b"device_id", "expires_at", b"expires_at", "generation", b"generation", "issued_at", b"issued_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
+
+@_typing.final
+class SignedDesiredState(_message.Message):
+    """A DesiredState's exact bytes and the cloud's root key's Ed25519 signature over them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    state: _builtins.bytes
+    signature: _builtins.bytes
+    key_id: _builtins.str
+    """sha256 hex (first 16) of the raw public key that signed."""
+    def __init__(
+        self,
+        *,
+        state: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "signature", b"signature", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedDesiredState: _TypeAlias = SignedDesiredState  # noqa: Y015
 
 @_typing.final
 class WatchDesiredStateRequest(_message.Message):
@@ -404,26 +547,6 @@ class ReportedState(_message.Message):
 Global___ReportedState: _TypeAlias = ReportedState  # noqa: Y015
 
 @_typing.final
-class ReportStateRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    STATE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def state(self) -> Global___ReportedState: ...
-    def __init__(
-        self,
-        *,
-        state: Global___ReportedState | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReportStateRequest: _TypeAlias = ReportStateRequest  # noqa: Y015
-
-@_typing.final
 class ReportStateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -449,17 +572,21 @@ class GetManifestRequest(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    ACCEPT_COMPRESSED_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     digest: _builtins.str
+    accept_compressed: _builtins.bool
+    """The device inflates SignedManifest.manifest_zlib: send the manifest compressed."""
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         digest: _builtins.str = ...,
+        accept_compressed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "digest", b"digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_compressed", b"accept_compressed", "device_id", b"device_id", "digest", b"digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,10 +40,15 @@ class AgentServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.GetTrust = channel.unary_unary(
+                '/edgefleet.fleet.v1.AgentService/GetTrust',
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetTrustRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.TrustChain.FromString,
+                _registered_method=True)
         self.GetDesiredState = channel.unary_unary(
                 '/edgefleet.fleet.v1.AgentService/GetDesiredState',
                 request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDesiredStateRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.DesiredState.FromString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.SignedDesiredState.FromString,
                 _registered_method=True)
         self.WatchDesiredState = channel.unary_stream(
                 '/edgefleet.fleet.v1.AgentService/WatchDesiredState',
@@ -52,7 +57,7 @@ class AgentServiceStub:
                 _registered_method=True)
         self.ReportState = channel.unary_unary(
                 '/edgefleet.fleet.v1.AgentService/ReportState',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportStateRequest.SerializeToString,
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportedState.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportStateResponse.FromString,
                 _registered_method=True)
         self.GetManifest = channel.unary_unary(
@@ -71,14 +76,26 @@ class AgentServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Enroll(self, request, context):
-        """Trade an enrollment token for a device id and a device credential.
+        """Trade an enrollment token for a device id and a device credential. Re-enrolling an
+        enrolled id needs that device's current credential (as metadata) or a re-enroll token
+        bound to the id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrust(self, request, context):
+        """The cloud's root keys: the first and every rotation since, each signed by the key
+        before it and by itself. Devices pin a key's fingerprint out of band and follow the
+        chain from there; nothing else ever changes what they trust. Public.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDesiredState(self, request, context):
-        """The device's desired state now.
+        """The device's desired state now, signed by the cloud's current root key with a fresh
+        issued-at and expires-at.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,10 +137,15 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollResponse.SerializeToString,
             ),
+            'GetTrust': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrust,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetTrustRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.TrustChain.SerializeToString,
+            ),
             'GetDesiredState': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDesiredState,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDesiredStateRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.DesiredState.SerializeToString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.SignedDesiredState.SerializeToString,
             ),
             'WatchDesiredState': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchDesiredState,
@@ -132,7 +154,7 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'ReportState': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportState,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportStateRequest.FromString,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportedState.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportStateResponse.SerializeToString,
             ),
             'GetManifest': grpc.unary_unary_rpc_method_handler(
@@ -184,6 +206,33 @@ class AgentService:
             _registered_method=True)
 
     @staticmethod
+    def GetTrust(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.fleet.v1.AgentService/GetTrust',
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetTrustRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.TrustChain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetDesiredState(request,
             target,
             options=(),
@@ -199,7 +248,7 @@ class AgentService:
             target,
             '/edgefleet.fleet.v1.AgentService/GetDesiredState',
             protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDesiredStateRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.DesiredState.FromString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.SignedDesiredState.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,7 +301,7 @@ class AgentService:
             request,
             target,
             '/edgefleet.fleet.v1.AgentService/ReportState',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportStateRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportedState.SerializeToString,
             protos_dot_fleet_dot_v1_dot_fleet__pb2.ReportStateResponse.FromString,
             options,
             channel_credentials,

@@ -38,12 +38,22 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Enroll: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.EnrollRequest, _fleet_pb2.EnrollResponse]
-    """Trade an enrollment token for a device id and a device credential."""
-    GetDesiredState: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetDesiredStateRequest, _fleet_pb2.DesiredState]
-    """The device's desired state now."""
+    """Trade an enrollment token for a device id and a device credential. Re-enrolling an
+    enrolled id needs that device's current credential (as metadata) or a re-enroll token
+    bound to the id.
+    """
+    GetTrust: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetTrustRequest, _fleet_pb2.TrustChain]
+    """The cloud's root keys: the first and every rotation since, each signed by the key
+    before it and by itself. Devices pin a key's fingerprint out of band and follow the
+    chain from there; nothing else ever changes what they trust. Public.
+    """
+    GetDesiredState: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetDesiredStateRequest, _fleet_pb2.SignedDesiredState]
+    """The device's desired state now, signed by the cloud's current root key with a fresh
+    issued-at and expires-at.
+    """
     WatchDesiredState: _grpc.UnaryStreamMultiCallable[_fleet_pb2.WatchDesiredStateRequest, _fleet_pb2.DesiredStateNotice]
     """Server stream: one notice now and one each time the desired generation moves on."""
-    ReportState: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ReportStateRequest, _fleet_pb2.ReportStateResponse]
+    ReportState: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ReportedState, _fleet_pb2.ReportStateResponse]
     """What the device runs, the generation it observed, its health and last error."""
     GetManifest: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetManifestRequest, _artifact_pb2.SignedManifest]
     """A signed manifest by its digest (sha256 of the manifest bytes)."""
@@ -54,12 +64,22 @@ class AgentServiceStub:
 class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Enroll: _aio.UnaryUnaryMultiCallable[_fleet_pb2.EnrollRequest, _fleet_pb2.EnrollResponse]  # type: ignore[assignment]
-    """Trade an enrollment token for a device id and a device credential."""
-    GetDesiredState: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetDesiredStateRequest, _fleet_pb2.DesiredState]  # type: ignore[assignment]
-    """The device's desired state now."""
+    """Trade an enrollment token for a device id and a device credential. Re-enrolling an
+    enrolled id needs that device's current credential (as metadata) or a re-enroll token
+    bound to the id.
+    """
+    GetTrust: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetTrustRequest, _fleet_pb2.TrustChain]  # type: ignore[assignment]
+    """The cloud's root keys: the first and every rotation since, each signed by the key
+    before it and by itself. Devices pin a key's fingerprint out of band and follow the
+    chain from there; nothing else ever changes what they trust. Public.
+    """
+    GetDesiredState: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetDesiredStateRequest, _fleet_pb2.SignedDesiredState]  # type: ignore[assignment]
+    """The device's desired state now, signed by the cloud's current root key with a fresh
+    issued-at and expires-at.
+    """
     WatchDesiredState: _aio.UnaryStreamMultiCallable[_fleet_pb2.WatchDesiredStateRequest, _fleet_pb2.DesiredStateNotice]  # type: ignore[assignment]
     """Server stream: one notice now and one each time the desired generation moves on."""
-    ReportState: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ReportStateRequest, _fleet_pb2.ReportStateResponse]  # type: ignore[assignment]
+    ReportState: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ReportedState, _fleet_pb2.ReportStateResponse]  # type: ignore[assignment]
     """What the device runs, the generation it observed, its health and last error."""
     GetManifest: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetManifestRequest, _artifact_pb2.SignedManifest]  # type: ignore[assignment]
     """A signed manifest by its digest (sha256 of the manifest bytes)."""
@@ -73,15 +93,31 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.EnrollRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.EnrollResponse, _abc.Awaitable[_fleet_pb2.EnrollResponse]]:
-        """Trade an enrollment token for a device id and a device credential."""
+        """Trade an enrollment token for a device id and a device credential. Re-enrolling an
+        enrolled id needs that device's current credential (as metadata) or a re-enroll token
+        bound to the id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTrust(
+        self,
+        request: _fleet_pb2.GetTrustRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.TrustChain, _abc.Awaitable[_fleet_pb2.TrustChain]]:
+        """The cloud's root keys: the first and every rotation since, each signed by the key
+        before it and by itself. Devices pin a key's fingerprint out of band and follow the
+        chain from there; nothing else ever changes what they trust. Public.
+        """
 
     @_abc_1.abstractmethod
     def GetDesiredState(
         self,
         request: _fleet_pb2.GetDesiredStateRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_fleet_pb2.DesiredState, _abc.Awaitable[_fleet_pb2.DesiredState]]:
-        """The device's desired state now."""
+    ) -> _typing.Union[_fleet_pb2.SignedDesiredState, _abc.Awaitable[_fleet_pb2.SignedDesiredState]]:
+        """The device's desired state now, signed by the cloud's current root key with a fresh
+        issued-at and expires-at.
+        """
 
     @_abc_1.abstractmethod
     def WatchDesiredState(
@@ -94,7 +130,7 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def ReportState(
         self,
-        request: _fleet_pb2.ReportStateRequest,
+        request: _fleet_pb2.ReportedState,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.ReportStateResponse, _abc.Awaitable[_fleet_pb2.ReportStateResponse]]:
         """What the device runs, the generation it observed, its health and last error."""

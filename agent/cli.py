@@ -108,6 +108,12 @@ def _settings_options(fn: Callable[..., None]) -> Callable[..., None]:
 )
 @click.option("--inference-port", type=int, help="Inference port (default 8001; 0 picks one).")
 @click.option(
+    "--metrics-port",
+    type=int,
+    help="Serve Prometheus /metrics on this port (plain HTTP, on metrics_host: 127.0.0.1 "
+    "unless set; 0 picks one) [default: off].",
+)
+@click.option(
     "--port-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the bound inference port here once serving.",
@@ -125,6 +131,7 @@ def run(
     labels: tuple[str, ...],
     inference_host: str | None,
     inference_port: int | None,
+    metrics_port: int | None,
     port_file: Path | None,
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C.
@@ -148,6 +155,7 @@ def run(
         labels=_labels(labels),
         inference_host=inference_host,
         inference_port=inference_port,
+        metrics_port=metrics_port,
     )
     run_agent(settings, port_file)
 

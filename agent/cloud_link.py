@@ -12,12 +12,13 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from agent.state import Identity
 from edgefleet.core.auth import bearer_metadata
+from edgefleet.core.data import SyncAck
 from edgefleet.core.errors import (
     EdgefleetError,
     ErrorCode,
@@ -32,11 +33,12 @@ from edgefleet.core.tls import ClientSecurity
 from edgefleet.core.trust import SignedDesiredState, TrustChain
 from edgefleet.core.wire import from_proto, to_proto
 from protos.artifact.v1 import artifact_pb2
-from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+from protos.fleet.v1 import data_pb2, fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+SYNC_METHOD = "/edgefleet.fleet.v1.AgentService/Sync"
 
 
 class _Cancellable(Protocol):
@@ -59,6 +61,11 @@ class CloudLink(Protocol):
 
     def authenticate(self, identity: Identity) -> None: ...
 
+    @property
+    def device_id(self) -> str:
+        """The enrolled device's id ("" before enrollment)."""
+        ...
+
     def get_trust(self) -> TrustChain:
         """The cloud's root keys and rotations, unverified: the caller follows the chain."""
         ...
@@ -77,6 +84,10 @@ class CloudLink(Protocol):
 
     def watch(self, known_generation: int) -> Iterator[int]:
         """Generations as the cloud announces them; ends or raises when the stream breaks."""
+        ...
+
+    def sync(self, batch: bytes) -> SyncAck:
+        """Send a SyncBatch (its wire bytes, as agent.sync writes them); the acknowledgement."""
         ...
 
     def close(self) -> None: ...
@@ -264,6 +275,17 @@ class GrpcCloudLink:
         finally:
             with self._lock:
                 self._watch_call = None
+
+    def sync(self, batch: bytes) -> SyncAck:
+        channel = self._device_channel or self._channel
+        # Raw bytes in: the batch is written from the spool's stored rows, not parsed.
+        call: Any = channel.unary_unary(
+            SYNC_METHOD, response_deserializer=data_pb2.SyncAck.FromString
+        )
+        ack: data_pb2.SyncAck = _call(
+            lambda: call(batch, timeout=self._chunk_timeout, metadata=self._meta())
+        )
+        return from_proto(ack, SyncAck)
 
     def cancel_watch(self) -> None:
         with self._lock:

@@ -8,12 +8,14 @@ each published atomically, so a kill at any instant restarts cleanly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from agent.artifacts import ArtifactStore
 from agent.chunks import ChunkStore
@@ -25,12 +27,19 @@ from agent.inference.server import (
     RequestLimits,
     start_inference_server,
 )
+from agent.mqtt.notices import MqttNotices
 from agent.ratelimit import RateLimiter
 from agent.reconciler import Reconciler
+from agent.recorder import Recorder
 from agent.runtime import ModelRepository
 from agent.settings import AgentSettings
+from agent.spool import Spool
 from agent.state import Identity, StateStore
+from agent.sync import Syncer
 from edgefleet.core.retry import Backoff
+
+if TYPE_CHECKING:
+    from edgefleet.core.metrics import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +78,14 @@ class Agent:
         self._state: StateStore | None = None
         self._reconciler: Reconciler | None = None
         self._watcher: Watcher | None = None
+        self.mqtt: MqttNotices | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._device_id = ""
+        self.spool: Spool | None = None
+        self.recorder: Recorder | None = None
+        self.syncer: Syncer | None = None
+        self.metrics: MetricsEndpoint | None = None  # /metrics, when metrics_port is set
 
     @property
     def inference_port(self) -> int:
@@ -112,8 +126,22 @@ class Agent:
                 rpc_timeout_s=s.rpc_timeout_s,
                 chunk_timeout_s=s.chunk_timeout_s,
             )
+        self.spool = Spool(s.data_dir / "spool.db", s.spool_budget_bytes)
+        recorder = self.recorder = Recorder(
+            self.spool,
+            telemetry_interval_s=s.telemetry_interval_s,
+            stats_per_second=s.input_stats_per_second,
+            max_row_bytes=s.capture_max_row_bytes,
+        )
         self._reconciler = Reconciler(
-            s, self._state, chunks, artifacts, self._link, self.repository, on_event=self._on_event
+            s,
+            self._state,
+            chunks,
+            artifacts,
+            self._link,
+            self.repository,
+            on_event=self._on_event,
+            on_desired=lambda desired: recorder.configure(desired.assignments),
         )
         self._reconciler.restore()
         self._server = start_inference_server(
@@ -131,19 +159,46 @@ class Agent:
             security=InferenceSecurity(
                 s.inference_cert_file, s.inference_key_file, s.inference_secret()
             ),
+            recorder=recorder,
         )
+        recorder.start()
         self._reconciler.inference_endpoint = advertised_endpoint(s, self._server.port)
+        if s.metrics_port is not None:
+            from agent.metrics import serve_metrics  # prometheus-client only when asked for
+
+            server = self._server
+            self.metrics = serve_metrics(
+                host=s.metrics_host,
+                port=s.metrics_port,
+                repository=self.repository,
+                reconciler=self._reconciler,
+                recorder=recorder,
+                spool=self.spool,
+                syncer=lambda: self.syncer,
+                memory=lambda: server.memory_stats,
+                device_id=lambda: self.device_id,
+            )
         if not reconcile:
             return
+        self.syncer = Syncer(
+            self.spool,
+            self._link,
+            interval_s=s.sync_interval_s,
+            upload_bytes_per_s=s.upload_bytes_per_s,
+            backoff=Backoff(base=s.backoff_base_s, cap=s.backoff_cap_s),
+        ).start()
         self._spawn("edgefleet-reconcile", self._reconciler.run)
         self._spawn("edgefleet-report", self._report_loop)
         self._watcher = Watcher(
             self._link,
             self._state.observed_generation,
-            self._reconciler.notice,
+            functools.partial(self._reconciler.notice, via="gRPC watch"),
             Backoff(base=s.backoff_base_s, cap=s.backoff_cap_s),
         )
         self._watcher.start()
+        if s.mqtt.enabled:
+            # Beside the watch, on the broker the cloud named at enrollment (if any).
+            self.mqtt = MqttNotices(s, self._state, self._reconciler).start()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -161,12 +216,20 @@ class Agent:
             return
         _ = self.device_id  # remember it for the exit summary; the db closes below
         self._stopping.set()
+        if self.metrics is not None:
+            self.metrics.stop()  # first: no scrape reads the parts closing below
         if self._watcher is not None:
             self._watcher.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()  # says offline on the broker
         if self._reconciler is not None:
             self._reconciler.stop()
         if self._server is not None:
             self._server.stop(self.settings.stop_grace_s)
+        if self.recorder is not None:
+            self.recorder.stop()  # what was recorded goes to the spool, windows closed
+        if self.syncer is not None:
+            self.syncer.stop()
         if self._reconciler is not None:
             # A last report before the link closes (best effort: the cloud may be away).
             self._reconciler.report()
@@ -178,6 +241,8 @@ class Agent:
             thread.join(timeout=self.settings.rpc_timeout_s + 5)
         if self._state is not None and not any(t.is_alive() for t in self._threads):
             self._state.close()
+        if self.spool is not None:
+            self.spool.close()
 
     def run_forever(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""

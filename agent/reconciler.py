@@ -95,7 +95,9 @@ class Reconciler:
         *,
         on_event: Callable[[str], None] | None = None,
         inference_endpoint: str = "",
+        on_desired: Callable[[DesiredState], None] | None = None,
     ) -> None:
+        self._on_desired = on_desired
         self.settings = settings
         self.state = state
         self.chunks = chunks
@@ -147,6 +149,9 @@ class Reconciler:
         manifest stored at activation. Makes no cloud call, so a rebooted device serves
         while offline. A version that fails its checks falls back to the previous one."""
         self.artifacts.clean_staging()
+        last = self.state.last_desired()
+        if last is not None and self._on_desired is not None:
+            self._on_desired(last)  # what it asked holds offline too (capture policies)
         loaded: list[LoadedModel] = []
         keys = self.state.trusted_keys()
         for record in self.state.models():
@@ -251,6 +256,9 @@ class Reconciler:
             clock_skew_s=self.settings.clock_skew_s,
         )
         self.state.accept(state.generation, state.issued_at)
+        self.state.save_desired(state)
+        if self._on_desired is not None:
+            self._on_desired(state)
         return state
 
     # identity -------------------------------------------------------------------------
@@ -288,6 +296,7 @@ class Reconciler:
             enrollment.certificate,
             key if enrollment.certificate else b"",
             enrollment.device_port,
+            enrollment.mqtt,
         )
         self.state.save_identity(identity)
         how = " with mutual TLS" if enrollment.certificate else ""
@@ -566,16 +575,18 @@ class Reconciler:
             log.info("state report not delivered: %s", err.message)
             return False
         if desired_generation > self._seen_generation:
-            self.notice(desired_generation)
+            self.notice(desired_generation, via="state report")
         return True
 
     # the loop -------------------------------------------------------------------------
-    def notice(self, generation: int) -> None:
-        """The cloud announced `generation`; reconcile now if it is news."""
+    def notice(self, generation: int, via: str = "") -> None:
+        """The cloud announced `generation` (`via`: which transport said it); reconcile now
+        if it is news."""
         if generation > self._seen_generation:
             if generation != self._announced:  # said once, however often it is repeated
                 self._announced = generation
-                self._event(f"desired state moved to generation {generation}")
+                source = f" (notice via {via})" if via else ""
+                self._event(f"desired state moved to generation {generation}{source}")
             self._wake.set()
 
     def wake(self) -> None:

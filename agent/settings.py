@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from agent.errors import SettingsError
+from agent.mqtt.settings import MqttSettings
 from agent.runtime import PROVIDER_PREFERENCE
 from edgefleet.core.auth import secret_value
 from edgefleet.core.errors import InvalidArgument
@@ -156,6 +157,37 @@ class AgentSettings(LayeredSettings):
         default=None, description="TLS certificate of the inference port (with inference_key_file)."
     )
     inference_key_file: Path | None = Field(default=None, description="Its private key.")
+    spool_budget_bytes: int = Field(
+        default=512 << 20,
+        ge=0,
+        description="Most disk the spool of captures and telemetry may take (0: no limit); "
+        "past it, the oldest unsynced captures are evicted (counted and reported), never "
+        "telemetry.",
+    )
+    telemetry_interval_s: float = Field(
+        default=60.0, gt=0, description="Length of a telemetry window (counts, latency, inputs)."
+    )
+    input_stats_per_second: int = Field(
+        default=20,
+        ge=0,
+        description="Requests a second per model version whose inputs are summarised into "
+        "telemetry (statistics per channel or feature); bounds their cost on the request path.",
+    )
+    capture_max_row_bytes: int = Field(
+        default=4 << 20,
+        gt=0,
+        description="A request larger than this (inputs and outputs) is not captured, unless "
+        "the model's capture policy sets its own limit.",
+    )
+    sync_interval_s: float = Field(
+        default=10.0, gt=0, description="Send what the spool holds this often (and at start)."
+    )
+    upload_bytes_per_s: int = Field(
+        default=0,
+        ge=0,
+        description="Cap on sync upload bandwidth in bytes per second (0: no cap); telemetry "
+        "goes before captures.",
+    )
     rpc_timeout_s: float = Field(
         default=15.0, gt=0, description="Deadline of unary calls to the cloud."
     )
@@ -170,6 +202,23 @@ class AgentSettings(LayeredSettings):
     )
     stop_grace_s: float = Field(
         default=5.0, ge=0, description="Grace period for in-flight requests at shutdown."
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the Prometheus /metrics port binds: loopback by default; another "
+        "address lets anyone who reaches it read model names, versions and rates.",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (plain HTTP); unset: off; 0 "
+        "picks a free one.",
+    )
+
+    mqtt: MqttSettings = Field(
+        default_factory=lambda: MqttSettings(),
+        description="Desired-state notices over the broker the cloud names at enrollment.",
     )
 
     @field_validator("cloud")

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import DiskFull, StateError
+from edgefleet.core.fleet import DesiredState, MqttAccess
 from edgefleet.core.trust import RootKey
+from edgefleet.core.wire import from_json, to_json
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far we are.
 _MIGRATIONS: tuple[str, ...] = (
@@ -69,6 +71,8 @@ class Identity:
     certificate: bytes = b""
     private_key: bytes = b""
     device_port: int = 0
+    # The cloud's MQTT broker and this device's account on it (None: no broker).
+    mqtt: MqttAccess | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,10 @@ class StateStore:
             ).fetchone()
         if row is None:
             return None
-        return Identity(row[0], row[1], bytes(row[2]), bytes(row[3]), int(row[4]))
+        with self._lock:
+            access = self._db.execute("SELECT value FROM kv WHERE key = 'mqtt_access'").fetchone()
+        mqtt = from_json(MqttAccess, access[0]) if access else None
+        return Identity(row[0], row[1], bytes(row[2]), bytes(row[3]), int(row[4]), mqtt)
 
     def save_identity(self, identity: Identity) -> None:
         with self._tx() as db:
@@ -174,6 +181,15 @@ class StateStore:
                     identity.device_port,
                 ),
             )
+            # In the same transaction: a device never holds one enrollment's token with
+            # another's broker account.
+            if identity.mqtt is None:
+                db.execute("DELETE FROM kv WHERE key = 'mqtt_access'")
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO kv (key, value) VALUES ('mqtt_access', ?)",
+                    (to_json(identity.mqtt),),
+                )
 
     # trust ------------------------------------------------------------------------------
     def root_keys(self) -> list[RootKey]:
@@ -213,6 +229,19 @@ class StateStore:
                 "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
                 [("accepted_generation", str(generation)), ("accepted_issued_at", repr(issued_at))],
             )
+
+    def save_desired(self, state: DesiredState) -> None:
+        """The desired state last accepted, so what it asks (capture policies) holds across
+        an offline restart."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO kv (key, value) VALUES ('desired', ?)", (to_json(state),)
+            )
+
+    def last_desired(self) -> DesiredState | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = 'desired'").fetchone()
+        return from_json(DesiredState, row[0]) if row else None
 
     def floor(self, model: str) -> int:
         """The highest version of `model` this device ever activated (0: none)."""

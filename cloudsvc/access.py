@@ -78,6 +78,12 @@ ROLES: dict[str, Role] = {
         "ListAdminTokens": ADMIN,
         "RevokeAdminToken": ADMIN,
         "RotateRootKey": ADMIN,
+        "SetCapturePolicy": OPERATE,
+        "ListDataSets": VIEW,
+        "GetTelemetry": VIEW,
+        # Captured rows are the users' data: exporting and labelling them is an operator's.
+        "ExportCaptures": OPERATE,
+        "LabelCaptures": OPERATE,
     }.items()
 } | {
     f"/{JOB_SERVICE}/{name}": role

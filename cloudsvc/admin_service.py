@@ -14,14 +14,19 @@ import grpc
 from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry, check_name
+from cloudsvc.store.data import CaptureQuery, DataStore
+from cloudsvc.telemetry import aggregate
 from cloudsvc.tokens import Tokens
+from edgefleet.core.data import CaptureLabel, CapturePolicy
 from edgefleet.core.tokens import Role
-from edgefleet.core.wire import to_proto
+from edgefleet.core.wire import from_proto, to_proto
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc
-from protos.fleet.v1 import fleet_pb2
+from protos.fleet.v1 import data_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
 
+MAX_LABEL = 256
+MAX_LABELS_AT_ONCE = 1_000_000
 # Where pushes are received; names that a crash may leave behind (cleaned at start).
 PUSH_PREFIX = "push-"
 
@@ -34,10 +39,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         tokens: Tokens,
         tmp_dir: Path,
         max_upload_bytes: int,
+        data: DataStore,
     ) -> None:
         self.registry = registry
         self.fleet = fleet
         self.tokens = tokens
+        self.data = data
         self.tmp_dir = tmp_dir
         self.max_upload_bytes = max_upload_bytes
 
@@ -231,3 +238,65 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         key = self.fleet.keys.rotate()
         log.warning("root key rotated to v%d (%s)", key.version, key.fingerprint)
         return to_proto(key, fleet_pb2.RootKey)
+
+    # what comes back ---------------------------------------------------------------------
+    def SetCapturePolicy(
+        self, request: admin_pb2.SetCapturePolicyRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.SetCapturePolicyResponse:
+        results = self.fleet.set_capture_policy(
+            request.model, from_proto(request.policy, CapturePolicy)
+        )
+        return admin_pb2.SetCapturePolicyResponse(
+            devices=[admin_pb2.DeviceGeneration(device_id=d, generation=g) for d, g in results]
+        )
+
+    def ListDataSets(
+        self, request: admin_pb2.ListDataSetsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListDataSetsResponse:
+        return admin_pb2.ListDataSetsResponse(
+            data_sets=[to_proto(d, admin_pb2.DataSet) for d in self.data.data_sets()]
+        )
+
+    def ExportCaptures(
+        self, request: admin_pb2.ExportCapturesRequest, context: grpc.ServicerContext
+    ) -> Iterator[data_pb2.Capture]:
+        check_name("model", request.model)
+        query = CaptureQuery(
+            request.model,
+            request.version,
+            request.since,
+            request.labelled_only,
+            request.label,
+            request.limit,
+        )
+        for row in self.data.captures(query):
+            if not context.is_active():
+                return
+            yield to_proto(row, data_pb2.Capture)
+
+    def LabelCaptures(
+        self, request_iterator: Iterator[admin_pb2.CaptureLabel], context: grpc.ServicerContext
+    ) -> admin_pb2.LabelCapturesResponse:
+        labels = []
+        for item in request_iterator:
+            if len(item.label) > MAX_LABEL or item.capture_id < 1:
+                raise InvalidRequest(
+                    f"a label is 1-{MAX_LABEL} characters for a capture id from an export"
+                )
+            labels.append(CaptureLabel(item.capture_id, item.label))
+            if len(labels) > MAX_LABELS_AT_ONCE:
+                raise TooLarge(f"label at most {MAX_LABELS_AT_ONCE} captures in one call")
+        labelled, unknown = self.data.label(labels)
+        return admin_pb2.LabelCapturesResponse(labelled=labelled, unknown=unknown)
+
+    def GetTelemetry(
+        self, request: admin_pb2.GetTelemetryRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.TelemetryReport:
+        check_name("model", request.model)
+        devices = None
+        if request.selector:
+            devices = {d.device_id for d in self.fleet.devices(dict(request.selector))}
+        records = self.data.telemetry(request.model, request.since, devices)
+        return admin_pb2.TelemetryReport(
+            versions=[to_proto(v, admin_pb2.VersionTelemetry) for v in aggregate(records)]
+        )

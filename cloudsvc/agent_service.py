@@ -13,13 +13,14 @@ import grpc
 from cloudsvc.access import DeviceCaller, EnrollCaller
 from cloudsvc.errors import InvalidRequest, TooLarge
 from cloudsvc.fleet import Fleet
+from cloudsvc.ingest import Ingest
 from cloudsvc.registry import Registry
 from cloudsvc.store.blobs import check_digest
 from edgefleet.core.fleet import Capabilities, ReportedState
 from edgefleet.core.rpc import caller
 from edgefleet.core.wire import from_proto, to_proto
 from protos.artifact.v1 import artifact_pb2
-from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+from protos.fleet.v1 import data_pb2, fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,16 @@ PIECE_SIZE = 256 << 10
 
 class AgentService(fleet_pb2_grpc.AgentServiceServicer):
     def __init__(
-        self, registry: Registry, fleet: Fleet, keepalive_s: float = 15.0, max_watchers: int = 64
+        self,
+        registry: Registry,
+        fleet: Fleet,
+        ingest: Ingest,
+        keepalive_s: float = 15.0,
+        max_watchers: int = 64,
     ) -> None:
         self.registry = registry
         self.fleet = fleet
+        self.ingest = ingest
         self.keepalive_s = keepalive_s
         # Each watch stream holds a worker thread; past this many, new watchers are refused
         # so that deploys, reports and downloads always find a free thread.
@@ -145,3 +152,9 @@ class AgentService(fleet_pb2_grpc.AgentServiceServicer):
         if total == 0 or request.offset == total:
             # Nothing left to send: one empty piece still tells the device the size.
             yield fleet_pb2.ChunkPiece(offset=offset, data=b"", total_size=total)
+
+    def Sync(self, request: data_pb2.SyncBatch, context: grpc.ServicerContext) -> data_pb2.SyncAck:
+        device_id = self._device(request.device_id)
+        ack = self.ingest.sync(device_id, request)
+        self.fleet.touch(device_id)
+        return to_proto(ack, data_pb2.SyncAck)

@@ -87,6 +87,12 @@ def cloud() -> None:
     type=click.Choice(["text", "json"]),
     help="text (default) or json: one object a line, for log shippers.",
 )
+@click.option(
+    "--metrics-port",
+    type=int,
+    help="Serve Prometheus /metrics on this port (plain HTTP, on metrics_host: 127.0.0.1 "
+    "unless set; 0 picks one) [default: off].",
+)
 def serve(
     data_dir: Path | None,
     host: str | None,
@@ -100,6 +106,7 @@ def serve(
     config_file: Path | None,
     port_file: Path | None,
     log_format: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Serve the admin and agent APIs until SIGTERM or Ctrl-C."""
     from cloudsvc.server import CloudServer
@@ -116,6 +123,7 @@ def serve(
             enroll_token_file=enroll_token_file,
             insecure=insecure,
             log_format=log_format,
+            metrics_port=metrics_port,
         )
         tls = settings.tls
         if tls_dir is not None:

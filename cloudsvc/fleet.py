@@ -32,6 +32,7 @@ from cloudsvc.store.metadata import (
 from cloudsvc.tokens import Tokens
 from edgefleet.core.auth import hash_token, new_token, same_secret
 from edgefleet.core.certs import CertificateAuthority
+from edgefleet.core.data import CapturePolicy, InputBins
 from edgefleet.core.fleet import (
     Assignment,
     Capabilities,
@@ -39,6 +40,7 @@ from edgefleet.core.fleet import (
     DesiredState,
     Device,
     Enrollment,
+    MqttAccess,
     ReportedState,
 )
 from edgefleet.core.tokens import EnrollToken
@@ -104,6 +106,8 @@ class Fleet:
         self._closed = False
         self._deploy_lock = threading.Lock()
         self._touched: dict[str, float] = {}
+        # Issues a device's MQTT account at enrollment (set when the cloud has a broker).
+        self.mqtt_issuer: Callable[[str], MqttAccess | None] | None = None
 
     # enrollment ------------------------------------------------------------------------
     def enroll(
@@ -173,9 +177,13 @@ class Fleet:
             self.metadata.put_device(record)
             if existing is None:
                 self._apply_standing_deployments(record)
+        # Before the wake-up: the MQTT notifier then writes the new account to the broker.
+        mqtt = self.mqtt_issuer(device_id) if self.mqtt_issuer is not None else None
         with self._changed:
             self._changed.notify_all()
-        return Enrollment(device_id, secret, certificate, self.device_port if certificate else 0)
+        return Enrollment(
+            device_id, secret, certificate, self.device_port if certificate else 0, mqtt
+        )
 
     def _enroll_token(self, secret: str) -> EnrollToken:
         """The token used (its use counted), or NotAuthenticated."""
@@ -335,7 +343,36 @@ class Fleet:
                 f"none of {record.model} v{record.version}'s artifacts ({have}) runs on "
                 f"{device.device_id} (providers: {list(device.capabilities.execution_providers)})"
             )
-        return Assignment(record.model, record.version, artifact.target, artifact.manifest_digest)
+        bins = tuple(InputBins(s.input, s.edges) for s in record.baseline if s.edges)
+        return Assignment(
+            record.model,
+            record.version,
+            artifact.target,
+            artifact.manifest_digest,
+            capture=self.metadata.capture_policy(record.model),
+            bins=bins,
+        )
+
+    def set_capture_policy(self, model: str, policy: CapturePolicy) -> list[tuple[str, int]]:
+        """What devices capture of `model`'s inferences, from now on: devices that run it
+        get it in their next desired state (generation + 1); later deploys carry it."""
+        if self.registry.metadata.get_model(model) is None:
+            raise UnknownResource(f"no model is named {model[:80]!r}; see `edgefleet models list`")
+        if not (0.0 <= policy.sample_rate <= 1.0 and 0.0 <= policy.below_confidence <= 1.0):
+            raise InvalidRequest("the sample rate and the confidence threshold are between 0 and 1")
+        if not 0 <= policy.max_row_bytes <= 64 << 20:
+            raise InvalidRequest("max_row_bytes is at most 64 MiB")
+        with self._deploy_lock:
+            self.metadata.set_capture_policy(model, policy)
+            plan = {}
+            for device in self.metadata.list_devices():
+                current = self.metadata.get_desired(device.device_id).assignment(model)
+                if current is not None and current.capture != policy:
+                    plan[device.device_id] = replace(current, capture=policy)
+            generations = self.metadata.assign(plan) if plan else {}
+        with self._changed:
+            self._changed.notify_all()
+        return sorted(generations.items())
 
     def _no_match_message(self, selector: Mapping[str, str]) -> str:
         devices = self.metadata.list_devices()
@@ -356,12 +393,15 @@ class Fleet:
     def desired_state(self, device_id: str) -> DesiredState:
         return self.metadata.get_desired(device_id)
 
-    def signed_desired_state(self, device_id: str) -> SignedDesiredState:
-        """The device's desired state, signed by the current root key, issued now and
-        expiring after desired_state_ttl_s: a device in contact always holds a fresh one."""
+    def signed_desired_state(
+        self, device_id: str, desired: DesiredState | None = None
+    ) -> SignedDesiredState:
+        """The device's desired state (`desired`, when the caller just read it), signed by
+        the current root key, issued now and expiring after desired_state_ttl_s: a device in
+        contact always holds a fresh one."""
         now = time.time()
         state = replace(
-            self.metadata.get_desired(device_id),
+            desired if desired is not None else self.metadata.get_desired(device_id),
             issued_at=now,
             expires_at=now + self.desired_state_ttl_s,
         )
@@ -417,6 +457,12 @@ class Fleet:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def changed(self) -> threading.Condition:
+        """Notified whenever a device's desired state may have moved (and on wake/close):
+        what gRPC watchers and the MQTT notifier wait on."""
+        return self._changed
 
     # reports ---------------------------------------------------------------------------
     def report(self, state: ReportedState) -> int:

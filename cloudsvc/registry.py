@@ -28,6 +28,7 @@ from cloudsvc.signing import RootKeys
 from cloudsvc.store.blobs import BlobStore
 from cloudsvc.store.metadata import MetadataStore
 from compilers.build import Build
+from edgefleet.core.data import InputStats
 from edgefleet.core.errors import EdgefleetError, ManifestError
 from edgefleet.core.golden import (
     DEFAULT_ATOL,
@@ -281,6 +282,7 @@ class Registry:
         parent_version: int = 0,
         lineage: Lineage | None = None,
         evaluation: Evaluation | None = None,
+        baseline: tuple[InputStats, ...] = (),
         metadata: Mapping[str, str] | None = None,
         created_by: str = "",
     ) -> ModelVersion:
@@ -324,6 +326,7 @@ class Registry:
                 artifacts=artifacts,
                 lineage=lineage,
                 evaluation=evaluation,
+                baseline=baseline,
             )
             self.metadata.add_version(record)
         log.info(

@@ -22,10 +22,14 @@ from cloudsvc.fleet import Fleet
 from cloudsvc.job_service import JobService
 from cloudsvc.jobs.manager import JobManager
 from cloudsvc.jobs.uploads import UploadStore
+from cloudsvc.metrics import CloudMetrics, MeteredIngest, serve_metrics
+from cloudsvc.mqtt.service import CloudMqtt
 from cloudsvc.registry import Registry
 from cloudsvc.settings import CloudSettings
 from cloudsvc.signing import RootKeys, write_private
 from cloudsvc.store.blobs import FolderBlobStore, remove_leftovers
+from cloudsvc.store.data import DataStore, MemoryDataStore
+from cloudsvc.store.data_sqlite import SqliteDataStore
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import MetadataStore
 from cloudsvc.store.sqlite import SqliteMetadataStore
@@ -33,6 +37,7 @@ from cloudsvc.tokens import Tokens
 from edgefleet.core import certs
 from edgefleet.core.auth import read_secret
 from edgefleet.core.errors import InvalidArgument
+from edgefleet.core.metrics import MetricsEndpoint
 from edgefleet.core.rpc import CallGuard
 from edgefleet.core.tls import server_credentials
 from protos.admin.v1 import admin_pb2_grpc, jobs_pb2_grpc
@@ -128,6 +133,12 @@ def publish_trust(settings: CloudSettings, keys: RootKeys, tls: TlsFiles | None)
     return folder
 
 
+def open_data(settings: CloudSettings) -> DataStore:
+    if settings.metadata_backend == "memory":
+        return MemoryDataStore()
+    return SqliteDataStore(settings.data_path)
+
+
 def open_metadata(settings: CloudSettings) -> MetadataStore:
     if settings.metadata_backend == "memory":
         return MemoryMetadataStore()
@@ -153,6 +164,7 @@ class CloudServer:
         uploads = UploadStore(settings.uploads_dir, settings.max_upload_bytes)
         self.cleaned = clean_interrupted_writes(settings, self.blobs, uploads)
         self.registry = Registry(self.metadata, self.blobs, self.keys, settings.chunk_size)
+        self.data = open_data(settings)
         self.tokens = Tokens(self.metadata, self.admin_token.value)
         mutual_tls = self.tls is not None and settings.tls.device_port is not None
         authority = None
@@ -174,7 +186,16 @@ class CloudServer:
             keys=self.keys,
             desired_state_ttl_s=settings.desired_state_ttl_s,
         )
+        # MQTT notices when a broker is configured (devices follow the gRPC watch either way).
+        self.mqtt = (
+            CloudMqtt(settings, self.fleet, self.tls.ca if self.tls else None)
+            if settings.mqtt.enabled
+            else None
+        )
         self.jobs = JobManager(self.metadata, self.registry, settings)
+        # Counted always (cheap); served on /metrics only when metrics_port is set.
+        self.metrics = CloudMetrics(self.fleet, self.metadata)
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.health = health.HealthServicer()
         # Streams hold a worker thread each. Anonymous ones (health watches) and device
         # watches share what RESERVED_WORKERS leaves, so unary calls always find a thread.
@@ -188,6 +209,7 @@ class CloudServer:
                 CallGuard(
                     Gate(self.fleet, self.tokens, mutual_tls=mutual_tls),
                     public_streams=public_streams,
+                    observe=self.metrics.observe_rpc,
                 )
             ],
             options=[
@@ -208,6 +230,7 @@ class CloudServer:
                 self.tokens,
                 settings.tmp_dir,
                 settings.max_upload_bytes,
+                self.data,
             ),
             self._server,
         )
@@ -219,6 +242,7 @@ class CloudServer:
             AgentService(
                 self.registry,
                 self.fleet,
+                MeteredIngest(self.data, self.metadata, self.metrics),
                 settings.watch_keepalive_s,
                 max_watchers=max(1, streams - public_streams),
             ),
@@ -262,8 +286,14 @@ class CloudServer:
         return f"{host}:{self.port}"
 
     def start(self) -> CloudServer:
+        if self.settings.metrics_port is not None:  # first: a port taken fails the start
+            self.metrics_endpoint = serve_metrics(
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port
+            )
         self._server.start()
         self.jobs.start()
+        if self.mqtt is not None:
+            self.mqtt.start()
         self.started_at = time.time()
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -274,11 +304,16 @@ class CloudServer:
         """Stop accepting calls, end watch streams, let calls in flight finish for `grace` s."""
         if self._stopped.is_set():
             return
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         self.health.enter_graceful_shutdown()
         self.jobs.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
         self.fleet.close()
         self._server.stop(grace).wait()
         self.metadata.close()
+        self.data.close()
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from cloudsvc.mqtt.settings import MqttSettings
 from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.manifests import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
 from edgefleet.core.settings import LayeredSettings
@@ -136,8 +137,24 @@ class CloudSettings(LayeredSettings):
     jobs: JobSettings = Field(
         default_factory=lambda: JobSettings(), description="Fine-tune and compile jobs."
     )
+    mqtt: MqttSettings = Field(
+        default_factory=lambda: MqttSettings(),
+        description="An MQTT broker for desired-state notices (off while mqtt.url is empty).",
+    )
     metadata_backend: str = Field(
         "sqlite", pattern="^(sqlite|memory)$", description="sqlite (durable) or memory (tests)."
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the Prometheus /metrics port binds: loopback by default; another "
+        "address lets anyone who reaches it read model names, device counts and call rates.",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (plain HTTP); unset: off; 0 "
+        "picks a free one.",
     )
 
     @classmethod
@@ -174,6 +191,11 @@ class CloudSettings(LayeredSettings):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "metadata.db"
+
+    @property
+    def data_path(self) -> Path:
+        """What devices sent back: captures and telemetry (cloudsvc.store.data_sqlite)."""
+        return self.data_dir / "data.db"
 
     @property
     def admin_token_path(self) -> Path:

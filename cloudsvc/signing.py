@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cloudsvc.errors import CloudError
 from edgefleet.core.certs import write_secret
 from edgefleet.core.fleet import DesiredState
-from edgefleet.core.manifests import key_id, public_key_bytes
+from edgefleet.core.manifests import public_key_bytes
 from edgefleet.core.trust import (
     KeyRotation,
     RootKey,
@@ -77,6 +77,12 @@ class RootKeys:
         self._rotations = list(rotations or [])
         self._folder = folder
         self._lock = threading.Lock()
+        self._signer = self._describe()
+
+    def _describe(self) -> tuple[Ed25519PrivateKey, RootKey, str]:
+        # Derived once per key: every desired state of every deploy is signed with it.
+        current = RootKey(len(self._keys), public_key_bytes(self._keys[-1]))
+        return self._keys[-1], current, current.key_id
 
     @classmethod
     def generate(cls) -> RootKeys:
@@ -118,7 +124,7 @@ class RootKeys:
 
     @property
     def current(self) -> RootKey:
-        return RootKey(len(self._keys), public_key_bytes(self.key))
+        return self._signer[1]
 
     @property
     def first(self) -> RootKey:
@@ -126,7 +132,7 @@ class RootKeys:
 
     @property
     def key_id(self) -> str:
-        return key_id(public_key_bytes(self.key))
+        return self._signer[2]
 
     @property
     def public_keys(self) -> list[bytes]:
@@ -155,7 +161,9 @@ class RootKeys:
                 )
             self._keys.append(new)
             self._rotations.append(statement)
+            self._signer = self._describe()
             return self.current
 
     def sign_desired(self, state: DesiredState) -> SignedDesiredState:
-        return sign_desired(state, self.key)
+        key, _, signer_id = self._signer  # one tuple: a rotation swaps all three at once
+        return sign_desired(state, key, signer_id)

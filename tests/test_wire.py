@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from google.protobuf.message import Message
 
-from edgefleet.core import fleet, jobs, tokens, trust, versions
+from edgefleet.core import data, fleet, jobs, tokens, trust, versions
 from edgefleet.core.wire import from_json, from_proto, to_json, to_proto
 from protos.admin.v1 import admin_pb2, jobs_pb2
 from protos.artifact.v1 import artifact_pb2
-from protos.fleet.v1 import fleet_pb2
+from protos.fleet.v1 import data_pb2, fleet_pb2
 from protos.inference.v2 import grpc_predict_v2_pb2 as oip
 
 SPEC = versions.TensorSpec("x", "FP32", (-1, 3))
@@ -76,8 +76,25 @@ VERSION = versions.ModelVersion(
     EVALUATION,
 )
 CAPS = fleet.Capabilities("x86_64", "Linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2")
+POLICY = data.CapturePolicy(0.1, 0.6, 1 << 20)
+BINS = (data.InputBins("image", (0.0, 0.5, 1.0)),)
 DESIRED = fleet.DesiredState(
-    "d1", 7, (fleet.Assignment("m", 2, "onnx-cpu-fp32", "ef" * 32, True),), 1.5, 2.5
+    "d1",
+    7,
+    (fleet.Assignment("m", 2, "onnx-cpu-fp32", "ef" * 32, True, POLICY, BINS),),
+    1.5,
+    2.5,
+)
+CHANNEL = data.ChannelStats(10, 0.5, 2.0, -1.0, 3.0, (1, 2, 3, 4))
+INPUT_STATS = data.InputStats("image", (CHANNEL, CHANNEL), (0.0, 0.5, 1.0))
+LATENCY = data.latency_histogram([0.3, 1.2, 40.0])
+WINDOW = data.ModelWindow(
+    "m", 2, 10.0, 70.0, 100, 2, LATENCY, (INPUT_STATS,), 1.5, 7, 30.0, "onnx-cpu-fp32"
+)
+DEVICE_WINDOW = data.DeviceWindow(10.0, 70.0, 3.5, 4, 1 << 27, 1 << 30, -1.0, 4096, 12, 3)
+BASELINED = dataclasses.replace(VERSION, baseline=(INPUT_STATS,))
+CAPTURE = data.Capture(
+    5, "m", 2, "r1", 1.8e9, 1.25, b"in", b"out", "cat", 0.42, "low-confidence", "d1", 77
 )
 ROOT = trust.RootKey(2, b"p" * 32)
 STATUS = fleet.ModelStatus("m", 2, "ef" * 32, 1, 2, fleet.ModelPhase.READY, "", "CPU")
@@ -99,7 +116,18 @@ PAIRS: list[tuple[object, type[Message]]] = [
     (DESIRED, fleet_pb2.DesiredState),
     (STATUS, fleet_pb2.ModelStatus),
     (REPORTED, fleet_pb2.ReportedState),
-    (fleet.Enrollment("d1", "dev_x", b"-----CERT-----", 7443), fleet_pb2.EnrollResponse),
+    (
+        fleet.Enrollment(
+            "d1",
+            "dev_x",
+            b"-----CERT-----",
+            7443,
+            fleet.MqttAccess("mqtts://broker:8883", "d1", "mqtt_x"),
+        ),
+        fleet_pb2.EnrollResponse,
+    ),
+    (fleet.Enrollment("d1", "dev_x"), fleet_pb2.EnrollResponse),
+    (fleet.MqttAccess("mqtt://broker:1883", "d1", "mqtt_x"), fleet_pb2.MqttAccess),
     (
         fleet.Device(
             "d1", {"site": "a"}, CAPS, True, 1700000000.0, 1699999999, DESIRED, REPORTED, True
@@ -118,6 +146,45 @@ PAIRS: list[tuple[object, type[Message]]] = [
         admin_pb2.EnrollToken,
     ),
     (tokens.AdminToken("t2", "ci", tokens.Role.OPERATOR, 3.0, True), admin_pb2.AdminToken),
+    (BASELINED, admin_pb2.ModelVersion),
+    (POLICY, data_pb2.CapturePolicy),
+    (BINS[0], data_pb2.InputBins),
+    (CAPTURE, data_pb2.Capture),
+    (LATENCY, data_pb2.LatencyHistogram),
+    (CHANNEL, data_pb2.ChannelStats),
+    (INPUT_STATS, data_pb2.InputStats),
+    (WINDOW, data_pb2.ModelWindow),
+    (DEVICE_WINDOW, data_pb2.DeviceWindow),
+    (data.TelemetryRecord(3, model=WINDOW, device_id="d1"), data_pb2.TelemetryRecord),
+    (data.TelemetryRecord(4, device=DEVICE_WINDOW), data_pb2.TelemetryRecord),
+    (data.SyncAck(3, 5, 7, 1), data_pb2.SyncAck),
+    (
+        data.DataSet(
+            "captures:m", "m", 10, 4, 2048, 2, 1.0, 2.0, (data.VersionRows(1, 10),), {"cat": 4}
+        ),
+        admin_pb2.DataSet,
+    ),
+    (data.CaptureLabel(77, "dog"), admin_pb2.CaptureLabel),
+    (
+        data.VersionTelemetry(
+            "m",
+            2,
+            "onnx-cpu-fp32",
+            3,
+            100,
+            2,
+            60.0,
+            1.0,
+            2.0,
+            3.0,
+            LATENCY,
+            (INPUT_STATS,),
+            1.5,
+            20.0,
+            7,
+        ),
+        admin_pb2.VersionTelemetry,
+    ),
     (PROGRESS, jobs_pb2.JobProgress),
     (TRIAL, jobs_pb2.Trial),
     (OUTCOME, jobs_pb2.TargetOutcome),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from agent.inference.limits import (
     tune_allocator,
 )
 from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
+from agent.recorder import Recorder
 from agent.runtime import LoadedModel, ModelRepository
 from edgefleet.core.auth import same_secret, token_from_metadata
 from edgefleet.core.errors import ErrorCode
@@ -107,8 +109,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         batching: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
         limits: RequestLimits | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._repository = repository
+        self._recorder = recorder
         self._serving = is_serving
         self._batching = batching
         self._max_batch = max_batch
@@ -216,8 +220,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        if request.parameters:
-            _refuse_parameters("the request", request.parameters)
+        started = time.perf_counter()
+        label = request_label(request.parameters)
         for tensor in request.inputs:
             if tensor.parameters:
                 _refuse_parameters(f"input {tensor.name[:64]!r}", tensor.parameters)
@@ -227,14 +231,51 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._repository.get(request.model_name, request.model_version)
         entry = self._entry(model)
         plan = entry.plan
-        # Decoded (and so checked) on the request's own thread: a bad request is refused
-        # here and never joins, or fails, a batch.
-        decoded = decode_request(plan, request)
-        if entry.batcher is None:
-            results = model.run(decoded.feeds, decoded.output_names)
-        else:
-            results = entry.batcher.run(decoded.feeds, decoded.output_names)
-        return encode_response(plan, request, decoded, results)
+        recorder = self._recorder
+        try:
+            # Decoded (and so checked) on the request's own thread: a bad request is refused
+            # here and never joins, or fails, a batch.
+            decoded = decode_request(plan, request)
+            if entry.batcher is None:
+                results = model.run(decoded.feeds, decoded.output_names)
+            else:
+                results = entry.batcher.run(decoded.feeds, decoded.output_names)
+        except AgentError:
+            if recorder is not None:
+                recorder.failed(model.name, model.version)
+            raise
+        response = encode_response(plan, request, decoded, results)
+        if recorder is not None:
+            names = decoded.output_names or tuple(o.name for o in model.outputs)
+            recorder.observe(
+                model.name,
+                model.version,
+                decoded.feeds,
+                names,
+                results,
+                started,
+                request_id=request.id,
+                label=label,
+            )
+        return response
+
+
+# The one request parameter this server takes: the client's label for the request, kept
+# with a capture of it (how captured data comes back labelled).
+LABEL_PARAMETER = "label"
+
+
+def request_label(parameters: Any) -> str:
+    """The request's "label" parameter ("" without one); any other parameter is refused."""
+    others = [k for k in parameters if k != LABEL_PARAMETER]
+    if others:
+        _refuse_parameters("the request", others)
+    if LABEL_PARAMETER not in parameters:
+        return ""
+    value = parameters[LABEL_PARAMETER]
+    if value.WhichOneof("parameter_choice") != "string_param" or len(value.string_param) > 256:
+        raise InvalidRequest("the request's label parameter is a string of at most 256 characters")
+    return str(value.string_param)
 
 
 def _refuse_parameters(where: str, parameters: Any) -> None:
@@ -242,8 +283,8 @@ def _refuse_parameters(where: str, parameters: Any) -> None:
     asking for classification results or a sequence must know it does not get them."""
     names = ", ".join(sorted(str(k)[:64] for k in parameters)[:8])
     raise InvalidRequest(
-        f"{where} sets parameter(s) {names}, which this server does not support; it "
-        "supports no inference parameters yet: leave them out"
+        f"{where} sets parameter(s) {names}, which this server does not support; the one it "
+        f"takes is the request's {LABEL_PARAMETER!r} (a string kept with a capture)"
     )
 
 
@@ -387,6 +428,7 @@ def start_inference_server(
     max_batch: int = DEFAULT_MAX_BATCH,
     limits: RequestLimits | None = None,
     security: InferenceSecurity | None = None,
+    recorder: Recorder | None = None,
 ) -> InferenceServer:
     """Serve the repository's models over the Open Inference Protocol on host:port.
 
@@ -413,7 +455,12 @@ def start_inference_server(
     serving = threading.Event()
     serving.set()
     servicer = InferenceServicer(
-        repository, serving, batching=batching, max_batch=max_batch, limits=limits
+        repository,
+        serving,
+        batching=batching,
+        max_batch=max_batch,
+        limits=limits,
+        recorder=recorder,
     )
     health_servicer = _HealthServicer(servicer.ready)
     # Each open health Watch (open to anyone, token or not) holds a worker thread: at most

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cloudsvc.jobs.captures import PREFIX as CAPTURES_PREFIX
+from cloudsvc.jobs.captures import load_captures
 from cloudsvc.jobs.env import WorkerEnv
 from cloudsvc.jobs.feeds import Feeds
 from cloudsvc.jobs.spec import UPLOAD_PREFIX, DataOptions, resolve_upload
@@ -26,7 +28,9 @@ MAX_CALIBRATION_EXAMPLES = 256
 
 def load_job_data(reference: str, options: DataOptions, env: WorkerEnv, seed: int) -> Dataset:
     """The data set a job names, sampled down to `options.limit` examples when set."""
-    if reference.startswith("fashion-mnist"):
+    if reference.startswith(CAPTURES_PREFIX):
+        dataset = load_captures(reference, env.data_path)
+    elif reference.startswith("fashion-mnist"):
         dataset = load_fashion_mnist(
             "test" if reference.endswith(":test") else "train", root=env.fashion_mnist_dir
         )

@@ -22,6 +22,8 @@ class WorkerEnv:
     cache_dir: Path
     fashion_mnist_dir: Path
     threads: int = 0  # torch threads; 0: torch's default
+    # Captured data (`captures:` data sets); empty with a cloud keeping nothing on disk.
+    data_path: Path | None = None
 
     def write(self) -> None:
         (self.job_dir / ENV_FILE).write_text(to_json(self))

@@ -33,6 +33,7 @@ from cloudsvc.jobs.spec import UPLOAD_PREFIX, FineTuneParams, FineTuneSpec, reso
 from cloudsvc.registry import SOURCE_TARGET
 from compilers.build import Build
 from compilers.targets import resolve_target
+from edgefleet.core.data import baseline_stats
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.jobs import Trial
 from edgefleet.core.versions import Lineage
@@ -44,6 +45,10 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "vocab.txt",
 )
+
+
+# Training examples summarised into the version's input baseline.
+MAX_BASELINE_EXAMPLES = 2000
 
 
 def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobResult:
@@ -160,6 +165,11 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
     val_feeds = feeds(validation.inputs[kept])
     typical = np.sort(rng.permutation(len(split.train))[:MAX_CALIBRATION_EXAMPLES])
     cal_feeds = feeds(split.train.inputs[typical])
+    # What devices' inputs are compared with: the training split as the graph takes it.
+    sample = np.sort(rng.permutation(len(split.train))[:MAX_BASELINE_EXAMPLES])
+    baseline = tuple(
+        baseline_stats(name, array) for name, array in feeds(split.train.inputs[sample]).items()
+    )
     source_files = _export(model, val_feeds, source_dir, dataset.kind, report)
     evaluation_data = EvaluationData(
         validation=val_feeds,
@@ -218,6 +228,7 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
         trials=tuple(outcomes) if len(trials) > 1 else (),
         lineage=lineage,
         evaluation=evaluation,
+        baseline=baseline,
     )
 
 

@@ -68,6 +68,7 @@ class JobManager:
         self.settings = cloud.jobs
         self.jobs_dir = cloud.jobs_dir
         self.uploads_dir = cloud.uploads_dir
+        self.data_path = cloud.data_path if cloud.metadata_backend == "sqlite" else None
         self.cache_dir = cloud.feature_cache_dir
         self.gpu_slots = detect_gpus() if self.settings.gpus is None else self.settings.gpus
         self._slots = [f"cuda:{i}" for i in range(self.gpu_slots)] + [
@@ -294,6 +295,7 @@ class JobManager:
             cache_dir=self.cache_dir,
             fashion_mnist_dir=self.settings.fashion_mnist_dir,
             threads=self.settings.threads,
+            data_path=self.data_path,
         ).write()
         if isinstance(spec, CompileSpec):
             manifest = self.registry.materialize(spec.source_digest, job_dir / "source")
@@ -394,6 +396,7 @@ class JobManager:
                 parent_version=spec.parent_version,
                 lineage=result.lineage,
                 evaluation=result.evaluation,
+                baseline=result.baseline,
                 metadata={"job": job.job_id},
                 created_by=f"job {job.job_id}",
             )

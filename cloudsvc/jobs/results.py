@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compilers.build import Build
+from edgefleet.core.data import InputStats
 from edgefleet.core.jobs import TargetOutcome, Trial
 from edgefleet.core.versions import Evaluation, Lineage
 
@@ -28,6 +29,7 @@ class JobResult:
     trials: tuple[Trial, ...] = ()
     lineage: Lineage | None = None
     evaluation: Evaluation | None = None
+    baseline: tuple[InputStats, ...] = ()
 
 
 @dataclass(frozen=True)

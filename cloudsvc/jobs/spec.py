@@ -197,8 +197,8 @@ def check_data(data: str, uploads_dir: Path, fashion_mnist_dir: Path) -> None:
     """A built-in data set, an upload or a path that exists on this machine."""
     if not data:
         raise InvalidRequest(
-            "a fine-tune needs a data set: --data fashion-mnist, synthetic, or a local folder, "
-            ".csv/.parquet or .npz (uploaded for you)"
+            "a fine-tune needs a data set: --data fashion-mnist, synthetic, captures:MODEL, or a "
+            "local folder, .csv/.parquet or .npz (uploaded for you)"
         )
     if data.startswith("fashion-mnist"):
         if data not in BUILT_IN_DATA:
@@ -212,6 +212,11 @@ def check_data(data: str, uploads_dir: Path, fashion_mnist_dir: Path) -> None:
         return
     if data == "synthetic" or data.startswith("synthetic:"):
         return  # its COUNT/SEED are checked when the worker generates it
+    if data.startswith("captures:"):
+        from cloudsvc.jobs.captures import parse
+
+        parse(data)  # the rows themselves are read when the job starts
+        return
     if data.startswith(UPLOAD_PREFIX):
         resolve_upload(data, uploads_dir)
         return

@@ -13,6 +13,7 @@ from cloudsvc.store.metadata import (
     EnrollTokenRecord,
     MetadataStore,
 )
+from edgefleet.core.data import CapturePolicy
 from edgefleet.core.fleet import Assignment, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.tokens import AdminToken, EnrollToken
@@ -31,6 +32,7 @@ class MemoryMetadataStore(MetadataStore):
         self._admin_tokens: dict[str, AdminTokenRecord] = {}
         self._previous: dict[str, DesiredState] = {}
         self._peaks: dict[str, dict[str, int]] = {}
+        self._capture_policies: dict[str, CapturePolicy] = {}
         self._deployments: dict[tuple[str, tuple[tuple[str, str], ...]], Deployment] = {}
         self._jobs: dict[str, Job] = {}  # insertion order is creation order
         self._job_events: dict[str, list[JobEvent]] = {}
@@ -146,6 +148,14 @@ class MemoryMetadataStore(MetadataStore):
                 peaks[assignment.model] = max(peaks.get(assignment.model, 0), assignment.version)
                 generations[device_id] = state.generation
             return generations
+
+    def capture_policy(self, model: str) -> CapturePolicy | None:
+        with self._lock:
+            return self._capture_policies.get(model)
+
+    def set_capture_policy(self, model: str, policy: CapturePolicy) -> None:
+        with self._lock:
+            self._capture_policies[model] = policy
 
     def peaks(self, device_id: str) -> dict[str, int]:
         with self._lock:

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from edgefleet.core.data import CapturePolicy
 from edgefleet.core.fleet import Assignment, Capabilities, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.tokens import AdminToken, EnrollToken
@@ -122,6 +123,13 @@ class MetadataStore(ABC):
         All or nothing: a crash leaves either the whole deploy or none of it. Returns the
         new generation of each device.
         """
+
+    @abstractmethod
+    def capture_policy(self, model: str) -> CapturePolicy | None:
+        """What devices capture of the model's inferences (None: nothing was set)."""
+
+    @abstractmethod
+    def set_capture_policy(self, model: str, policy: CapturePolicy) -> None: ...
 
     @abstractmethod
     def peaks(self, device_id: str) -> dict[str, int]:

@@ -25,6 +25,7 @@ from cloudsvc.store.metadata import (
     EnrollTokenRecord,
     MetadataStore,
 )
+from edgefleet.core.data import CapturePolicy, InputStats
 from edgefleet.core.fleet import (
     Assignment,
     Capabilities,
@@ -199,6 +200,12 @@ def _peaks(db: sqlite_utils.Database) -> None:
         db.execute("UPDATE desired SET peaks = ? WHERE device_id = ?", (json.dumps(peaks), row[0]))
 
 
+@migration(7, "capture policies, version baselines")
+def _capture(db: sqlite_utils.Database) -> None:
+    db.table("capture_policies").create({"model": str, "policy": str}, pk="model")
+    db.table("versions").add_column("baseline", str, not_null_default="[]")
+
+
 def _optional_json(cls: Any, text: str) -> Any:
     return from_json(cls, text) if text else None
 
@@ -299,8 +306,8 @@ class SqliteMetadataStore(MetadataStore):
                 conn.execute(
                     "INSERT INTO versions (model, version, description, created_at,"
                     " source_sha256, parent_version, metadata, inputs, outputs,"
-                    " golden_sample_count, created_by, lineage, evaluation)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " golden_sample_count, created_by, lineage, evaluation, baseline)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         version.model,
                         version.version,
@@ -315,6 +322,7 @@ class SqliteMetadataStore(MetadataStore):
                         version.created_by,
                         to_json(version.lineage) if version.lineage else "",
                         to_json(version.evaluation) if version.evaluation else "",
+                        to_json(version.baseline, tuple[InputStats, ...]),
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -393,6 +401,7 @@ class SqliteMetadataStore(MetadataStore):
             artifacts=artifacts,
             lineage=_optional_json(Lineage, r["lineage"]),
             evaluation=_optional_json(Evaluation, r["evaluation"]),
+            baseline=from_json(tuple[InputStats, ...], r["baseline"]),
         )
 
     def get_version(self, model: str, version: int) -> ModelVersion | None:
@@ -526,6 +535,16 @@ class SqliteMetadataStore(MetadataStore):
     def _peaks(conn: sqlite3.Connection, device_id: str) -> dict[str, int]:
         row = conn.execute("SELECT peaks FROM desired WHERE device_id = ?", (device_id,)).fetchone()
         return {str(k): int(v) for k, v in json.loads(row[0]).items()} if row else {}
+
+    def capture_policy(self, model: str) -> CapturePolicy | None:
+        rows = self._rows("SELECT policy FROM capture_policies WHERE model = ?", (model,))
+        return from_json(CapturePolicy, rows[0]["policy"]) if rows else None
+
+    def set_capture_policy(self, model: str, policy: CapturePolicy) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO capture_policies VALUES (?, ?)", (model, to_json(policy))
+            )
 
     def peaks(self, device_id: str) -> dict[str, int]:
         with self._lock:

@@ -43,7 +43,23 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "Admin tokens with roles (viewer, operator, admin).",
     ),
     "keys": ("edgefleet.cli.admin:keys", "Rotate the root key devices trust."),
+    "capture": (
+        "edgefleet.cli.data:capture",
+        "Set what devices capture of a model's inferences.",
+    ),
+    "data": (
+        "edgefleet.cli.data:data",
+        "Captured data sets: list, show, export, label.",
+    ),
+    "telemetry": (
+        "edgefleet.cli.data:telemetry",
+        "How a model serves across the fleet, per version, and its cost.",
+    ),
     "certs": ("edgefleet.cli.certs:certs", "Make a private CA and server certificate (TLS)."),
+    "mqtt": (
+        "cloudsvc.mqtt.cli:mqtt",
+        "MQTT notices: write the broker's password and ACL files.",
+    ),
     "finetune": (
         "edgefleet.cli.jobs:finetune",
         "Fine-tune a backbone on your data as a cloud job: new version + artifacts.",

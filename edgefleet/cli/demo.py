@@ -34,12 +34,16 @@ from edgefleet.cli.processes import (
     write_secret_file,
 )
 from edgefleet.client.admin import AdminClient
+from edgefleet.core.data import DataSet
 from edgefleet.core.fleet import Device, ModelPhase
 from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.versions import ModelVersion
 
 console = Console()
 MODEL = "shape-classifier"
+# Telemetry windows and syncs every few seconds (a minute and ten seconds by default), so
+# the way back shows within the demo.
+DEMO_AGENT = {"EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S": "2", "EDGEFLEET_AGENT_SYNC_INTERVAL_S": "1"}
 INPUT, OUTPUT = "image", "logits"
 
 
@@ -93,18 +97,25 @@ def _score(
     address: str,
     device: str,
     version: int,
+    class_names: tuple[str, ...],
     images: npt.NDArray[np.float32],
     labels: npt.NDArray[np.int64],
 ) -> ServedScore:
+    """Accuracy on held-out images (batches of 32) and batch-1 latency, as a client sees
+    them; the version's class order (its lineage) maps outputs to names."""
     from edgefleet.client.inference import InferenceClient
+    from transfer.synthetic import CLASSES
 
     latencies, correct, served = [], 0, 0
+    names = np.asarray(class_names)
     with InferenceClient(address) as client:
-        for start in range(0, len(images), 32):  # batches of 32 for the accuracy
+        for start in range(0, len(images), 32):
             batch = images[start : start + 32]
             result = client.infer(MODEL, {INPUT: batch}, version=version)
             served = int(result.model_version)
-            correct += int((result.outputs[OUTPUT].argmax(1) == labels[start : start + 32]).sum())
+            predicted = names[result.outputs[OUTPUT].argmax(1)]
+            truth = np.asarray(CLASSES)[labels[start : start + 32]]
+            correct += int((predicted == truth).sum())
         for i in range(50):  # single images for the latency
             t = time.perf_counter()
             client.infer(MODEL, {INPUT: images[i : i + 1]})
@@ -112,6 +123,37 @@ def _score(
     return ServedScore(
         device, served, correct / len(images), statistics.median(latencies), len(images) // 32 + 50
     )
+
+
+def _serve_traffic(
+    address: str, images: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]
+) -> int:
+    """What a site's client does: one image a request, sending the label it knows (an
+    operator's ground truth), so a capture of the request comes back labelled."""
+    from edgefleet.client.inference import InferenceClient
+    from transfer.synthetic import CLASSES
+
+    with InferenceClient(address) as client:
+        for image, label in zip(images, labels, strict=True):
+            client.infer(MODEL, {INPUT: image[None]}, label=CLASSES[int(label)])
+    return len(images)
+
+
+def _wait_for_captures(cloud: AdminClient, labelled: int, status: Any) -> DataSet:
+    deadline = time.monotonic() + 90
+    while True:
+        found = next((d for d in cloud.data_sets() if d.model == MODEL), None)
+        have = found.labelled if found else 0
+        status.update(f"captures synced: {have}/{labelled} labelled rows")
+        if found is not None and have >= labelled:
+            # And the telemetry windows that counted those requests (one every 2 s here).
+            counted = sum(v.captured for v in cloud.telemetry(MODEL))
+            status.update(f"telemetry synced: {counted}/{found.rows} captured requests counted")
+            if counted >= found.rows:
+                return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {have} of {labelled} captured rows reached the cloud")
+        time.sleep(0.5)
 
 
 def _wait(cloud: AdminClient, version: int, devices: list[str], title: str) -> list[Device]:
@@ -131,6 +173,15 @@ def _wait(cloud: AdminClient, version: int, devices: list[str], title: str) -> l
             console.print(f"  [dim]{moving}[/]")
 
         return cloud.wait_converged(MODEL, version, devices, timeout=90, on_change=show)
+
+
+def _print_telemetry(cloud: AdminClient) -> None:
+    for v in cloud.telemetry(MODEL):
+        console.print(
+            f"    telemetry v{v.version}: {v.requests:,} requests on {v.devices} devices, "
+            f"{v.errors} errors, p50 {v.p50_ms:.2f} ms, p99 {v.p99_ms:.2f} ms, "
+            f"{v.captured:,} captured"
+        )
 
 
 def _describe_version(version: ModelVersion, job: Job) -> None:
@@ -190,7 +241,7 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
     ours = workdir is None or not workdir.exists()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    step = Step(8)
+    step = Step(10)
     procs: list[ManagedProcess] = []
     console.print(f"[bold]edgefleet demo[/] in {workdir}")
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -214,12 +265,14 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
                 )
                 token_file = write_secret_file(workdir / "tokens" / name, secret)
                 procs.append(
-                    agent_process(workdir, name, cloud_proc.address, trust, token_file).start()
+                    agent_process(
+                        workdir, name, cloud_proc.address, trust, token_file, env=DEMO_AGENT
+                    ).start()
                 )
             for p in procs[1:]:
                 p.wait_ready()
         agent_addr = {p.name: p.address for p in procs[1:]}
-        val = synthetic_pixels(320, seed=2)
+        held_out = synthetic_pixels(320, seed=2)  # never trained on, never captured labelled
 
         title = "fine-tuning v1 in the cloud (small-cnn + new head, 120 images, 1 epoch)"
         with step(title) as status:
@@ -232,21 +285,42 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
                 description="120 images, 1 epoch",
             )
         _describe_version(v1, job1)
-        with step("deploying v1 to site=plant-1"):
+        with step("deploying v1 to site=plant-1, capturing every request"):
+            cloud.set_capture_policy(MODEL, sample_rate=1.0)
             cloud.deploy(MODEL, 1, selector={"site": "plant-1"})
             _wait(cloud, 1, names, "agents converging on v1")
+        classes1 = v1.lineage.class_names if v1.lineage else ()
         with step("inference on every agent through the Open Inference Protocol"):
-            scores_v1 = [_score(agent_addr[n], n, 1, *val) for n in names]
-        title = "fine-tuning v2: 1500 images, 10 epochs, searching lr over 1e-3 and 1e-2"
+            scores_v1 = [_score(agent_addr[n], n, 1, classes1, *held_out) for n in names]
+        per_agent = 300
+        title = f"the sites' traffic: {per_agent} labelled requests per agent, captured"
+        with step(title):
+            traffic_x, traffic_y = synthetic_pixels(per_agent * len(names), seed=4)
+            served = sum(
+                _serve_traffic(
+                    agent_addr[n],
+                    traffic_x[i * per_agent : (i + 1) * per_agent],
+                    traffic_y[i * per_agent : (i + 1) * per_agent],
+                )
+                for i, n in enumerate(names)
+            )
+        with step("the way back: captures and telemetry synced to the cloud") as status:
+            captured = _wait_for_captures(cloud, served, status)
+        console.print(
+            f"    {captured.name}: {captured.rows:,} rows from {captured.devices} devices, "
+            f"{captured.labelled:,} labelled ({human_bytes(captured.bytes)})"
+        )
+        _print_telemetry(cloud)
+        title = f"fine-tuning v2 on what the devices captured ({served} labelled images)"
         with step(title) as status:
             job2, v2 = _fine_tune(
                 cloud,
                 title,
                 status,
-                data="synthetic:1500:1",
+                data=f"captures:{MODEL}",
                 params={"epochs": 10},
                 search={"lr": [1e-3, 1e-2]},
-                description="1500 images, best of an lr search",
+                description="fine-tuned on the devices' captured traffic",
             )
         for trial in job2.trials:
             console.print(
@@ -257,11 +331,14 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
         with step("deploying v2: agents fetch only the chunks they lack"):
             cloud.deploy(MODEL, 2, selector={"site": "plant-1"})
             final = _wait(cloud, 2, names, "agents moving to v2")
+        classes2 = v2.lineage.class_names if v2.lineage else ()
         with step("inference on v2, and v1 still addressable for rollback"):
-            scores_v2 = [_score(agent_addr[n], n, 2, *val) for n in names]
+            scores_v2 = [_score(agent_addr[n], n, 2, classes2, *held_out) for n in names]
             # The previous version stays loaded: clients can still address it explicitly.
             rollback_ready = [
-                _score(agent_addr[n], n, 1, val[0][:32], val[1][:32]).version == 1 for n in names
+                _score(agent_addr[n], n, 1, classes1, held_out[0][:32], held_out[1][:32]).version
+                == 1
+                for n in names
             ]
 
         console.print(render_devices(final))
@@ -277,11 +354,13 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
                 "yes" if back else "no",
             )
         console.print(table)
-        requests = sum(s.requests for s in scores_v1 + scores_v2)
+        requests = sum(s.requests for s in scores_v1 + scores_v2) + served
         moved = v2.artifact("onnx-cpu-fp32") or v2.artifacts[0]
         console.print(
-            f"[bold green]demo complete[/] in {step.elapsed:.1f}s: {agents} agents moved v1 → v2 "
-            f"({scores_v1[0].accuracy:.0%} → {scores_v2[0].accuracy:.0%} accuracy), each "
+            f"[bold green]demo complete[/] in {step.elapsed:.1f}s: {agents} agents captured "
+            f"{served} labelled requests, v2 was fine-tuned on them, and every agent moved "
+            f"v1 → v2 ({scores_v1[0].accuracy:.0%} → {scores_v2[0].accuracy:.0%} accuracy on "
+            "held-out images), each "
             f"downloading {update_size(moved.metrics, moved.size_bytes)} of the new "
             f"{moved.target} artifact; {requests} inference requests served over the Open "
             "Inference Protocol. Every link ran TLS; each agent trusted only the cloud's CA "

@@ -240,7 +240,8 @@ def _parse_search(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.option(
     "--data",
     required=True,
-    help="Data set: fashion-mnist, synthetic[:COUNT], a local folder of class subfolders, "
+    help="Data set: fashion-mnist, synthetic[:COUNT], captures:MODEL[@VERSION][?since=DATE] "
+    "(what devices captured, labelled), a local folder of class subfolders, "
     ".csv/.parquet or .npz (checked here, then uploaded), or cloud:/path on the cloud machine.",
 )
 @click.option(

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edgefleet.core.auth import bearer_metadata, read_secret
+from edgefleet.core.data import Capture, CapturePolicy, DataSet, VersionTelemetry
 from edgefleet.core.errors import InvalidArgument, Unavailable
 from edgefleet.core.fleet import Deployment, Device
 from edgefleet.core.jobs import Job, JobEvent
@@ -31,9 +32,10 @@ from edgefleet.core.tls import ClientSecurity
 from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.trust import RootKey
 from edgefleet.core.versions import Model, ModelVersion
-from edgefleet.core.wire import from_proto
+from edgefleet.core.wire import from_proto, to_proto
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from protos.artifact.v1 import artifact_pb2
+from protos.fleet.v1 import data_pb2
 
 # 1 MiB pieces: well under gRPC's default 4 MiB message limit.
 UPLOAD_PIECE = 1 << 20
@@ -294,6 +296,73 @@ class AdminClient:
         return from_proto(
             self._call(self._stub.RotateRootKey, admin_pb2.RotateRootKeyRequest()), RootKey
         )
+
+    # what comes back --------------------------------------------------------------------
+
+    def set_capture_policy(
+        self,
+        model: str,
+        *,
+        sample_rate: float = 0.0,
+        below_confidence: float = 0.0,
+        max_row_bytes: int = 0,
+    ) -> dict[str, int]:
+        """What devices capture of `model`'s inferences; device -> its new generation."""
+        policy = CapturePolicy(sample_rate, below_confidence, max_row_bytes)
+        response = self._call(
+            self._stub.SetCapturePolicy,
+            admin_pb2.SetCapturePolicyRequest(
+                model=model, policy=to_proto(policy, data_pb2.CapturePolicy)
+            ),
+        )
+        return {d.device_id: d.generation for d in response.devices}
+
+    def data_sets(self) -> list[DataSet]:
+        response = self._call(self._stub.ListDataSets, admin_pb2.ListDataSetsRequest())
+        return [from_proto(d, DataSet) for d in response.data_sets]
+
+    def export_captures(
+        self,
+        model: str,
+        *,
+        version: int = 0,
+        since: float = 0.0,
+        labelled_only: bool = False,
+        label: str = "",
+        limit: int = 0,
+    ) -> Iterator[Capture]:
+        """Captured rows of `model`, oldest first, as they stream in."""
+        request = admin_pb2.ExportCapturesRequest(
+            model=model,
+            version=version,
+            since=since,
+            labelled_only=labelled_only,
+            label=label,
+            limit=limit,
+        )
+        try:
+            for row in self._stub.ExportCaptures(
+                request, metadata=self._metadata, timeout=max(self.timeout, 3600.0)
+            ):
+                yield from_proto(row, Capture)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    def label_captures(self, labels: Mapping[int, str]) -> tuple[int, int]:
+        """Set labels by capture id (as an export gives it): (labelled, unknown ids)."""
+        items = [admin_pb2.CaptureLabel(capture_id=i, label=v) for i, v in labels.items()]
+        response = self._call(self._stub.LabelCaptures, iter(items), timeout=600.0)
+        return int(response.labelled), int(response.unknown)
+
+    def telemetry(
+        self, model: str, *, since: float = 0.0, selector: Mapping[str, str] | None = None
+    ) -> list[VersionTelemetry]:
+        """The model's serving across the fleet, per version (newest first)."""
+        request = admin_pb2.GetTelemetryRequest(
+            model=model, since=since, selector=dict(selector or {})
+        )
+        response = self._call(self._stub.GetTelemetry, request)
+        return [from_proto(v, VersionTelemetry) for v in response.versions]
 
     # jobs -----------------------------------------------------------------------------
 

@@ -204,15 +204,17 @@ class InferenceClient:
         version: str | int | None = None,
         outputs: Sequence[str] | None = None,
         request_id: str = "",
+        label: str = "",
     ) -> pb.ModelInferRequest:
-        """A request ready to send; reuse it, replacing ``raw_input_contents[i]`` per call."""
+        """A request ready to send; reuse it, replacing ``raw_input_contents[i]`` per call.
+        `label`: what the client knows the answer should be, kept with a capture of it."""
         tensors = []
         raw = []
         for input_name, array in inputs.items():
             tensor, data = encode_input(input_name, array)
             tensors.append(tensor)
             raw.append(data)
-        return pb.ModelInferRequest(
+        request = pb.ModelInferRequest(
             model_name=name,
             model_version=_version(version),
             id=request_id,
@@ -222,6 +224,9 @@ class InferenceClient:
             ],
             raw_input_contents=raw,
         )
+        if label:
+            request.parameters["label"].string_param = label
+        return request
 
     def infer(
         self,
@@ -231,9 +236,11 @@ class InferenceClient:
         outputs: list[str] | None = None,
         *,
         request_id: str = "",
+        label: str = "",
     ) -> InferResult:
-        """Run model `name` on `inputs` (numpy arrays by input name); outputs by name."""
-        return self.infer_prepared(self.prepare(name, inputs, version, outputs, request_id))
+        """Run model `name` on `inputs` (numpy arrays by input name); outputs by name.
+        `label`: the right answer where the client knows it, kept with a capture of it."""
+        return self.infer_prepared(self.prepare(name, inputs, version, outputs, request_id, label))
 
     def infer_prepared(self, request: pb.ModelInferRequest) -> InferResult:
         try:

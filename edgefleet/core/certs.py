@@ -225,3 +225,18 @@ def common_name(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else ""
+
+
+def issue_server_certificate(
+    authority: CertificateAuthority, names: Iterable[str], days: int = SERVER_DAYS
+) -> tuple[bytes, bytes]:
+    """A new key and a server certificate for `names` signed by `authority` (PEM each): for
+    another server the devices reach with the same trust, e.g. an MQTT broker."""
+    listed = list(dict.fromkeys(names))
+    if not listed:
+        raise InvalidArgument("a server certificate needs at least one host name or address")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf(
+        authority.cert, authority.key, key.public_key(), listed[0], listed, days, server=True
+    )
+    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)

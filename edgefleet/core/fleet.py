@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from edgefleet.core.data import CapturePolicy, InputBins
 from edgefleet.core.wire import WireEnum
 
 
@@ -33,6 +34,10 @@ class Assignment:
     manifest_digest: str
     # An operator's rollback: the device may go below the highest version it ran.
     rollback: bool = False
+    # What of its inferences the device captures (None: nothing).
+    capture: CapturePolicy | None = None
+    # Histogram bins of the version's inputs, from its training data.
+    bins: tuple[InputBins, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,16 @@ class ReportedState:
 
 
 @dataclass(frozen=True)
+class MqttAccess:
+    """Where and as whom a device reaches the cloud's MQTT broker (desired-state notices,
+    its status and telemetry). The password is a secret, as the device token is."""
+
+    url: str
+    username: str
+    password: str
+
+
+@dataclass(frozen=True)
 class Enrollment:
     """What a device gets for an enrollment token (never keys to trust: those are
     provisioned out of band)."""
@@ -131,6 +146,8 @@ class Enrollment:
     # Mutual TLS: the device's client certificate (PEM) and the port to call with it.
     certificate: bytes = b""
     device_port: int = 0
+    # The cloud's MQTT broker and this device's account on it; None when it has none.
+    mqtt: MqttAccess | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
@@ -63,6 +64,10 @@ Admit = Callable[[bytes], AbstractContextManager[object]]
 """(the request's raw bytes) -> held while the call runs, or raise an EdgefleetError: a
 server's chance to refuse or queue a large request before it is parsed into a second copy."""
 
+Observe = Callable[[str, grpc.StatusCode, float], None]
+"""(full method name, the status the call ended with, seconds it took: a stream's lifetime)
+-> None: told of every call once it ends (metrics). Must be quick and must not raise."""
+
 _CALLER: ContextVar[object] = ContextVar("edgefleet_caller", default=None)
 
 
@@ -87,6 +92,18 @@ def abort_with(context: grpc.ServicerContext, error: EdgefleetError) -> None:
 def _is_abort(err: BaseException) -> bool:
     # grpc raises a bare Exception from context.abort(); let it through untouched.
     return type(err) is Exception and not err.args
+
+
+def _status(context: grpc.ServicerContext, err: BaseException) -> grpc.StatusCode:
+    """The status a call that raised `err` ends with (for an observer)."""
+    if isinstance(err, EdgefleetError):
+        return GRPC_STATUS[err.code]
+    if _is_abort(err):
+        code = getattr(context, "code", lambda: None)()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    if isinstance(err, GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
 
 
 def _fail(context: grpc.ServicerContext, method: str, err: BaseException) -> None:
@@ -129,8 +146,10 @@ class CallGuard(grpc.ServerInterceptor):
         authorize: Authorize | None = None,
         public_streams: int = 16,
         admit: Mapping[str, Admit] | None = None,
+        observe: Observe | None = None,
     ) -> None:
         self._authorize = authorize
+        self._observe = observe
         self._admit = dict(admit or {})
         self._handlers: dict[str, Handler] = {}
         # Streams hold a server thread each: callers without an identity (health watches,
@@ -157,6 +176,15 @@ class CallGuard(grpc.ServerInterceptor):
         authorize = self._authorize
         admit = None if inner.request_streaming else self._admit.get(method)
         serialize = inner.response_serializer
+        observe = self._observe
+
+        def ended(started: float, code: grpc.StatusCode) -> None:
+            if observe is None:
+                return
+            try:
+                observe(method, code, time.perf_counter() - started)
+            except Exception:  # metrics never fail a call
+                log.exception("the call observer failed")
 
         def enter(context: grpc.ServicerContext) -> Any:
             if authorize is None:
@@ -181,16 +209,20 @@ class CallGuard(grpc.ServerInterceptor):
 
         def unary(raw: Any, context: grpc.ServicerContext) -> Any:
             token = None
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
             try:
                 token = enter(context)
                 with admit(raw) if admit is not None else nullcontext():
                     return behaviour(parse(raw), context)
             except BaseException as err:
+                code = _status(context, err)
                 if _is_abort(err):
                     raise
                 _fail(context, method, err)
             finally:
                 leave(token)
+                ended(started, code)
             return None  # unreachable: _fail aborts
 
         public = self._public_streams
@@ -199,6 +231,8 @@ class CallGuard(grpc.ServerInterceptor):
         def streaming(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             token = None
             held = False
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
             try:
                 token = enter(context)
                 if caller() is None:
@@ -209,6 +243,7 @@ class CallGuard(grpc.ServerInterceptor):
                         )
                 yield from behaviour(parse(raw), context)
             except BaseException as err:
+                code = _status(context, err)
                 if _is_abort(err) or isinstance(err, GeneratorExit):
                     raise
                 _fail(context, method, err)
@@ -216,6 +251,7 @@ class CallGuard(grpc.ServerInterceptor):
                 if held:
                     public.release()
                 leave(token)
+                ended(started, code)
 
         if not inner.response_streaming:
             make = (

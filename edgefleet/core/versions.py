@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from edgefleet.core.data import InputStats
 from edgefleet.core.wire import wire_field
 
 
@@ -134,6 +135,8 @@ class ModelVersion:
     artifacts: tuple[Artifact, ...] = ()
     lineage: Lineage | None = None
     evaluation: Evaluation | None = None
+    # Statistics of its training inputs: what devices' input statistics are compared with.
+    baseline: tuple[InputStats, ...] = ()
 
     def artifact(self, target: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.target == target), None)

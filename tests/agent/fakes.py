@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.state import Identity
+from edgefleet.core.data import SyncAck
 from edgefleet.core.errors import NotFound, Unauthenticated, Unavailable
 from edgefleet.core.fleet import Assignment, Capabilities, DesiredState, Enrollment, ReportedState
 from edgefleet.core.golden import GoldenRef, sample_paths, tensor_set_bytes
@@ -35,6 +36,7 @@ from edgefleet.core.trust import (
     sign_desired,
 )
 from protos.artifact.v1 import artifact_pb2
+from protos.fleet.v1 import data_pb2
 
 WIDTH = 64
 CHUNK = 256  # small chunks, so that every model is several of them
@@ -167,6 +169,9 @@ class FakeCloud:
     calls: int = 0
     enrolled: list[str] = field(default_factory=list)
     identity: Identity | None = None
+    synced_telemetry: dict[int, data_pb2.TelemetryRecord] = field(default_factory=dict)
+    synced_captures: dict[int, data_pb2.Capture] = field(default_factory=dict)
+    dropped_through: int = 0
     _broken: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: threading.Event = field(default_factory=threading.Event)
@@ -239,6 +244,23 @@ class FakeCloud:
 
     def authenticate(self, identity: Identity) -> None:
         self.identity = identity
+
+    @property
+    def device_id(self) -> str:
+        return self.identity.device_id if self.identity else ""
+
+    def sync(self, batch: bytes) -> SyncAck:
+        """Rows stored once each by (stream, seq), as the cloud does."""
+        self._check()
+        message = data_pb2.SyncBatch.FromString(batch)
+        with self._lock:
+            for t in message.telemetry:
+                self.synced_telemetry.setdefault(t.seq, t)
+            for c in message.captures:
+                self.synced_captures.setdefault(c.seq, c)
+            self.dropped_through = max(self.dropped_through, message.captures_dropped_through)
+            through = [max(s, default=0) for s in (self.synced_telemetry, self.synced_captures)]
+        return SyncAck(through[0], max(through[1], message.captures_dropped_through))
 
     def get_desired_state(self) -> SignedDesiredState:
         self._check()

@@ -131,6 +131,13 @@ def test_a_finetune_job_registers_a_verified_version_with_lineage_and_metrics(
     assert lineage.train_examples + lineage.validation_examples == 240
     assert evaluation.count == lineage.validation_examples
     assert sum(map(sum, evaluation.confusion)) == evaluation.count
+    # The input baseline devices' statistics are compared with: the training split's pixels,
+    # per channel, with histogram bins that devices receive in their desired state.
+    (baseline,) = version.baseline
+    assert baseline.input == "image" and len(baseline.channels) == 3
+    assert len(baseline.edges) == 17 and baseline.edges[0] < baseline.edges[-1]
+    assert sum(baseline.channels[0].histogram) == baseline.channels[0].count
+    assert 0.0 <= baseline.channels[0].mean <= 255.0
     assert [c.name for c in evaluation.per_class] == list(lineage.class_names)
     assert 0.25 < evaluation.accuracy <= 1.0
     assert {a.target for a in version.artifacts} == {"onnx-cpu-fp32", "onnx-cpu-int8"}

@@ -199,6 +199,19 @@ RULES: dict[str, Rule] = {
     _A + "ListAdminTokens": _rule(OK, why=_EMPTY),
     _A + "RevokeAdminToken": _rule(OK, NF, why="NOT_FOUND for an unknown token id"),
     _A + "RotateRootKey": _rule(OK, why=_EMPTY),
+    _A + "SetCapturePolicy": _rule(
+        OK, IA, NF, why="NOT_FOUND for an unknown model; INVALID_ARGUMENT for rates outside 0-1"
+    ),
+    _A + "ListDataSets": _rule(OK, why=_EMPTY),
+    _A + "ExportCaptures": _rule(
+        OK, IA, why="INVALID_ARGUMENT for a bad model name; any filter is a filter"
+    ),
+    _A + "LabelCaptures": _rule(
+        OK, IA, RE, why="INVALID_ARGUMENT for a bad id or label; unknown ids are counted"
+    ),
+    _A + "GetTelemetry": _rule(
+        OK, IA, why="INVALID_ARGUMENT for a bad model name; no telemetry is an empty report"
+    ),
     _J + "Upload": _rule(
         OK,
         IA,
@@ -277,6 +290,14 @@ RULES: dict[str, Rule] = {
     ),
     _F + "FetchChunk": _rule(
         OK, IA, NF, PD, why="as GetManifest; INVALID_ARGUMENT also for an offset past the end"
+    ),
+    _F + "Sync": _rule(
+        OK,
+        IA,
+        PD,
+        FP,
+        why="INVALID_ARGUMENT for a bad spool id, field or order; PERMISSION_DENIED for a "
+        "model the device never ran or another device; FAILED_PRECONDITION for a gap",
     ),
     _OIP + "ServerLive": _rule(OK, why=_EMPTY),
     _OIP + "ServerReady": _rule(OK, why=_EMPTY),

@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from protos.artifact.v1 import artifact_pb2 as _artifact_pb2
+from protos.fleet.v1 import data_pb2 as _data_pb2
 from protos.fleet.v1 import fleet_pb2 as _fleet_pb2
 import builtins as _builtins
 import sys
@@ -471,6 +472,7 @@ class ModelVersion(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     description: _builtins.str
@@ -494,6 +496,12 @@ class ModelVersion(_message.Message):
 
     @_builtins.property
     def evaluation(self) -> Global___Evaluation: ...
+    @_builtins.property
+    def baseline(self) -> _containers.RepeatedCompositeFieldContainer[_data_pb2.InputStats]:
+        """Statistics of the inputs of the data it was trained on (per channel or feature, with
+        histogram bins): what devices' input statistics are compared with.
+        """
+
     def __init__(
         self,
         *,
@@ -511,10 +519,11 @@ class ModelVersion(_message.Message):
         created_by: _builtins.str = ...,
         lineage: Global___Lineage | None = ...,
         evaluation: Global___Evaluation | None = ...,
+        baseline: _abc.Iterable[_data_pb2.InputStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "evaluation", b"evaluation", "golden_sample_count", b"golden_sample_count", "inputs", b"inputs", "lineage", b"lineage", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "parent_version", b"parent_version", "source_sha256", b"source_sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "baseline", b"baseline", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "evaluation", b"evaluation", "golden_sample_count", b"golden_sample_count", "inputs", b"inputs", "lineage", b"lineage", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "parent_version", b"parent_version", "source_sha256", b"source_sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1430,3 +1439,396 @@ class RotateRootKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RotateRootKeyRequest: _TypeAlias = RotateRootKeyRequest  # noqa: Y015
+
+@_typing.final
+class SetCapturePolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    @_builtins.property
+    def policy(self) -> _data_pb2.CapturePolicy: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        policy: _data_pb2.CapturePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCapturePolicyRequest: _TypeAlias = SetCapturePolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetCapturePolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceGeneration]:
+        """Devices whose desired state changed, and their new generations."""
+
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[Global___DeviceGeneration] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCapturePolicyResponse: _TypeAlias = SetCapturePolicyResponse  # noqa: Y015
+
+@_typing.final
+class ListDataSetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDataSetsRequest: _TypeAlias = ListDataSetsRequest  # noqa: Y015
+
+@_typing.final
+class VersionRows(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    rows: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionRows: _TypeAlias = VersionRows  # noqa: Y015
+
+@_typing.final
+class DataSet(_message.Message):
+    """The captured rows of one model: `captures:<model>` to `edgefleet finetune --data`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    FIRST_AT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    model: _builtins.str
+    rows: _builtins.int
+    labelled: _builtins.int
+    bytes: _builtins.int
+    devices: _builtins.int
+    first_at: _builtins.float
+    """Unix seconds of the first and last capture."""
+    last_at: _builtins.float
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionRows]: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Label -> rows with it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        model: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        labelled: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        devices: _builtins.int = ...,
+        first_at: _builtins.float = ...,
+        last_at: _builtins.float = ...,
+        versions: _abc.Iterable[Global___VersionRows] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "devices", b"devices", "first_at", b"first_at", "labelled", b"labelled", "labels", b"labels", "last_at", b"last_at", "model", b"model", "name", b"name", "rows", b"rows", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataSet: _TypeAlias = DataSet  # noqa: Y015
+
+@_typing.final
+class ListDataSetsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_SETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def data_sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataSet]: ...
+    def __init__(
+        self,
+        *,
+        data_sets: _abc.Iterable[Global___DataSet] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_sets", b"data_sets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDataSetsResponse: _TypeAlias = ListDataSetsResponse  # noqa: Y015
+
+@_typing.final
+class ExportCapturesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    LABELLED_ONLY_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    """0: every version."""
+    since: _builtins.float
+    """Unix seconds; 0: from the first."""
+    labelled_only: _builtins.bool
+    """Only rows with a label (or, with `label` set, with that label)."""
+    label: _builtins.str
+    limit: _builtins.int
+    """0: every row."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        since: _builtins.float = ...,
+        labelled_only: _builtins.bool = ...,
+        label: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "labelled_only", b"labelled_only", "limit", b"limit", "model", b"model", "since", b"since", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCapturesRequest: _TypeAlias = ExportCapturesRequest  # noqa: Y015
+
+@_typing.final
+class CaptureLabel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPTURE_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    capture_id: _builtins.int
+    """Capture.id, as an export gives it."""
+    label: _builtins.str
+    def __init__(
+        self,
+        *,
+        capture_id: _builtins.int = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureLabel: _TypeAlias = CaptureLabel  # noqa: Y015
+
+@_typing.final
+class LabelCapturesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELLED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    labelled: _builtins.int
+    unknown: _builtins.int
+    """Labels naming no stored row."""
+    def __init__(
+        self,
+        *,
+        labelled: _builtins.int = ...,
+        unknown: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labelled", b"labelled", "unknown", b"unknown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelCapturesResponse: _TypeAlias = LabelCapturesResponse  # noqa: Y015
+
+@_typing.final
+class GetTelemetryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    since: _builtins.float
+    """Unix seconds; 0: everything kept."""
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        since: _builtins.float = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "selector", b"selector", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTelemetryRequest: _TypeAlias = GetTelemetryRequest  # noqa: Y015
+
+@_typing.final
+class VersionTelemetry(_message.Message):
+    """One version's serving across the devices that ran it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    SPAN_SECONDS_FIELD_NUMBER: _builtins.int
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P95_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    BUSY_SECONDS_FIELD_NUMBER: _builtins.int
+    DEVICE_SECONDS_FIELD_NUMBER: _builtins.int
+    CAPTURED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    target: _builtins.str
+    devices: _builtins.int
+    requests: _builtins.int
+    errors: _builtins.int
+    span_seconds: _builtins.float
+    """Seconds from the first window's start to the last window's end."""
+    p50_ms: _builtins.float
+    p95_ms: _builtins.float
+    p99_ms: _builtins.float
+    busy_seconds: _builtins.float
+    device_seconds: _builtins.float
+    """Device time attributed to this version, summed over devices."""
+    captured: _builtins.int
+    @_builtins.property
+    def latency(self) -> _data_pb2.LatencyHistogram: ...
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_data_pb2.InputStats]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        target: _builtins.str = ...,
+        devices: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        span_seconds: _builtins.float = ...,
+        p50_ms: _builtins.float = ...,
+        p95_ms: _builtins.float = ...,
+        p99_ms: _builtins.float = ...,
+        latency: _data_pb2.LatencyHistogram | None = ...,
+        inputs: _abc.Iterable[_data_pb2.InputStats] | None = ...,
+        busy_seconds: _builtins.float = ...,
+        device_seconds: _builtins.float = ...,
+        captured: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "captured", b"captured", "device_seconds", b"device_seconds", "devices", b"devices", "errors", b"errors", "inputs", b"inputs", "latency", b"latency", "model", b"model", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "requests", b"requests", "span_seconds", b"span_seconds", "target", b"target", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionTelemetry: _TypeAlias = VersionTelemetry  # noqa: Y015
+
+@_typing.final
+class TelemetryReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionTelemetry]: ...
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___VersionTelemetry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TelemetryReport: _TypeAlias = TelemetryReport  # noqa: Y015

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos.admin.v1 import admin_pb2 as protos_dot_admin_dot_v1_dot_admin__pb2
+from protos.fleet.v1 import data_pb2 as protos_dot_fleet_dot_v1_dot_data__pb2
 from protos.fleet.v1 import fleet_pb2 as protos_dot_fleet_dot_v1_dot_fleet__pb2
 
 GRPC_GENERATED_VERSION = '1.81.0'
@@ -124,6 +125,31 @@ class AdminServiceStub:
                 '/edgefleet.admin.v1.AdminService/RotateRootKey',
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.RotateRootKeyRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RootKey.FromString,
+                _registered_method=True)
+        self.SetCapturePolicy = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/SetCapturePolicy',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetCapturePolicyRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetCapturePolicyResponse.FromString,
+                _registered_method=True)
+        self.ListDataSets = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/ListDataSets',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDataSetsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDataSetsResponse.FromString,
+                _registered_method=True)
+        self.ExportCaptures = channel.unary_stream(
+                '/edgefleet.admin.v1.AdminService/ExportCaptures',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ExportCapturesRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_data__pb2.Capture.FromString,
+                _registered_method=True)
+        self.LabelCaptures = channel.stream_unary(
+                '/edgefleet.admin.v1.AdminService/LabelCaptures',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.CaptureLabel.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.LabelCapturesResponse.FromString,
+                _registered_method=True)
+        self.GetTelemetry = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/GetTelemetry',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetTelemetryRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.TelemetryReport.FromString,
                 _registered_method=True)
 
 
@@ -250,6 +276,42 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCapturePolicy(self, request, context):
+        """What devices capture of a model's inferences; devices running it get it in their next
+        desired state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDataSets(self, request, context):
+        """Captured inferences, grouped by model: the data sets devices brought back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCaptures(self, request, context):
+        """Captured rows of one model, oldest first (stream: data sets grow large).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LabelCaptures(self, request_iterator, context):
+        """Labels for captured rows, by their id: a labelled export imported back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTelemetry(self, request, context):
+        """A model's serving across the fleet, per version: rate, errors, latency, inputs, cost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -342,6 +404,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RotateRootKey,
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.RotateRootKeyRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RootKey.SerializeToString,
+            ),
+            'SetCapturePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCapturePolicy,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetCapturePolicyRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetCapturePolicyResponse.SerializeToString,
+            ),
+            'ListDataSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDataSets,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDataSetsRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ListDataSetsResponse.SerializeToString,
+            ),
+            'ExportCaptures': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCaptures,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ExportCapturesRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_data__pb2.Capture.SerializeToString,
+            ),
+            'LabelCaptures': grpc.stream_unary_rpc_method_handler(
+                    servicer.LabelCaptures,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.CaptureLabel.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.LabelCapturesResponse.SerializeToString,
+            ),
+            'GetTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTelemetry,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetTelemetryRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.TelemetryReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -830,6 +917,141 @@ class AdminService:
             '/edgefleet.admin.v1.AdminService/RotateRootKey',
             protos_dot_admin_dot_v1_dot_admin__pb2.RotateRootKeyRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_fleet__pb2.RootKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCapturePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/SetCapturePolicy',
+            protos_dot_admin_dot_v1_dot_admin__pb2.SetCapturePolicyRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.SetCapturePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDataSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ListDataSets',
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListDataSetsRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.ListDataSetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCaptures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ExportCaptures',
+            protos_dot_admin_dot_v1_dot_admin__pb2.ExportCapturesRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_data__pb2.Capture.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelCaptures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgefleet.admin.v1.AdminService/LabelCaptures',
+            protos_dot_admin_dot_v1_dot_admin__pb2.CaptureLabel.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.LabelCapturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/GetTelemetry',
+            protos_dot_admin_dot_v1_dot_admin__pb2.GetTelemetryRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.TelemetryReport.FromString,
             options,
             channel_credentials,
             insecure,

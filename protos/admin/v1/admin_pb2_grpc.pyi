@@ -9,6 +9,7 @@ admin), stated in cloudsvc/access.py and checked before the method runs.
 from collections import abc as _abc
 from grpc import aio as _aio
 from protos.admin.v1 import admin_pb2 as _admin_pb2
+from protos.fleet.v1 import data_pb2 as _data_pb2
 from protos.fleet.v1 import fleet_pb2 as _fleet_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -68,6 +69,18 @@ class AdminServiceStub:
     RevokeAdminToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAdminTokenRequest, _admin_pb2.AdminToken]
     RotateRootKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateRootKeyRequest, _fleet_pb2.RootKey]
     """Start signing with a new root key, published signed by the current one."""
+    SetCapturePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetCapturePolicyRequest, _admin_pb2.SetCapturePolicyResponse]
+    """What devices capture of a model's inferences; devices running it get it in their next
+    desired state.
+    """
+    ListDataSets: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDataSetsRequest, _admin_pb2.ListDataSetsResponse]
+    """Captured inferences, grouped by model: the data sets devices brought back."""
+    ExportCaptures: _grpc.UnaryStreamMultiCallable[_admin_pb2.ExportCapturesRequest, _data_pb2.Capture]
+    """Captured rows of one model, oldest first (stream: data sets grow large)."""
+    LabelCaptures: _grpc.StreamUnaryMultiCallable[_admin_pb2.CaptureLabel, _admin_pb2.LabelCapturesResponse]
+    """Labels for captured rows, by their id: a labelled export imported back."""
+    GetTelemetry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTelemetryRequest, _admin_pb2.TelemetryReport]
+    """A model's serving across the fleet, per version: rate, errors, latency, inputs, cost."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -105,6 +118,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RevokeAdminToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAdminTokenRequest, _admin_pb2.AdminToken]  # type: ignore[assignment]
     RotateRootKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateRootKeyRequest, _fleet_pb2.RootKey]  # type: ignore[assignment]
     """Start signing with a new root key, published signed by the current one."""
+    SetCapturePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetCapturePolicyRequest, _admin_pb2.SetCapturePolicyResponse]  # type: ignore[assignment]
+    """What devices capture of a model's inferences; devices running it get it in their next
+    desired state.
+    """
+    ListDataSets: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDataSetsRequest, _admin_pb2.ListDataSetsResponse]  # type: ignore[assignment]
+    """Captured inferences, grouped by model: the data sets devices brought back."""
+    ExportCaptures: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportCapturesRequest, _data_pb2.Capture]  # type: ignore[assignment]
+    """Captured rows of one model, oldest first (stream: data sets grow large)."""
+    LabelCaptures: _aio.StreamUnaryMultiCallable[_admin_pb2.CaptureLabel, _admin_pb2.LabelCapturesResponse]  # type: ignore[assignment]
+    """Labels for captured rows, by their id: a labelled export imported back."""
+    GetTelemetry: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTelemetryRequest, _admin_pb2.TelemetryReport]  # type: ignore[assignment]
+    """A model's serving across the fleet, per version: rate, errors, latency, inputs, cost."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -247,5 +272,47 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.RootKey, _abc.Awaitable[_fleet_pb2.RootKey]]:
         """Start signing with a new root key, published signed by the current one."""
+
+    @_abc_1.abstractmethod
+    def SetCapturePolicy(
+        self,
+        request: _admin_pb2.SetCapturePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetCapturePolicyResponse, _abc.Awaitable[_admin_pb2.SetCapturePolicyResponse]]:
+        """What devices capture of a model's inferences; devices running it get it in their next
+        desired state.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDataSets(
+        self,
+        request: _admin_pb2.ListDataSetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDataSetsResponse, _abc.Awaitable[_admin_pb2.ListDataSetsResponse]]:
+        """Captured inferences, grouped by model: the data sets devices brought back."""
+
+    @_abc_1.abstractmethod
+    def ExportCaptures(
+        self,
+        request: _admin_pb2.ExportCapturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_data_pb2.Capture], _abc.AsyncIterator[_data_pb2.Capture]]:
+        """Captured rows of one model, oldest first (stream: data sets grow large)."""
+
+    @_abc_1.abstractmethod
+    def LabelCaptures(
+        self,
+        request_iterator: _MaybeAsyncIterator[_admin_pb2.CaptureLabel],
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.LabelCapturesResponse, _abc.Awaitable[_admin_pb2.LabelCapturesResponse]]:
+        """Labels for captured rows, by their id: a labelled export imported back."""
+
+    @_abc_1.abstractmethod
+    def GetTelemetry(
+        self,
+        request: _admin_pb2.GetTelemetryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TelemetryReport, _abc.Awaitable[_admin_pb2.TelemetryReport]]:
+        """A model's serving across the fleet, per version: rate, errors, latency, inputs, cost."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from protos.artifact.v1 import artifact_pb2 as protos_dot_artifact_dot_v1_dot_artifact__pb2
+from protos.fleet.v1 import data_pb2 as protos_dot_fleet_dot_v1_dot_data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/fleet/v1/fleet.proto\x12\x12\x65\x64gefleet.fleet.v1\x1a!protos/artifact/v1/artifact.proto\"\xa1\x01\n\x0c\x43\x61pabilities\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x03 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x07 \x01(\t\"\xfb\x01\n\rEnrollRequest\x12\x14\n\x0c\x65nroll_token\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.edgefleet.fleet.v1.EnrollRequest.LabelsEntry\x12\x36\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32 .edgefleet.fleet.v1.Capabilities\x12\x1b\n\x13\x63\x65rtificate_request\x18\x05 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64\x65vice_port\x18\x05 \x01(\rJ\x04\x08\x03\x10\x04\"\x11\n\x0fGetTrustRequest\".\n\x07RootKey\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"Q\n\x0bKeyRotation\x12\x0f\n\x07new_key\x18\x01 \x01(\x0c\x12\x1a\n\x12previous_signature\x18\x02 \x01(\x0c\x12\x15\n\rnew_signature\x18\x03 \x01(\x0c\"l\n\nTrustChain\x12*\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1b.edgefleet.fleet.v1.RootKey\x12\x32\n\trotations\x18\x02 \x03(\x0b\x32\x1f.edgefleet.fleet.v1.KeyRotation\"+\n\x16GetDesiredStateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"g\n\nAssignment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x10\n\x08rollback\x18\x05 \x01(\x08\"\x91\x01\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x33\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x1e.edgefleet.fleet.v1.Assignment\x12\x11\n\tissued_at\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\"F\n\x12SignedDesiredState\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"G\n\x18WatchDesiredStateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10known_generation\x18\x02 \x01(\x04\"(\n\x12\x44\x65siredStateNotice\x12\x12\n\ngeneration\x18\x01 \x01(\x04\"\xd8\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\r\x12\x15\n\ractive_digest\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\r\x12\x17\n\x0f\x64\x65sired_version\x18\x05 \x01(\r\x12-\n\x05phase\x18\x06 \x01(\x0e\x32\x1e.edgefleet.fleet.v1.ModelPhase\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\"\xdb\x02\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1b\n\x13observed_generation\x18\x02 \x01(\x04\x12/\n\x06models\x18\x03 \x03(\x0b\x32\x1f.edgefleet.fleet.v1.ModelStatus\x12\x36\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32 .edgefleet.fleet.v1.Capabilities\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12=\n\x06labels\x18\x06 \x03(\x0b\x32-.edgefleet.fleet.v1.ReportedState.LabelsEntry\x12\x1a\n\x12inference_endpoint\x18\x07 \x01(\t\x12\x13\n\x0breported_at\x18\x08 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x13ReportStateResponse\x12\x1a\n\x12\x64\x65sired_generation\x18\x01 \x01(\x04\"R\n\x12GetManifestRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65pt_compressed\x18\x03 \x01(\x08\"F\n\x11\x46\x65tchChunkRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\">\n\nChunkPiece\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04*\x91\x01\n\nModelPhase\x12\x1b\n\x17MODEL_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MODEL_PHASE_DOWNLOADING\x10\x01\x12\x1a\n\x16MODEL_PHASE_ACTIVATING\x10\x02\x12\x15\n\x11MODEL_PHASE_READY\x10\x03\x12\x16\n\x12MODEL_PHASE_FAILED\x10\x04\x32\x94\x05\n\x0c\x41gentService\x12O\n\x06\x45nroll\x12!.edgefleet.fleet.v1.EnrollRequest\x1a\".edgefleet.fleet.v1.EnrollResponse\x12O\n\x08GetTrust\x12#.edgefleet.fleet.v1.GetTrustRequest\x1a\x1e.edgefleet.fleet.v1.TrustChain\x12\x65\n\x0fGetDesiredState\x12*.edgefleet.fleet.v1.GetDesiredStateRequest\x1a&.edgefleet.fleet.v1.SignedDesiredState\x12k\n\x11WatchDesiredState\x12,.edgefleet.fleet.v1.WatchDesiredStateRequest\x1a&.edgefleet.fleet.v1.DesiredStateNotice0\x01\x12Y\n\x0bReportState\x12!.edgefleet.fleet.v1.ReportedState\x1a\'.edgefleet.fleet.v1.ReportStateResponse\x12\\\n\x0bGetManifest\x12&.edgefleet.fleet.v1.GetManifestRequest\x1a%.edgefleet.artifact.v1.SignedManifest\x12U\n\nFetchChunk\x12%.edgefleet.fleet.v1.FetchChunkRequest\x1a\x1e.edgefleet.fleet.v1.ChunkPiece0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/fleet/v1/fleet.proto\x12\x12\x65\x64gefleet.fleet.v1\x1a!protos/artifact/v1/artifact.proto\x1a\x1aprotos/fleet/v1/data.proto\"\xa1\x01\n\x0c\x43\x61pabilities\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x03 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x07 \x01(\t\"\xfb\x01\n\rEnrollRequest\x12\x14\n\x0c\x65nroll_token\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.edgefleet.fleet.v1.EnrollRequest.LabelsEntry\x12\x36\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32 .edgefleet.fleet.v1.Capabilities\x12\x1b\n\x13\x63\x65rtificate_request\x18\x05 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64\x65vice_port\x18\x05 \x01(\r\x12,\n\x04mqtt\x18\x06 \x01(\x0b\x32\x1e.edgefleet.fleet.v1.MqttAccessJ\x04\x08\x03\x10\x04\"=\n\nMqttAccess\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"\x11\n\x0fGetTrustRequest\".\n\x07RootKey\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"Q\n\x0bKeyRotation\x12\x0f\n\x07new_key\x18\x01 \x01(\x0c\x12\x1a\n\x12previous_signature\x18\x02 \x01(\x0c\x12\x15\n\rnew_signature\x18\x03 \x01(\x0c\"l\n\nTrustChain\x12*\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1b.edgefleet.fleet.v1.RootKey\x12\x32\n\trotations\x18\x02 \x03(\x0b\x32\x1f.edgefleet.fleet.v1.KeyRotation\"+\n\x16GetDesiredStateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xc8\x01\n\nAssignment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x10\n\x08rollback\x18\x05 \x01(\x08\x12\x32\n\x07\x63\x61pture\x18\x06 \x01(\x0b\x32!.edgefleet.fleet.v1.CapturePolicy\x12+\n\x04\x62ins\x18\x07 \x03(\x0b\x32\x1d.edgefleet.fleet.v1.InputBins\"\x91\x01\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x33\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x1e.edgefleet.fleet.v1.Assignment\x12\x11\n\tissued_at\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\"F\n\x12SignedDesiredState\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"G\n\x18WatchDesiredStateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10known_generation\x18\x02 \x01(\x04\"(\n\x12\x44\x65siredStateNotice\x12\x12\n\ngeneration\x18\x01 \x01(\x04\"\xd8\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\r\x12\x15\n\ractive_digest\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\r\x12\x17\n\x0f\x64\x65sired_version\x18\x05 \x01(\r\x12-\n\x05phase\x18\x06 \x01(\x0e\x32\x1e.edgefleet.fleet.v1.ModelPhase\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\"\xdb\x02\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1b\n\x13observed_generation\x18\x02 \x01(\x04\x12/\n\x06models\x18\x03 \x03(\x0b\x32\x1f.edgefleet.fleet.v1.ModelStatus\x12\x36\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32 .edgefleet.fleet.v1.Capabilities\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12=\n\x06labels\x18\x06 \x03(\x0b\x32-.edgefleet.fleet.v1.ReportedState.LabelsEntry\x12\x1a\n\x12inference_endpoint\x18\x07 \x01(\t\x12\x13\n\x0breported_at\x18\x08 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x13ReportStateResponse\x12\x1a\n\x12\x64\x65sired_generation\x18\x01 \x01(\x04\"R\n\x12GetManifestRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65pt_compressed\x18\x03 \x01(\x08\"F\n\x11\x46\x65tchChunkRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\">\n\nChunkPiece\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04*\x91\x01\n\nModelPhase\x12\x1b\n\x17MODEL_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MODEL_PHASE_DOWNLOADING\x10\x01\x12\x1a\n\x16MODEL_PHASE_ACTIVATING\x10\x02\x12\x15\n\x11MODEL_PHASE_READY\x10\x03\x12\x16\n\x12MODEL_PHASE_FAILED\x10\x04\x32\xd8\x05\n\x0c\x41gentService\x12O\n\x06\x45nroll\x12!.edgefleet.fleet.v1.EnrollRequest\x1a\".edgefleet.fleet.v1.EnrollResponse\x12O\n\x08GetTrust\x12#.edgefleet.fleet.v1.GetTrustRequest\x1a\x1e.edgefleet.fleet.v1.TrustChain\x12\x65\n\x0fGetDesiredState\x12*.edgefleet.fleet.v1.GetDesiredStateRequest\x1a&.edgefleet.fleet.v1.SignedDesiredState\x12k\n\x11WatchDesiredState\x12,.edgefleet.fleet.v1.WatchDesiredStateRequest\x1a&.edgefleet.fleet.v1.DesiredStateNotice0\x01\x12Y\n\x0bReportState\x12!.edgefleet.fleet.v1.ReportedState\x1a\'.edgefleet.fleet.v1.ReportStateResponse\x12\\\n\x0bGetManifest\x12&.edgefleet.fleet.v1.GetManifestRequest\x1a%.edgefleet.artifact.v1.SignedManifest\x12U\n\nFetchChunk\x12%.edgefleet.fleet.v1.FetchChunkRequest\x1a\x1e.edgefleet.fleet.v1.ChunkPiece0\x01\x12\x42\n\x04Sync\x12\x1d.edgefleet.fleet.v1.SyncBatch\x1a\x1b.edgefleet.fleet.v1.SyncAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,50 +37,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_REPORTEDSTATE_LABELSENTRY']._loaded_options = None
   _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELPHASE']._serialized_start=2197
-  _globals['_MODELPHASE']._serialized_end=2342
-  _globals['_CAPABILITIES']._serialized_start=87
-  _globals['_CAPABILITIES']._serialized_end=248
-  _globals['_ENROLLREQUEST']._serialized_start=251
-  _globals['_ENROLLREQUEST']._serialized_end=502
-  _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_start=457
-  _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_end=502
-  _globals['_ENROLLRESPONSE']._serialized_start=504
-  _globals['_ENROLLRESPONSE']._serialized_end=609
-  _globals['_GETTRUSTREQUEST']._serialized_start=611
-  _globals['_GETTRUSTREQUEST']._serialized_end=628
-  _globals['_ROOTKEY']._serialized_start=630
-  _globals['_ROOTKEY']._serialized_end=676
-  _globals['_KEYROTATION']._serialized_start=678
-  _globals['_KEYROTATION']._serialized_end=759
-  _globals['_TRUSTCHAIN']._serialized_start=761
-  _globals['_TRUSTCHAIN']._serialized_end=869
-  _globals['_GETDESIREDSTATEREQUEST']._serialized_start=871
-  _globals['_GETDESIREDSTATEREQUEST']._serialized_end=914
-  _globals['_ASSIGNMENT']._serialized_start=916
-  _globals['_ASSIGNMENT']._serialized_end=1019
-  _globals['_DESIREDSTATE']._serialized_start=1022
-  _globals['_DESIREDSTATE']._serialized_end=1167
-  _globals['_SIGNEDDESIREDSTATE']._serialized_start=1169
-  _globals['_SIGNEDDESIREDSTATE']._serialized_end=1239
-  _globals['_WATCHDESIREDSTATEREQUEST']._serialized_start=1241
-  _globals['_WATCHDESIREDSTATEREQUEST']._serialized_end=1312
-  _globals['_DESIREDSTATENOTICE']._serialized_start=1314
-  _globals['_DESIREDSTATENOTICE']._serialized_end=1354
-  _globals['_MODELSTATUS']._serialized_start=1357
-  _globals['_MODELSTATUS']._serialized_end=1573
-  _globals['_REPORTEDSTATE']._serialized_start=1576
-  _globals['_REPORTEDSTATE']._serialized_end=1923
-  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_start=457
-  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_end=502
-  _globals['_REPORTSTATERESPONSE']._serialized_start=1925
-  _globals['_REPORTSTATERESPONSE']._serialized_end=1974
-  _globals['_GETMANIFESTREQUEST']._serialized_start=1976
-  _globals['_GETMANIFESTREQUEST']._serialized_end=2058
-  _globals['_FETCHCHUNKREQUEST']._serialized_start=2060
-  _globals['_FETCHCHUNKREQUEST']._serialized_end=2130
-  _globals['_CHUNKPIECE']._serialized_start=2132
-  _globals['_CHUNKPIECE']._serialized_end=2194
-  _globals['_AGENTSERVICE']._serialized_start=2345
-  _globals['_AGENTSERVICE']._serialized_end=3005
+  _globals['_MODELPHASE']._serialized_start=2433
+  _globals['_MODELPHASE']._serialized_end=2578
+  _globals['_CAPABILITIES']._serialized_start=115
+  _globals['_CAPABILITIES']._serialized_end=276
+  _globals['_ENROLLREQUEST']._serialized_start=279
+  _globals['_ENROLLREQUEST']._serialized_end=530
+  _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_start=485
+  _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_end=530
+  _globals['_ENROLLRESPONSE']._serialized_start=533
+  _globals['_ENROLLRESPONSE']._serialized_end=684
+  _globals['_MQTTACCESS']._serialized_start=686
+  _globals['_MQTTACCESS']._serialized_end=747
+  _globals['_GETTRUSTREQUEST']._serialized_start=749
+  _globals['_GETTRUSTREQUEST']._serialized_end=766
+  _globals['_ROOTKEY']._serialized_start=768
+  _globals['_ROOTKEY']._serialized_end=814
+  _globals['_KEYROTATION']._serialized_start=816
+  _globals['_KEYROTATION']._serialized_end=897
+  _globals['_TRUSTCHAIN']._serialized_start=899
+  _globals['_TRUSTCHAIN']._serialized_end=1007
+  _globals['_GETDESIREDSTATEREQUEST']._serialized_start=1009
+  _globals['_GETDESIREDSTATEREQUEST']._serialized_end=1052
+  _globals['_ASSIGNMENT']._serialized_start=1055
+  _globals['_ASSIGNMENT']._serialized_end=1255
+  _globals['_DESIREDSTATE']._serialized_start=1258
+  _globals['_DESIREDSTATE']._serialized_end=1403
+  _globals['_SIGNEDDESIREDSTATE']._serialized_start=1405
+  _globals['_SIGNEDDESIREDSTATE']._serialized_end=1475
+  _globals['_WATCHDESIREDSTATEREQUEST']._serialized_start=1477
+  _globals['_WATCHDESIREDSTATEREQUEST']._serialized_end=1548
+  _globals['_DESIREDSTATENOTICE']._serialized_start=1550
+  _globals['_DESIREDSTATENOTICE']._serialized_end=1590
+  _globals['_MODELSTATUS']._serialized_start=1593
+  _globals['_MODELSTATUS']._serialized_end=1809
+  _globals['_REPORTEDSTATE']._serialized_start=1812
+  _globals['_REPORTEDSTATE']._serialized_end=2159
+  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_start=485
+  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_end=530
+  _globals['_REPORTSTATERESPONSE']._serialized_start=2161
+  _globals['_REPORTSTATERESPONSE']._serialized_end=2210
+  _globals['_GETMANIFESTREQUEST']._serialized_start=2212
+  _globals['_GETMANIFESTREQUEST']._serialized_end=2294
+  _globals['_FETCHCHUNKREQUEST']._serialized_start=2296
+  _globals['_FETCHCHUNKREQUEST']._serialized_end=2366
+  _globals['_CHUNKPIECE']._serialized_start=2368
+  _globals['_CHUNKPIECE']._serialized_end=2430
+  _globals['_AGENTSERVICE']._serialized_start=2581
+  _globals['_AGENTSERVICE']._serialized_end=3309
 # @@protoc_insertion_point(module_scope)

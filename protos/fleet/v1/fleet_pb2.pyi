@@ -13,6 +13,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from protos.fleet.v1 import data_pb2 as _data_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -158,6 +159,7 @@ class EnrollResponse(_message.Message):
     DEVICE_TOKEN_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     DEVICE_PORT_FIELD_NUMBER: _builtins.int
+    MQTT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_token: _builtins.str
     """Secret. Sent on every later call as `authorization: Bearer <device_token>`."""
@@ -167,6 +169,12 @@ class EnrollResponse(_message.Message):
     """
     device_port: _builtins.int
     """Mutual TLS: the port devices call once they hold a certificate (0: none)."""
+    @_builtins.property
+    def mqtt(self) -> Global___MqttAccess:
+        """The cloud's MQTT broker and the device's own account on it (unset: no broker; the
+        device follows WatchDesiredState alone).
+        """
+
     def __init__(
         self,
         *,
@@ -174,14 +182,48 @@ class EnrollResponse(_message.Message):
         device_token: _builtins.str = ...,
         certificate: _builtins.bytes = ...,
         device_port: _builtins.int = ...,
+        mqtt: Global___MqttAccess | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mqtt", b"mqtt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "device_id", b"device_id", "device_port", b"device_port", "device_token", b"device_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "device_id", b"device_id", "device_port", b"device_port", "device_token", b"device_token", "mqtt", b"mqtt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollResponse: _TypeAlias = EnrollResponse  # noqa: Y015
+
+@_typing.final
+class MqttAccess(_message.Message):
+    """A device's account on the cloud's MQTT broker: it reads its own desired-state notices
+    (`edgefleet/v1/devices/{id}/desired`) and writes its own status and telemetry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """mqtts://host:port (TLS, verified with the CA the device trusts for the cloud) or
+    mqtt://host:port (plain text).
+    """
+    username: _builtins.str
+    password: _builtins.str
+    """Secret, like device_token; the cloud keeps only its hash."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "url", b"url", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MqttAccess: _TypeAlias = MqttAccess  # noqa: Y015
 
 @_typing.final
 class GetTrustRequest(_message.Message):
@@ -305,6 +347,8 @@ class Assignment(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
+    CAPTURE_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     target: _builtins.str
@@ -312,6 +356,14 @@ class Assignment(_message.Message):
     """sha256 hex of the SignedManifest.manifest bytes."""
     rollback: _builtins.bool
     """An operator's rollback: the device may go below the highest version it ran."""
+    @_builtins.property
+    def capture(self) -> _data_pb2.CapturePolicy:
+        """What of the model's inferences the device captures (unset: nothing)."""
+
+    @_builtins.property
+    def bins(self) -> _containers.RepeatedCompositeFieldContainer[_data_pb2.InputBins]:
+        """Histogram bins of the version's inputs, from its training data (empty: moments only)."""
+
     def __init__(
         self,
         *,
@@ -320,10 +372,12 @@ class Assignment(_message.Message):
         target: _builtins.str = ...,
         manifest_digest: _builtins.str = ...,
         rollback: _builtins.bool = ...,
+        capture: _data_pb2.CapturePolicy | None = ...,
+        bins: _abc.Iterable[_data_pb2.InputBins] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "model", b"model", "rollback", b"rollback", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "capture", b"capture", "manifest_digest", b"manifest_digest", "model", b"model", "rollback", b"rollback", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

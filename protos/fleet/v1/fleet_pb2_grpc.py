@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos.artifact.v1 import artifact_pb2 as protos_dot_artifact_dot_v1_dot_artifact__pb2
+from protos.fleet.v1 import data_pb2 as protos_dot_fleet_dot_v1_dot_data__pb2
 from protos.fleet.v1 import fleet_pb2 as protos_dot_fleet_dot_v1_dot_fleet__pb2
 
 GRPC_GENERATED_VERSION = '1.81.0'
@@ -70,6 +71,11 @@ class AgentServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.FetchChunkRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ChunkPiece.FromString,
                 _registered_method=True)
+        self.Sync = channel.unary_unary(
+                '/edgefleet.fleet.v1.AgentService/Sync',
+                request_serializer=protos_dot_fleet_dot_v1_dot_data__pb2.SyncBatch.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_data__pb2.SyncAck.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -129,6 +135,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sync(self, request, context):
+        """Captured inferences and telemetry, in order; stored once each, then acknowledged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +179,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.FetchChunk,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.FetchChunkRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ChunkPiece.SerializeToString,
+            ),
+            'Sync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sync,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_data__pb2.SyncBatch.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_data__pb2.SyncAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +375,33 @@ class AgentService:
             '/edgefleet.fleet.v1.AgentService/FetchChunk',
             protos_dot_fleet_dot_v1_dot_fleet__pb2.FetchChunkRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_fleet__pb2.ChunkPiece.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.fleet.v1.AgentService/Sync',
+            protos_dot_fleet_dot_v1_dot_data__pb2.SyncBatch.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_data__pb2.SyncAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ Every call but Enroll carries the device credential as gRPC metadata
 from collections import abc as _abc
 from grpc import aio as _aio
 from protos.artifact.v1 import artifact_pb2 as _artifact_pb2
+from protos.fleet.v1 import data_pb2 as _data_pb2
 from protos.fleet.v1 import fleet_pb2 as _fleet_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -59,6 +60,8 @@ class AgentServiceStub:
     """A signed manifest by its digest (sha256 of the manifest bytes)."""
     FetchChunk: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FetchChunkRequest, _fleet_pb2.ChunkPiece]
     """A chunk's bytes from `offset` on, in pieces; resumes an interrupted download."""
+    Sync: _grpc.UnaryUnaryMultiCallable[_data_pb2.SyncBatch, _data_pb2.SyncAck]
+    """Captured inferences and telemetry, in order; stored once each, then acknowledged."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -85,6 +88,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """A signed manifest by its digest (sha256 of the manifest bytes)."""
     FetchChunk: _aio.UnaryStreamMultiCallable[_fleet_pb2.FetchChunkRequest, _fleet_pb2.ChunkPiece]  # type: ignore[assignment]
     """A chunk's bytes from `offset` on, in pieces; resumes an interrupted download."""
+    Sync: _aio.UnaryUnaryMultiCallable[_data_pb2.SyncBatch, _data_pb2.SyncAck]  # type: ignore[assignment]
+    """Captured inferences and telemetry, in order; stored once each, then acknowledged."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -150,5 +155,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_fleet_pb2.ChunkPiece], _abc.AsyncIterator[_fleet_pb2.ChunkPiece]]:
         """A chunk's bytes from `offset` on, in pieces; resumes an interrupted download."""
+
+    @_abc_1.abstractmethod
+    def Sync(
+        self,
+        request: _data_pb2.SyncBatch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_data_pb2.SyncAck, _abc.Awaitable[_data_pb2.SyncAck]]:
+        """Captured inferences and telemetry, in order; stored once each, then acknowledged."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

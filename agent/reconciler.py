@@ -35,6 +35,7 @@ from edgefleet.core.fleet import (
     ModelPhase,
     ModelStatus,
     ReportedState,
+    Variant,
 )
 from edgefleet.core.manifests import all_chunks, expand, manifest_digest, verify_manifest
 from edgefleet.core.retry import Backoff
@@ -51,6 +52,10 @@ from protos.artifact.v1 import artifact_pb2
 log = logging.getLogger(__name__)
 
 
+# (manifest, digest, verified folder, session options) -> the loaded, smoke-tested version.
+Loader = Callable[[artifact_pb2.Manifest, str, Path, SessionOptions], LoadedModel]
+
+
 @dataclass
 class Work:
     """What the agent is doing about one model: the version it works towards, and how far."""
@@ -59,6 +64,12 @@ class Work:
     desired_digest: str = ""
     phase: ModelPhase = ModelPhase.UNSPECIFIED
     error: str = ""
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    loaded: LoadedModel
+    folder: Path
 
 
 @dataclass
@@ -96,8 +107,12 @@ class Reconciler:
         on_event: Callable[[str], None] | None = None,
         inference_endpoint: str = "",
         on_desired: Callable[[DesiredState], None] | None = None,
+        loader: Loader = load_and_check,
     ) -> None:
         self._on_desired = on_desired
+        # What loads and smoke-tests a verified version: ONNX Runtime, or the fleet
+        # simulator's stand-in (tests/fleetsim), which runs everything else for real.
+        self._load = loader
         self.settings = settings
         self.state = state
         self.chunks = chunks
@@ -112,6 +127,8 @@ class Reconciler:
         )
         self._lock = threading.Lock()
         self._status: dict[str, Work] = {}
+        # model -> what is wrong with its variants (the primary serves regardless).
+        self._variant_errors: dict[str, str] = {}
         self._device_error = ""
         self._seen_generation = 0
         self._announced = 0
@@ -199,7 +216,7 @@ class Reconciler:
         signed.ParseFromString(raw)
         manifest = verify_manifest(signed, keys, slot.digest)
         verify_files(slot.dir, manifest)
-        return load_and_check(manifest, slot.digest, slot.dir, self._options)
+        return self._load(manifest, slot.digest, slot.dir, self._options)
 
     # trust ----------------------------------------------------------------------------
     def ensure_trust(self) -> RootKey:
@@ -360,6 +377,7 @@ class Reconciler:
                 if not isinstance(err, EdgefleetError):
                     log.exception("unexpected failure converging %s", assignment.model)
                 self._event(f"{assignment.model} v{assignment.version} failed: {message}")
+            result.errors.extend(self._converge_variants(assignment))
         for record in self.state.models():
             if record.model not in wanted:
                 self._retire(record)
@@ -410,6 +428,29 @@ class Reconciler:
                 f"needs an operator's rollback (`edgefleet rollback {name} --to "
                 f"{assignment.version}`); what it has keeps serving"
             )
+        model = self._fetch_and_load(name, assignment.version, digest, assignment.target)
+        switched = self.state.switch(
+            name,
+            Slot(assignment.version, digest, model.folder),
+            generation,
+            rollback=assignment.rollback,
+        )
+        keep = [switched.previous.version] if switched.previous else []
+        # Variants already loaded keep serving across the primary's switch.
+        keep += [v.version for v in assignment.variants]
+        dropped = self.repository.publish(model.loaded, keep=keep)
+        del dropped  # released with their sessions once no request holds them
+        self.counters.activations += 1
+        self._set_status(name, phase=ModelPhase.READY, error="")
+        self._event(f"serving {label} on {model.loaded.execution_provider}")
+        return True
+
+    def _fetch_and_load(
+        self, name: str, version: int, digest: str, target: str, *, primary: bool = True
+    ) -> _Fetched:
+        """Fetch, verify, assemble, load and smoke-test one version's artifact: what every
+        version goes through before it serves, primary or variant."""
+        label = f"{name} v{version}"
         wire = self.link.get_manifest(digest)
         self.chunks.count_manifest(len(wire.manifest_zlib) or len(wire.manifest))
         signed = expand(wire)
@@ -419,12 +460,12 @@ class Reconciler:
                 f"{label}'s manifest expired at "
                 f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(manifest.expires_at))} UTC"
             )
-        if manifest.target != assignment.target:
+        if manifest.target != target:
             raise ArtifactRejected(
                 f"manifest {digest[:12]} is built for {manifest.target[:64]!r}, but the desired "
-                f"state assigns {label} for {assignment.target!r}"
+                f"state assigns {label} for {target!r}"
             )
-        if manifest.model != name or manifest.version != assignment.version:
+        if manifest.model != name or manifest.version != version:
             raise ArtifactRejected(
                 f"manifest {digest[:12]} describes {manifest.model} v{manifest.version}, "
                 f"but the desired state assigns {label}"
@@ -445,23 +486,64 @@ class Reconciler:
             self.chunks.fetch(ref, self._pieces)
             if index % step == 0 or index == len(missing):
                 self._event(f"{label}: downloaded {index}/{len(missing)} chunks")
-        self._set_status(name, phase=ModelPhase.ACTIVATING)
+        if primary:
+            self._set_status(name, phase=ModelPhase.ACTIVATING)
         self._event(f"activating {label}")
         folder = self._assemble(name, digest, manifest)
-        model = load_and_check(manifest, digest, folder, self._options)
-        switched = self.state.switch(
-            name,
-            Slot(assignment.version, digest, folder),
-            generation,
-            rollback=assignment.rollback,
+        return _Fetched(self._load(manifest, digest, folder, self._options), folder)
+
+    def _converge_variants(self, assignment: Assignment) -> list[str]:
+        """Serve the assignment's variants beside its primary and split traffic between
+        those loaded; the errors of those that failed. A variant that fails never touches
+        the primary: its share goes to the primary until a later pass loads it."""
+        name = assignment.model
+        serving = self._default_model(name)
+        errors: list[str] = []
+        loaded: list[Variant] = []
+        if serving is not None and serving.version == assignment.version:
+            for variant in assignment.variants:
+                try:
+                    self._load_variant(name, variant)
+                    loaded.append(variant)
+                except Exception as err:
+                    message = f"variant v{variant.version}: {_describe(err)}"
+                    errors.append(f"{name} {message}")
+                    self._event(f"{name} {message}; the primary v{assignment.version} serves on")
+                    if not isinstance(err, EdgefleetError):
+                        log.exception("unexpected failure loading a variant of %s", name)
+        # A split is only ever around the desired primary: with another version serving (its
+        # activation failed), that version takes every request.
+        self.repository.set_traffic(name, loaded)
+        wanted = {v.version for v in loaded}
+        record = self.state.model(name)
+        previous = record.previous.version if record and record.previous else 0
+        for version in self.repository.versions(name):
+            if version not in wanted and version != previous:
+                self.repository.drop(name, version)
+        with self._lock:
+            if errors:
+                self._variant_errors[name] = "; ".join(errors)
+            else:
+                self._variant_errors.pop(name, None)
+        return errors
+
+    def _load_variant(self, name: str, variant: Variant) -> None:
+        try:
+            held = self.repository.get(name, variant.version)
+        except EdgefleetError:
+            held = None
+        if held is not None and held.digest == variant.manifest_digest:
+            return
+        role = "shadow" if variant.shadow else f"A/B {variant.weight:.1%}"
+        fetched = self._fetch_and_load(
+            name, variant.version, variant.manifest_digest, variant.target, primary=False
         )
-        keep = [switched.previous.version] if switched.previous else []
-        dropped = self.repository.publish(model, keep=keep)
-        del dropped  # released with their sessions once no request holds them
+        self.repository.add(fetched.loaded)
         self.counters.activations += 1
-        self._set_status(name, phase=ModelPhase.READY, error="")
-        self._event(f"serving {label} on {model.execution_provider}")
-        return True
+        self._event(
+            f"serving {name} v{variant.version} beside the primary ({role}) on "
+            f"{fetched.loaded.execution_provider}"
+        )
 
     def _pieces(self, sha256: str, offset: int) -> Iterator[bytes]:
         # Checked between pieces so that stop() does not wait for a whole large chunk.
@@ -491,6 +573,7 @@ class Reconciler:
         self.state.remove_model(record.model)
         with self._lock:
             self._status.pop(record.model, None)
+            self._variant_errors.pop(record.model, None)
         self._event(f"stopped serving {record.model}: no longer in the desired state")
 
     def _collect_garbage(self, desired: DesiredState) -> None:
@@ -501,8 +584,11 @@ class Reconciler:
                 if slot is not None:
                     keep.setdefault(record.model, set()).add(slot.digest)
                     digests.add(slot.digest)
-        # Chunks of a version still being downloaded stay, so the next try resumes.
-        digests.update(a.manifest_digest for a in desired.assignments)
+        # Chunks of a version still being downloaded stay, so the next try resumes; variants'
+        # folders stay while they are wanted.
+        for a in desired.assignments:
+            digests.update(a.digests())
+            keep.setdefault(a.model, set()).update(v.manifest_digest for v in a.variants)
         manifests: list[artifact_pb2.Manifest] = []
         for digest in digests:
             raw = self.state.manifest(digest)
@@ -545,7 +631,9 @@ class Reconciler:
                     previous_version=record.previous.version if record and record.previous else 0,
                     desired_version=work.desired_version,
                     phase=work.phase,
-                    error=work.error or (record.last_error if record else ""),
+                    error=work.error
+                    or (record.last_error if record else "")
+                    or self._variant_errors.get(name, ""),
                     execution_provider=serving.execution_provider if serving else "",
                 )
             )

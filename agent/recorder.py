@@ -96,6 +96,9 @@ class _Window:
     stats_second: int = 0
     stats_in_second: int = 0
     totals: VersionTotals = field(default_factory=VersionTotals)
+    compared: int = 0
+    agreed: int = 0
+    compared_with: int = 0
 
     def add_stats(self, name: str, stats: tuple[ChannelStats, ...]) -> None:
         have = self.inputs.get(name)
@@ -121,6 +124,9 @@ class _Window:
             self.captured,
             attributed,
             self.target,
+            self.compared,
+            self.agreed,
+            self.compared_with,
         )
 
 
@@ -256,6 +262,30 @@ class Recorder:
             window.captured += 1
             window.totals.captured += 1
             self.stats.captured += 1
+
+    def shadowed(
+        self, name: str, version: int, primary_version: int, started: float, agreed: bool
+    ) -> None:
+        """A shadow ran a copy of a request the primary answered: its latency counts in its
+        own version's window, with the comparison. Its inputs are the primary's (counted
+        there) and shadows capture nothing."""
+        now = time.time()
+        elapsed = time.perf_counter() - started
+        latency_ms = elapsed * 1000
+        bucket = _bucket(latency_ms)
+        with self._lock:
+            window = self._window(name, version, self._models.get(name), now)
+            window.requests += 1
+            window.busy_seconds += elapsed
+            window.latency_sum_ms += latency_ms
+            window.latency[bucket] += 1
+            window.compared += 1
+            window.agreed += int(agreed)
+            window.compared_with = primary_version
+            totals = window.totals
+            totals.requests += 1
+            totals.latency[bucket] += 1
+            totals.latency_sum_ms += latency_ms
 
     def failed(self, name: str, version: int) -> None:
         now = time.time()

@@ -7,7 +7,9 @@ after the swap, so requests never see a half-loaded model (load new, switch, unl
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from agent.errors import ArtifactRejected, InvalidRequest, ModelNotFound
+from edgefleet.core.fleet import Variant
 from edgefleet.core.tensors import ORT_TO_DATATYPE
 from edgefleet.core.versions import TensorSpec
 
@@ -142,6 +145,34 @@ def load_model(
     return model
 
 
+def bucket(key: str) -> float:
+    """A routing key's stable place in [0, 1): the same key lands on the same version, on
+    every device and across restarts (Python's own hash is salted per process)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """How one model's requests that name no version are split: the A/B variants by the
+    upper end of their slice of [0, 1) (the primary takes the rest), and the shadow."""
+
+    slices: tuple[tuple[int, float], ...] = ()
+    shadow: int = 0
+
+    @classmethod
+    def of(cls, variants: Sequence[Variant]) -> Traffic:
+        slices, upper = [], 0.0
+        for v in variants:
+            if not v.shadow and v.weight > 0:
+                # A variant's slice starts at 0, so raising its weight only adds keys to it:
+                # sticky clients already on it stay there.
+                upper += v.weight
+                slices.append((v.version, upper))
+        shadow = next((v.version for v in variants if v.shadow), 0)
+        return cls(tuple(slices), shadow)
+
+
 class ModelRepository:
     """The models being served, by name and version. Thread-safe; reads take no lock.
 
@@ -154,6 +185,8 @@ class ModelRepository:
         # name -> (default version, {version: model}); replaced whole, never mutated, so
         # readers see either the old or the new mapping.
         self._models: dict[str, tuple[int, dict[int, LoadedModel]]] = {}
+        self._traffic: dict[str, Traffic] = {}
+        self._random = random.Random()
 
     def publish(self, model: LoadedModel, *, keep: Sequence[int] = ()) -> list[LoadedModel]:
         """Make `model` the default version of its name; keep only `keep` other versions.
@@ -175,7 +208,68 @@ class ModelRepository:
             new = dict(self._models)
             _, gone = new.pop(name, (0, {}))
             self._models = new
+            self._traffic = {k: t for k, t in self._traffic.items() if k != name}
         return list(gone.values())
+
+    def add(self, model: LoadedModel) -> LoadedModel | None:
+        """Serve `model` beside its name's default version (which stays the default); the
+        model it replaces at that version, if any. ModelNotFound when the name has none."""
+        with self._lock:
+            entry = self._models.get(model.name)
+            if entry is None:
+                raise ModelNotFound(f"model {model.name!r} has no default version to serve beside")
+            default, versions = entry
+            if model.version == default:
+                raise InvalidRequest(f"{model.name} v{model.version} is its default version")
+            replaced = versions.get(model.version)
+            self._models = {
+                **self._models,
+                model.name: (default, {**versions, model.version: model}),
+            }
+        return replaced
+
+    def drop(self, name: str, version: int) -> LoadedModel | None:
+        """Stop serving a version other than the default; the model dropped, if any."""
+        with self._lock:
+            entry = self._models.get(name)
+            if entry is None or entry[0] == version or version not in entry[1]:
+                return None
+            default, versions = entry
+            kept = {v: m for v, m in versions.items() if v != version}
+            self._models = {**self._models, name: (default, kept)}
+            return versions[version]
+
+    def set_traffic(self, name: str, variants: Sequence[Variant]) -> None:
+        """Split `name`'s requests that name no version between its default and `variants`
+        (none: the default takes them all)."""
+        traffic = Traffic.of(variants)
+        with self._lock:
+            rest = {k: t for k, t in self._traffic.items() if k != name}
+            self._traffic = {**rest, name: traffic} if traffic != Traffic() else rest
+
+    def traffic(self, name: str) -> Traffic:
+        return self._traffic.get(name, Traffic())
+
+    def route(self, name: str, key: str = "") -> tuple[LoadedModel, LoadedModel | None]:
+        """The version a request naming no version runs on (by its routing `key`'s bucket,
+        or at random without one) and the shadow that gets a copy of it (None: none). A
+        variant not loaded (still downloading, or refused) leaves its share to the default."""
+        traffic = self._traffic.get(name)
+        if traffic is None:
+            return self.get(name), None
+        entry = self._models.get(name)
+        if entry is None:
+            return self.get(name), None
+        default, versions = entry
+        chosen = versions[default]
+        if traffic.slices:
+            point = bucket(key) if key else self._random.random()
+            for version, upper in traffic.slices:
+                if point < upper:
+                    chosen = versions.get(version, chosen)
+                    break
+        shadow = versions.get(traffic.shadow) if traffic.shadow else None
+        return chosen, shadow
 
     def get(self, name: str, version: str | int | None = None) -> LoadedModel:
         entry = self._models.get(name)

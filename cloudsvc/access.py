@@ -81,9 +81,23 @@ ROLES: dict[str, Role] = {
         "SetCapturePolicy": OPERATE,
         "ListDataSets": VIEW,
         "GetTelemetry": VIEW,
+        "GetDrift": VIEW,
         # Captured rows are the users' data: exporting and labelling them is an operator's.
         "ExportCaptures": OPERATE,
         "LabelCaptures": OPERATE,
+        "SetTraffic": OPERATE,
+        "StartRollout": OPERATE,
+        "GetRollout": VIEW,
+        "ListRollouts": VIEW,
+        "PauseRollout": OPERATE,
+        "ResumeRollout": OPERATE,
+        "AbortRollout": OPERATE,
+        # The loop fine-tunes and rolls out on its own: switching it is an operator's.
+        "EnableLoop": OPERATE,
+        "DisableLoop": OPERATE,
+        "RunLoop": OPERATE,
+        "GetLoop": VIEW,
+        "ListLoops": VIEW,
     }.items()
 } | {
     f"/{JOB_SERVICE}/{name}": role

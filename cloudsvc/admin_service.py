@@ -11,19 +11,29 @@ from pathlib import Path
 
 import grpc
 
-from cloudsvc.errors import InvalidRequest, TooLarge
+from cloudsvc.drift import DriftMonitor
+from cloudsvc.errors import InvalidRequest, NotReady, TooLarge
 from cloudsvc.fleet import Fleet
+from cloudsvc.loop import ClosedLoop
 from cloudsvc.registry import Registry, check_name
+from cloudsvc.rollouts import RolloutEngine
+from cloudsvc.settings import DriftSettings
 from cloudsvc.store.data import CaptureQuery, DataStore
 from cloudsvc.telemetry import aggregate
 from cloudsvc.tokens import Tokens
 from edgefleet.core.data import CaptureLabel, CapturePolicy
+from edgefleet.core.fleet import TrafficVariant
+from edgefleet.core.loop import LoopConfig
+from edgefleet.core.rollouts import RolloutSpec
 from edgefleet.core.tokens import Role
 from edgefleet.core.wire import from_proto, to_proto
-from protos.admin.v1 import admin_pb2, admin_pb2_grpc
+from protos.admin.v1 import admin_pb2, admin_pb2_grpc, loop_pb2, rollout_pb2
 from protos.fleet.v1 import data_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
+
+MAX_SELECTOR = 64
+MAX_REASON = 500
 
 MAX_LABEL = 256
 MAX_LABELS_AT_ONCE = 1_000_000
@@ -40,7 +50,14 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         tmp_dir: Path,
         max_upload_bytes: int,
         data: DataStore,
+        rollouts: RolloutEngine,
+        drift: DriftMonitor | None = None,
+        loop: ClosedLoop | None = None,
     ) -> None:
+        self.loop = loop
+        self.rollouts = rollouts
+        # Reports are computed on demand; without the running monitor, with the defaults.
+        self.drift = drift or DriftMonitor(registry.metadata, data, DriftSettings())
         self.registry = registry
         self.fleet = fleet
         self.tokens = tokens
@@ -250,6 +267,18 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             devices=[admin_pb2.DeviceGeneration(device_id=d, generation=g) for d, g in results]
         )
 
+    def SetTraffic(
+        self, request: admin_pb2.SetTrafficRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.SetTrafficResponse:
+        results = self.fleet.set_traffic(
+            request.model,
+            dict(request.selector),
+            [from_proto(v, TrafficVariant) for v in request.variants],
+        )
+        return admin_pb2.SetTrafficResponse(
+            devices=[admin_pb2.DeviceGeneration(device_id=d, generation=g) for d, g in results]
+        )
+
     def ListDataSets(
         self, request: admin_pb2.ListDataSetsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListDataSetsResponse:
@@ -289,6 +318,54 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         labelled, unknown = self.data.label(labels)
         return admin_pb2.LabelCapturesResponse(labelled=labelled, unknown=unknown)
 
+    # rollouts ------------------------------------------------------------------------------
+    def StartRollout(
+        self, request: rollout_pb2.RolloutSpec, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        check_name("model", request.model)
+        if len(request.selector) > MAX_SELECTOR:
+            raise InvalidRequest(f"a selector has at most {MAX_SELECTOR} labels")
+        spec = from_proto(request, RolloutSpec)
+        return to_proto(self.rollouts.start_rollout(spec), rollout_pb2.Rollout)
+
+    def GetRollout(
+        self, request: rollout_pb2.GetRolloutRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return to_proto(self.rollouts.get(request.rollout_id), rollout_pb2.Rollout)
+
+    def ListRollouts(
+        self, request: rollout_pb2.ListRolloutsRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.ListRolloutsResponse:
+        if request.model:
+            check_name("model", request.model)
+        return rollout_pb2.ListRolloutsResponse(
+            rollouts=[to_proto(r, rollout_pb2.Rollout) for r in self.rollouts.list(request.model)]
+        )
+
+    def PauseRollout(
+        self, request: rollout_pb2.RolloutActionRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return to_proto(
+            self.rollouts.pause(request.rollout_id, request.reason[:MAX_REASON]),
+            rollout_pb2.Rollout,
+        )
+
+    def ResumeRollout(
+        self, request: rollout_pb2.RolloutActionRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return to_proto(
+            self.rollouts.resume(request.rollout_id, request.reason[:MAX_REASON]),
+            rollout_pb2.Rollout,
+        )
+
+    def AbortRollout(
+        self, request: rollout_pb2.RolloutActionRequest, context: grpc.ServicerContext
+    ) -> rollout_pb2.Rollout:
+        return to_proto(
+            self.rollouts.abort(request.rollout_id, request.reason[:MAX_REASON]),
+            rollout_pb2.Rollout,
+        )
+
     def GetTelemetry(
         self, request: admin_pb2.GetTelemetryRequest, context: grpc.ServicerContext
     ) -> admin_pb2.TelemetryReport:
@@ -300,3 +377,45 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.TelemetryReport(
             versions=[to_proto(v, admin_pb2.VersionTelemetry) for v in aggregate(records)]
         )
+
+    def GetDrift(
+        self, request: admin_pb2.GetDriftRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.DriftReport:
+        report = self.drift.report(request.model, request.version, request.since_s)
+        return to_proto(report, admin_pb2.DriftReport)
+
+    # the closed loop ----------------------------------------------------------------------
+    def _closed_loop(self) -> ClosedLoop:
+        if self.loop is None:
+            raise NotReady("this cloud runs no closed loop (started without its job manager)")
+        return self.loop
+
+    def EnableLoop(
+        self, request: loop_pb2.EnableLoopRequest, context: grpc.ServicerContext
+    ) -> loop_pb2.Loop:
+        loop = self._closed_loop().enable(from_proto(request.config, LoopConfig))
+        return to_proto(loop, loop_pb2.Loop)
+
+    def DisableLoop(
+        self, request: loop_pb2.LoopActionRequest, context: grpc.ServicerContext
+    ) -> loop_pb2.Loop:
+        loop = self._closed_loop().disable(request.model, request.reason[:MAX_REASON])
+        return to_proto(loop, loop_pb2.Loop)
+
+    def RunLoop(
+        self, request: loop_pb2.LoopActionRequest, context: grpc.ServicerContext
+    ) -> loop_pb2.Loop:
+        loop = self._closed_loop().run_now(request.model, request.reason[:MAX_REASON])
+        return to_proto(loop, loop_pb2.Loop)
+
+    def GetLoop(
+        self, request: loop_pb2.GetLoopRequest, context: grpc.ServicerContext
+    ) -> loop_pb2.Loop:
+        loop = self._closed_loop().get(request.model, min(request.runs, 1000))
+        return to_proto(loop, loop_pb2.Loop)
+
+    def ListLoops(
+        self, request: loop_pb2.ListLoopsRequest, context: grpc.ServicerContext
+    ) -> loop_pb2.ListLoopsResponse:
+        loops = self._closed_loop().loops()
+        return loop_pb2.ListLoopsResponse(loops=[to_proto(loop, loop_pb2.Loop) for loop in loops])

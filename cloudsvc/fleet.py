@@ -8,6 +8,7 @@ deploy.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import threading
@@ -17,6 +18,7 @@ from dataclasses import replace
 
 from cloudsvc.errors import (
     CloudError,
+    Conflict,
     Forbidden,
     InvalidRequest,
     NotAuthenticated,
@@ -42,6 +44,8 @@ from edgefleet.core.fleet import (
     Enrollment,
     MqttAccess,
     ReportedState,
+    TrafficVariant,
+    Variant,
 )
 from edgefleet.core.tokens import EnrollToken
 from edgefleet.core.trust import SignedDesiredState
@@ -104,6 +108,8 @@ class Fleet:
         self.device_port = device_port
         self._changed = threading.Condition()
         self._closed = False
+        # Who holds devices of a model (a rollout engine): "" when they are free, else why not.
+        self.claims: Callable[[str, Sequence[str]], str] | None = None
         self._deploy_lock = threading.Lock()
         self._touched: dict[str, float] = {}
         # Issues a device's MQTT account at enrollment (set when the cloud has a broker).
@@ -298,9 +304,13 @@ class Fleet:
                 d for d in self.metadata.list_devices() if d.matches(selector) and not d.revoked
             ]
             if not devices:
-                raise NotReady(self._no_match_message(selector))
+                raise NotReady(self.no_match_message(selector))
             if not rollback:
                 self._refuse_going_back(model, version, devices)
+            if self.claims is not None:
+                busy = self.claims(model, [d.device_id for d in devices])
+                if busy:
+                    raise Conflict(busy)
             # Below a version a device was ever assigned, the assignment is a rollback: a
             # device that missed the operator's rollback still takes the versions after it.
             plan = {
@@ -316,6 +326,51 @@ class Fleet:
         with self._changed:
             self._changed.notify_all()
         return sorted(generations.items())
+
+    def assignment_for(self, record: ModelVersion, device_id: str, target: str = "") -> Assignment:
+        """What `device_id` would be told to run of `record` (NotReady: nothing it runs)."""
+        return self._assignment(record, self._enrolled(device_id), target)
+
+    def move(
+        self,
+        model: str,
+        versions: Mapping[str, int],
+        *,
+        target: str = "",
+        rollback: bool = False,
+        shadows: Mapping[str, int] | None = None,
+    ) -> dict[str, int]:
+        """Give each device (id -> version) its own version of `model` in one transaction
+        (0: take the model off the device), as a rollout's waves and aborts do: no standing
+        deployment is recorded. With `rollback`, or below what a device was ever assigned,
+        the assignment is a signed rollback. `shadows` (id -> version) adds a shadow of that
+        version beside the new one (a rollout judging agreement). Returns the new
+        generations."""
+        shadows = shadows or {}
+        wanted = {*versions.values(), *shadows.values()} - {0}
+        records = {v: self.registry.get_version(model, v) for v in wanted}
+        with self._deploy_lock:
+            plan = {}
+            for device_id, version in versions.items():
+                if not version:
+                    continue
+                device = self._enrolled(device_id)
+                assignment = self._assignment(records[version], device, target)
+                peak = self.metadata.peaks(device_id).get(model, 0)
+                assignment = replace(assignment, rollback=rollback or version < peak)
+                shadow = shadows.get(device_id, 0)
+                if shadow and shadow != version:
+                    made = self._assignment(records[shadow], device, "")
+                    variant = Variant(shadow, made.target, made.manifest_digest, 0.0, True)
+                    assignment = replace(assignment, variants=(variant,))
+                plan[device_id] = assignment
+            generations = self.metadata.assign(plan) if plan else {}
+            gone = [d for d, v in versions.items() if not v]
+            if gone:
+                generations.update(self.metadata.unassign(model, gone))
+        with self._changed:
+            self._changed.notify_all()
+        return generations
 
     def _refuse_going_back(self, model: str, version: int, devices: list[DeviceRecord]) -> None:
         """A deploy moves forward; going below what devices are assigned is a rollback."""
@@ -374,7 +429,63 @@ class Fleet:
             self._changed.notify_all()
         return sorted(generations.items())
 
-    def _no_match_message(self, selector: Mapping[str, str]) -> str:
+    def set_traffic(
+        self,
+        model: str,
+        selector: Mapping[str, str] | None,
+        variants: Sequence[TrafficVariant],
+    ) -> list[tuple[str, int]]:
+        """Serve a second version of `model` beside its primary on the devices of `selector`
+        that run it: an A/B share of requests (weight in (0, 1)) or a shadow (weight 0; a copy
+        of every request, compared, never answered). Empty `variants` clears the split. Every
+        check runs before anything moves; the plan is one transaction. A later deploy or
+        rollback of the model replaces the assignment and so clears the split."""
+        selector = dict(selector or {})
+        if self.registry.metadata.get_model(model) is None:
+            raise UnknownResource(f"no model is named {model[:80]!r}; see `edgefleet models list`")
+        _check_split(variants)
+        records = {v.version: self.registry.get_version(model, v.version) for v in variants}
+        for version, record in records.items():
+            if not record.artifacts:
+                raise NotReady(f"{model} v{version} has no artifact to serve; push it again")
+        with self._deploy_lock:
+            devices = [
+                d for d in self.metadata.list_devices() if d.matches(selector) and not d.revoked
+            ]
+            if not devices:
+                raise NotReady(self.no_match_message(selector))
+            plan: dict[str, Assignment] = {}
+            running = 0
+            for device in devices:
+                current = self.metadata.get_desired(device.device_id).assignment(model)
+                if current is None:
+                    continue  # the selector may span devices that do not run the model
+                running += 1
+                chosen = []
+                for v in variants:
+                    if v.version == current.version:
+                        raise InvalidRequest(
+                            f"{device.device_id} runs {model} v{v.version} as its primary: a "
+                            "variant is another version (deploy moves the primary)"
+                        )
+                    made = self._assignment(records[v.version], device, "")
+                    chosen.append(
+                        Variant(v.version, made.target, made.manifest_digest, v.weight, v.shadow)
+                    )
+                if current.variants != tuple(chosen):
+                    plan[device.device_id] = replace(current, variants=tuple(chosen))
+            if not running:
+                wanted = ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "(all)"
+                raise NotReady(
+                    f"no device of the selector {wanted!r} runs {model}: deploy it first "
+                    f"(`edgefleet deploy {model} VERSION`), then split its traffic"
+                )
+            generations = self.metadata.assign(plan) if plan else {}
+        with self._changed:
+            self._changed.notify_all()
+        return sorted(generations.items())
+
+    def no_match_message(self, selector: Mapping[str, str]) -> str:
         devices = self.metadata.list_devices()
         if not devices:
             return "no device is enrolled yet; start an agent with an enroll token first"
@@ -483,11 +594,13 @@ class Fleet:
             )
         now = time.time()
         self.metadata.put_reported(replace(state, reported_at=now))
-        changed = replace(
-            device, capabilities=state.capabilities or device.capabilities, last_seen_at=now
-        )
-        if changed != device:
-            self.metadata.put_device(changed)
+        if state.capabilities is not None and state.capabilities != device.capabilities:
+            self.metadata.put_device(
+                replace(device, capabilities=state.capabilities, last_seen_at=now)
+            )
+        else:
+            # Only "seen": one write a second at most, not a transaction per report.
+            self.touch(device.device_id)
         return self.metadata.get_desired(state.device_id).generation
 
     # the operator's hold over devices ----------------------------------------------------
@@ -555,3 +668,43 @@ def check_labels(labels: Mapping[str, str]) -> None:
                 f"label {key[:80]!r}={value[:80]!r} is not valid: keys need 1-63 characters, "
                 "values at most 255"
             )
+
+
+# A/B beside the primary or a shadow: two versions of a model on a device at most, so that
+# its memory and the comparison stay simple to reason about.
+MAX_VARIANTS = 1
+
+
+def _check_split(variants: Sequence[TrafficVariant]) -> None:
+    """InvalidRequest unless `variants` is a split a device can serve."""
+    if len(variants) > MAX_VARIANTS:
+        raise InvalidRequest(
+            f"{len(variants)} variants: a device serves at most {MAX_VARIANTS + 1} versions of "
+            "a model (the primary and one A/B or shadow version)"
+        )
+    for v in variants:
+        if v.version < 1:
+            raise InvalidRequest(f"variant version {v.version} names no version (they start at 1)")
+        if not math.isfinite(v.weight) or not 0.0 <= v.weight < 1.0:
+            raise InvalidRequest(
+                f"v{v.version}'s weight {v.weight!r} is outside [0, 1): a share of requests, "
+                "the primary keeping the rest"
+            )
+        if v.shadow and v.weight != 0.0:
+            raise InvalidRequest(
+                f"v{v.version} is a shadow with weight {v.weight}: a shadow answers no request "
+                "(it gets a copy of each), so its weight is 0"
+            )
+        if not v.shadow and v.weight == 0.0:
+            raise InvalidRequest(
+                f"v{v.version} has weight 0 and is no shadow: give it a share (--ab "
+                f"{v.version}=10%) or make it a shadow (--shadow {v.version})"
+            )
+    if len({v.version for v in variants}) != len(variants):
+        raise InvalidRequest("a version appears twice among the variants")
+    # Unreachable with one variant of weight under 1; the invariant devices rely on.
+    if sum(v.weight for v in variants) >= 1.0:
+        raise InvalidRequest(
+            "the variants' weights sum to 1 or more: the primary must keep a share (to move "
+            "every request to a version, deploy it)"
+        )

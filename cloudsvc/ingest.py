@@ -147,6 +147,13 @@ def _check_window(seq: int, w: data_pb2.ModelWindow) -> None:
     requests = w.requests
     if sum(counts) > requests or w.errors > requests:
         raise InvalidRequest(f"telemetry row {seq}: more latencies or errors than requests")
+    compared = w.compared
+    if compared > requests or w.agreed > compared:
+        raise InvalidRequest(
+            f"telemetry row {seq}: a shadow compares at most its requests and agrees at most "
+            f"as often as it compares ({w.agreed} agreed of {compared} compared, "
+            f"{requests} requests)"
+        )
     inputs = w.inputs
     if len(inputs) > MAX_INPUTS or len(w.target) > MAX_TEXT:
         raise InvalidRequest(f"telemetry row {seq}: too many inputs")

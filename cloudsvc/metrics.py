@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 
 import edgefleet
+from cloudsvc.drift import DriftMonitor
 from cloudsvc.fleet import Fleet
 from cloudsvc.ingest import Ingest
 from cloudsvc.store.data import CAPTURES, TELEMETRY, DataStore
@@ -64,9 +65,12 @@ class CloudMetrics(SafeCollector):
 
     name = "cloud metrics"
 
-    def __init__(self, fleet: Fleet, metadata: MetadataStore) -> None:
+    def __init__(
+        self, fleet: Fleet, metadata: MetadataStore, *, drift: DriftMonitor | None = None
+    ) -> None:
         self.fleet = fleet
         self.metadata = metadata
+        self.drift_monitor = drift
         self.tally = Tally()
 
     # events -----------------------------------------------------------------------------
@@ -90,7 +94,15 @@ class CloudMetrics(SafeCollector):
 
     # the collector ----------------------------------------------------------------------
     def sections(self) -> Sequence[Callable[[], Iterator[Metric]]]:
-        return (self.info, self.rpcs, self.ingest, self.devices, self.deployments, self.jobs)
+        return (
+            self.info,
+            self.rpcs,
+            self.ingest,
+            self.devices,
+            self.deployments,
+            self.jobs,
+            self.drift,
+        )
 
     def info(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -222,6 +234,28 @@ class CloudMetrics(SafeCollector):
         for state in JOB_STATES:
             family.add_metric((state.value,), states[state])
         yield family
+
+    def drift(self) -> Iterator[Metric]:
+        if self.drift_monitor is None:
+            return
+        # The monitor's last check: what it computed anyway, read here without recomputing.
+        gauge = GaugeMetricFamily(
+            "edgefleet_drift_psi",
+            "Largest PSI of a version's input channels against its training baseline over "
+            "drift.window_s, per scope: fleet or device:<id> (scopes with enough values).",
+            labels=("model", "version", "scope"),
+        )
+        for labels, value in sorted(self.drift_monitor.gauges().items()):
+            gauge.add_metric(labels, value)
+        yield gauge
+        alerts = CounterMetricFamily(
+            "edgefleet_drift_alerts",
+            "Drift alerts raised (PSI reached drift.psi_threshold), per model, version, scope.",
+            labels=("model", "version", "scope"),
+        )
+        for labels, n in sorted(self.drift_monitor.alert_counts().items()):
+            alerts.add_metric(labels, n)
+        yield alerts
 
 
 class MeteredIngest(Ingest):

@@ -17,14 +17,17 @@ from grpc_reflection.v1alpha import reflection
 from cloudsvc.access import ADMIN_SERVICE, AGENT_SERVICE, JOB_SERVICE, Gate
 from cloudsvc.admin_service import PUSH_PREFIX, AdminService
 from cloudsvc.agent_service import AgentService
+from cloudsvc.drift import DriftMonitor
 from cloudsvc.errors import CloudError
 from cloudsvc.fleet import Fleet
 from cloudsvc.job_service import JobService
 from cloudsvc.jobs.manager import JobManager
 from cloudsvc.jobs.uploads import UploadStore
+from cloudsvc.loop import ClosedLoop
 from cloudsvc.metrics import CloudMetrics, MeteredIngest, serve_metrics
 from cloudsvc.mqtt.service import CloudMqtt
 from cloudsvc.registry import Registry
+from cloudsvc.rollouts import RolloutEngine, RolloutTuning
 from cloudsvc.settings import CloudSettings
 from cloudsvc.signing import RootKeys, write_private
 from cloudsvc.store.blobs import FolderBlobStore, remove_leftovers
@@ -193,8 +196,30 @@ class CloudServer:
             else None
         )
         self.jobs = JobManager(self.metadata, self.registry, settings)
+        self.rollouts = RolloutEngine(
+            self.fleet,
+            self.metadata,
+            self.data,
+            RolloutTuning(
+                settings.rollouts.tick_s,
+                settings.rollouts.min_requests,
+                settings.rollouts.baseline_lookback_s,
+            ),
+        )
+        # Drift of devices' inputs from each version's baseline, checked on its own thread.
+        self.drift = DriftMonitor(self.metadata, self.data, settings.drift)
         # Counted always (cheap); served on /metrics only when metrics_port is set.
-        self.metrics = CloudMetrics(self.fleet, self.metadata)
+        self.metrics = CloudMetrics(self.fleet, self.metadata, drift=self.drift)
+        # The closed loop: drift -> warm-started fine-tune -> held-out check -> canary.
+        self.loop = ClosedLoop(
+            self.metadata,
+            self.data,
+            self.registry,
+            self.jobs,
+            self.rollouts,
+            tick_s=settings.loop.tick_s,
+        )
+        self.drift.subscribe(self.loop.on_alert)
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.health = health.HealthServicer()
         # Streams hold a worker thread each. Anonymous ones (health watches) and device
@@ -231,6 +256,9 @@ class CloudServer:
                 settings.tmp_dir,
                 settings.max_upload_bytes,
                 self.data,
+                self.rollouts,
+                drift=self.drift,
+                loop=self.loop,
             ),
             self._server,
         )
@@ -292,6 +320,9 @@ class CloudServer:
             )
         self._server.start()
         self.jobs.start()
+        self.drift.start()
+        self.rollouts.start()  # running rollouts continue where they were
+        self.loop.start()  # runs of the closed loop continue from their recorded step
         if self.mqtt is not None:
             self.mqtt.start()
         self.started_at = time.time()
@@ -307,7 +338,10 @@ class CloudServer:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         self.health.enter_graceful_shutdown()
+        self.loop.stop()  # first: it reads jobs, rollouts and the stores
         self.jobs.stop()
+        self.drift.stop()  # before the stores close under it
+        self.rollouts.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
         self.fleet.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloudsvc.mqtt.settings import MqttSettings
@@ -45,6 +45,42 @@ class JobSettings(BaseModel):
     )
 
 
+class RolloutSettings(BaseModel):
+    """How rollouts run: `[rollouts]` in the TOML file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tick_s: float = Field(
+        1.0, gt=0, le=60, description="Seconds between checks of each running rollout."
+    )
+    min_requests: int = Field(
+        20,
+        ge=1,
+        description="Requests a gate needs on each side (new version; previous version for "
+        "relative gates) to judge; with fewer the rollout pauses and says so.",
+    )
+    baseline_lookback_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How far before a rollout the previous version's figures on the same "
+        "devices are taken from, for relative gates.",
+    )
+
+
+class LoopSettings(BaseModel):
+    """The closed loop's controller (cloudsvc.loop): `[loop]` in the TOML file. What each
+    model's loop does is set per model with `edgefleet loop enable`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tick_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Seconds between steps of each loop's run (label counts, its job).",
+    )
+
+
 class TlsSettings(BaseModel):
     """TLS of the cloud's port: `[tls]` in the TOML file. With no files given, a private CA
     and a server certificate are made once in data_dir/tls (the CA's ca.pem is what clients
@@ -72,6 +108,79 @@ class TlsSettings(BaseModel):
         description="Mutual TLS: a second port where devices call with the client certificate "
         "they got at enrollment (0: any free port; unset: no mutual TLS).",
     )
+
+
+class DriftSettings(BaseModel):
+    """Drift monitoring (cloudsvc.drift): `[drift]` in the TOML file
+    (EDGEFLEET_CLOUD_DRIFT__PSI_THRESHOLD=0.25)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True, description="Check every version with a training baseline for drift."
+    )
+    interval_s: float = Field(60.0, gt=0, description="Seconds between two checks.")
+    window_s: float = Field(
+        3600.0,
+        gt=0,
+        le=366 * 86_400,
+        description="Each check compares the telemetry of the last window_s seconds.",
+    )
+    psi_threshold: float = Field(
+        0.2,
+        gt=0,
+        description="PSI at which a device or the fleet alerts (0.2: the usual rule of thumb "
+        "for a shift worth acting on; 0.1-0.2 reads as moderate).",
+    )
+    clear_ratio: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="An alert clears when the PSI falls under clear_ratio x psi_threshold, so "
+        "a PSI wavering around the threshold alerts once.",
+    )
+    min_count: int = Field(
+        100,
+        ge=1,
+        description="Values a channel needs in the window before it is judged (fewer: noise).",
+    )
+    ks_max_captures: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="Sampled captures per version that `edgefleet drift` reads for the KS "
+        "test (the oldest in the window; 0: no KS).",
+    )
+    webhook_url: SecretStr | None = Field(
+        None,
+        description="Where each new alert is POSTed as JSON (https://; its path often holds "
+        "a secret, so it is masked). Unset: alerts go to the log and metrics only.",
+    )
+    webhook_insecure: bool = Field(
+        False,
+        description="Allow a plain http:// webhook_url: alerts then cross the network "
+        "unencrypted. A trusted loopback or lab network only.",
+    )
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Seconds one webhook POST may take."
+    )
+    webhook_retries: int = Field(
+        3, ge=0, le=10, description="Further tries of a failed POST, 1, 2, 4... s apart."
+    )
+
+    @model_validator(mode="after")
+    def _check_webhook(self) -> DriftSettings:
+        if self.webhook_url is not None:
+            url = self.webhook_url.get_secret_value()
+            scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+            if scheme not in ("https", "http"):
+                raise ValueError("drift.webhook_url must be an https:// URL")
+            if scheme == "http" and not self.webhook_insecure:
+                raise ValueError(
+                    "drift.webhook_url is plain http: alerts would cross the network "
+                    "unencrypted; use https:// or set drift.webhook_insecure = true"
+                )
+        return self
 
 
 class CloudSettings(LayeredSettings):
@@ -137,9 +246,20 @@ class CloudSettings(LayeredSettings):
     jobs: JobSettings = Field(
         default_factory=lambda: JobSettings(), description="Fine-tune and compile jobs."
     )
+    rollouts: RolloutSettings = Field(
+        default_factory=lambda: RolloutSettings(), description="Rollouts in waves."
+    )
+    loop: LoopSettings = Field(
+        default_factory=lambda: LoopSettings(),
+        description="The closed loop: drift -> fine-tune -> held-out check -> canary.",
+    )
     mqtt: MqttSettings = Field(
         default_factory=lambda: MqttSettings(),
         description="An MQTT broker for desired-state notices (off while mqtt.url is empty).",
+    )
+    drift: DriftSettings = Field(
+        default_factory=lambda: DriftSettings(),
+        description="Drift of devices' inputs from each version's training baseline.",
     )
     metadata_backend: str = Field(
         "sqlite", pattern="^(sqlite|memory)$", description="sqlite (durable) or memory (tests)."

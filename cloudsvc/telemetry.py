@@ -1,6 +1,7 @@
 """A model's serving across the fleet, from the telemetry windows devices sent: per version,
-requests, errors, latency quantiles from merged histograms, merged input statistics, and the
-device time attributed to it (what a device-hour price turns into a cost)."""
+requests, errors, latency quantiles from merged histograms, merged input statistics, the
+device time attributed to it (what a device-hour price turns into a cost), and, for a shadow,
+how often it agreed with the primary."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def aggregate(records: Iterable[TelemetryRecord]) -> list[VersionTelemetry]:
         latency = LatencyHistogram()
         inputs: dict[str, InputStats] = {}
         targets: Counter[str] = Counter()
-        requests = errors = captured = 0
+        requests = errors = captured = compared = agreed = 0
+        against: Counter[int] = Counter()
         busy = device_seconds = 0.0
         start, end = float("inf"), 0.0
         for record in rows:
@@ -39,6 +41,10 @@ def aggregate(records: Iterable[TelemetryRecord]) -> list[VersionTelemetry]:
             requests += w.requests
             errors += w.errors
             captured += w.captured
+            compared += w.compared
+            agreed += w.agreed
+            if w.compared:
+                against[w.compared_with] += w.compared
             busy += w.busy_seconds
             device_seconds += w.attributed_seconds
             start, end = min(start, w.start), max(end, w.end)
@@ -59,6 +65,9 @@ def aggregate(records: Iterable[TelemetryRecord]) -> list[VersionTelemetry]:
                 busy_seconds=busy,
                 device_seconds=device_seconds,
                 captured=captured,
+                compared=compared,
+                agreed=agreed,
+                compared_with=against.most_common(1)[0][0] if against else 0,
             )
         )
     return sorted(found, key=lambda v: -v.version)

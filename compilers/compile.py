@@ -24,6 +24,7 @@ from compilers.quantize import (
     Calibration,
     Evaluate,
     Int8Mode,
+    as_score,
     choose_int8_mode,
     convert_fp16,
     op_census,
@@ -53,8 +54,8 @@ def compile_target(
 ) -> Build:
     """Build the artifact for `target` from `onnx_path` into the empty folder `out_dir`.
 
-    `evaluate(path) -> score` (higher is better, e.g. accuracy on a validation split) is
-    required for targets that change numerics (INT8, FP16); the build is refused when the
+    `evaluate(path) -> score` (higher is better, e.g. accuracy on held-out data; a
+    `compilers.quantize.Score` with per-example verdicts adds 95% intervals) is required for targets that change numerics (INT8, FP16); the build is refused when the
     score falls by more than `max_accuracy_drop` (in evaluate's units; 0.01 = one point).
     For tensorrt-fp16 `evaluate` receives the engine file, so it must run TensorRT.
     `calibration` (typical inputs) is required for static INT8, the mode chosen for CNNs.
@@ -64,8 +65,9 @@ def compile_target(
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     primary = out_dir / profile.artifact_file
-    baseline = evaluate(onnx_path) if evaluate is not None else None
+    baseline = as_score(evaluate(onnx_path)) if evaluate is not None else None
     change: AccuracyChange | None = None
+    extra: dict[str, float] = {}
     steps: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as scratch:
         work = Path(scratch)
@@ -94,6 +96,14 @@ def compile_target(
                 )
                 current, change = result.path, result.accuracy
                 steps.append(result.method)
+                if result.integer_convs or result.float_convs:
+                    extra |= {
+                        "integer_convs": float(result.integer_convs),
+                        "float_convs": float(result.float_convs),
+                        "batchnorms_folded": float(result.batchnorms_folded),
+                        "fp32_layers_kept": float(len(result.kept_fp32)),
+                        "calibration_examples": float(result.calibration_examples),
+                    }
             elif step is Step.CONVERT_FP16:
                 assert evaluate is not None and baseline is not None
                 result = convert_fp16(
@@ -120,13 +130,13 @@ def compile_target(
             files = [primary]
     if evaluate is not None and baseline is not None and change is None:
         # fp32 and TensorRT: measure the final artifact itself
-        change = AccuracyChange(baseline, evaluate(primary))
+        change = AccuracyChange.between(baseline, evaluate(primary))
         if change.drop > max_accuracy_drop:
             for file in files:
                 file.unlink(missing_ok=True)
             raise CompileRefused(
                 f"the {profile.name} artifact scored {change.candidate:.4f} against "
-                f"{baseline:.4f} for the source (allowed drop {max_accuracy_drop:.4f}): "
+                f"{baseline.value:.4f} for the source (allowed drop {max_accuracy_drop:.4f}): "
                 "the compile step changed the model's behaviour; check the source with "
                 "check_parity"
             )
@@ -136,11 +146,8 @@ def compile_target(
         "compile_seconds": time.perf_counter() - started,
     }
     if change is not None:
-        metrics |= {
-            "accuracy_baseline": change.baseline,
-            "accuracy": change.candidate,
-            "accuracy_drop": change.drop,
-        }
+        metrics |= change.metrics()
+    metrics |= extra
     return Build(
         target=profile.name,
         folder=out_dir,

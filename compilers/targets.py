@@ -77,8 +77,9 @@ TARGETS: dict[str, TargetProfile] = {
             requires_module=None,
             artifact_file="model.onnx",
             description=(
-                "ONNX Runtime on CPU with INT8 weights: static QDQ (calibrated, per-channel) "
-                "for CNNs, dynamic for transformer-like graphs"
+                "ONNX Runtime on CPU with INT8 weights: static QDQ (BatchNorm folded, "
+                "calibrated, per-channel, integer convolutions checked) for CNNs, dynamic for "
+                "transformer-like graphs"
             ),
         ),
         TargetProfile(

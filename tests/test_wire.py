@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from google.protobuf.message import Message
 
-from edgefleet.core import data, fleet, jobs, tokens, trust, versions
+from edgefleet.core import data, fleet, jobs, loop, rollouts, tokens, trust, versions
 from edgefleet.core.wire import from_json, from_proto, to_json, to_proto
-from protos.admin.v1 import admin_pb2, jobs_pb2
+from protos.admin.v1 import admin_pb2, jobs_pb2, loop_pb2, rollout_pb2
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import data_pb2, fleet_pb2
 from protos.inference.v2 import grpc_predict_v2_pb2 as oip
@@ -36,6 +36,7 @@ LINEAGE = versions.Lineage(
     20,
     4,
     3,
+    1,
 )
 EVALUATION = versions.Evaluation(
     0.75,
@@ -78,10 +79,16 @@ VERSION = versions.ModelVersion(
 CAPS = fleet.Capabilities("x86_64", "Linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2")
 POLICY = data.CapturePolicy(0.1, 0.6, 1 << 20)
 BINS = (data.InputBins("image", (0.0, 0.5, 1.0)),)
+VARIANT = fleet.Variant(3, "onnx-cpu-int8", "ab" * 32, 0.25)
+SHADOW_VARIANT = fleet.Variant(4, "onnx-cpu-fp32", "cd" * 32, 0.0, True)
 DESIRED = fleet.DesiredState(
     "d1",
     7,
-    (fleet.Assignment("m", 2, "onnx-cpu-fp32", "ef" * 32, True, POLICY, BINS),),
+    (
+        fleet.Assignment(
+            "m", 2, "onnx-cpu-fp32", "ef" * 32, True, POLICY, BINS, (VARIANT, SHADOW_VARIANT)
+        ),
+    ),
     1.5,
     2.5,
 )
@@ -89,13 +96,15 @@ CHANNEL = data.ChannelStats(10, 0.5, 2.0, -1.0, 3.0, (1, 2, 3, 4))
 INPUT_STATS = data.InputStats("image", (CHANNEL, CHANNEL), (0.0, 0.5, 1.0))
 LATENCY = data.latency_histogram([0.3, 1.2, 40.0])
 WINDOW = data.ModelWindow(
-    "m", 2, 10.0, 70.0, 100, 2, LATENCY, (INPUT_STATS,), 1.5, 7, 30.0, "onnx-cpu-fp32"
+    "m", 2, 10.0, 70.0, 100, 2, LATENCY, (INPUT_STATS,), 1.5, 7, 30.0, "onnx-cpu-fp32", 90, 81, 1
 )
 DEVICE_WINDOW = data.DeviceWindow(10.0, 70.0, 3.5, 4, 1 << 27, 1 << 30, -1.0, 4096, 12, 3)
 BASELINED = dataclasses.replace(VERSION, baseline=(INPUT_STATS,))
 CAPTURE = data.Capture(
     5, "m", 2, "r1", 1.8e9, 1.25, b"in", b"out", "cat", 0.42, "low-confidence", "d1", 77
 )
+CHANNEL_DRIFT = data.ChannelDrift("x", 3, 0.25, 1000, 1.5, 0.5, 0.2, 0.01, 400)
+DRIFT_SCOPE = data.DriftScope("d1", 12, 0.25, "drifted", (CHANNEL_DRIFT,))
 ROOT = trust.RootKey(2, b"p" * 32)
 STATUS = fleet.ModelStatus("m", 2, "ef" * 32, 1, 2, fleet.ModelPhase.READY, "", "CPU")
 REPORTED = fleet.ReportedState("d1", 7, (STATUS,), CAPS, "", {"site": "a"}, "1.2.3.4:8001", 5.0)
@@ -104,7 +113,40 @@ TRIAL = jobs.Trial(1, {"lr": "0.1"}, 0.8, 5, 1.25, True, "")
 OUTCOME = jobs.TargetOutcome("onnx-cpu-int8", "refused", "lost 2 points", {"accuracy": 0.9})
 
 # (an instance of every domain type, the message it travels as)
+GATE = rollouts.Gate("p95_latency_ms", "<", 0.2, relative=True)
+CHECK = rollouts.GateCheck("error_rate<0.5%", 0.001, 0.002, 0.005, True, True, "ok")
+SPEC_R = rollouts.RolloutSpec(
+    "m", 4, {"site": "a"}, (0.1, 1.0), 60.0, 0.05, (GATE,), 300.0, rollouts.DeadlineAction.SKIP, "t"
+)
+WAVE = rollouts.Wave(1, 0.5, 3, rollouts.WaveState.BAKING, 1.0, 2.0, 3.0, 4.0, 5.0, (CHECK,))
+MEMBER = rollouts.RolloutDevice("d1", 1, 3, rollouts.DevicePhase.ROLLED_BACK, "e")
+ROLLOUT = rollouts.Rollout(
+    "r-1", SPEC_R, rollouts.RolloutState.ABORTED, 1.0, 2.0, 1, (WAVE,), (MEMBER,), "why"
+)
+
+LOOP_CONFIG = loop.LoopConfig(
+    "m", "captures:m", False, True, 30, 0.25, 0.02, 60.0, (0.1, 1.0), ("error_rate<1%",), 90.0,
+    {"site": "a"}, 5.0,
+)  # fmt: skip
+TRIGGER = loop.LoopTrigger("drift", 2, "d1", "x", 3, 0.7, 0.2, 9.0)
+SCORE = loop.HoldoutScore(2, 0.9, 50, 45, 0.78, 0.96)
+LOOP_RUN = loop.LoopRun(
+    "m", 3, loop.RunState.ROLLED_OUT, TRIGGER, 1.0, 2.0, 3.0, 2, 100, 80, 40, 60, 20, 1234,
+    "job-7", 3, SCORE, dataclasses.replace(SCORE, version=3), "promote", "r-2", "better",
+)  # fmt: skip
+
 PAIRS: list[tuple[object, type[Message]]] = [
+    (LOOP_CONFIG, loop_pb2.LoopConfig),
+    (TRIGGER, loop_pb2.LoopTrigger),
+    (SCORE, loop_pb2.HoldoutScore),
+    (LOOP_RUN, loop_pb2.LoopRun),
+    (loop.Loop(LOOP_CONFIG, (LOOP_RUN,), "noted"), loop_pb2.Loop),
+    (GATE, rollout_pb2.Gate),
+    (CHECK, rollout_pb2.GateCheck),
+    (SPEC_R, rollout_pb2.RolloutSpec),
+    (WAVE, rollout_pb2.Wave),
+    (MEMBER, rollout_pb2.RolloutDevice),
+    (ROLLOUT, rollout_pb2.Rollout),
     (SPEC, artifact_pb2.TensorSpec),
     (SPEC, oip.ModelMetadataResponse.TensorMetadata),
     (versions.Model("m", "d", 1, 2, 2), admin_pb2.Model),
@@ -114,6 +156,8 @@ PAIRS: list[tuple[object, type[Message]]] = [
     (VERSION, admin_pb2.ModelVersion),
     (CAPS, fleet_pb2.Capabilities),
     (DESIRED, fleet_pb2.DesiredState),
+    (VARIANT, fleet_pb2.Variant),
+    (fleet.TrafficVariant(3, 0.25, False), admin_pb2.TrafficVariant),
     (STATUS, fleet_pb2.ModelStatus),
     (REPORTED, fleet_pb2.ReportedState),
     (
@@ -165,6 +209,13 @@ PAIRS: list[tuple[object, type[Message]]] = [
         admin_pb2.DataSet,
     ),
     (data.CaptureLabel(77, "dog"), admin_pb2.CaptureLabel),
+    (CHANNEL_DRIFT, admin_pb2.ChannelDrift),
+    (DRIFT_SCOPE, admin_pb2.DriftScope),
+    (data.VersionDrift("m", 2, DRIFT_SCOPE, (DRIFT_SCOPE,)), admin_pb2.VersionDrift),
+    (
+        data.DriftReport("m", 1.0, 2.0, 0.2, (data.VersionDrift("m", 2, DRIFT_SCOPE),)),
+        admin_pb2.DriftReport,
+    ),
     (
         data.VersionTelemetry(
             "m",
@@ -182,6 +233,9 @@ PAIRS: list[tuple[object, type[Message]]] = [
             1.5,
             20.0,
             7,
+            90,
+            81,
+            1,
         ),
         admin_pb2.VersionTelemetry,
     ),
@@ -258,6 +312,11 @@ def test_deployment_round_trip() -> None:
     [
         (fleet.ModelPhase, fleet_pb2.ModelPhase, "MODEL_PHASE_"),
         (jobs.JobState, jobs_pb2.JobState, "JOB_STATE_"),
+        (rollouts.RolloutState, rollout_pb2.RolloutState, "ROLLOUT_STATE_"),
+        (rollouts.WaveState, rollout_pb2.WaveState, "WAVE_STATE_"),
+        (rollouts.DevicePhase, rollout_pb2.DevicePhase, "DEVICE_PHASE_"),
+        (rollouts.DeadlineAction, rollout_pb2.DeadlineAction, "DEADLINE_ACTION_"),
+        (loop.RunState, loop_pb2.RunState, "RUN_STATE_"),
     ],
 )
 def test_wire_enums_follow_their_proto_enum(enum: Any, proto_enum: Any, prefix: str) -> None:

@@ -183,12 +183,15 @@ def fine_tune(
     *,
     on_epoch: ProgressCallback | None = None,
     split: Split | None = None,
+    init: Callable[[Classifier], None] | None = None,
 ) -> tuple[Classifier, FineTuneResult]:
     """Train a new head (and, per strategy, parts of the backbone) on `dataset`.
 
     The backbone's module is trained in place and becomes the returned Classifier's
     backbone. `on_epoch` is called after every epoch; an exception it raises stops training
-    (how a job is cancelled). Pass `split` to reuse one split across runs.
+    (how a job is cancelled). Pass `split` to reuse one split across runs. `init`, when
+    given, sets the classifier's starting weights (a warm start from an earlier version's
+    head) after the head is made and before anything trains.
     """
     config = config or FineTuneConfig()
     check_config(config, backbone)
@@ -207,9 +210,11 @@ def fine_tune(
 
     seed_everything(config.seed)
     head = nn.Linear(backbone.feature_dim, dataset.num_classes)
-    model = Classifier(backbone.module, head, dataset.class_names, backbone.preprocessing).to(
-        device
-    )
+    model = Classifier(backbone.module, head, dataset.class_names, backbone.preprocessing)
+    if init is not None:
+        with torch.no_grad():
+            init(model)
+    model = model.to(device)
     runner = _Runner(backbone, model, config, device, amp)
 
     feature_cache: Literal["none", "memory", "disk-hit", "disk-miss"] = "none"

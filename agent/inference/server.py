@@ -40,6 +40,7 @@ from agent.inference.limits import (
     request_limit,
     tune_allocator,
 )
+from agent.inference.shadow import ShadowRunner
 from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
 from agent.recorder import Recorder
 from agent.runtime import LoadedModel, ModelRepository
@@ -110,9 +111,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         max_batch: int = DEFAULT_MAX_BATCH,
         limits: RequestLimits | None = None,
         recorder: Recorder | None = None,
+        shadow_queue: int = 64,
     ) -> None:
         self._repository = repository
         self._recorder = recorder
+        self.shadow = ShadowRunner(recorder, queue_size=shadow_queue)
         self._serving = is_serving
         self._batching = batching
         self._max_batch = max_batch
@@ -221,14 +224,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
         started = time.perf_counter()
-        label = request_label(request.parameters)
+        label, routing_key = request_parameters(request.parameters)
         for tensor in request.inputs:
             if tensor.parameters:
                 _refuse_parameters(f"input {tensor.name[:64]!r}", tensor.parameters)
         for output in request.outputs:
             if output.parameters:
                 _refuse_parameters(f"output {output.name!r}", output.parameters)
-        model = self._repository.get(request.model_name, request.model_version)
+        shadow = None
+        if request.model_version:
+            model = self._repository.get(request.model_name, request.model_version)
+        else:
+            model, shadow = self._repository.route(request.model_name, routing_key)
         entry = self._entry(model)
         plan = entry.plan
         recorder = self._recorder
@@ -245,8 +252,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 recorder.failed(model.name, model.version)
             raise
         response = encode_response(plan, request, decoded, results)
+        names = decoded.output_names or tuple(o.name for o in model.outputs)
+        if shadow is not None:
+            # Queued only: the shadow runs on its own thread and its outputs go nowhere.
+            self.shadow.submit(shadow, model.version, decoded.feeds, names, results)
         if recorder is not None:
-            names = decoded.output_names or tuple(o.name for o in model.outputs)
             recorder.observe(
                 model.name,
                 model.version,
@@ -260,21 +270,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-# The one request parameter this server takes: the client's label for the request, kept
-# with a capture of it (how captured data comes back labelled).
+# The request parameters this server takes: the client's label for the request, kept with a
+# capture of it (how captured data comes back labelled), and the key that pins a client (a
+# user, a session, a camera) to one version of an A/B split.
 LABEL_PARAMETER = "label"
+ROUTING_PARAMETER = "routing_key"
+_PARAMETERS = (LABEL_PARAMETER, ROUTING_PARAMETER)
+
+
+def request_parameters(parameters: Any) -> tuple[str, str]:
+    """The request's "label" and "routing_key" parameters ("" when not given); any other
+    parameter is refused."""
+    others = [k for k in parameters if k not in _PARAMETERS]
+    if others:
+        _refuse_parameters("the request", others)
+    return _string(parameters, LABEL_PARAMETER), _string(parameters, ROUTING_PARAMETER)
 
 
 def request_label(parameters: Any) -> str:
-    """The request's "label" parameter ("" without one); any other parameter is refused."""
-    others = [k for k in parameters if k != LABEL_PARAMETER]
-    if others:
-        _refuse_parameters("the request", others)
-    if LABEL_PARAMETER not in parameters:
+    """The request's "label" parameter ("" without one); unknown parameters are refused."""
+    return request_parameters(parameters)[0]
+
+
+def _string(parameters: Any, name: str) -> str:
+    if name not in parameters:
         return ""
-    value = parameters[LABEL_PARAMETER]
+    value = parameters[name]
     if value.WhichOneof("parameter_choice") != "string_param" or len(value.string_param) > 256:
-        raise InvalidRequest("the request's label parameter is a string of at most 256 characters")
+        raise InvalidRequest(
+            f"the request's {name} parameter is a string of at most 256 characters"
+        )
     return str(value.string_param)
 
 
@@ -283,8 +308,9 @@ def _refuse_parameters(where: str, parameters: Any) -> None:
     asking for classification results or a sequence must know it does not get them."""
     names = ", ".join(sorted(str(k)[:64] for k in parameters)[:8])
     raise InvalidRequest(
-        f"{where} sets parameter(s) {names}, which this server does not support; the one it "
-        f"takes is the request's {LABEL_PARAMETER!r} (a string kept with a capture)"
+        f"{where} sets parameter(s) {names}, which this server does not support; it takes the "
+        f"request's {LABEL_PARAMETER!r} (a string kept with a capture) and "
+        f"{ROUTING_PARAMETER!r} (a string that keeps a client on one version of an A/B split)"
     )
 
 
@@ -355,6 +381,11 @@ class InferenceServer:
         return self._servicer.ready()
 
     @property
+    def shadow(self) -> ShadowRunner:
+        """Shadow copies of requests: queued, run, skipped (queue full), failed, agreed."""
+        return self._servicer.shadow
+
+    @property
     def memory_stats(self) -> MemoryStats:
         """Large requests served, requests refused over their model's limit, heap trims."""
         return self._servicer.large.stats
@@ -364,6 +395,7 @@ class InferenceServer:
         self._serving.clear()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self._servicer.shadow.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or `timeout` passes); True when it stopped."""

@@ -29,6 +29,7 @@ from cloudsvc.jobs.spec import CompileSpec
 from cloudsvc.sessions import open_session
 from compilers.build import Build
 from compilers.errors import AccuracyDropError, CompileError, TargetUnavailableError
+from compilers.sampling import Score, stratified_sample
 from compilers.targets import Precision, Runtime, TargetProfile, resolve_target
 from edgefleet.core.golden import GoldenRef, tensors_from_bytes, write_samples
 from edgefleet.core.jobs import TargetOutcome
@@ -98,8 +99,19 @@ def _metrics_line(metrics: Mapping[str, float]) -> str:
     if "latency_p50_ms" in metrics:
         parts.append(f"p50 {metrics['latency_p50_ms']:.3f} ms at batch 1")
     if "accuracy" in metrics:
+        change = f"{-metrics['accuracy_drop'] * 100:+.2f} points"
+        if "accuracy_drop_ci_low" in metrics and "accuracy_n" in metrics:
+            # the change's interval: minus the drop's
+            change += (
+                f", 95% CI {-metrics['accuracy_drop_ci_high'] * 100:+.2f} to "
+                f"{-metrics['accuracy_drop_ci_low'] * 100:+.2f} on n={metrics['accuracy_n']:.0f}"
+            )
+        parts.append(f"accuracy {metrics['accuracy']:.2%} ({change})")
+    if "integer_convs" in metrics:
         parts.append(
-            f"accuracy {metrics['accuracy']:.2%} ({-metrics['accuracy_drop'] * 100:+.2f} points)"
+            f"{metrics['integer_convs']:.0f} integer / {metrics['float_convs']:.0f} float convs, "
+            f"{metrics['batchnorms_folded']:.0f} BatchNorm folded, calibrated on "
+            f"{metrics['calibration_examples']:.0f} examples"
         )
     return ", ".join(parts)
 
@@ -126,13 +138,13 @@ def _compile_one(
 
     out = env.job_dir / "builds" / profile.name
     shutil.rmtree(out, ignore_errors=True)
-    evaluate: Callable[[Path], float] | None = None
+    evaluate: Callable[[Path], float | Score] | None = None
     if len(data.labels):
         if profile.runtime is Runtime.TENSORRT:
             source_score = accuracy_evaluator(data.validation, data.labels)
             engine_score = engine_evaluator(data.validation, data.labels)
 
-            def evaluate(path: Path) -> float:
+            def evaluate(path: Path) -> float | Score:
                 return engine_score(path) if path.suffix == ".plan" else source_score(path)
         else:
             evaluate = accuracy_evaluator(data.validation, data.labels, _providers(profile))
@@ -223,7 +235,7 @@ def run_compile(spec: CompileSpec, env: WorkerEnv, report: Reporter) -> JobResul
     entry = source_dir / manifest.entrypoint
     kept = source_dir / EVALUATION_FILE
     if spec.data:
-        data = _evaluation_from(spec, entry, env)
+        data = _evaluation_from(spec, entry, env, report)
     elif kept.is_file():
         data = EvaluationData.load(kept)
         report.log(f"scoring on the {len(data.labels)} held-out examples kept with the version")
@@ -246,7 +258,11 @@ def run_compile(spec: CompileSpec, env: WorkerEnv, report: Reporter) -> JobResul
     return JobResult(builds=tuple(builds), outcomes=tuple(outcomes))
 
 
-def _evaluation_from(spec: CompileSpec, entry: Path, env: WorkerEnv) -> EvaluationData:
+def _evaluation_from(
+    spec: CompileSpec, entry: Path, env: WorkerEnv, report: Reporter
+) -> EvaluationData:
+    """Scoring and calibration samples of `spec.data`, each stratified by class (data sets
+    are often stored class by class) and disjoint, their sizes stated in the job's log."""
     dataset = load_job_data(spec.data, spec.data_options, env, seed=0)
     run = open_session(entry)
     inputs = run.get_inputs()
@@ -255,7 +271,8 @@ def _evaluation_from(spec: CompileSpec, entry: Path, env: WorkerEnv) -> Evaluati
             f"--data can score models with one numeric input; {spec.model} takes "
             f"{[i.name for i in inputs]}: fine-tune it here so its evaluation data is kept"
         )
-    x = dataset.inputs[:MAX_EVALUATION_EXAMPLES].astype(np.float32)
+    scored = stratified_sample(dataset.labels, MAX_EVALUATION_EXAMPLES, seed=0)
+    x = dataset.inputs[scored.indices].astype(np.float32)
     feeds: Feeds = {inputs[0].name: x}
     try:
         run.run(None, take(feeds, 0, 1))
@@ -264,8 +281,24 @@ def _evaluation_from(spec: CompileSpec, entry: Path, env: WorkerEnv) -> Evaluati
             f"{spec.model} v{spec.version} cannot run on the examples of {spec.data} "
             f"(shape {list(x.shape[1:])}): {err}"
         ) from None
-    calibration: Feeds = {inputs[0].name: x[:MAX_CALIBRATION_EXAMPLES]}
-    return EvaluationData(feeds, dataset.labels[: len(x)], calibration, dataset.class_names)
+    report.log(
+        f"scoring on {scored.describe(dataset.class_names)} of {len(dataset.labels)} in "
+        f"{spec.data} (stratified, seed 0)"
+    )
+    calibrating = stratified_sample(
+        dataset.labels, MAX_CALIBRATION_EXAMPLES, seed=1, exclude=scored.indices
+    )
+    overlap = ""
+    if len(calibrating.indices) == 0:
+        # every example is scored: calibrate on scored ones rather than not at all
+        calibrating = stratified_sample(dataset.labels, MAX_CALIBRATION_EXAMPLES, seed=1)
+        overlap = ", overlapping the scored examples (the data has no others)"
+    report.log(
+        f"INT8 calibration sample: {calibrating.describe(dataset.class_names)} "
+        f"(stratified, seed 1{overlap})"
+    )
+    calibration: Feeds = {inputs[0].name: dataset.inputs[calibrating.indices].astype(np.float32)}
+    return EvaluationData(feeds, dataset.labels[scored.indices], calibration, dataset.class_names)
 
 
 def _example_feed(entry: Path) -> Feeds:

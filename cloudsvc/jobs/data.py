@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cloudsvc.errors import JobFailed
 from cloudsvc.jobs.captures import PREFIX as CAPTURES_PREFIX
 from cloudsvc.jobs.captures import load_captures
 from cloudsvc.jobs.env import WorkerEnv
@@ -46,6 +47,51 @@ def load_job_data(reference: str, options: DataOptions, env: WorkerEnv, seed: in
         )
         dataset = load_dataset(path, **table_options)
     return sample_dataset(dataset, options.limit, seed) if options.limit else dataset
+
+
+def load_all_data(
+    references: tuple[str, ...], options: DataOptions, env: WorkerEnv, seed: int
+) -> Dataset:
+    """The data sets a job names, as one: each loaded (and sampled down to `options.limit`)
+    on its own, then stacked, with the union of their classes (the first's order, then new
+    ones as they come). JobFailed when they do not fit together."""
+    datasets = [load_job_data(r, options, env, seed) for r in references]
+    return combine_datasets(datasets) if len(datasets) > 1 else datasets[0]
+
+
+def combine_datasets(datasets: list[Dataset]) -> Dataset:
+    first = datasets[0]
+    for other in datasets[1:]:
+        if other.kind != first.kind:
+            raise JobFailed(
+                f"{other.source} holds {other.kind} examples and {first.source} {first.kind} "
+                "ones: data sets trained on together must be of one kind"
+            )
+        if other.input_shape != first.input_shape:
+            raise JobFailed(
+                f"{other.source} has examples of shape {list(other.input_shape)} and "
+                f"{first.source} of {list(first.input_shape)}: data sets trained on together "
+                "must share one input shape"
+            )
+    names: list[str] = []
+    for d in datasets:
+        names.extend(c for c in d.class_names if c not in names)
+    index = {c: i for i, c in enumerate(names)}
+    labels = [
+        np.asarray([index[d.class_names[i]] for i in d.labels], dtype=np.int64) for d in datasets
+    ]
+    inputs = (
+        np.concatenate([np.asarray(d.inputs, dtype=object) for d in datasets])
+        if first.kind == "text"
+        else np.concatenate([np.asarray(d.inputs, dtype=np.float32) for d in datasets])
+    )
+    return Dataset(
+        first.kind,
+        inputs,
+        np.concatenate(labels),
+        tuple(names),
+        source=" + ".join(d.source for d in datasets),
+    )
 
 
 def feed_maker(backbone: Any, kind: str) -> Callable[[npt.NDArray[Any]], Feeds]:

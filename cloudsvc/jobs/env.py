@@ -12,6 +12,9 @@ ENV_FILE = "env.json"
 SPEC_FILE = "spec.json"
 # The parent version's golden inputs, for a fine-tune with a parent (see jobs.compile).
 PARENT_GOLDEN = "parent-golden"
+# The parent version's kept FP32 export, for a warm-started fine-tune (its weights).
+PARENT_SOURCE = "parent-source"
+CLASS_NAMES_FILE = "class-names.json"  # in PARENT_SOURCE: the parent's outputs, in order
 
 
 @dataclass(frozen=True)

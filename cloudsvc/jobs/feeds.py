@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cloudsvc.sessions import open_session
+from compilers.sampling import Score
 
 Feeds = dict[str, npt.NDArray[np.generic]]
 """Input name -> array, every array batched along axis 0."""
@@ -70,16 +71,18 @@ def accuracy_evaluator(
     labels: npt.NDArray[np.int64],
     providers: Sequence[str] = ("CPUExecutionProvider",),
     batch_size: int = 64,
-) -> Callable[[Path], float]:
-    """`evaluate(path) -> accuracy` of the first output's argmax over the held-out feeds."""
+) -> Callable[[Path], Score]:
+    """`evaluate(path) -> Score`: accuracy of the first output's argmax over the held-out
+    feeds, with each example's verdict (the gate's confidence intervals need them)."""
 
-    def evaluate(path: Path) -> float:
+    def evaluate(path: Path) -> Score:
         run = open_session(path, providers)
         predictions = [
             np.asarray(run.run(None, batch)[0]).argmax(axis=1)
             for batch in batches(feeds, batch_size)
         ]
-        return float((np.concatenate(predictions) == labels).mean())
+        correct = np.concatenate(predictions) == labels
+        return Score(float(correct.mean()), correct)
 
     return evaluate
 

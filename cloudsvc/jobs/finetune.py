@@ -23,9 +23,9 @@ from cloudsvc.jobs.data import (
     OUTPUT_NAME,
     TEXT_INPUTS,
     feed_maker,
-    load_job_data,
+    load_all_data,
 )
-from cloudsvc.jobs.env import WorkerEnv
+from cloudsvc.jobs.env import CLASS_NAMES_FILE, PARENT_SOURCE, WorkerEnv
 from cloudsvc.jobs.events import Reporter
 from cloudsvc.jobs.feeds import EVALUATION_FILE, EvaluationData, Feeds, rows, take
 from cloudsvc.jobs.results import JobResult
@@ -62,17 +62,21 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
         torch.set_num_threads(env.threads)
     trials = spec.trials()
     first = trials[0]
-    report.phase("validating", f"loading data set {spec.data}")
-    dataset = load_job_data(spec.data, spec.data_options, env, first.seed)
+    report.phase("validating", f"loading data set {' + '.join(spec.data_references)}")
+    dataset = load_all_data(spec.data_references, spec.data_options, env, first.seed)
     counts = ", ".join(f"{k} {v}" for k, v in dataset.class_counts().items())
     report.log(f"data set {dataset.source}: {len(dataset)} examples; {counts}")
+    warm = WarmStart.read(env.job_dir / PARENT_SOURCE, spec) if spec.warm_start else None
 
     def backbone_for(params: FineTuneParams) -> Backbone:
         base: str | Path = spec.base
         if spec.base.startswith(UPLOAD_PREFIX):
             base = resolve_upload(spec.base, env.uploads_dir)
         shape = dataset.input_shape if dataset.kind == "image" else None
-        return load_backbone(base, input_shape=shape, image_size=params.image_size)
+        loaded = load_backbone(base, input_shape=shape, image_size=params.image_size)
+        if warm is not None:
+            warm.load_backbone(loaded)  # before anything reads its digest (the feature cache)
+        return loaded
 
     report.log(f"loading backbone {spec.base}")
     from transfer.backbones import default_small_cnn_path
@@ -81,6 +85,8 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
         report.log("pretraining the built-in small-cnn on generated images (once per machine)")
     backbone = backbone_for(first)
     backbone.check_inputs(dataset.kind, dataset.input_shape)
+    if warm is not None:
+        report.log(warm.describe(dataset.class_names))
     configs = [_config(p, env) for p in trials]
     for config in configs:
         check_config(config, backbone)
@@ -122,7 +128,9 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
             )
 
         try:
-            model, result = _fine_tune(backbone, dataset, config, split, on_epoch)
+            model, result = _fine_tune(
+                backbone, dataset, config, split, on_epoch, warm.load_head if warm else None
+            )
         except EdgefleetError as err:
             if len(trials) == 1:
                 raise
@@ -202,8 +210,8 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
     lineage = Lineage(
         base_model=spec.base if spec.base.startswith(UPLOAD_PREFIX) else backbone.name,
         base_digest=result.backbone_digest,
-        dataset=spec.data
-        + (f" (limit {spec.data_options.limit})" if spec.data_options.limit else ""),
+        dataset=" + ".join(spec.data_references)
+        + (f" (limit {spec.data_options.limit} each)" if spec.data_options.limit else ""),
         dataset_digest=result.dataset_digest,
         hyperparameters=best_params.as_strings(),
         seed=best_params.seed,
@@ -216,6 +224,7 @@ def run_finetune(spec: FineTuneSpec, env: WorkerEnv, report: Reporter) -> JobRes
         validation_examples=result.validation_examples,
         epochs_run=result.epochs_run,
         best_epoch=result.best_epoch,
+        warm_start_from=spec.parent_version if warm is not None else 0,
     )
     evaluation = replace(
         result.metrics,
@@ -258,11 +267,100 @@ def _config(params: FineTuneParams, env: WorkerEnv) -> Any:
 
 
 def _fine_tune(
-    backbone: Any, dataset: Dataset, config: Any, split: Split, on_epoch: Callable[[Any], None]
+    backbone: Any,
+    dataset: Dataset,
+    config: Any,
+    split: Split,
+    on_epoch: Callable[[Any], None],
+    init: Callable[[Any], None] | None = None,
 ) -> tuple[Any, Any]:
     from transfer.finetune import fine_tune
 
-    return fine_tune(backbone, dataset, config, on_epoch=on_epoch, split=split)
+    return fine_tune(backbone, dataset, config, on_epoch=on_epoch, split=split, init=init)
+
+
+class WarmStart:
+    """The parent version's trained weights, read from its kept FP32 export (the exporter
+    names each initializer as the torch module's state_dict does: `head.weight`,
+    `backbone.features.0.weight`, ...). The head's rows are taken by class name, so a class
+    the parent did not know starts fresh and a reordered class keeps its own row; backbone
+    tensors are taken where name and shape match (the ones a last-n or full parent trained;
+    a head-only parent's equal the pretrained ones)."""
+
+    def __init__(self, version: int, weights: dict[str, Any], class_names: tuple[str, ...]):
+        self.version = version
+        self.weights = weights
+        self.class_names = class_names
+        self.backbone_tensors = 0
+
+    @classmethod
+    def read(cls, folder: Path, spec: FineTuneSpec) -> WarmStart:
+        import onnx
+        from onnx import numpy_helper
+
+        graph = folder / "model.onnx"
+        if not graph.is_file():
+            raise JobFailed(
+                f"the warm start's weights (v{spec.parent_version}'s kept export) were not "
+                "handed to the worker; retry the job"
+            )
+        model = onnx.load(str(graph), load_external_data=True)
+        weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        try:
+            names = tuple(json.loads((folder / CLASS_NAMES_FILE).read_text()))
+        except (OSError, ValueError):
+            names = ()
+        for key in ("head.weight", "head.bias"):
+            if key not in weights:
+                raise JobFailed(
+                    f"{spec.model} v{spec.parent_version}'s export has no {key!r} tensor (it "
+                    "was not fine-tuned here, or exported otherwise): it cannot be warm-started "
+                    "from; fine-tune without --warm-start"
+                )
+        if not names or len(names) != len(weights["head.bias"]):
+            raise JobFailed(
+                f"{spec.model} v{spec.parent_version} does not say which class each of its "
+                f"{len(weights['head.bias'])} outputs is: it cannot be warm-started from"
+            )
+        return cls(spec.parent_version, weights, names)
+
+    def load_backbone(self, backbone: Any) -> None:
+        import torch
+
+        state = backbone.module.state_dict()
+        found = {}
+        for key, tensor in state.items():
+            value = self.weights.get(f"backbone.{key}")
+            if value is not None and tuple(value.shape) == tuple(tensor.shape):
+                found[key] = torch.from_numpy(np.array(value, dtype=np.float32)).to(tensor.dtype)
+        backbone.module.load_state_dict(found, strict=False)
+        self.backbone_tensors = len(found)
+
+    def load_head(self, model: Any) -> None:
+        import torch
+
+        weight, bias = self.weights["head.weight"], self.weights["head.bias"]
+        head = model.head
+        if tuple(weight.shape[1:]) != tuple(head.weight.shape[1:]):
+            raise JobFailed(
+                f"v{self.version}'s head reads {weight.shape[1]} features and this backbone "
+                f"gives {head.weight.shape[1]}: warm start needs the parent's backbone"
+            )
+        parent = {name: i for i, name in enumerate(self.class_names)}
+        for i, name in enumerate(model.class_names):
+            j = parent.get(name)
+            if j is not None:
+                head.weight[i] = torch.from_numpy(np.array(weight[j], dtype=np.float32))
+                head.bias[i] = float(bias[j])
+
+    def describe(self, class_names: tuple[str, ...]) -> str:
+        kept = [c for c in class_names if c in self.class_names]
+        new = ", ".join(c for c in class_names if c not in self.class_names)
+        fresh = f" (new: {new})" if new else ""
+        return (
+            f"warm start from v{self.version}: head rows of {len(kept)} of {len(class_names)} "
+            f"classes from it{fresh}, {self.backbone_tensors} backbone tensors"
+        )
 
 
 def _export(model: Any, val_feeds: Feeds, folder: Path, kind: str, report: Reporter) -> list[str]:

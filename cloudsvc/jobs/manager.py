@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloudsvc.errors import InvalidRequest, NotReady, UnknownResource
-from cloudsvc.jobs.env import PARENT_GOLDEN, SPEC_FILE, WorkerEnv
+from cloudsvc.jobs.env import (
+    CLASS_NAMES_FILE,
+    PARENT_GOLDEN,
+    PARENT_SOURCE,
+    SPEC_FILE,
+    WorkerEnv,
+)
 from cloudsvc.jobs.events import parse_line
 from cloudsvc.jobs.results import ERROR_FILE, RESULT_FILE, JobResult, WorkerError
 from cloudsvc.jobs.spec import (
@@ -154,7 +160,12 @@ class JobManager:
     def _checked_finetune(self, spec: FineTuneSpec) -> FineTuneSpec:
         check_name("model", spec.model)
         check_base(spec.base, self.uploads_dir)
-        check_data(spec.data, self.uploads_dir, self.settings.fashion_mnist_dir)
+        for reference in spec.data_references:
+            check_data(reference, self.uploads_dir, self.settings.fashion_mnist_dir)
+        if len(set(spec.data_references)) != len(spec.data_references):
+            raise InvalidRequest(
+                f"data sets {list(spec.data_references)} name one twice; give each once"
+            )
         targets = check_targets(spec.targets or default_targets(self.gpu_slots), self.gpu_slots)
         spec.trials()  # every combination must be valid settings
         parent = spec.parent_version
@@ -163,6 +174,14 @@ class JobManager:
         else:
             model = self.metadata.get_model(spec.model)
             parent = model.latest_version if model else 0
+        if spec.warm_start:
+            if not parent:
+                raise InvalidRequest(
+                    f"a warm start starts from a parent version's weights, and {spec.model} "
+                    "has no version yet; fine-tune without --warm-start first"
+                )
+            # Its kept source (the FP32 export) is where the weights are read from.
+            self.registry.source_digest(spec.model, parent)
         return spec.model_copy(update={"targets": targets, "parent_version": parent})
 
     def _checked_compile(self, spec: CompileSpec) -> CompileSpec:
@@ -301,6 +320,12 @@ class JobManager:
             manifest = self.registry.materialize(spec.source_digest, job_dir / "source")
             (job_dir / "source.manifest").write_bytes(manifest.SerializeToString())
         elif spec.parent_version:
+            if spec.warm_start:
+                # The parent's FP32 export: the worker reads its trained weights from it.
+                source = self.registry.source_digest(spec.model, spec.parent_version)
+                manifest = self.registry.materialize(source, job_dir / PARENT_SOURCE)
+                names = manifest.preprocessing.params.get("class_names", "[]")
+                (job_dir / PARENT_SOURCE / CLASS_NAMES_FILE).write_text(names)
             # Golden samples of the new version re-use its parent's inputs where they fit,
             # so a device moving from the parent fetches only the new expected outputs.
             inputs = self.registry.golden_inputs(spec.model, spec.parent_version)
@@ -362,7 +387,7 @@ class JobManager:
     def _drop_bulky(self, job_dir: Path) -> None:
         """Builds and sources are registered (or worthless) once a job ends; logs stay."""
         if not self.settings.keep_files:
-            for bulky in ("builds", "source", PARENT_GOLDEN):
+            for bulky in ("builds", "source", PARENT_GOLDEN, PARENT_SOURCE):
                 shutil.rmtree(job_dir / bulky, ignore_errors=True)
 
     def _failure(self, job_dir: Path, code: int) -> str:
@@ -472,8 +497,9 @@ def _summary(spec: JobSpec) -> str:
         return f"compile {spec.model} v{spec.version} for {spec.target}"
     trials = spec.trials()
     search = f", search of {len(trials)} trial(s)" if spec.search else ""
+    warm = f", warm start from v{spec.parent_version}" if spec.warm_start else ""
     return (
-        f"fine-tune {spec.model} from {spec.base} on {spec.data} "
+        f"fine-tune {spec.model} from {spec.base}{warm} on {' + '.join(spec.data_references)} "
         f"({spec.params.strategy}, {spec.params.epochs} epochs{search}); "
         f"targets {', '.join(spec.targets)}"
     )

@@ -23,6 +23,7 @@ Strategy = Literal["head", "last-n", "full"]
 UPLOAD_PREFIX = "upload:"
 BUILT_IN_DATA = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "synthetic")
 MAX_TRIALS_LIMIT = 64
+MAX_EXTRA_DATA = 8
 # Every trial of a search is scored on one split, on one device, at one input size, so
 # that their validation accuracies compare; these settings cannot vary between trials.
 SEARCHABLE = (
@@ -95,6 +96,17 @@ class FineTuneSpec(BaseModel):
     description: str = ""
     parent_version: int = 0
     max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    # More data sets trained on together with `data` (same kind and input shape; the
+    # classes are the union), e.g. captured rows plus the parent's original data.
+    extra_data: tuple[str, ...] = Field(default=(), max_length=MAX_EXTRA_DATA)
+    # Start from the parent version's trained weights (its head, and the backbone tensors
+    # it trained) instead of a fresh head: lineage records warm_start_from.
+    warm_start: bool = False
+
+    @property
+    def data_references(self) -> tuple[str, ...]:
+        """Every data set the job trains on, `data` first."""
+        return (self.data, *self.extra_data)
 
     @model_validator(mode="after")
     def _check_search(self) -> FineTuneSpec:

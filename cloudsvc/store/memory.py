@@ -16,6 +16,8 @@ from cloudsvc.store.metadata import (
 from edgefleet.core.data import CapturePolicy
 from edgefleet.core.fleet import Assignment, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.loop import Loop, LoopRun
+from edgefleet.core.rollouts import Rollout
 from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.versions import Artifact, Model, ModelVersion
 
@@ -34,6 +36,9 @@ class MemoryMetadataStore(MetadataStore):
         self._peaks: dict[str, dict[str, int]] = {}
         self._capture_policies: dict[str, CapturePolicy] = {}
         self._deployments: dict[tuple[str, tuple[tuple[str, str], ...]], Deployment] = {}
+        self._rollouts: dict[str, Rollout] = {}
+        self._loops: dict[str, Loop] = {}
+        self._loop_runs: dict[tuple[str, int], LoopRun] = {}
         self._jobs: dict[str, Job] = {}  # insertion order is creation order
         self._job_events: dict[str, list[JobEvent]] = {}
 
@@ -145,7 +150,12 @@ class MemoryMetadataStore(MetadataStore):
                 self._previous[device_id] = current
                 self._desired[device_id] = state
                 peaks = self._peaks.setdefault(device_id, {})
-                peaks[assignment.model] = max(peaks.get(assignment.model, 0), assignment.version)
+                # Variants count: a device sends telemetry of the versions it serves beside.
+                peaks[assignment.model] = max(
+                    peaks.get(assignment.model, 0),
+                    assignment.version,
+                    *(v.version for v in assignment.variants),
+                )
                 generations[device_id] = state.generation
             return generations
 
@@ -238,6 +248,55 @@ class MemoryMetadataStore(MetadataStore):
     def list_deployments(self) -> list[Deployment]:
         with self._lock:
             return list(self._deployments.values())
+
+    def unassign(self, model: str, device_ids: Sequence[str]) -> dict[str, int]:
+        with self._lock:
+            generations = {}
+            for device_id in device_ids:
+                current = self.get_desired(device_id)
+                if current.assignment(model) is None:
+                    continue
+                self._previous[device_id] = current
+                self._desired[device_id] = current.without(model)
+                generations[device_id] = current.generation + 1
+            return generations
+
+    def put_rollout(self, rollout: Rollout) -> None:
+        with self._lock:
+            self._rollouts[rollout.rollout_id] = rollout
+
+    def get_rollout(self, rollout_id: str) -> Rollout | None:
+        with self._lock:
+            return self._rollouts.get(rollout_id)
+
+    def list_rollouts(self, model: str = "") -> list[Rollout]:
+        with self._lock:
+            found = [r for r in self._rollouts.values() if not model or r.spec.model == model]
+        return sorted(found, key=lambda r: r.created_at)
+
+    def put_loop(self, loop: Loop) -> None:
+        with self._lock:
+            self._loops[loop.config.model] = dataclasses.replace(loop, runs=())
+
+    def get_loop(self, model: str) -> Loop | None:
+        with self._lock:
+            return self._loops.get(model)
+
+    def list_loops(self) -> list[Loop]:
+        with self._lock:
+            return [self._loops[k] for k in sorted(self._loops)]
+
+    def put_loop_run(self, run: LoopRun) -> None:
+        with self._lock:
+            self._loop_runs[(run.model, run.number)] = run
+
+    def list_loop_runs(self, model: str, limit: int = 20) -> list[LoopRun]:
+        with self._lock:
+            found = sorted(
+                (r for (m, _), r in self._loop_runs.items() if m == model),
+                key=lambda r: -r.number,
+            )
+        return found[:limit] if limit else found
 
     def create_job(self, job: Job) -> Job:
         with self._lock:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from edgefleet.core.data import CapturePolicy
 from edgefleet.core.fleet import Assignment, Capabilities, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.loop import Loop, LoopRun
+from edgefleet.core.rollouts import Rollout
 from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.versions import Artifact, Model, ModelVersion
 
@@ -191,6 +193,44 @@ class MetadataStore(ABC):
     @abstractmethod
     def list_deployments(self) -> list[Deployment]:
         """Every standing deployment, oldest first."""
+
+    @abstractmethod
+    def unassign(self, model: str, device_ids: Sequence[str]) -> dict[str, int]:
+        """In one transaction: take `model` out of each device's desired state (those that
+        have it), moving its generation on by one. Returns the new generations."""
+
+    # rollouts ------------------------------------------------------------------------------
+    @abstractmethod
+    def put_rollout(self, rollout: Rollout) -> None:
+        """Store a rollout (new, or its next state)."""
+
+    @abstractmethod
+    def get_rollout(self, rollout_id: str) -> Rollout | None: ...
+
+    @abstractmethod
+    def list_rollouts(self, model: str = "") -> list[Rollout]:
+        """Rollouts (of `model`; "": all), oldest first."""
+
+    # the closed loop -----------------------------------------------------------------------
+    @abstractmethod
+    def put_loop(self, loop: Loop) -> None:
+        """Store a model's loop settings and note (its runs are stored apart)."""
+
+    @abstractmethod
+    def get_loop(self, model: str) -> Loop | None:
+        """A model's loop, without its runs."""
+
+    @abstractmethod
+    def list_loops(self) -> list[Loop]:
+        """Every loop, by model name, without runs."""
+
+    @abstractmethod
+    def put_loop_run(self, run: LoopRun) -> None:
+        """Store a run (new, or its next state), by (model, number)."""
+
+    @abstractmethod
+    def list_loop_runs(self, model: str, limit: int = 20) -> list[LoopRun]:
+        """A model's runs, newest first, at most `limit` (0: all)."""
 
     # jobs ----------------------------------------------------------------------------------
     @abstractmethod

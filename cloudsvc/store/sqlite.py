@@ -35,12 +35,16 @@ from edgefleet.core.fleet import (
     ReportedState,
 )
 from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState, TargetOutcome, Trial
+from edgefleet.core.loop import Loop, LoopRun
+from edgefleet.core.rollouts import Rollout
 from edgefleet.core.tokens import AdminToken, EnrollToken, Role
 from edgefleet.core.versions import Artifact, Evaluation, Lineage, Model, ModelVersion, TensorSpec
 from edgefleet.core.wire import from_json, to_json
 
 # SQLite's integers are signed 64-bit; a larger Python int cannot be bound as a parameter.
 SQLITE_MAX_INT = 2**63 - 1
+# Devices whose credential lookups are kept in memory (a fleet's worth; then start over).
+_TOKEN_CACHE = 100_000
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[tuple[int, str, Migration]] = []
 
@@ -206,6 +210,24 @@ def _capture(db: sqlite_utils.Database) -> None:
     db.table("versions").add_column("baseline", str, not_null_default="[]")
 
 
+@migration(8, "rollouts")
+def _rollouts(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE rollouts (rollout_id TEXT PRIMARY KEY, model TEXT NOT NULL,"
+        " state TEXT NOT NULL, created_at REAL NOT NULL, body TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX rollouts_by_model ON rollouts (model, created_at)")
+
+
+@migration(9, "the closed loop: settings per model, and its runs")
+def _loops(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE loops (model TEXT PRIMARY KEY, body TEXT NOT NULL)")
+    db.execute(
+        "CREATE TABLE loop_runs (model TEXT NOT NULL, number INTEGER NOT NULL,"
+        " state TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (model, number))"
+    )
+
+
 def _optional_json(cls: Any, text: str) -> Any:
     return from_json(cls, text) if text else None
 
@@ -216,6 +238,7 @@ class SqliteMetadataStore(MetadataStore):
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._by_token: dict[str, DeviceRecord] = {}
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT).
         self._conn = sqlite3.connect(
             str(path), check_same_thread=False, isolation_level=None, timeout=30
@@ -447,6 +470,7 @@ class SqliteMetadataStore(MetadataStore):
 
     def put_device(self, device: DeviceRecord) -> None:
         with self._tx() as conn:
+            self._by_token.clear()
             conn.execute(
                 "INSERT OR REPLACE INTO devices (device_id, token_hash, enrolled_at, labels,"
                 " capabilities, last_seen_at, revoked) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -466,8 +490,23 @@ class SqliteMetadataStore(MetadataStore):
         return self._device(rows[0]) if rows else None
 
     def device_by_token_hash(self, token_hash: str) -> DeviceRecord | None:
-        rows = self._rows("SELECT * FROM devices WHERE token_hash = ?", (token_hash,))
-        return self._device(rows[0]) if rows else None
+        # Every device call authenticates: answered from memory once seen. Any change to a
+        # device (enrollment, re-enrollment, revocation, labels) goes through put_device,
+        # which forgets them all, so a revocation is refused from the next call on. The
+        # record's last_seen_at may lag (touch_device does not forget): callers need who
+        # it is and whether it is revoked.
+        cached = self._by_token.get(token_hash)  # no lock: writers hold it through fsyncs
+        if cached is not None:
+            return cached
+        with self._lock:
+            rows = self._rows("SELECT * FROM devices WHERE token_hash = ?", (token_hash,))
+            if not rows:
+                return None
+            found = self._device(rows[0])
+            if len(self._by_token) >= _TOKEN_CACHE:
+                self._by_token.clear()
+            self._by_token[token_hash] = found
+            return found
 
     def list_devices(self) -> list[DeviceRecord]:
         return [self._device(r) for r in self._rows("SELECT * FROM devices ORDER BY device_id")]
@@ -516,7 +555,12 @@ class SqliteMetadataStore(MetadataStore):
                 current = self._desired(conn, device_id)
                 state = current.with_assignment(assignment)
                 peaks = self._peaks(conn, device_id)
-                peaks[assignment.model] = max(peaks.get(assignment.model, 0), assignment.version)
+                # Variants count: a device sends telemetry of the versions it serves beside.
+                peaks[assignment.model] = max(
+                    peaks.get(assignment.model, 0),
+                    assignment.version,
+                    *(v.version for v in assignment.variants),
+                )
                 conn.execute(
                     "INSERT OR REPLACE INTO desired (device_id, generation, assignments,"
                     " previous, peaks) VALUES (?, ?, ?, ?, ?)",
@@ -557,9 +601,10 @@ class SqliteMetadataStore(MetadataStore):
         if not rows:
             return set()
         return {
-            a.manifest_digest
+            digest
             for column in ("assignments", "previous")
             for a in from_json(tuple[Assignment, ...], rows[0][column])
+            for digest in a.digests()
         }
 
     def get_reported(self, device_id: str) -> ReportedState | None:
@@ -737,6 +782,82 @@ class SqliteMetadataStore(MetadataStore):
                 raise UnknownResource(f"no admin token {t.token_id}")
 
     # deployments -------------------------------------------------------------------------
+    def unassign(self, model: str, device_ids: Sequence[str]) -> dict[str, int]:
+        generations = {}
+        with self._tx() as conn:
+            for device_id in device_ids:
+                current = self._desired(conn, device_id)
+                if current.assignment(model) is None:
+                    continue
+                state = current.without(model)
+                conn.execute(
+                    "UPDATE desired SET generation = ?, assignments = ?, previous = ?"
+                    " WHERE device_id = ?",
+                    (
+                        state.generation,
+                        to_json(state.assignments),
+                        to_json(current.assignments),
+                        device_id,
+                    ),
+                )
+                generations[device_id] = state.generation
+        return generations
+
+    def put_rollout(self, rollout: Rollout) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?)",
+                (
+                    rollout.rollout_id,
+                    rollout.spec.model,
+                    rollout.state.value,
+                    rollout.created_at,
+                    to_json(rollout),
+                ),
+            )
+
+    def get_rollout(self, rollout_id: str) -> Rollout | None:
+        rows = self._rows("SELECT body FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+        return from_json(Rollout, rows[0]["body"]) if rows else None
+
+    def list_rollouts(self, model: str = "") -> list[Rollout]:
+        if model:
+            rows = self._rows(
+                "SELECT body FROM rollouts WHERE model = ? ORDER BY created_at", (model,)
+            )
+        else:
+            rows = self._rows("SELECT body FROM rollouts ORDER BY created_at")
+        return [from_json(Rollout, r["body"]) for r in rows]
+
+    def put_loop(self, loop: Loop) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO loops VALUES (?, ?)",
+                (loop.config.model, to_json(replace(loop, runs=()))),
+            )
+
+    def get_loop(self, model: str) -> Loop | None:
+        rows = self._rows("SELECT body FROM loops WHERE model = ?", (model,))
+        return from_json(Loop, rows[0]["body"]) if rows else None
+
+    def list_loops(self) -> list[Loop]:
+        rows = self._rows("SELECT body FROM loops ORDER BY model")
+        return [from_json(Loop, r["body"]) for r in rows]
+
+    def put_loop_run(self, run: LoopRun) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO loop_runs VALUES (?, ?, ?, ?)",
+                (run.model, run.number, run.state.value, to_json(run)),
+            )
+
+    def list_loop_runs(self, model: str, limit: int = 20) -> list[LoopRun]:
+        rows = self._rows(
+            "SELECT body FROM loop_runs WHERE model = ? ORDER BY number DESC LIMIT ?",
+            (model, limit or -1),
+        )
+        return [from_json(LoopRun, r["body"]) for r in rows]
+
     def list_deployments(self) -> list[Deployment]:
         return [
             Deployment(

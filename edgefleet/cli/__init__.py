@@ -34,6 +34,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "edgefleet.cli.admin:rollback",
         "Take devices back to an older version (an operator's rollback).",
     ),
+    "rollout": (
+        "edgefleet.cli.rollouts:rollout",
+        "Move a version in waves gated on device figures; status, pause, abort.",
+    ),
     "tokens": (
         "edgefleet.cli.admin:tokens",
         "Enrollment tokens: create (labels, uses, expiry), list, revoke.",
@@ -54,6 +58,18 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "telemetry": (
         "edgefleet.cli.data:telemetry",
         "How a model serves across the fleet, per version, and its cost.",
+    ),
+    "traffic": (
+        "edgefleet.cli.traffic:traffic",
+        "A/B split or shadow of a second version beside a model's primary.",
+    ),
+    "drift": (
+        "edgefleet.cli.drift:drift",
+        "How far devices' inputs moved from each version's training baseline.",
+    ),
+    "loop": (
+        "edgefleet.cli.loop:loop",
+        "The closed loop: drift -> fine-tune -> held-out check -> canary.",
     ),
     "certs": ("edgefleet.cli.certs:certs", "Make a private CA and server certificate (TLS)."),
     "mqtt": (
@@ -110,7 +126,9 @@ def cli(verbose: int) -> None:
       edgefleet finetune NAME --base small-cnn --data DATA
                                           or fine-tune one in the cloud
       edgefleet runs compare NAME         pick the best version
-      edgefleet deploy NAME --version 1   roll it out
+      edgefleet deploy NAME --version 1   put it on devices
+      edgefleet rollout start NAME --version 2 --waves 10%,100% --gate "error_rate<1%"
+                                          or move a fleet in gated waves
       edgefleet devices                   see where every device stands
 
     Admin commands reach the cloud over TLS: --cloud, --token-file and --ca-file, or

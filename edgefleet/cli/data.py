@@ -300,7 +300,8 @@ def telemetry(
     cloud: Connection,
 ) -> None:
     """How MODEL serves across the fleet, per version: request rate, errors, p50/p95/p99
-    latency, input statistics and, given a price, the cost of 1,000 inferences."""
+    latency, input statistics, a shadow's agreement with the primary and, given a price, the
+    cost of 1,000 inferences."""
     from edgefleet.cli.admin import parse_pairs
 
     with admin(cloud) as client:
@@ -312,6 +313,7 @@ def telemetry(
             {
                 **to_jsonable(v),
                 "requests_per_s": v.requests_per_s,
+                "agreement": v.agreement,
                 **(
                     {"cost_per_1000": v.cost_per_1000(price_per_device_hour)}
                     if price_per_device_hour is not None
@@ -326,6 +328,9 @@ def telemetry(
         console.print(f"no telemetry of {model} yet: devices send it every telemetry window")
         return
     columns = ["version", "target", "devices", "requests", "req/s", "errors", "p50", "p95", "p99"]
+    shadowed = any(v.compared for v in rows)
+    if shadowed:
+        columns.append("agreement")
     if price_per_device_hour is not None:
         columns.append("per 1,000")
     table = Table(*columns)
@@ -341,6 +346,12 @@ def telemetry(
             f"{v.p95_ms:.2f} ms",
             f"{v.p99_ms:.2f} ms",
         ]
+        if shadowed:
+            cells.append(
+                f"{v.agreement:.1%} of {v.compared:,} vs v{v.compared_with}"
+                if v.agreement is not None
+                else "-"
+            )
         if price_per_device_hour is not None:
             cells.append(f"{v.cost_per_1000(price_per_device_hour):.4f}")
         table.add_row(*cells)

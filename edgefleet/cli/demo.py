@@ -37,6 +37,7 @@ from edgefleet.client.admin import AdminClient
 from edgefleet.core.data import DataSet
 from edgefleet.core.fleet import Device, ModelPhase
 from edgefleet.core.jobs import Job, JobEvent, JobState
+from edgefleet.core.rollouts import Rollout
 from edgefleet.core.versions import ModelVersion
 
 console = Console()
@@ -139,8 +140,130 @@ def _serve_traffic(
     return len(images)
 
 
+class _Traffic:
+    """Clients at the sites going on with their work while a rollout moves: one image a
+    request to every agent, unlabelled, until stopped."""
+
+    def __init__(self, addresses: list[str], images: npt.NDArray[np.float32]) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self.sent = 0
+        self._threads = [
+            threading.Thread(target=self._send, args=(a, images), daemon=True) for a in addresses
+        ]
+
+    def __enter__(self) -> _Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def _send(self, address: str, images: npt.NDArray[np.float32]) -> None:
+        from edgefleet.client.inference import InferenceClient
+        from edgefleet.core.errors import EdgefleetError
+
+        with InferenceClient(address) as client:
+            n = 0
+            while not self._stop.is_set():
+                try:
+                    client.infer(MODEL, {INPUT: images[n % len(images)][None]})
+                    self.sent += 1
+                except EdgefleetError:
+                    pass  # a version switch under way: the next request finds the new one
+                n += 1
+                self._stop.wait(0.02)
+
+
+def _slow_model(path: Path, classes: int) -> Path:
+    """A deliberately worse v3: the same input and output as the fine-tuned versions, eight
+    wide convolutions at full resolution in front: about ten times the latency."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    previous, channels = INPUT, 3
+    for i in range(8):
+        w = rng.normal(0, 0.1, (48, channels, 3, 3)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [previous, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        previous, channels = f"r{i}", 48
+    inits.append(
+        numpy_helper.from_array(rng.normal(0, 0.1, (48, classes)).astype(np.float32), "head")
+    )
+    nodes += [
+        helper.make_node("GlobalAveragePool", [previous], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "head"], [OUTPUT]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _roll_out(cloud: AdminClient, version: int, gates: list[str], status: Any) -> Rollout:
+    """A rollout in two waves (one device, then the rest), followed to its end."""
+    from edgefleet.core.rollouts import RolloutSpec, parse_gate
+
+    spec = RolloutSpec(
+        MODEL,
+        version,
+        {"site": "plant-1"},
+        (0.01, 1.0),
+        bake_s=6.0,
+        max_failure=0.0,
+        gates=tuple(parse_gate(g) for g in gates),
+        wave_deadline_s=90.0,
+    )
+    rollout = cloud.start_rollout(spec)
+    deadline = time.monotonic() + 180
+    while not rollout.state.finished:
+        if rollout.state.value == "paused" or time.monotonic() > deadline:
+            raise RuntimeError(f"rollout {rollout.rollout_id} stopped: {rollout.reason}")
+        wave = rollout.waves[rollout.current_wave]
+        counts = ", ".join(f"{n} {p}" for p, n in rollout.counts(rollout.moved()).items() if n)
+        status.update(
+            f"rollout {rollout.rollout_id} of v{version}: wave {wave.index + 1}/"
+            f"{len(rollout.waves)} {wave.state.value} ({counts})"
+        )
+        time.sleep(0.5)
+        rollout = cloud.rollout(rollout.rollout_id)
+    return rollout
+
+
+def _print_rollout(rollout: Rollout) -> None:
+    for wave in rollout.waves:
+        verdicts = "; ".join(
+            f"{c.gate}: {c.value:.3g} (limit {c.limit:.3g}"
+            + (f", v{rollout.devices[0].previous_version} {c.baseline:.3g})" if c.baseline else ")")
+            + (" held" if c.passed else " [red]breached[/]")
+            for c in wave.checks
+            if c.evaluated
+        )
+        console.print(
+            f"    wave {wave.index + 1} ({wave.size} device(s)): {wave.state.value}"
+            + (f" — {verdicts}" if verdicts else "")
+        )
+    console.print(f"    {rollout.rollout_id} {rollout.state.value}: {rollout.reason}")
+
+
 def _wait_for_captures(cloud: AdminClient, labelled: int, status: Any) -> DataSet:
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
+    counted = 0
     while True:
         found = next((d for d in cloud.data_sets() if d.model == MODEL), None)
         have = found.labelled if found else 0
@@ -152,7 +275,12 @@ def _wait_for_captures(cloud: AdminClient, labelled: int, status: Any) -> DataSe
             if counted >= found.rows:
                 return found
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {have} of {labelled} captured rows reached the cloud")
+            if have < labelled:
+                raise RuntimeError(f"only {have} of {labelled} captured rows reached the cloud")
+            raise RuntimeError(
+                f"telemetry counted {counted} captured requests of the {found.rows if found else 0} "
+                "captured rows in the cloud after 3 minutes"
+            )
         time.sleep(0.5)
 
 
@@ -241,7 +369,7 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
     ours = workdir is None or not workdir.exists()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    step = Step(10)
+    step = Step(11)
     procs: list[ManagedProcess] = []
     console.print(f"[bold]edgefleet demo[/] in {workdir}")
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -328,9 +456,18 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
                 f"{trial.val_accuracy:.1%}{' (kept)' if trial.best else ''}"
             )
         _describe_version(v2, job2)
-        with step("deploying v2: agents fetch only the chunks they lack"):
-            cloud.deploy(MODEL, 2, selector={"site": "plant-1"})
-            final = _wait(cloud, 2, names, "agents moving to v2")
+        gates = ["p95_latency_ms<+200%", "error_rate<1%"]
+        title = "rolling out v2 in waves (1 device, then the rest), gated on " + " and ".join(gates)
+        with step(title) as status, _Traffic([agent_addr[n] for n in names], held_out[0]):
+            # Captures are done: the sites' traffic from here on is not kept.
+            cloud.set_capture_policy(MODEL, sample_rate=0.0)
+            rollout2 = _roll_out(cloud, 2, gates, status)
+            if rollout2.state.value != "succeeded":
+                raise RuntimeError(
+                    f"the rollout of v2 ended {rollout2.state.value}: {rollout2.reason}"
+                )
+            final = _wait(cloud, 2, names, "agents on v2 (each fetched only the chunks it lacked)")
+        _print_rollout(rollout2)
         classes2 = v2.lineage.class_names if v2.lineage else ()
         with step("inference on v2, and v1 still addressable for rollback"):
             scores_v2 = [_score(agent_addr[n], n, 2, classes2, *held_out) for n in names]
@@ -340,6 +477,19 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
                 == 1
                 for n in names
             ]
+
+        slow = cloud.push_model(
+            MODEL,
+            _slow_model(workdir / "v3-slow.onnx", len(classes2)),
+            description="deliberately slow",
+        )
+        title = f"a deliberately slow v{slow.version}: its latency gate trips, the device goes back"
+        with step(title) as status, _Traffic([agent_addr[n] for n in names], held_out[0]):
+            rollout3 = _roll_out(cloud, slow.version, gates, status)
+            if rollout3.state.value != "aborted":
+                raise RuntimeError(f"the slow v{slow.version} was not stopped: {rollout3.reason}")
+            final = _wait(cloud, 2, names, "every agent serving v2 again")
+        _print_rollout(rollout3)
 
         console.print(render_devices(final))
         table = Table(

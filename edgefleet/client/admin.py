@@ -23,17 +23,26 @@ from typing import Any, TypeVar
 import grpc
 
 from edgefleet.core.auth import bearer_metadata, read_secret
-from edgefleet.core.data import Capture, CapturePolicy, DataSet, VersionTelemetry
+from edgefleet.core.data import Capture, CapturePolicy, DataSet, DriftReport, VersionTelemetry
 from edgefleet.core.errors import InvalidArgument, Unavailable
-from edgefleet.core.fleet import Deployment, Device
+from edgefleet.core.fleet import Deployment, Device, TrafficVariant
 from edgefleet.core.jobs import Job, JobEvent
+from edgefleet.core.loop import Loop, LoopConfig
+from edgefleet.core.rollouts import Rollout, RolloutSpec
 from edgefleet.core.rpc import error_from_rpc
 from edgefleet.core.tls import ClientSecurity
 from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.trust import RootKey
 from edgefleet.core.versions import Model, ModelVersion
 from edgefleet.core.wire import from_proto, to_proto
-from protos.admin.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from protos.admin.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    loop_pb2,
+    rollout_pb2,
+)
 from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import data_pb2
 
@@ -317,6 +326,25 @@ class AdminClient:
         )
         return {d.device_id: d.generation for d in response.devices}
 
+    def set_traffic(
+        self,
+        model: str,
+        variants: Sequence[TrafficVariant] = (),
+        *,
+        selector: Mapping[str, str] | None = None,
+    ) -> dict[str, int]:
+        """Serve `variants` (an A/B share or a shadow) beside `model`'s primary on the devices
+        of `selector` that run it; no variants clears the split. Device -> new generation."""
+        response = self._call(
+            self._stub.SetTraffic,
+            admin_pb2.SetTrafficRequest(
+                model=model,
+                selector=dict(selector or {}),
+                variants=[to_proto(v, admin_pb2.TrafficVariant) for v in variants],
+            ),
+        )
+        return {d.device_id: d.generation for d in response.devices}
+
     def data_sets(self) -> list[DataSet]:
         response = self._call(self._stub.ListDataSets, admin_pb2.ListDataSetsRequest())
         return [from_proto(d, DataSet) for d in response.data_sets]
@@ -363,6 +391,72 @@ class AdminClient:
         )
         response = self._call(self._stub.GetTelemetry, request)
         return [from_proto(v, VersionTelemetry) for v in response.versions]
+
+    def drift(self, model: str, *, version: int = 0, window_s: float = 0.0) -> DriftReport:
+        """How far devices' inputs moved from each baselined version's training inputs (or
+        `version`'s alone) over the last `window_s` seconds (0: the cloud's drift.window_s):
+        PSI and KS per channel, per device and for the fleet."""
+        request = admin_pb2.GetDriftRequest(model=model, version=version, since_s=window_s)
+        return from_proto(self._call(self._stub.GetDrift, request), DriftReport)
+
+    # the closed loop ------------------------------------------------------------------
+
+    def enable_loop(self, config: LoopConfig) -> Loop:
+        """Turn on (or change) a model's closed loop: drift, or `run_loop`, starts a
+        warm-started fine-tune on its labelled captures, rolled out only if it beats the
+        running version on held-out rows."""
+        request = loop_pb2.EnableLoopRequest(config=to_proto(config, loop_pb2.LoopConfig))
+        return from_proto(self._call(self._stub.EnableLoop, request), Loop)
+
+    def disable_loop(self, model: str, reason: str = "") -> Loop:
+        """Off: a run under way stops (its fine-tune cancelled) and starts no rollout."""
+        request = loop_pb2.LoopActionRequest(model=model, reason=reason)
+        return from_proto(self._call(self._stub.DisableLoop, request), Loop)
+
+    def run_loop(self, model: str, reason: str = "") -> Loop:
+        """Start a run of the model's loop now, without waiting for drift."""
+        request = loop_pb2.LoopActionRequest(model=model, reason=reason)
+        return from_proto(self._call(self._stub.RunLoop, request), Loop)
+
+    def loop(self, model: str, runs: int = 20) -> Loop:
+        """A model's loop: its settings and its last `runs` runs, newest first."""
+        request = loop_pb2.GetLoopRequest(model=model, runs=runs)
+        return from_proto(self._call(self._stub.GetLoop, request), Loop)
+
+    def loops(self) -> list[Loop]:
+        """Every model's loop, each with its latest run."""
+        response = self._call(self._stub.ListLoops, loop_pb2.ListLoopsRequest())
+        return [from_proto(item, Loop) for item in response.loops]
+
+    # rollouts -------------------------------------------------------------------------
+
+    def start_rollout(self, spec: RolloutSpec) -> Rollout:
+        """Start moving `spec.model` to `spec.version` in waves; the rollout as it began."""
+        return from_proto(
+            self._call(self._stub.StartRollout, to_proto(spec, rollout_pb2.RolloutSpec)), Rollout
+        )
+
+    def rollout(self, rollout_id: str) -> Rollout:
+        request = rollout_pb2.GetRolloutRequest(rollout_id=rollout_id)
+        return from_proto(self._call(self._stub.GetRollout, request), Rollout)
+
+    def rollouts(self, model: str = "") -> list[Rollout]:
+        response = self._call(self._stub.ListRollouts, rollout_pb2.ListRolloutsRequest(model=model))
+        return [from_proto(r, Rollout) for r in response.rollouts]
+
+    def pause_rollout(self, rollout_id: str, reason: str = "") -> Rollout:
+        return self._rollout_action(self._stub.PauseRollout, rollout_id, reason)
+
+    def resume_rollout(self, rollout_id: str, reason: str = "") -> Rollout:
+        return self._rollout_action(self._stub.ResumeRollout, rollout_id, reason)
+
+    def abort_rollout(self, rollout_id: str, reason: str = "") -> Rollout:
+        """Stop and send every moved device back to the version it ran."""
+        return self._rollout_action(self._stub.AbortRollout, rollout_id, reason)
+
+    def _rollout_action(self, method: Any, rollout_id: str, reason: str) -> Rollout:
+        request = rollout_pb2.RolloutActionRequest(rollout_id=rollout_id, reason=reason)
+        return from_proto(self._call(method, request), Rollout)
 
     # jobs -----------------------------------------------------------------------------
 

@@ -205,9 +205,11 @@ class InferenceClient:
         outputs: Sequence[str] | None = None,
         request_id: str = "",
         label: str = "",
+        routing_key: str = "",
     ) -> pb.ModelInferRequest:
         """A request ready to send; reuse it, replacing ``raw_input_contents[i]`` per call.
-        `label`: what the client knows the answer should be, kept with a capture of it."""
+        `label`: what the client knows the answer should be, kept with a capture of it.
+        `routing_key`: keeps this client (a user, a camera) on one version of an A/B split."""
         tensors = []
         raw = []
         for input_name, array in inputs.items():
@@ -226,6 +228,8 @@ class InferenceClient:
         )
         if label:
             request.parameters["label"].string_param = label
+        if routing_key:
+            request.parameters["routing_key"].string_param = routing_key
         return request
 
     def infer(
@@ -237,10 +241,14 @@ class InferenceClient:
         *,
         request_id: str = "",
         label: str = "",
+        routing_key: str = "",
     ) -> InferResult:
         """Run model `name` on `inputs` (numpy arrays by input name); outputs by name.
-        `label`: the right answer where the client knows it, kept with a capture of it."""
-        return self.infer_prepared(self.prepare(name, inputs, version, outputs, request_id, label))
+        `label`: the right answer where the client knows it, kept with a capture of it.
+        `routing_key`: the same key always reaches the same version of an A/B split."""
+        return self.infer_prepared(
+            self.prepare(name, inputs, version, outputs, request_id, label, routing_key)
+        )
 
     def infer_prepared(self, request: pb.ModelInferRequest) -> InferResult:
         try:

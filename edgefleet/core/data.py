@@ -160,16 +160,9 @@ def channel_stats(
 ) -> tuple[ChannelStats, ...]:
     """Statistics per channel (axis 1 of a rank >= 3 tensor: images), per feature (the last
     axis of a rank-2 float tensor: tables), or of the whole tensor otherwise."""
-    x = np.asarray(array)
-    if x.dtype.kind not in "fiub" or x.size == 0:
+    values = channel_rows(array)
+    if values is None:
         return ()
-    if x.ndim >= 3 and x.shape[1] <= MAX_CHANNELS:
-        rows = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
-    elif x.ndim == 2 and x.dtype.kind == "f" and x.shape[1] <= MAX_CHANNELS:
-        rows = x.T
-    else:
-        rows = x.reshape(1, -1)
-    values = rows.astype(np.float64, copy=False)
     count = values.shape[1]
     mean = values.mean(axis=1)
     m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
@@ -184,6 +177,22 @@ def channel_stats(
         )
         for i in range(len(values))
     )
+
+
+def channel_rows(array: npt.NDArray[np.generic]) -> npt.NDArray[np.float64] | None:
+    """The values of each channel or feature as the rows of a 2-D float64 array, split as
+    `channel_stats` splits them (drift's KS test reads captured inputs the same way); None
+    for a tensor with no numbers (strings, empty)."""
+    x = np.asarray(array)
+    if x.dtype.kind not in "fiub" or x.size == 0:
+        return None
+    if x.ndim >= 3 and x.shape[1] <= MAX_CHANNELS:
+        rows = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+    elif x.ndim == 2 and x.dtype.kind == "f" and x.shape[1] <= MAX_CHANNELS:
+        rows = x.T
+    else:
+        rows = x.reshape(1, -1)
+    return rows.astype(np.float64, copy=False)
 
 
 def baseline_stats(name: str, array: npt.NDArray[np.generic], bins: int = 16) -> InputStats:
@@ -240,6 +249,11 @@ class ModelWindow:
     captured: int = 0
     attributed_seconds: float = 0.0
     target: str = ""
+    # A shadow version's requests compared with the primary's answers, how many agreed,
+    # and the primary's version (0: nothing compared).
+    compared: int = 0
+    agreed: int = 0
+    compared_with: int = 0
 
 
 @dataclass(frozen=True)
@@ -326,6 +340,17 @@ class VersionTelemetry:
     busy_seconds: float = 0.0
     device_seconds: float = 0.0
     captured: int = 0
+    # As a shadow: requests compared with the primary's answers, how many agreed, and the
+    # primary version most of them were compared with.
+    compared: int = 0
+    agreed: int = 0
+    compared_with: int = 0
+
+    @property
+    def agreement(self) -> float | None:
+        """The share of compared requests on which this version agreed with the primary
+        (None: nothing was compared): what the rollout gate `agreement` reads."""
+        return self.agreed / self.compared if self.compared else None
 
     @property
     def requests_per_s(self) -> float:
@@ -354,3 +379,94 @@ def parse_since(text: str) -> float:
             f"{text[:40]!r}: give a date (2026-11-30), a time (2026-11-30T08:00) or unix seconds"
         ) from None
     return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+# drift ------------------------------------------------------------------------------------
+
+# The usual reading of a population stability index (PSI): under 0.1 the inputs are as in
+# training, 0.1 to 0.2 they moved a little, 0.2 and over they moved enough to question the
+# model's accuracy. A rule of thumb from credit scoring, not a law: the alert threshold
+# (the cloud's `drift.psi_threshold`) is a setting.
+PSI_MODERATE = 0.1
+PSI_DRIFTED = 0.2
+STABLE, MODERATE, DRIFTED, TOO_FEW, NO_DATA = "stable", "moderate", "drifted", "too few", "no data"
+
+
+def psi_verdict(psi: float, count: int, min_count: int = 1) -> str:
+    """How a PSI reads: stable (< 0.1), moderate (< 0.2), drifted; "no data" without values
+    and "too few" under `min_count` of them (a histogram of a handful of values is noise)."""
+    if count <= 0:
+        return NO_DATA
+    if count < min_count:
+        return TOO_FEW
+    return STABLE if psi < PSI_MODERATE else MODERATE if psi < PSI_DRIFTED else DRIFTED
+
+
+@dataclass(frozen=True)
+class ChannelDrift:
+    """One channel (or feature) of one input: how far its values moved from the baseline."""
+
+    input: str
+    channel: int
+    psi: float = 0.0
+    count: int = 0  # values behind the histogram compared with the baseline's
+    mean: float = 0.0
+    baseline_mean: float = 0.0
+    # KS of sampled captures against the baseline's histogram CDF (cloudsvc.drift says
+    # how); -1 and 0 samples where no captured values were found.
+    ks: float = -1.0
+    ks_pvalue: float = -1.0
+    ks_samples: int = 0
+
+
+@dataclass(frozen=True)
+class DriftScope:
+    """Drift of one device (or, with no device_id, the fleet's windows merged) over a window."""
+
+    device_id: str = ""
+    windows: int = 0  # telemetry windows behind it
+    psi: float = 0.0  # the largest of its channels'
+    verdict: str = NO_DATA
+    channels: tuple[ChannelDrift, ...] = ()  # largest PSI first
+
+    @property
+    def scope(self) -> str:
+        """Its name in metrics, alerts and tables: "fleet" or "device:<id>"."""
+        return f"device:{self.device_id}" if self.device_id else "fleet"
+
+
+@dataclass(frozen=True)
+class VersionDrift:
+    model: str
+    version: int
+    fleet: DriftScope = field(default_factory=DriftScope)
+    devices: tuple[DriftScope, ...] = ()  # largest PSI first
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """A model's drift per version with a training baseline, over [since, until]."""
+
+    model: str
+    since: float = 0.0
+    until: float = 0.0
+    threshold: float = PSI_DRIFTED  # the PSI at which the cloud alerts
+    versions: tuple[VersionDrift, ...] = ()  # newest first
+
+
+@dataclass(frozen=True)
+class DriftAlert:
+    """A scope's PSI reached the threshold: raised once, until it falls back under it."""
+
+    model: str
+    version: int
+    device_id: str  # "": the fleet
+    input: str  # the worst channel's
+    channel: int
+    psi: float
+    threshold: float
+    at: float  # unix seconds
+
+    @property
+    def scope(self) -> str:
+        return f"device:{self.device_id}" if self.device_id else "fleet"

@@ -25,8 +25,32 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A second version of an assigned model served beside its primary: a share of its
+    traffic (A/B, `weight` in [0, 1)) or, as a shadow, a copy of every request whose outputs
+    are compared with the primary's and never returned (weight 0)."""
+
+    version: int
+    target: str
+    manifest_digest: str
+    weight: float = 0.0
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class TrafficVariant:
+    """What an operator asks of a variant (`edgefleet traffic`); the cloud picks each
+    device's artifact of it."""
+
+    version: int
+    weight: float = 0.0
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
 class Assignment:
-    """The version (and its artifact) of one model a device should run."""
+    """The version (and its artifact) of one model a device should run: the primary, which
+    answers what its variants do not take (1 - their weights)."""
 
     model: str
     version: int
@@ -38,6 +62,12 @@ class Assignment:
     capture: CapturePolicy | None = None
     # Histogram bins of the version's inputs, from its training data.
     bins: tuple[InputBins, ...] = ()
+    # Other versions served beside the primary (A/B share or shadow); empty: none.
+    variants: tuple[Variant, ...] = ()
+
+    def digests(self) -> set[str]:
+        """The manifests the device needs for this model: the primary's and its variants'."""
+        return {self.manifest_digest, *(v.manifest_digest for v in self.variants)}
 
 
 @dataclass(frozen=True)
@@ -60,8 +90,13 @@ class DesiredState:
         models = tuple(sorted((*kept, assignment), key=lambda a: a.model))
         return DesiredState(self.device_id, self.generation + 1, models)
 
+    def without(self, model: str) -> DesiredState:
+        """The next generation, with `model` no longer to run."""
+        kept = tuple(a for a in self.assignments if a.model != model)
+        return DesiredState(self.device_id, self.generation + 1, kept)
+
     def digests(self) -> set[str]:
-        return {a.manifest_digest for a in self.assignments}
+        return {d for a in self.assignments for d in a.digests()}
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ class Lineage:
     validation_examples: int = 0
     epochs_run: int = 0
     best_epoch: int = 0
+    # The version whose trained weights training started from (0: a fresh head).
+    warm_start_from: int = 0
 
 
 @dataclass(frozen=True)

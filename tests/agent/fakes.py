@@ -16,7 +16,14 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.state import Identity
 from edgefleet.core.data import SyncAck
 from edgefleet.core.errors import NotFound, Unauthenticated, Unavailable
-from edgefleet.core.fleet import Assignment, Capabilities, DesiredState, Enrollment, ReportedState
+from edgefleet.core.fleet import (
+    Assignment,
+    Capabilities,
+    DesiredState,
+    Enrollment,
+    ReportedState,
+    Variant,
+)
 from edgefleet.core.golden import GoldenRef, sample_paths, tensor_set_bytes
 from edgefleet.core.manifests import (
     describe_blocks,
@@ -157,6 +164,8 @@ class FakeCloud:
     rollback: set[str] = field(default_factory=set)
     generation: int = 0
     models: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # model -> the versions served beside its primary (A/B, shadow)
+    variants: dict[str, tuple[Variant, ...]] = field(default_factory=dict)
     manifests: dict[str, artifact_pb2.SignedManifest] = field(default_factory=dict)
     chunks: dict[str, bytes] = field(default_factory=dict)
     down: bool = False
@@ -198,7 +207,14 @@ class FakeCloud:
             "dev-1",
             self.generation,
             tuple(
-                Assignment(name, version, "onnx-cpu-fp32", digest, name in self.rollback)
+                Assignment(
+                    name,
+                    version,
+                    "onnx-cpu-fp32",
+                    digest,
+                    name in self.rollback,
+                    variants=self.variants.get(name, ()),
+                )
                 for name, (version, digest) in sorted(self.models.items())
             ),
             issued_at=now,

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +21,15 @@ from agent.settings import AgentSettings
 from agent.spool import Spool
 from cloudsvc.server import serve
 from cloudsvc.settings import CloudSettings
-from edgefleet.client import AdminClient
 from edgefleet.client.inference import InferenceClient
 from edgefleet.core.errors import EdgefleetError, Unavailable
 from edgefleet.core.metrics import exposure_warning
 from tests.agent.fakes import WIDTH, FakeCloud, inline_golden, model_bytes
+from tests.agent.live import admin_of, lab_agent, wait_for
 from tests.scrape import Scrape, scrape
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNC = "/edgefleet.fleet.v1.AgentService/Sync"
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def listening_ports() -> set[int]:
@@ -58,27 +50,8 @@ def test_a_scrape_shows_what_the_agent_served_synced_and_converged(tmp_path: Pat
     cloud = serve(
         CloudSettings.model_validate({"data_dir": tmp_path / "cloud", "port": 0, "metrics_port": 0})
     )
-    ca = cloud.trust_dir / "ca.pem"
-    admin = AdminClient(cloud.address, token_file=tmp_path / "cloud" / "admin-token", ca_file=ca)
-    secret, _ = admin.create_enroll_token(labels={"site": "lab"}, max_uses=1)
-    agent = Agent(
-        AgentSettings(
-            cloud=cloud.address,
-            ca_file=ca,
-            root_key=(cloud.trust_dir / "root-key.txt").read_text(),
-            enroll_token=secret,
-            device_id="edge-1",
-            data_dir=tmp_path / "agent",
-            providers=["CPUExecutionProvider"],
-            inference_port=0,
-            report_interval_s=0.3,
-            backoff_cap_s=0.5,
-            min_free_disk_bytes=0,
-            telemetry_interval_s=0.5,
-            sync_interval_s=0.3,
-            metrics_port=0,
-        )
-    )
+    admin = admin_of(cloud, tmp_path)
+    agent = lab_agent(cloud, admin, tmp_path, report_interval_s=0.3, metrics_port=0)
     try:
         agent.start()
         assert agent.metrics is not None and cloud.metrics_endpoint is not None

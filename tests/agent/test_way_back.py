@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import csv
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from agent.daemon import Agent
-from agent.settings import AgentSettings
 from cloudsvc.server import CloudServer, serve
 from cloudsvc.settings import CloudSettings
 from edgefleet.cli import cli
-from edgefleet.client import AdminClient
 from edgefleet.client.inference import InferenceClient
 from edgefleet.core.golden import tensors_from_bytes
 from tests.agent.fakes import WIDTH, inline_golden, model_bytes
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+from tests.agent.live import admin_of, lab_agent, wait_for
 
 
 @pytest.fixture
@@ -40,26 +30,8 @@ def cloud(tmp_path: Path) -> Iterator[CloudServer]:
 
 
 def test_captures_and_telemetry_come_back_once_each(cloud: CloudServer, tmp_path: Path) -> None:
-    ca = cloud.trust_dir / "ca.pem"
-    admin = AdminClient(cloud.address, token_file=tmp_path / "cloud" / "admin-token", ca_file=ca)
-    secret, _ = admin.create_enroll_token(labels={"site": "lab"}, max_uses=1)
-    agent = Agent(
-        AgentSettings(
-            cloud=cloud.address,
-            ca_file=ca,
-            root_key=(cloud.trust_dir / "root-key.txt").read_text(),
-            enroll_token=secret,
-            device_id="edge-1",
-            data_dir=tmp_path / "agent",
-            providers=["CPUExecutionProvider"],
-            inference_port=0,
-            report_interval_s=0.5,
-            backoff_cap_s=0.5,
-            min_free_disk_bytes=0,
-            telemetry_interval_s=0.5,
-            sync_interval_s=0.3,
-        )
-    )
+    admin = admin_of(cloud, tmp_path)
+    agent = lab_agent(cloud, admin, tmp_path)
     try:
         agent.start()
         wait_for(lambda: len(admin.devices()) == 1)
@@ -111,7 +83,7 @@ def test_captures_and_telemetry_come_back_once_each(cloud: CloudServer, tmp_path
         # The same through the command a user runs.
         env = {
             "EDGEFLEET_CLOUD": cloud.address,
-            "EDGEFLEET_CA_FILE": str(ca),
+            "EDGEFLEET_CA_FILE": str(cloud.trust_dir / "ca.pem"),
             "EDGEFLEET_ADMIN_TOKEN_FILE": str(tmp_path / "cloud" / "admin-token"),
             "COLUMNS": "200",
         }

@@ -59,3 +59,16 @@ def test_labelled_rows_become_a_data_set(tmp_path: Path) -> None:
     assert len(only_v2) == 1
     with pytest.raises(NotReady, match="no labelled rows"):
         load_captures("captures:other", tmp_path / "data.db")
+
+
+def test_held_out_rows_and_rows_after_through_never_train(tmp_path: Path) -> None:
+    from cloudsvc.jobs.captures import held_out
+
+    store = SqliteDataStore(tmp_path / "data.db")
+    one = np.full((1, 3, 4, 4), 1.0, np.float32)
+    store.ingest(Batch("d1", "s1", [], [row(n, one, "disc") for n in range(1, 41)]))
+    store.close()
+    kept = [i for i in range(1, 31) if not held_out(i, 0.25)]
+    data = load_captures("captures:shapes?holdout=0.25&through=30", tmp_path / "data.db")
+    assert len(data) == len(kept) and 0 < len(kept) < 30
+    assert len(load_captures("captures:shapes", tmp_path / "data.db")) == 40

@@ -212,6 +212,70 @@ RULES: dict[str, Rule] = {
     _A + "GetTelemetry": _rule(
         OK, IA, why="INVALID_ARGUMENT for a bad model name; no telemetry is an empty report"
     ),
+    _A + "GetDrift": _rule(
+        OK,
+        IA,
+        NF,
+        FP,
+        why="INVALID_ARGUMENT for a bad model name or a window that is negative, not finite or "
+        "over a year; NOT_FOUND for an unknown model or version; FAILED_PRECONDITION for a "
+        "version without a training baseline; no telemetry is a report of empty rows",
+    ),
+    _A + "StartRollout": _rule(
+        OK,
+        IA,
+        NF,
+        FP,
+        C.ALREADY_EXISTS,
+        why="INVALID_ARGUMENT for waves that do not grow to 100%, a failure share outside "
+        "0-1, a gate on an unknown metric or operator, a bad name; NOT_FOUND for an unknown "
+        "model or version; FAILED_PRECONDITION when no device matches or one has no artifact "
+        "it runs or is ahead; ALREADY_EXISTS when another rollout holds these devices",
+    ),
+    _A + "GetRollout": _rule(OK, NF, why="NOT_FOUND for an unknown rollout id"),
+    _A + "ListRollouts": _rule(OK, IA, why="INVALID_ARGUMENT for a bad model name"),
+    _A + "PauseRollout": _rule(
+        OK, NF, FP, why="NOT_FOUND for an unknown id; FAILED_PRECONDITION if not running"
+    ),
+    _A + "ResumeRollout": _rule(
+        OK, NF, FP, why="NOT_FOUND for an unknown id; FAILED_PRECONDITION if not paused"
+    ),
+    _A + "AbortRollout": _rule(
+        OK, NF, FP, why="NOT_FOUND for an unknown id; FAILED_PRECONDITION once it finished"
+    ),
+    _A + "SetTraffic": _rule(
+        OK,
+        IA,
+        NF,
+        FP,
+        why="INVALID_ARGUMENT for weights outside [0, 1), a second variant, a weighted shadow "
+        "or the primary as its own variant; NOT_FOUND for an unknown model or version; "
+        "FAILED_PRECONDITION when no device of the selector runs the model or no artifact fits",
+    ),
+    _A + "EnableLoop": _rule(
+        OK,
+        IA,
+        NF,
+        why="INVALID_ARGUMENT for a bad name, data that is no captures: reference, a holdout "
+        "outside (0, 50%], min_new_rows 0, a margin, cooldown or bake out of range, bad waves "
+        "or gates; NOT_FOUND for an unknown model",
+    ),
+    _A + "DisableLoop": _rule(
+        OK, IA, NF, why="INVALID_ARGUMENT for a bad model name; NOT_FOUND for a model with no loop"
+    ),
+    _A + "RunLoop": _rule(
+        OK,
+        IA,
+        NF,
+        FP,
+        C.ALREADY_EXISTS,
+        why="as DisableLoop; FAILED_PRECONDITION when the loop is disabled; ALREADY_EXISTS "
+        "while a run is under way",
+    ),
+    _A + "GetLoop": _rule(
+        OK, IA, NF, why="INVALID_ARGUMENT for a bad model name; NOT_FOUND for a model with no loop"
+    ),
+    _A + "ListLoops": _rule(OK, why=_EMPTY),
     _J + "Upload": _rule(
         OK,
         IA,

@@ -298,6 +298,7 @@ class Lineage(_message.Message):
     VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
     EPOCHS_RUN_FIELD_NUMBER: _builtins.int
     BEST_EPOCH_FIELD_NUMBER: _builtins.int
+    WARM_START_FROM_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """Backbone name (small-cnn, efficientnet-lite0, minilm-l6, or an uploaded file's name)."""
     base_digest: _builtins.str
@@ -315,6 +316,8 @@ class Lineage(_message.Message):
     validation_examples: _builtins.int
     epochs_run: _builtins.int
     best_epoch: _builtins.int
+    warm_start_from: _builtins.int
+    """The version whose trained weights training started from (0: a fresh head)."""
     @_builtins.property
     def hyperparameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -337,10 +340,11 @@ class Lineage(_message.Message):
         validation_examples: _builtins.int = ...,
         epochs_run: _builtins.int = ...,
         best_epoch: _builtins.int = ...,
+        warm_start_from: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "base_model", b"base_model", "best_epoch", b"best_epoch", "class_names", b"class_names", "dataset", b"dataset", "dataset_digest", b"dataset_digest", "device", b"device", "epochs_run", b"epochs_run", "hyperparameters", b"hyperparameters", "job_id", b"job_id", "seed", b"seed", "strategy", b"strategy", "train_examples", b"train_examples", "training_seconds", b"training_seconds", "validation_examples", b"validation_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "base_model", b"base_model", "best_epoch", b"best_epoch", "class_names", b"class_names", "dataset", b"dataset", "dataset_digest", b"dataset_digest", "device", b"device", "epochs_run", b"epochs_run", "hyperparameters", b"hyperparameters", "job_id", b"job_id", "seed", b"seed", "strategy", b"strategy", "train_examples", b"train_examples", "training_seconds", b"training_seconds", "validation_examples", b"validation_examples", "warm_start_from", b"warm_start_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1767,6 +1771,9 @@ class VersionTelemetry(_message.Message):
     BUSY_SECONDS_FIELD_NUMBER: _builtins.int
     DEVICE_SECONDS_FIELD_NUMBER: _builtins.int
     CAPTURED_FIELD_NUMBER: _builtins.int
+    COMPARED_FIELD_NUMBER: _builtins.int
+    AGREED_FIELD_NUMBER: _builtins.int
+    COMPARED_WITH_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     target: _builtins.str
@@ -1782,6 +1789,12 @@ class VersionTelemetry(_message.Message):
     device_seconds: _builtins.float
     """Device time attributed to this version, summed over devices."""
     captured: _builtins.int
+    compared: _builtins.int
+    """As a shadow: requests compared with the primary's answers, how many agreed, and the
+    primary version most were compared with.
+    """
+    agreed: _builtins.int
+    compared_with: _builtins.int
     @_builtins.property
     def latency(self) -> _data_pb2.LatencyHistogram: ...
     @_builtins.property
@@ -1804,10 +1817,13 @@ class VersionTelemetry(_message.Message):
         busy_seconds: _builtins.float = ...,
         device_seconds: _builtins.float = ...,
         captured: _builtins.int = ...,
+        compared: _builtins.int = ...,
+        agreed: _builtins.int = ...,
+        compared_with: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "captured", b"captured", "device_seconds", b"device_seconds", "devices", b"devices", "errors", b"errors", "inputs", b"inputs", "latency", b"latency", "model", b"model", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "requests", b"requests", "span_seconds", b"span_seconds", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "busy_seconds", b"busy_seconds", "captured", b"captured", "compared", b"compared", "compared_with", b"compared_with", "device_seconds", b"device_seconds", "devices", b"devices", "errors", b"errors", "inputs", b"inputs", "latency", b"latency", "model", b"model", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "requests", b"requests", "span_seconds", b"span_seconds", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1832,3 +1848,278 @@ class TelemetryReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TelemetryReport: _TypeAlias = TelemetryReport  # noqa: Y015
+
+@_typing.final
+class TrafficVariant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    weight: _builtins.float
+    """Share of requests with no version given, in (0, 1) for A/B; 0 for a shadow."""
+    shadow: _builtins.bool
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        weight: _builtins.float = ...,
+        shadow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrafficVariant: _TypeAlias = TrafficVariant  # noqa: Y015
+
+@_typing.final
+class SetTrafficRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrafficVariant]:
+        """At most one; empty clears the split."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        variants: _abc.Iterable[Global___TrafficVariant] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "selector", b"selector", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTrafficRequest: _TypeAlias = SetTrafficRequest  # noqa: Y015
+
+@_typing.final
+class SetTrafficResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceGeneration]: ...
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[Global___DeviceGeneration] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTrafficResponse: _TypeAlias = SetTrafficResponse  # noqa: Y015
+
+@_typing.final
+class GetDriftRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SINCE_S_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    """0: every version with a training baseline."""
+    since_s: _builtins.float
+    """The window: telemetry and captures of the last since_s seconds (0: the cloud's
+    drift.window_s).
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        since_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "since_s", b"since_s", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDriftRequest: _TypeAlias = GetDriftRequest  # noqa: Y015
+
+@_typing.final
+class ChannelDrift(_message.Message):
+    """One channel (or feature) of one input against the baseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    BASELINE_MEAN_FIELD_NUMBER: _builtins.int
+    KS_FIELD_NUMBER: _builtins.int
+    KS_PVALUE_FIELD_NUMBER: _builtins.int
+    KS_SAMPLES_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    channel: _builtins.int
+    psi: _builtins.float
+    """Population stability index of its histogram against the baseline's."""
+    count: _builtins.int
+    mean: _builtins.float
+    baseline_mean: _builtins.float
+    ks: _builtins.float
+    """Kolmogorov-Smirnov statistic and p-value of sampled captures against the baseline
+    histogram's CDF; -1 (and ks_samples 0) without captured values.
+    """
+    ks_pvalue: _builtins.float
+    ks_samples: _builtins.int
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        channel: _builtins.int = ...,
+        psi: _builtins.float = ...,
+        count: _builtins.int = ...,
+        mean: _builtins.float = ...,
+        baseline_mean: _builtins.float = ...,
+        ks: _builtins.float = ...,
+        ks_pvalue: _builtins.float = ...,
+        ks_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_mean", b"baseline_mean", "channel", b"channel", "count", b"count", "input", b"input", "ks", b"ks", "ks_pvalue", b"ks_pvalue", "ks_samples", b"ks_samples", "mean", b"mean", "psi", b"psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelDrift: _TypeAlias = ChannelDrift  # noqa: Y015
+
+@_typing.final
+class DriftScope(_message.Message):
+    """One device, or the fleet (empty device_id)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    windows: _builtins.int
+    psi: _builtins.float
+    """The largest of its channels' PSI."""
+    verdict: _builtins.str
+    """stable, moderate, drifted, "too few" (values) or "no data"."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelDrift]:
+        """Largest PSI first."""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        windows: _builtins.int = ...,
+        psi: _builtins.float = ...,
+        verdict: _builtins.str = ...,
+        channels: _abc.Iterable[Global___ChannelDrift] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "device_id", b"device_id", "psi", b"psi", "verdict", b"verdict", "windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftScope: _TypeAlias = DriftScope  # noqa: Y015
+
+@_typing.final
+class VersionDrift(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def fleet(self) -> Global___DriftScope: ...
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftScope]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        fleet: Global___DriftScope | None = ...,
+        devices: _abc.Iterable[Global___DriftScope] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "fleet", b"fleet", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionDrift: _TypeAlias = VersionDrift  # noqa: Y015
+
+@_typing.final
+class DriftReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    since: _builtins.float
+    """Unix seconds: the window."""
+    until: _builtins.float
+    threshold: _builtins.float
+    """The PSI at which the cloud alerts (drift.psi_threshold)."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionDrift]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        since: _builtins.float = ...,
+        until: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        versions: _abc.Iterable[Global___VersionDrift] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "since", b"since", "threshold", b"threshold", "until", b"until", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftReport: _TypeAlias = DriftReport  # noqa: Y015

@@ -4,6 +4,8 @@ import grpc
 import warnings
 
 from protos.admin.v1 import admin_pb2 as protos_dot_admin_dot_v1_dot_admin__pb2
+from protos.admin.v1 import loop_pb2 as protos_dot_admin_dot_v1_dot_loop__pb2
+from protos.admin.v1 import rollout_pb2 as protos_dot_admin_dot_v1_dot_rollout__pb2
 from protos.fleet.v1 import data_pb2 as protos_dot_fleet_dot_v1_dot_data__pb2
 from protos.fleet.v1 import fleet_pb2 as protos_dot_fleet_dot_v1_dot_fleet__pb2
 
@@ -36,6 +38,36 @@ class AdminServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.StartRollout = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/StartRollout',
+                request_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutSpec.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/GetRollout',
+                request_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/ListRollouts',
+                request_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/PauseRollout',
+                request_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/ResumeRollout',
+                request_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/AbortRollout',
+                request_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+                _registered_method=True)
         self.PushModel = channel.stream_unary(
                 '/edgefleet.admin.v1.AdminService/PushModel',
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.PushModelRequest.SerializeToString,
@@ -151,10 +183,83 @@ class AdminServiceStub:
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetTelemetryRequest.SerializeToString,
                 response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.TelemetryReport.FromString,
                 _registered_method=True)
+        self.GetDrift = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/GetDrift',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetDriftRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.DriftReport.FromString,
+                _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/SetTraffic',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetTrafficResponse.FromString,
+                _registered_method=True)
+        self.EnableLoop = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/EnableLoop',
+                request_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.EnableLoopRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+                _registered_method=True)
+        self.DisableLoop = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/DisableLoop',
+                request_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.LoopActionRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+                _registered_method=True)
+        self.RunLoop = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/RunLoop',
+                request_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.LoopActionRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+                _registered_method=True)
+        self.GetLoop = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/GetLoop',
+                request_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.GetLoopRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+                _registered_method=True)
+        self.ListLoops = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/ListLoops',
+                request_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.ListLoopsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.ListLoopsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def StartRollout(self, request, context):
+        """Rollouts: waves of devices, each gated on the new version's figures on them; abort
+        sends every moved device back to what it ran (rollout.proto).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def PushModel(self, request_iterator, context):
         """Upload a model version: first message a header, then the ONNX file's bytes in order.
@@ -312,9 +417,89 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDrift(self, request, context):
+        """How far devices' inputs moved from each version's training baseline: PSI per channel
+        from telemetry histograms, KS from sampled captures, per device and for the fleet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTraffic(self, request, context):
+        """Serve a second version of a model beside its primary on the devices of a selector: an
+        A/B share of requests or a shadow (copies, outputs compared, never returned). An empty
+        list clears the split.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableLoop(self, request, context):
+        """The closed loop (loop.proto): drift, or RunLoop, starts a warm-started fine-tune on
+        labelled captures; the candidate is rolled out only if it beats the running version on
+        held-out rows. Disabling cancels its fine-tune and never starts the rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableLoop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunLoop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoops(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutSpec.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.GetRolloutRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.SerializeToString,
+            ),
             'PushModel': grpc.stream_unary_rpc_method_handler(
                     servicer.PushModel,
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.PushModelRequest.FromString,
@@ -430,6 +615,41 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetTelemetryRequest.FromString,
                     response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.TelemetryReport.SerializeToString,
             ),
+            'GetDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrift,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetDriftRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.DriftReport.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetTrafficRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.SetTrafficResponse.SerializeToString,
+            ),
+            'EnableLoop': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableLoop,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.EnableLoopRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.SerializeToString,
+            ),
+            'DisableLoop': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableLoop,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.LoopActionRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.SerializeToString,
+            ),
+            'RunLoop': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunLoop,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.LoopActionRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.SerializeToString,
+            ),
+            'GetLoop': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoop,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.GetLoopRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.Loop.SerializeToString,
+            ),
+            'ListLoops': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoops,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_loop__pb2.ListLoopsRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_loop__pb2.ListLoopsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'edgefleet.admin.v1.AdminService', rpc_method_handlers)
@@ -440,6 +660,168 @@ def add_AdminServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/StartRollout',
+            protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutSpec.SerializeToString,
+            protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/GetRollout',
+            protos_dot_admin_dot_v1_dot_rollout__pb2.GetRolloutRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ListRollouts',
+            protos_dot_admin_dot_v1_dot_rollout__pb2.ListRolloutsRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_rollout__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/PauseRollout',
+            protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ResumeRollout',
+            protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/AbortRollout',
+            protos_dot_admin_dot_v1_dot_rollout__pb2.RolloutActionRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_rollout__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def PushModel(request_iterator,
@@ -1052,6 +1434,195 @@ class AdminService:
             '/edgefleet.admin.v1.AdminService/GetTelemetry',
             protos_dot_admin_dot_v1_dot_admin__pb2.GetTelemetryRequest.SerializeToString,
             protos_dot_admin_dot_v1_dot_admin__pb2.TelemetryReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/GetDrift',
+            protos_dot_admin_dot_v1_dot_admin__pb2.GetDriftRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.DriftReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/SetTraffic',
+            protos_dot_admin_dot_v1_dot_admin__pb2.SetTrafficRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.SetTrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableLoop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/EnableLoop',
+            protos_dot_admin_dot_v1_dot_loop__pb2.EnableLoopRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableLoop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/DisableLoop',
+            protos_dot_admin_dot_v1_dot_loop__pb2.LoopActionRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunLoop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/RunLoop',
+            protos_dot_admin_dot_v1_dot_loop__pb2.LoopActionRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/GetLoop',
+            protos_dot_admin_dot_v1_dot_loop__pb2.GetLoopRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_loop__pb2.Loop.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoops(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/ListLoops',
+            protos_dot_admin_dot_v1_dot_loop__pb2.ListLoopsRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_loop__pb2.ListLoopsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,8 @@ admin), stated in cloudsvc/access.py and checked before the method runs.
 from collections import abc as _abc
 from grpc import aio as _aio
 from protos.admin.v1 import admin_pb2 as _admin_pb2
+from protos.admin.v1 import loop_pb2 as _loop_pb2
+from protos.admin.v1 import rollout_pb2 as _rollout_pb2
 from protos.fleet.v1 import data_pb2 as _data_pb2
 from protos.fleet.v1 import fleet_pb2 as _fleet_pb2
 import abc as _abc_1
@@ -36,6 +38,15 @@ class AdminServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.RolloutSpec, _rollout_pb2.Rollout]
+    """Rollouts: waves of devices, each gated on the new version's figures on them; abort
+    sends every moved device back to what it ran (rollout.proto).
+    """
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.Rollout]
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutsRequest, _rollout_pb2.ListRolloutsResponse]
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.RolloutActionRequest, _rollout_pb2.Rollout]
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.RolloutActionRequest, _rollout_pb2.Rollout]
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.RolloutActionRequest, _rollout_pb2.Rollout]
     PushModel: _grpc.StreamUnaryMultiCallable[_admin_pb2.PushModelRequest, _admin_pb2.PushModelResponse]
     """Upload a model version: first message a header, then the ONNX file's bytes in order."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]
@@ -81,10 +92,37 @@ class AdminServiceStub:
     """Labels for captured rows, by their id: a labelled export imported back."""
     GetTelemetry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTelemetryRequest, _admin_pb2.TelemetryReport]
     """A model's serving across the fleet, per version: rate, errors, latency, inputs, cost."""
+    GetDrift: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetDriftRequest, _admin_pb2.DriftReport]
+    """How far devices' inputs moved from each version's training baseline: PSI per channel
+    from telemetry histograms, KS from sampled captures, per device and for the fleet.
+    """
+    SetTraffic: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetTrafficRequest, _admin_pb2.SetTrafficResponse]
+    """Serve a second version of a model beside its primary on the devices of a selector: an
+    A/B share of requests or a shadow (copies, outputs compared, never returned). An empty
+    list clears the split.
+    """
+    EnableLoop: _grpc.UnaryUnaryMultiCallable[_loop_pb2.EnableLoopRequest, _loop_pb2.Loop]
+    """The closed loop (loop.proto): drift, or RunLoop, starts a warm-started fine-tune on
+    labelled captures; the candidate is rolled out only if it beats the running version on
+    held-out rows. Disabling cancels its fine-tune and never starts the rollout.
+    """
+    DisableLoop: _grpc.UnaryUnaryMultiCallable[_loop_pb2.LoopActionRequest, _loop_pb2.Loop]
+    RunLoop: _grpc.UnaryUnaryMultiCallable[_loop_pb2.LoopActionRequest, _loop_pb2.Loop]
+    GetLoop: _grpc.UnaryUnaryMultiCallable[_loop_pb2.GetLoopRequest, _loop_pb2.Loop]
+    ListLoops: _grpc.UnaryUnaryMultiCallable[_loop_pb2.ListLoopsRequest, _loop_pb2.ListLoopsResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    StartRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.RolloutSpec, _rollout_pb2.Rollout]  # type: ignore[assignment]
+    """Rollouts: waves of devices, each gated on the new version's figures on them; abort
+    sends every moved device back to what it ran (rollout.proto).
+    """
+    GetRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.Rollout]  # type: ignore[assignment]
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutsRequest, _rollout_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.RolloutActionRequest, _rollout_pb2.Rollout]  # type: ignore[assignment]
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.RolloutActionRequest, _rollout_pb2.Rollout]  # type: ignore[assignment]
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.RolloutActionRequest, _rollout_pb2.Rollout]  # type: ignore[assignment]
     PushModel: _aio.StreamUnaryMultiCallable[_admin_pb2.PushModelRequest, _admin_pb2.PushModelResponse]  # type: ignore[assignment]
     """Upload a model version: first message a header, then the ONNX file's bytes in order."""
     ListModels: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]  # type: ignore[assignment]
@@ -130,8 +168,71 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Labels for captured rows, by their id: a labelled export imported back."""
     GetTelemetry: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTelemetryRequest, _admin_pb2.TelemetryReport]  # type: ignore[assignment]
     """A model's serving across the fleet, per version: rate, errors, latency, inputs, cost."""
+    GetDrift: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetDriftRequest, _admin_pb2.DriftReport]  # type: ignore[assignment]
+    """How far devices' inputs moved from each version's training baseline: PSI per channel
+    from telemetry histograms, KS from sampled captures, per device and for the fleet.
+    """
+    SetTraffic: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetTrafficRequest, _admin_pb2.SetTrafficResponse]  # type: ignore[assignment]
+    """Serve a second version of a model beside its primary on the devices of a selector: an
+    A/B share of requests or a shadow (copies, outputs compared, never returned). An empty
+    list clears the split.
+    """
+    EnableLoop: _aio.UnaryUnaryMultiCallable[_loop_pb2.EnableLoopRequest, _loop_pb2.Loop]  # type: ignore[assignment]
+    """The closed loop (loop.proto): drift, or RunLoop, starts a warm-started fine-tune on
+    labelled captures; the candidate is rolled out only if it beats the running version on
+    held-out rows. Disabling cancels its fine-tune and never starts the rollout.
+    """
+    DisableLoop: _aio.UnaryUnaryMultiCallable[_loop_pb2.LoopActionRequest, _loop_pb2.Loop]  # type: ignore[assignment]
+    RunLoop: _aio.UnaryUnaryMultiCallable[_loop_pb2.LoopActionRequest, _loop_pb2.Loop]  # type: ignore[assignment]
+    GetLoop: _aio.UnaryUnaryMultiCallable[_loop_pb2.GetLoopRequest, _loop_pb2.Loop]  # type: ignore[assignment]
+    ListLoops: _aio.UnaryUnaryMultiCallable[_loop_pb2.ListLoopsRequest, _loop_pb2.ListLoopsResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _rollout_pb2.RolloutSpec,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.Rollout, _abc.Awaitable[_rollout_pb2.Rollout]]:
+        """Rollouts: waves of devices, each gated on the new version's figures on them; abort
+        sends every moved device back to what it ran (rollout.proto).
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _rollout_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.Rollout, _abc.Awaitable[_rollout_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _rollout_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.ListRolloutsResponse, _abc.Awaitable[_rollout_pb2.ListRolloutsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _rollout_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.Rollout, _abc.Awaitable[_rollout_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _rollout_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.Rollout, _abc.Awaitable[_rollout_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _rollout_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.Rollout, _abc.Awaitable[_rollout_pb2.Rollout]]: ...
+
     @_abc_1.abstractmethod
     def PushModel(
         self,
@@ -314,5 +415,65 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.TelemetryReport, _abc.Awaitable[_admin_pb2.TelemetryReport]]:
         """A model's serving across the fleet, per version: rate, errors, latency, inputs, cost."""
+
+    @_abc_1.abstractmethod
+    def GetDrift(
+        self,
+        request: _admin_pb2.GetDriftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DriftReport, _abc.Awaitable[_admin_pb2.DriftReport]]:
+        """How far devices' inputs moved from each version's training baseline: PSI per channel
+        from telemetry histograms, KS from sampled captures, per device and for the fleet.
+        """
+
+    @_abc_1.abstractmethod
+    def SetTraffic(
+        self,
+        request: _admin_pb2.SetTrafficRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetTrafficResponse, _abc.Awaitable[_admin_pb2.SetTrafficResponse]]:
+        """Serve a second version of a model beside its primary on the devices of a selector: an
+        A/B share of requests or a shadow (copies, outputs compared, never returned). An empty
+        list clears the split.
+        """
+
+    @_abc_1.abstractmethod
+    def EnableLoop(
+        self,
+        request: _loop_pb2.EnableLoopRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loop_pb2.Loop, _abc.Awaitable[_loop_pb2.Loop]]:
+        """The closed loop (loop.proto): drift, or RunLoop, starts a warm-started fine-tune on
+        labelled captures; the candidate is rolled out only if it beats the running version on
+        held-out rows. Disabling cancels its fine-tune and never starts the rollout.
+        """
+
+    @_abc_1.abstractmethod
+    def DisableLoop(
+        self,
+        request: _loop_pb2.LoopActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loop_pb2.Loop, _abc.Awaitable[_loop_pb2.Loop]]: ...
+
+    @_abc_1.abstractmethod
+    def RunLoop(
+        self,
+        request: _loop_pb2.LoopActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loop_pb2.Loop, _abc.Awaitable[_loop_pb2.Loop]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLoop(
+        self,
+        request: _loop_pb2.GetLoopRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loop_pb2.Loop, _abc.Awaitable[_loop_pb2.Loop]]: ...
+
+    @_abc_1.abstractmethod
+    def ListLoops(
+        self,
+        request: _loop_pb2.ListLoopsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loop_pb2.ListLoopsResponse, _abc.Awaitable[_loop_pb2.ListLoopsResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -272,6 +272,9 @@ class ModelWindow(_message.Message):
     CAPTURED_FIELD_NUMBER: _builtins.int
     ATTRIBUTED_SECONDS_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    COMPARED_FIELD_NUMBER: _builtins.int
+    AGREED_FIELD_NUMBER: _builtins.int
+    COMPARED_WITH_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     start: _builtins.float
@@ -286,6 +289,12 @@ class ModelWindow(_message.Message):
     versions it served by their busy seconds): what a device-hour price is charged on.
     """
     target: _builtins.str
+    compared: _builtins.int
+    """A shadow version's requests compared with the primary's answers (top-1 class for a
+    classifier, allclose otherwise), how many agreed, and the primary's version.
+    """
+    agreed: _builtins.int
+    compared_with: _builtins.int
     @_builtins.property
     def latency(self) -> Global___LatencyHistogram: ...
     @_builtins.property
@@ -305,10 +314,13 @@ class ModelWindow(_message.Message):
         captured: _builtins.int = ...,
         attributed_seconds: _builtins.float = ...,
         target: _builtins.str = ...,
+        compared: _builtins.int = ...,
+        agreed: _builtins.int = ...,
+        compared_with: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributed_seconds", b"attributed_seconds", "busy_seconds", b"busy_seconds", "captured", b"captured", "end", b"end", "errors", b"errors", "inputs", b"inputs", "latency", b"latency", "model", b"model", "requests", b"requests", "start", b"start", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "attributed_seconds", b"attributed_seconds", "busy_seconds", b"busy_seconds", "captured", b"captured", "compared", b"compared", "compared_with", b"compared_with", "end", b"end", "errors", b"errors", "inputs", b"inputs", "latency", b"latency", "model", b"model", "requests", b"requests", "start", b"start", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -349,6 +349,7 @@ class Assignment(_message.Message):
     ROLLBACK_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
     BINS_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     target: _builtins.str
@@ -364,6 +365,12 @@ class Assignment(_message.Message):
     def bins(self) -> _containers.RepeatedCompositeFieldContainer[_data_pb2.InputBins]:
         """Histogram bins of the version's inputs, from its training data (empty: moments only)."""
 
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variant]:
+        """Other versions served beside this one (the primary), which answers the share they do
+        not take (1 - their weights). Empty: the primary alone.
+        """
+
     def __init__(
         self,
         *,
@@ -374,14 +381,52 @@ class Assignment(_message.Message):
         rollback: _builtins.bool = ...,
         capture: _data_pb2.CapturePolicy | None = ...,
         bins: _abc.Iterable[_data_pb2.InputBins] | None = ...,
+        variants: _abc.Iterable[Global___Variant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "capture", b"capture", "manifest_digest", b"manifest_digest", "model", b"model", "rollback", b"rollback", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "capture", b"capture", "manifest_digest", b"manifest_digest", "model", b"model", "rollback", b"rollback", "target", b"target", "variants", b"variants", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class Variant(_message.Message):
+    """A second version of an assigned model: an A/B share of its requests (sticky per request
+    `routing_key`), or a shadow that gets a copy of every request, its outputs compared with
+    the primary's and never returned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    target: _builtins.str
+    manifest_digest: _builtins.str
+    weight: _builtins.float
+    """Share of the model's requests with no version given, in [0, 1); 0 for a shadow."""
+    shadow: _builtins.bool
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        target: _builtins.str = ...,
+        manifest_digest: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        shadow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_digest", b"manifest_digest", "shadow", b"shadow", "target", b"target", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Variant: _TypeAlias = Variant  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):

@@ -23,7 +23,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 
 from agent.errors import ArtifactRejected, InvalidRequest, ModelNotFound
 from edgefleet.core.fleet import Variant
-from edgefleet.core.tensors import ORT_TO_DATATYPE
+from edgefleet.core.tensors import CLASS_NAMES_KEY, ORT_TO_DATATYPE, parse_class_names
 from edgefleet.core.versions import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,15 @@ class LoadedModel:
     inputs: tuple[TensorSpec, ...] = field(init=False)
     outputs: tuple[TensorSpec, ...] = field(init=False)
     shrink: bool = True
+    # The names of the output classes, from the model's metadata (CLASS_NAMES_KEY); () when
+    # it has none.
+    class_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.inputs = _tensor_specs(self.session.get_inputs())
         self.outputs = _tensor_specs(self.session.get_outputs())
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.class_names = parse_class_names(meta.get(CLASS_NAMES_KEY, ""))
 
     def run(
         self, feeds: dict[str, npt.NDArray[np.generic]], output_names: Sequence[str] | None = None

@@ -39,6 +39,7 @@ from edgefleet.core.metrics import (
     histogram,
     new_registry,
 )
+from edgefleet.core.rollouts import RolloutState
 from protos.fleet.v1 import data_pb2
 
 # Why a sync batch was refused, by the error's code (the message says which row and why).
@@ -48,6 +49,7 @@ REFUSALS: dict[ErrorCode, str] = {
     ErrorCode.FAILED_PRECONDITION: "out_of_sequence",  # a gap after the cloud's mark
 }
 JOB_STATES = tuple(s for s in JobState if s is not JobState.UNSPECIFIED)
+ROLLOUT_STATES = tuple(s for s in RolloutState if s is not RolloutState.UNSPECIFIED)
 
 _RPCS, _RPC_SECONDS = "rpcs", "rpc_seconds"
 _BATCHES, _REFUSED, _ROWS, _STORED, _DUPLICATES, _BYTES = (
@@ -101,6 +103,7 @@ class CloudMetrics(SafeCollector):
             self.devices,
             self.deployments,
             self.jobs,
+            self.rollouts,
             self.drift,
         )
 
@@ -234,6 +237,30 @@ class CloudMetrics(SafeCollector):
         for state in JOB_STATES:
             family.add_metric((state.value,), states[state])
         yield family
+
+    def rollouts(self) -> Iterator[Metric]:
+        found = self.metadata.list_rollouts()
+        states = Counter(r.state for r in found)
+        family = GaugeMetricFamily(
+            "edgefleet_cloud_rollouts", "Rollouts by state.", labels=("state",)
+        )
+        for state in ROLLOUT_STATES:
+            family.add_metric((state.value,), states[state])
+        yield family
+        # Devices of the rollouts under way, by phase as last stepped: what a dashboard
+        # follows during a rollout (finished ones drop out).
+        phases = GaugeMetricFamily(
+            "edgefleet_cloud_rollout_devices",
+            "Devices of each rollout not yet finished, by phase.",
+            labels=("rollout", "model", "version", "phase"),
+        )
+        for r in found:
+            if r.state.finished:
+                continue
+            counts = r.counts()
+            for phase, n in counts.items():
+                phases.add_metric((r.rollout_id, r.spec.model, str(r.spec.version), phase), n)
+        yield phases
 
     def drift(self) -> Iterator[Metric]:
         if self.drift_monitor is None:

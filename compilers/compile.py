@@ -7,9 +7,11 @@ checked before any long work starts.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -32,6 +34,7 @@ from compilers.quantize import (
 )
 from compilers.targets import Runtime, Step, TargetProfile, resolve_target
 from compilers.tensorrt import BatchProfile, build_engine, require_tensorrt
+from edgefleet.core.tensors import CLASS_NAMES_KEY, parse_class_names
 
 
 def default_timing_cache() -> Path:
@@ -51,6 +54,7 @@ def compile_target(
     int8_mode: Int8Mode = Int8Mode.AUTO,
     timing_cache: Path | None = None,
     tensorrt_batch: BatchProfile = BatchProfile(),  # noqa: B008 - frozen
+    class_names: Sequence[str] = (),
 ) -> Build:
     """Build the artifact for `target` from `onnx_path` into the empty folder `out_dir`.
 
@@ -59,6 +63,8 @@ def compile_target(
     score falls by more than `max_accuracy_drop` (in evaluate's units; 0.01 = one point).
     For tensorrt-fp16 `evaluate` receives the engine file, so it must run TensorRT.
     `calibration` (typical inputs) is required for static INT8, the mode chosen for CNNs.
+    `class_names` (or, without them, those the source model's metadata holds) are written to
+    an ONNX artifact's `metadata_props` under CLASS_NAMES_KEY, as a JSON list.
     """
     profile = resolve_target(target) if isinstance(target, str) else target
     _preflight(onnx_path, profile, out_dir, calibration, evaluate, int8_mode)
@@ -124,7 +130,11 @@ def compile_target(
                 )
                 steps.append("tensorrt-engine-fp16")
         if profile.runtime is Runtime.ONNXRUNTIME:
-            files = save_per_tensor(onnx.load(str(current)), primary)
+            model = onnx.load(str(current))
+            names = list(class_names) or source_class_names(onnx_path)
+            if names:
+                set_class_names(model, names)
+            files = save_per_tensor(model, primary)
             _check_loads(primary)
         else:
             files = [primary]
@@ -156,6 +166,26 @@ def compile_target(
         metrics=metrics,
         steps=tuple(steps),
     )
+
+
+def set_class_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Write `names` into `model.metadata_props` (replacing any earlier list). The JSON is
+    compact and ordered, so the same names give the same bytes."""
+    kept = [p for p in model.metadata_props if p.key != CLASS_NAMES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key = CLASS_NAMES_KEY
+    entry.value = json.dumps([str(n) for n in names], separators=(",", ":"), ensure_ascii=False)
+
+
+def source_class_names(path: Path) -> list[str]:
+    """The class names an ONNX model's metadata holds ([] without them)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == CLASS_NAMES_KEY:
+            return list(parse_class_names(prop.value))
+    return []
 
 
 def _preflight(

@@ -153,6 +153,18 @@ PAIRS: list[tuple[object, type[Message]]] = [
     (ARTIFACT, admin_pb2.Artifact),
     (LINEAGE, admin_pb2.Lineage),
     (EVALUATION, admin_pb2.Evaluation),
+    (versions.EpochRecord(2, 0.5, 0.75, 0.625, 0.7, 0.001), admin_pb2.EpochRecord),
+    (
+        versions.Evaluation(
+            0.5,
+            4,
+            history=(
+                versions.EpochRecord(1, 1.5, 0.25, 1.25, 0.5),
+                versions.EpochRecord(2, 1.0, 0.5, 1.0, 0.5, 3e-3),
+            ),
+        ),
+        admin_pb2.Evaluation,
+    ),
     (VERSION, admin_pb2.ModelVersion),
     (CAPS, fleet_pb2.Capabilities),
     (DESIRED, fleet_pb2.DesiredState),

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from edgefleet.core.versions import Evaluation
+from edgefleet.core.versions import EpochRecord, Evaluation
 from edgefleet.core.wire import to_jsonable
 from transfer.backbones import Backbone, Preprocessing
 from transfer.datasets import Dataset, Split, split_dataset, validate_dataset
@@ -76,6 +76,8 @@ class EpochProgress:
     seconds: float
     eta_seconds: float
     improved: bool
+    val_loss: float = 0.0
+    learning_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,15 @@ def fine_tune(
 
     model.eval()
     predictions = loop.final_predictions
-    metrics = evaluate(split.validation.labels, predictions, dataset.class_names)
+    metrics = replace(
+        evaluate(split.validation.labels, predictions, dataset.class_names),
+        history=tuple(
+            EpochRecord(
+                p.epoch, p.loss, p.train_accuracy, p.val_loss, p.val_accuracy, p.learning_rate
+            )
+            for p in loop.history
+        ),
+    )
     result = FineTuneResult(
         strategy=config.strategy,
         backbone=backbone.name,
@@ -381,13 +391,13 @@ class _Runner:
                 correct += hits
             return total / len(y), correct / len(y)
 
-        def predict_val() -> npt.NDArray[np.int64]:
+        def predict_val() -> torch.Tensor:
             head.eval()
             with torch.inference_mode():
-                preds: npt.NDArray[np.int64] = head(val_x).argmax(1).cpu().numpy().astype(np.int64)
-            return preds
+                logits: torch.Tensor = head(val_x).float().cpu()
+            return logits
 
-        return self._loop(epoch, predict_val, split, on_epoch, lambda: head)
+        return self._loop(epoch, predict_val, split, on_epoch, lambda: head, optimiser)
 
     def train_head_recomputing(self, split: Split, on_epoch: ProgressCallback | None) -> _Loop:
         backbone = self.model.backbone
@@ -418,17 +428,17 @@ class _Runner:
                 correct += hits
             return total / len(y), correct / len(y)
 
-        def predict_val() -> npt.NDArray[np.int64]:
+        def predict_val() -> torch.Tensor:
             head.eval()
-            preds = []
+            logits = []
             val = split.validation.inputs
             for start in range(0, len(val), self.config.feature_batch_size):
                 feats = features(val[start : start + self.config.feature_batch_size])
                 with torch.inference_mode():
-                    preds.append(head(feats).argmax(1).cpu().numpy())
-            return np.concatenate(preds).astype(np.int64)
+                    logits.append(head(feats).float().cpu())
+            return torch.cat(logits)
 
-        return self._loop(epoch, predict_val, split, on_epoch, lambda: head)
+        return self._loop(epoch, predict_val, split, on_epoch, lambda: head, optimiser)
 
     # -- last-n / full -------------------------------------------------------------
 
@@ -488,19 +498,19 @@ class _Runner:
                 correct += int((logits.argmax(1) == target).sum())
             return total / len(y), correct / len(y)
 
-        def predict_val() -> npt.NDArray[np.int64]:
+        def predict_val() -> torch.Tensor:
             model.eval()
-            preds = []
+            logits = []
             val = split.validation.inputs
             with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
                 for start in range(0, len(val), self.config.feature_batch_size):
                     batch = self.backbone.prepare(
                         val[start : start + self.config.feature_batch_size]
                     )
-                    preds.append(model(*(t.to(self.device) for t in batch)).argmax(1).cpu().numpy())
-            return np.concatenate(preds).astype(np.int64)
+                    logits.append(model(*(t.to(self.device) for t in batch)).float().cpu())
+            return torch.cat(logits)
 
-        return self._loop(epoch, predict_val, split, on_epoch, lambda: model)
+        return self._loop(epoch, predict_val, split, on_epoch, lambda: model, optimiser)
 
     # -- shared --------------------------------------------------------------------
 
@@ -516,10 +526,11 @@ class _Runner:
     def _loop(
         self,
         epoch: Callable[[], tuple[float, float]],
-        predict_val: Callable[[], npt.NDArray[np.int64]],
+        predict_val: Callable[[], torch.Tensor],
         split: Split,
         on_epoch: ProgressCallback | None,
         best_of: Callable[[], nn.Module],
+        optimiser: torch.optim.Optimizer | None = None,
     ) -> _Loop:
         """Epochs with early stopping; the module `best_of` returns ends at its best epoch."""
         config = self.config
@@ -532,8 +543,13 @@ class _Runner:
         for n in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             loss, train_acc = epoch()
-            preds = predict_val()
+            logits = predict_val()
+            preds = logits.argmax(1).numpy().astype(np.int64)
             val_acc = float((preds == val_y).mean())
+            val_loss = float(
+                nn.functional.cross_entropy(logits, torch.from_numpy(val_y).long()).item()
+            )
+            lr = float(optimiser.param_groups[0]["lr"]) if optimiser is not None else 0.0
             improved = val_acc > best_acc + config.min_delta
             if improved:
                 best_acc, best_epoch, best_preds = val_acc, n, preds
@@ -545,7 +561,16 @@ class _Runner:
             stopping = config.patience is not None and n - best_epoch >= config.patience
             remaining = 0 if stopping else config.epochs - n
             progress = EpochProgress(
-                n, config.epochs, loss, train_acc, val_acc, seconds, per_epoch * remaining, improved
+                n,
+                config.epochs,
+                loss,
+                train_acc,
+                val_acc,
+                seconds,
+                per_epoch * remaining,
+                improved,
+                val_loss,
+                lr,
             )
             history.append(progress)
             if on_epoch is not None:

@@ -15,16 +15,18 @@ reflection is on so ``grpcurl`` can list the service.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -57,8 +59,10 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "edgefleet-agent"
 PLATFORM = "onnxruntime_onnx"
 SERVICE_NAME = "inference.GRPCInferenceService"
-# Protocol extensions served beyond the core (Triton's names); none yet beyond the core.
-EXTENSIONS: tuple[str, ...] = ()
+# Protocol extensions served beyond the core (Triton's names).
+EXTENSIONS: tuple[str, ...] = ("classification",)
+# ModelMetadata's parameter holding the model's class names (a JSON list), when it has them.
+CLASS_NAMES_PARAMETER = "class_names"
 
 _PLAN_CACHE_LIMIT = 64
 INFER_METHOD = f"/{SERVICE_NAME}/ModelInfer"
@@ -212,13 +216,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         model = self._repository.get(request.name, request.version)
         T = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
+        response = pb.ModelMetadataResponse(
             name=model.name,
             versions=[str(v) for v in self._repository.versions(model.name)],
             platform=PLATFORM,
             inputs=[to_proto(t, T) for t in model.inputs],
             outputs=[to_proto(t, T) for t in model.outputs],
         )
+        if model.class_names:
+            response.parameters[CLASS_NAMES_PARAMETER].string_param = json.dumps(
+                list(model.class_names), ensure_ascii=False
+            )
+        return response
 
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
@@ -228,9 +237,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for tensor in request.inputs:
             if tensor.parameters:
                 _refuse_parameters(f"input {tensor.name[:64]!r}", tensor.parameters)
-        for output in request.outputs:
-            if output.parameters:
-                _refuse_parameters(f"output {output.name!r}", output.parameters)
+        classify = {
+            output.name: classification_count(output.name, output.parameters)
+            for output in request.outputs
+            if output.parameters
+        }
         shadow = None
         if request.model_version:
             model = self._repository.get(request.model_name, request.model_version)
@@ -251,7 +262,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if recorder is not None:
                 recorder.failed(model.name, model.version)
             raise
-        response = encode_response(plan, request, decoded, results)
+        if classify:
+            answered, datatypes = classified(model, decoded.output_names, results, classify)
+            response = encode_response(plan, request, decoded, answered, datatypes)
+        else:
+            response = encode_response(plan, request, decoded, results)
         names = decoded.output_names or tuple(o.name for o in model.outputs)
         if shadow is not None:
             # Queued only: the shadow runs on its own thread and its outputs go nowhere.
@@ -303,6 +318,69 @@ def _string(parameters: Any, name: str) -> str:
     return str(value.string_param)
 
 
+# Triton's classification extension: an output requested with this parameter (an int64 N)
+# answers, per row, the N highest scores as BYTES "score:index:label" strings.
+CLASSIFICATION_PARAMETER = "classification"
+
+
+def classification_count(output: str, parameters: Any) -> int:
+    """The N of an output's "classification" parameter; any other parameter is refused."""
+    where = f"output {output[:64]!r}"
+    others = [k for k in parameters if k != CLASSIFICATION_PARAMETER]
+    if others:
+        _refuse_parameters(where, others)
+    value = parameters[CLASSIFICATION_PARAMETER]
+    kind = value.WhichOneof("parameter_choice")
+    count = value.int64_param if kind == "int64_param" else value.uint64_param
+    if kind not in ("int64_param", "uint64_param") or count < 1:
+        raise InvalidRequest(
+            f"{where}: the {CLASSIFICATION_PARAMETER!r} parameter is the number of top classes "
+            "to answer, an integer of at least 1"
+        )
+    return int(count)
+
+
+def classified(
+    model: LoadedModel,
+    names: Sequence[str],
+    results: Sequence[Any],
+    counts: dict[str, int],
+) -> tuple[list[Any], dict[str, str]]:
+    """The results with each output in `counts` replaced by its top-N classes along the last
+    axis, as BYTES "score:index:label" (label: the model's class name, else the index)."""
+    names = list(names) or [o.name for o in model.outputs]
+    missing = sorted(set(counts) - set(names))
+    if missing:
+        raise InvalidRequest(f"classification asked for unknown output(s) {missing[:4]}")
+    labels = model.class_names
+    answered = list(results)
+    for i, name in enumerate(names):
+        count = counts.get(name)
+        if count is None:
+            continue
+        scores = np.asarray(results[i])
+        if scores.ndim == 0 or scores.dtype.kind not in "fiub":
+            raise InvalidRequest(
+                f"output {name!r} is not a vector of numeric scores, so it cannot answer "
+                "classification"
+            )
+        classes = scores.shape[-1]
+        if count > classes:
+            raise InvalidRequest(
+                f"output {name!r} has {classes} classes; classification asked for the top "
+                f"{count} (1 to {classes})"
+            )
+        order = np.argsort(-scores.astype(np.float64), axis=-1, kind="stable")[..., :count]
+        top = np.take_along_axis(scores, order, axis=-1)
+        out = np.empty(order.shape, dtype=object)
+        for at in np.ndindex(order.shape):
+            index = int(order[at])
+            label = labels[index] if index < len(labels) else str(index)
+            out[at] = f"{float(top[at]):f}:{index}:{label}".encode()
+        answered[i] = out
+    return answered, dict.fromkeys(counts, "BYTES")
+
+
 def _refuse_parameters(where: str, parameters: Any) -> None:
     """A parameter this server would ignore is refused, never dropped silently: a client
     asking for classification results or a sequence must know it does not get them."""
@@ -310,7 +388,8 @@ def _refuse_parameters(where: str, parameters: Any) -> None:
     raise InvalidRequest(
         f"{where} sets parameter(s) {names}, which this server does not support; it takes the "
         f"request's {LABEL_PARAMETER!r} (a string kept with a capture) and "
-        f"{ROUTING_PARAMETER!r} (a string that keeps a client on one version of an A/B split)"
+        f"{ROUTING_PARAMETER!r} (a string that keeps a client on one version of an A/B split), "
+        f"and an output's {CLASSIFICATION_PARAMETER!r} (an int64: the top N classes)"
     )
 
 

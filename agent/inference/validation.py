@@ -13,7 +13,7 @@ dictionary look-ups, one ``np.frombuffer`` per raw input and one ``tobytes`` per
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,14 +277,16 @@ def encode_response(
     request: pb.ModelInferRequest,
     decoded: DecodedRequest,
     results: Sequence[Array],
+    datatypes: Mapping[str, str] | None = None,
 ) -> pb.ModelInferResponse:
     """The answer to `request`: raw_output_contents (as Triton answers), or typed contents
-    when the request sent typed contents."""
+    when the request sent typed contents. `datatypes` overrides the model's datatype of some
+    outputs (BYTES for classification results)."""
     response = pb.ModelInferResponse(
         model_name=plan.model.name, model_version=plan.version, id=request.id
     )
     outputs = response.outputs
-    datatypes = plan.output_datatypes
+    datatypes = {**plan.output_datatypes, **(datatypes or {})}
     if decoded.typed:
         for name, array in zip(decoded.output_names, results, strict=True):
             datatype = datatypes[name]

@@ -160,6 +160,7 @@ def _compile_one(
         calibration=calibration,
         evaluate=evaluate,
         max_accuracy_drop=max_accuracy_drop,
+        class_names=data.class_names,
     )
     files = list(compiled.files)
     for name in extra_files:

@@ -8,6 +8,7 @@ watching (the job runs on in the cloud).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
+from edgefleet.cli import plots
 from edgefleet.cli.admin import (
     Connection,
     admin,
@@ -567,6 +570,9 @@ def runs() -> None:
     \b
       edgefleet runs compare apparel
       edgefleet runs compare apparel --versions 3,4,7
+      edgefleet runs compare apparel --html apparel.html
+      edgefleet runs plot apparel --versions 3,4 --out plots/
+      edgefleet runs export-mlflow apparel --version 4 --tracking-uri file:./mlruns
     """
 
 
@@ -587,16 +593,25 @@ def _pick(versions: Sequence[ModelVersion], wanted: str) -> list[ModelVersion]:
 @runs.command("compare")
 @click.argument("name")
 @click.option("--versions", default="", help="Only these versions, e.g. 2,5,6 [default: all].")
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write one self-contained HTML page: this table and the plots (needs matplotlib).",
+)
 @json_option
 @cloud_options
-def compare(name: str, versions: str, as_json: bool, cloud: Connection) -> None:
+def compare(
+    name: str, versions: str, html_out: Path | None, as_json: bool, cloud: Connection
+) -> None:
     """Versions of NAME side by side: lineage, settings that differ, held-out metrics, and
     per target the size, latency and accuracy change. The best accuracy is marked."""
     with admin(cloud) as client:
         rows = _pick(client.versions(name), versions)
     if not rows:
         raise click.ClickException(f"{name} has no versions yet")
-    if as_json:
+    if as_json and html_out is None:
         print_json(rows)
         return
     table = Table("", *(f"v{v.version}" for v in rows), title=f"{name}: {len(rows)} version(s)")
@@ -664,6 +679,12 @@ def compare(name: str, versions: str, as_json: bool, cloud: Connection) -> None:
                 parts.append(points(a.metrics["accuracy_drop"]))
             cells.append(", ".join(parts))
         table.add_row(target, *cells)
+    if html_out is not None:
+        _write_html(name, table, rows, html_out)
+        if as_json:
+            print_json({"html": str(html_out), "versions": to_jsonable(rows)})
+            return
+        console.print(f"wrote {html_out}")
     console.print(table)
     if best is not None:
         leaders = [v.version for v in rows if v.evaluation and v.evaluation.accuracy == best]
@@ -675,3 +696,72 @@ def compare(name: str, versions: str, as_json: bool, cloud: Connection) -> None:
         )
     else:
         console.print("no version here was fine-tuned by a job, so there are no metrics to compare")
+
+
+def _write_html(name: str, table: Table, rows: Sequence[ModelVersion], out: Path) -> None:
+    """The comparison table as plain text cells, and every plot inlined, in one page."""
+    header = [str(c.header) for c in table.columns]
+    cells = [
+        [Text.from_markup(c) if isinstance(c, str) else Text(str(c)) for c in column._cells]
+        for column in table.columns
+    ]
+    body = [[cells[col][r].plain for col in range(len(cells))] for r in range(table.row_count)]
+    with tempfile.TemporaryDirectory(prefix="edgefleet-plots-") as tmp:
+        pictures = plots.write_plots(name, rows, Path(tmp))
+        page = plots.html_page(f"{name}: {len(rows)} version(s)", header, body, pictures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+
+
+@runs.command("plot")
+@click.argument("name")
+@click.option("--versions", default="", help="Only these versions, e.g. 2,3 [default: all].")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder to write the PNG files to.",
+)
+@json_option
+@cloud_options
+def plot(name: str, versions: str, out_dir: Path, as_json: bool, cloud: Connection) -> None:
+    """PNG pictures of versions of NAME: training curves side by side (loss and accuracy,
+    train and validation), and per version a confusion matrix and per-class precision and
+    recall. Prints the paths written. Needs matplotlib."""
+    with admin(cloud) as client:
+        rows = _pick(client.versions(name), versions)
+    if not rows:
+        raise click.ClickException(f"{name} has no versions yet")
+    written = plots.write_plots(name, rows, out_dir)
+    if as_json:
+        print_json({"files": [str(p) for p in written]})
+        return
+    if not written:
+        console.print("nothing to plot: no version here was fine-tuned by a job")
+    for path in written:
+        console.print(str(path), highlight=False)
+
+
+@runs.command("export-mlflow")
+@click.argument("name")
+@click.option("--version", "number", type=int, required=True, help="The version to export.")
+@click.option("--tracking-uri", required=True, help="MLflow tracking URI, e.g. file:./mlruns.")
+@click.option("--experiment", default="", help="MLflow experiment [default: NAME].")
+@json_option
+@cloud_options
+def export_mlflow(
+    name: str, number: int, tracking_uri: str, experiment: str, as_json: bool, cloud: Connection
+) -> None:
+    """Log version N of NAME as an MLflow run: parameters, final and per-epoch metrics (epochs
+    as steps), and the confusion matrix and plots as artifacts. Needs mlflow."""
+    plots.require_mlflow()
+    with admin(cloud) as client:
+        (version,) = _pick(client.versions(name), str(number))
+    with tempfile.TemporaryDirectory(prefix="edgefleet-mlflow-") as tmp:
+        run_id = plots.export_mlflow(name, version, tracking_uri, experiment or name, Path(tmp))
+    if as_json:
+        print_json({"run_id": run_id, "tracking_uri": tracking_uri})
+        return
+    console.print(f"logged {name} v{number} to {tracking_uri} as run {run_id}", highlight=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,10 +27,15 @@ import numpy.typing as npt
 from edgefleet.core.auth import bearer_metadata
 from edgefleet.core.errors import InvalidArgument
 from edgefleet.core.rpc import error_from_rpc
-from edgefleet.core.tensors import DATATYPE_TO_NUMPY, TYPED_CONTENTS_FIELD, datatype_of
+from edgefleet.core.tensors import (
+    DATATYPE_TO_NUMPY,
+    TYPED_CONTENTS_FIELD,
+    datatype_of,
+    parse_class_names,
+)
 from edgefleet.core.tls import ClientSecurity
 from edgefleet.core.versions import TensorSpec
-from edgefleet.core.wire import from_proto
+from edgefleet.core.wire import from_proto, wire_field
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -38,6 +43,14 @@ from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 Array = npt.NDArray[Any]
 
 DEFAULT_MAX_MESSAGE = 64 << 20
+
+
+def _parameter_strings(parameters: Any) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in parameters.items():
+        kind = value.WhichOneof("parameter_choice")
+        found[str(key)] = str(getattr(value, kind)) if kind else ""
+    return found
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,15 @@ class ModelMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # The model's parameters as strings (edgefleet's agent answers "class_names", a JSON list).
+    parameters: dict[str, str] = field(
+        default_factory=dict, metadata=wire_field(from_wire=_parameter_strings)
+    )
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The model's class names (index i names class i); () when the server has none."""
+        return parse_class_names(self.parameters.get("class_names", ""))
 
 
 @dataclass(frozen=True)
@@ -206,10 +228,15 @@ class InferenceClient:
         request_id: str = "",
         label: str = "",
         routing_key: str = "",
+        class_count: int = 0,
     ) -> pb.ModelInferRequest:
         """A request ready to send; reuse it, replacing ``raw_input_contents[i]`` per call.
         `label`: what the client knows the answer should be, kept with a capture of it.
-        `routing_key`: keeps this client (a user, a camera) on one version of an A/B split."""
+        `routing_key`: keeps this client (a user, a camera) on one version of an A/B split.
+        `class_count`: each of `outputs` answers its top N classes as BYTES
+        "score:index:label" strings (Triton's classification extension)."""
+        if class_count and not outputs:
+            raise InvalidArgument("class_count needs the outputs to classify, by name")
         tensors = []
         raw = []
         for input_name, array in inputs.items():
@@ -230,6 +257,9 @@ class InferenceClient:
             request.parameters["label"].string_param = label
         if routing_key:
             request.parameters["routing_key"].string_param = routing_key
+        if class_count:
+            for wanted in request.outputs:
+                wanted.parameters["classification"].int64_param = class_count
         return request
 
     def infer(
@@ -242,12 +272,16 @@ class InferenceClient:
         request_id: str = "",
         label: str = "",
         routing_key: str = "",
+        class_count: int = 0,
     ) -> InferResult:
         """Run model `name` on `inputs` (numpy arrays by input name); outputs by name.
         `label`: the right answer where the client knows it, kept with a capture of it.
-        `routing_key`: the same key always reaches the same version of an A/B split."""
+        `routing_key`: the same key always reaches the same version of an A/B split.
+        `class_count`: `outputs` answer their top N classes as "score:index:label" bytes."""
         return self.infer_prepared(
-            self.prepare(name, inputs, version, outputs, request_id, label, routing_key)
+            self.prepare(
+                name, inputs, version, outputs, request_id, label, routing_key, class_count
+            )
         )
 
     def infer_prepared(self, request: pb.ModelInferRequest) -> InferResult:

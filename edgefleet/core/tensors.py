@@ -114,3 +114,19 @@ def from_raw(
         return np.frombuffer(data, dtype=dtype).reshape(shape)
     except ValueError as err:  # no elements, but a dimension numpy cannot index
         raise InvalidArgument(f"shape {list(shape)} cannot be made: {err}") from None
+
+
+# Where an ONNX artifact carries its class names (index i names output class i): a JSON list
+# in the model's metadata_props, written by the compiler and read by the agent.
+CLASS_NAMES_KEY = "edgefleet.class_names"
+
+
+def parse_class_names(value: str) -> tuple[str, ...]:
+    """The class names a CLASS_NAMES_KEY value holds; () when it is not a JSON list."""
+    import json
+
+    try:
+        names = json.loads(value)
+    except ValueError:
+        return ()
+    return tuple(str(n) for n in names) if isinstance(names, list) else ()

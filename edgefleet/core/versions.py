@@ -103,6 +103,21 @@ class ConfusionRow:
 
 
 @dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of training: losses and accuracies on the training and validation data.
+
+    `learning_rate` is 0 where it is not known.
+    """
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float = 0.0
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """Scores on held-out data; confusion rows are true classes, columns predicted ones."""
 
@@ -117,6 +132,8 @@ class Evaluation:
         ),
     )
     split: str = ""
+    # Per-epoch training curves of the run that produced it; empty where not trained here.
+    history: tuple[EpochRecord, ...] = ()
 
 
 @dataclass(frozen=True)

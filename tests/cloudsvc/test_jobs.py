@@ -152,6 +152,7 @@ def test_a_finetune_job_registers_a_verified_version_with_lineage_and_metrics(
         assert "class_names" in manifest.preprocessing.params
         loaded = load_and_check(manifest, artifact.manifest_digest, folder, SessionOptions())
         assert loaded.version == 1
+        assert loaded.class_names == lineage.class_names  # from the ONNX metadata_props
     # The source it was compiled from is kept, with data to compile more targets later.
     source = tmp_path / "source"
     rig.registry.materialize(version.metadata[SOURCE_KEY], source)

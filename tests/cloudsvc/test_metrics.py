@@ -22,7 +22,9 @@ from cloudsvc.settings import CloudSettings
 from edgefleet.client import AdminClient
 from edgefleet.core.errors import EdgefleetError, FailedPrecondition, InvalidArgument
 from edgefleet.core.jobs import Job, JobState
+from edgefleet.core.rollouts import RolloutSpec
 from protos.fleet.v1 import data_pb2
+from tests.cloudsvc.conftest import write_linear_model
 from tests.scrape import scrape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +144,24 @@ def test_devices_and_jobs_by_state(cloud: CloudServer) -> None:
     assert got.value("edgefleet_cloud_jobs", state="failed") == 1
     assert got.value("edgefleet_cloud_jobs", state="queued") == 0
     assert not got.find("edgefleet_cloud_deployments")
+    assert got.value("edgefleet_cloud_rollouts", state="running") == 0
+
+
+def test_a_rollout_under_way_shows_its_devices_by_phase(cloud: CloudServer, tmp_path: Path) -> None:
+    cloud.fleet.enroll("fleet-token", "d1")
+    cloud.fleet.enroll("fleet-token", "d2")
+    cloud.registry.push("m", write_linear_model(tmp_path / "m.onnx"))
+    rollout = cloud.rollouts.start_rollout(RolloutSpec("m", 1, {}, (0.5, 1.0), 60.0, 0.5))
+    got = scrape(_port(cloud))
+    assert got.value("edgefleet_cloud_rollouts", state="running") == 1
+    labels = {"rollout": rollout.rollout_id, "model": "m", "version": "1"}
+    # The first wave's device was told and has not reported; the other waits its turn.
+    assert got.value("edgefleet_cloud_rollout_devices", phase="pending", **labels) == 2
+    assert got.value("edgefleet_cloud_rollout_devices", phase="active", **labels) == 0
+    cloud.rollouts.abort(rollout.rollout_id, "test")
+    got = scrape(_port(cloud))
+    assert got.value("edgefleet_cloud_rollouts", state="aborted") == 1
+    assert not got.find("edgefleet_cloud_rollout_devices")
 
 
 def test_a_failing_section_is_left_out_and_the_rest_answers(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-from compilers.compile import compile_target
+from compilers.compile import compile_target, source_class_names
 from compilers.errors import CompileError, UnknownTargetError
 from compilers.layout import external_files
+from edgefleet.core.tensors import CLASS_NAMES_KEY
 from tests.compilers.models import agreement, conv_model, images, run
 
 
@@ -45,6 +49,34 @@ def test_cpu_int8_artifact_uses_static_qdq_for_a_cnn(cnn: Path, tmp_path: Path) 
     assert artifact.steps == ("int8-static-qdq-per-channel",)
     assert artifact.metrics["accuracy_drop"] <= 0.1
     assert run(artifact.entrypoint, images(2)).shape == (2, 4)
+
+
+def test_class_names_travel_in_metadata_props_deterministically(cnn: Path, tmp_path: Path) -> None:
+    names = ["a", "b", "c", "d"]
+    builds = [
+        compile_target(cnn, target, tmp_path / f"{target}-{i}", class_names=names, **extra(cnn))
+        for target in ("onnx-cpu-fp32", "onnx-cpu-int8")
+        for i in (1, 2)
+    ]
+    for build in builds:
+        meta = ort.InferenceSession(
+            str(build.entrypoint), providers=["CPUExecutionProvider"]
+        ).get_modelmeta()
+        assert json.loads(meta.custom_metadata_map[CLASS_NAMES_KEY]) == names
+        assert source_class_names(build.entrypoint) == names
+    for first, second in (builds[0:2], builds[2:4]):  # the same weights, the same bytes
+        assert first.entrypoint.read_bytes() == second.entrypoint.read_bytes()
+    # recompiling a compiled model keeps the names its metadata holds
+    again = compile_target(builds[0].entrypoint, "onnx-cpu-fp32", tmp_path / "again")
+    assert source_class_names(again.entrypoint) == names
+
+
+def extra(cnn: Path) -> dict[str, Any]:
+    return {
+        "calibration": images(64),
+        "evaluate": agreement(cnn, images(100, seed=2)),
+        "max_accuracy_drop": 1.0,
+    }
 
 
 def test_gpu_fp16_artifact_is_built_on_a_cpu_machine(cnn: Path, tmp_path: Path) -> None:

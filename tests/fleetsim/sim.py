@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import numpy as np
@@ -226,6 +227,9 @@ class SimulatedSession:
     def get_inputs(self) -> list[_Node]:
         return self._inputs
 
+    def get_modelmeta(self) -> Any:
+        return SimpleNamespace(custom_metadata_map={})
+
     def get_outputs(self) -> list[_Node]:
         return self._outputs
 
@@ -310,7 +314,7 @@ class SimulatedRuntime:
             with self._lock:
                 self.loads += 1
                 self.loaded[(device_id, manifest.model, int(manifest.version))] += 1
-            # LoadedModel asks the session only for get_inputs/get_outputs/run.
+            # LoadedModel asks the session only for get_inputs/get_outputs/get_modelmeta/run.
             return LoadedModel(
                 manifest.model,
                 manifest.version,

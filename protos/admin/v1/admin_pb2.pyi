@@ -411,6 +411,7 @@ class Evaluation(_message.Message):
     PER_CLASS_FIELD_NUMBER: _builtins.int
     CONFUSION_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     accuracy: _builtins.float
     count: _builtins.int
     split: _builtins.str
@@ -421,6 +422,10 @@ class Evaluation(_message.Message):
     def confusion(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfusionRow]:
         """Rows are true classes, columns predicted classes."""
 
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___EpochRecord]:
+        """Per-epoch training curves of the run that made the version."""
+
     def __init__(
         self,
         *,
@@ -429,14 +434,51 @@ class Evaluation(_message.Message):
         per_class: _abc.Iterable[Global___ClassScore] | None = ...,
         confusion: _abc.Iterable[Global___ConfusionRow] | None = ...,
         split: _builtins.str = ...,
+        history: _abc.Iterable[Global___EpochRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confusion", b"confusion", "count", b"count", "per_class", b"per_class", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confusion", b"confusion", "count", b"count", "history", b"history", "per_class", b"per_class", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Evaluation: _TypeAlias = Evaluation  # noqa: Y015
+
+@_typing.final
+class EpochRecord(_message.Message):
+    """One epoch of training; learning_rate is 0 where it is not known."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TRAIN_LOSS_FIELD_NUMBER: _builtins.int
+    TRAIN_ACCURACY_FIELD_NUMBER: _builtins.int
+    VAL_LOSS_FIELD_NUMBER: _builtins.int
+    VAL_ACCURACY_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    train_loss: _builtins.float
+    train_accuracy: _builtins.float
+    val_loss: _builtins.float
+    val_accuracy: _builtins.float
+    learning_rate: _builtins.float
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        train_loss: _builtins.float = ...,
+        train_accuracy: _builtins.float = ...,
+        val_loss: _builtins.float = ...,
+        val_accuracy: _builtins.float = ...,
+        learning_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "learning_rate", b"learning_rate", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EpochRecord: _TypeAlias = EpochRecord  # noqa: Y015
 
 @_typing.final
 class ModelVersion(_message.Message):

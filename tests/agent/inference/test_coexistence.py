@@ -109,28 +109,32 @@ def test_parameters_the_server_does_not_support_are_refused(
     with_double.parameters["temperature"].double_param = 0.5
     with_uint64 = request()
     with_uint64.parameters["sequence_id"].uint64_param = 7
-    classification = request()
-    wanted = classification.outputs.add(name="y")
-    wanted.parameters["classification"].int64_param = 3
-    for sent in (with_double, with_uint64, classification):
+    # Classification is served (test_classification.py); other output parameters are not.
+    top_k = request()
+    wanted = top_k.outputs.add(name="y")
+    wanted.parameters["top_k"].int64_param = 3
+    for sent in (with_double, with_uint64, top_k):
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(sent, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "does not support" in (info.value.details() or "")
 
 
-def test_tritons_classification_request_gets_invalid_argument(address: str) -> None:
+def test_tritons_classification_request_is_answered(address: str) -> None:
+    """Triton's class_count: BYTES "score:index:label", the index as label without names."""
     triton = tritonclient_grpc.InferenceServerClient(address)
     try:
         inputs = [
             tritonclient_grpc.InferInput("x", [1, 4], "FP32"),
             tritonclient_grpc.InferInput("b", [4], "FP32"),
         ]
-        inputs[0].set_data_from_numpy(np.zeros((1, 4), np.float32))
+        inputs[0].set_data_from_numpy(np.array([[1, 4, 2, 3]], np.float32))
         inputs[1].set_data_from_numpy(np.zeros(4, np.float32))
         outputs = [tritonclient_grpc.InferRequestedOutput("y", class_count=2)]
-        with pytest.raises(Exception, match="does not support"):
-            triton.infer("affine", inputs, outputs=outputs)
+        result = triton.infer("affine", inputs, outputs=outputs, model_version="1")
+        got = result.as_numpy("y")
+        assert got.shape == (1, 2)
+        assert [v.decode() for v in got[0]] == ["8.000000:1:1", "6.000000:3:3"]
     finally:
         triton.close()
 

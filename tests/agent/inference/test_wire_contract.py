@@ -48,6 +48,12 @@ EXPECTED_MESSAGES: dict[str, list[tuple[str, int, int, int, str]]] = {
         ("platform", 3, OPT, STRING, ""),
         ("inputs", 4, REP, MESSAGE, ".inference.ModelMetadataResponse.TensorMetadata"),
         ("outputs", 5, REP, MESSAGE, ".inference.ModelMetadataResponse.TensorMetadata"),
+        # edgefleet's addition ("class_names"); Triton's clients skip an unknown field.
+        ("parameters", 6, REP, MESSAGE, ".inference.ModelMetadataResponse.ParametersEntry"),
+    ],
+    "ModelMetadataResponse.ParametersEntry": [
+        ("key", 1, OPT, STRING, ""),
+        ("value", 2, OPT, MESSAGE, PARAMS),
     ],
     "ModelMetadataResponse.TensorMetadata": [
         ("name", 1, OPT, STRING, ""),
@@ -247,6 +253,11 @@ def _walk(message: Any, path: str = "") -> dict[str, Any]:
     return found
 
 
+# edgefleet's additions to Triton's messages (Triton's clients skip unknown fields).
+ADDED_FIELDS = {"ModelMetadataResponse": {"parameters"}}
+ADDED_MESSAGES = {"ModelMetadataResponse.ParametersEntry"}
+
+
 def test_every_message_matches_tritons_own_descriptors() -> None:
     # tritonclient[grpc] is in the dev extra; its descriptors are Triton's published proto.
     triton = pytest.importorskip(
@@ -257,8 +268,16 @@ def test_every_message_matches_tritons_own_descriptors() -> None:
         theirs.update(_walk(message))
     for message in pb.DESCRIPTOR.message_types_by_name.values():
         for path, ours in _walk(message).items():
+            if path in ADDED_MESSAGES:
+                assert path not in theirs, path
+                continue
             assert path in theirs, f"{path} is not in Triton's grpc_service.proto"
-            assert _fields(ours) == _fields(theirs[path]), path
+            added = ADDED_FIELDS.get(path, set())
+            kept = [f for f in _fields(ours) if f[0] not in added]
+            assert kept == _fields(theirs[path]), path
+            # an addition takes a number Triton's message does not use
+            numbers = {f[1] for f in _fields(theirs[path])}
+            assert all(f[1] not in numbers for f in _fields(ours) if f[0] in added), path
     methods = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         assert method.name in methods

@@ -63,6 +63,9 @@ ROLES: dict[str, Role] = {
         "ListModels": VIEW,
         "ListVersions": VIEW,
         "GetVersion": VIEW,
+        # Model bytes are the users' IP: reading a whole artifact is an operator's.
+        "GetManifest": OPERATE,
+        "FetchChunks": OPERATE,
         "ListDeployments": VIEW,
         "ListDevices": VIEW,
         "GetDevice": VIEW,

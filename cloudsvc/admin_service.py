@@ -18,6 +18,7 @@ from cloudsvc.loop import ClosedLoop
 from cloudsvc.registry import Registry, check_name
 from cloudsvc.rollouts import RolloutEngine
 from cloudsvc.settings import DriftSettings
+from cloudsvc.store.blobs import check_digest
 from cloudsvc.store.data import CaptureQuery, DataStore
 from cloudsvc.telemetry import aggregate
 from cloudsvc.tokens import Tokens
@@ -28,6 +29,7 @@ from edgefleet.core.rollouts import RolloutSpec
 from edgefleet.core.tokens import Role
 from edgefleet.core.wire import from_proto, to_proto
 from protos.admin.v1 import admin_pb2, admin_pb2_grpc, loop_pb2, rollout_pb2
+from protos.artifact.v1 import artifact_pb2
 from protos.fleet.v1 import data_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ MAX_LABEL = 256
 MAX_LABELS_AT_ONCE = 1_000_000
 # Where pushes are received; names that a crash may leave behind (cleaned at start).
 PUSH_PREFIX = "push-"
+# Bytes of a chunk per FetchChunks message: well under gRPC's 4 MiB message limit.
+CHUNK_PIECE_BYTES = 256 << 10
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
@@ -141,6 +145,32 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return to_proto(
             self.registry.get_version(request.model, request.version), admin_pb2.ModelVersion
         )
+
+    def GetManifest(
+        self, request: admin_pb2.GetManifestRequest, context: grpc.ServicerContext
+    ) -> artifact_pb2.SignedManifest:
+        return self.registry.artifact_manifest(request.model, request.version, request.target)
+
+    def FetchChunks(
+        self, request: admin_pb2.FetchChunksRequest, context: grpc.ServicerContext
+    ) -> Iterator[admin_pb2.ChunkBytes]:
+        digest = check_digest(request.digest)
+        wanted = self.registry.check_chunk_request(
+            digest, [check_digest(s) for s in request.sha256s]
+        )
+        blobs = self.registry.blobs
+        for sha in wanted:
+            total = blobs.size(sha)
+            offset = 0
+            with blobs.open(sha) as f:
+                while offset < total and context.is_active():
+                    data = f.read(CHUNK_PIECE_BYTES)
+                    if not data:
+                        break
+                    yield admin_pb2.ChunkBytes(
+                        sha256=sha, offset=offset, data=data, total_size=total
+                    )
+                    offset += len(data)
 
     def Deploy(
         self, request: admin_pb2.DeployRequest, context: grpc.ServicerContext

@@ -66,6 +66,8 @@ from protos.artifact.v1 import artifact_pb2
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "onnx-cpu-fp32"
+# The most chunks one FetchChunks call may ask for (a manifest lists 1 MiB chunks).
+MAX_CHUNKS_PER_CALL = 1024
 # Compressed manifests kept for devices' fetches (a rollout asks for the same few).
 WIRE_CACHE = 256
 ENTRYPOINT = "model.onnx"
@@ -540,6 +542,40 @@ class Registry:
             signature=bytes.fromhex(artifact.signature_hex),
             key_id=artifact.key_id,
         )
+
+    def artifact_manifest(
+        self, model: str, version: int, target: str = ""
+    ) -> artifact_pb2.SignedManifest:
+        """The signed manifest of `model` v`version` compiled for `target` (default: the
+        pushed onnx-cpu-fp32), with plain manifest bytes."""
+        record = self.get_version(model, version)
+        target = check_name("target", target or DEFAULT_TARGET)
+        artifact = record.artifact(target)
+        if artifact is None:
+            have = ", ".join(a.target for a in record.artifacts) or "none"
+            raise UnknownResource(
+                f"{model} v{version} has no {target} artifact (it has: {have}); compile it "
+                "with `edgefleet jobs compile` or pick one of those with --target"
+            )
+        return self.signed_manifest(artifact.manifest_digest)
+
+    def check_chunk_request(self, digest: str, sha256s: Sequence[str]) -> list[str]:
+        """`sha256s`, once each is a chunk the stored manifest `digest` names: an operator
+        reads an artifact's bytes, never any other blob."""
+        if len(sha256s) > MAX_CHUNKS_PER_CALL:
+            raise InvalidRequest(
+                f"{len(sha256s)} chunks asked at once; ask at most {MAX_CHUNKS_PER_CALL} a call"
+            )
+        named = self.chunks_of(digest)
+        if not named:
+            raise UnknownResource(f"no manifest has digest {digest[:80]!r}")
+        unknown = [s for s in sha256s if s not in named]
+        if unknown:
+            raise InvalidRequest(
+                f"{len(unknown)} of the chunks asked (first {unknown[0][:80]!r}) are not named by "
+                f"manifest {digest[:12]}; ask only for chunks its files list"
+            )
+        return list(sha256s)
 
     def chunks_of(self, digest: str) -> frozenset[str]:
         """The chunk digests a stored manifest names (cached: manifests never change)."""

@@ -44,6 +44,9 @@ from edgefleet.core.rollouts import (
 log = logging.getLogger(__name__)
 
 MAX_GATES = 16
+# What the engine steps each tick, and what holds devices against other rollouts and deploys.
+STEPPED = (RolloutState.RUNNING, RolloutState.ABORTING)
+UNFINISHED = (*STEPPED, RolloutState.PAUSED)
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ class RolloutEngine:
             busy = self.claimed(spec.model, ids)
             if busy:
                 raise Conflict(busy)
-            rollout_id = f"r-{len(self.metadata.list_rollouts()) + 1}"
+            rollout_id = f"r-{self.metadata.count_rollouts() + 1}"
             ordered = sorted(devices, key=lambda d: wave_order(rollout_id, d.device_id))
             # Cumulative shares to device counts; a wave that would hold nobody (a small
             # fleet's 1%) is folded into the next, the first holds at least one device.
@@ -292,9 +295,7 @@ class RolloutEngine:
         """Why these devices of `model` are not free ("" when they are): a rollout that
         is not finished holds its devices."""
         wanted = set(device_ids)
-        for r in self.metadata.list_rollouts(model):
-            if r.state.finished:
-                continue
+        for r in self.metadata.list_rollouts(model, UNFINISHED):
             overlap = wanted & {d.device_id for d in r.devices}
             if overlap:
                 return (
@@ -329,9 +330,7 @@ class RolloutEngine:
 
     def tick(self) -> None:
         """Step every rollout that is running or aborting."""
-        for rollout in self.metadata.list_rollouts():
-            if rollout.state not in (RolloutState.RUNNING, RolloutState.ABORTING):
-                continue
+        for rollout in self.metadata.list_rollouts(states=STEPPED):
             try:
                 with self._lock:
                     current = self.metadata.get_rollout(rollout.rollout_id)

@@ -17,7 +17,7 @@ from edgefleet.core.data import CapturePolicy
 from edgefleet.core.fleet import Assignment, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.loop import Loop, LoopRun
-from edgefleet.core.rollouts import Rollout
+from edgefleet.core.rollouts import Rollout, RolloutState
 from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.versions import Artifact, Model, ModelVersion
 
@@ -269,10 +269,18 @@ class MemoryMetadataStore(MetadataStore):
         with self._lock:
             return self._rollouts.get(rollout_id)
 
-    def list_rollouts(self, model: str = "") -> list[Rollout]:
+    def list_rollouts(self, model: str = "", states: Sequence[RolloutState] = ()) -> list[Rollout]:
         with self._lock:
-            found = [r for r in self._rollouts.values() if not model or r.spec.model == model]
+            found = [
+                r
+                for r in self._rollouts.values()
+                if (not model or r.spec.model == model) and (not states or r.state in states)
+            ]
         return sorted(found, key=lambda r: r.created_at)
+
+    def count_rollouts(self) -> int:
+        with self._lock:
+            return len(self._rollouts)
 
     def put_loop(self, loop: Loop) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from edgefleet.core.data import CapturePolicy
 from edgefleet.core.fleet import Assignment, Capabilities, Deployment, DesiredState, ReportedState
 from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.loop import Loop, LoopRun
-from edgefleet.core.rollouts import Rollout
+from edgefleet.core.rollouts import Rollout, RolloutState
 from edgefleet.core.tokens import AdminToken, EnrollToken
 from edgefleet.core.versions import Artifact, Model, ModelVersion
 
@@ -208,8 +208,13 @@ class MetadataStore(ABC):
     def get_rollout(self, rollout_id: str) -> Rollout | None: ...
 
     @abstractmethod
-    def list_rollouts(self, model: str = "") -> list[Rollout]:
-        """Rollouts (of `model`; "": all), oldest first."""
+    def list_rollouts(self, model: str = "", states: Sequence[RolloutState] = ()) -> list[Rollout]:
+        """Rollouts (of `model`; "": all) in one of `states` (none given: any), oldest
+        first."""
+
+    @abstractmethod
+    def count_rollouts(self) -> int:
+        """How many rollouts were ever started."""
 
     # the closed loop -----------------------------------------------------------------------
     @abstractmethod

@@ -36,7 +36,7 @@ from edgefleet.core.fleet import (
 )
 from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState, TargetOutcome, Trial
 from edgefleet.core.loop import Loop, LoopRun
-from edgefleet.core.rollouts import Rollout
+from edgefleet.core.rollouts import Rollout, RolloutState
 from edgefleet.core.tokens import AdminToken, EnrollToken, Role
 from edgefleet.core.versions import Artifact, Evaluation, Lineage, Model, ModelVersion, TensorSpec
 from edgefleet.core.wire import from_json, to_json
@@ -820,14 +820,22 @@ class SqliteMetadataStore(MetadataStore):
         rows = self._rows("SELECT body FROM rollouts WHERE rollout_id = ?", (rollout_id,))
         return from_json(Rollout, rows[0]["body"]) if rows else None
 
-    def list_rollouts(self, model: str = "") -> list[Rollout]:
+    def list_rollouts(self, model: str = "", states: Sequence[RolloutState] = ()) -> list[Rollout]:
+        where, params = [], []
         if model:
-            rows = self._rows(
-                "SELECT body FROM rollouts WHERE model = ? ORDER BY created_at", (model,)
-            )
-        else:
-            rows = self._rows("SELECT body FROM rollouts ORDER BY created_at")
+            where.append("model = ?")
+            params.append(model)
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params += [s.value for s in states]
+        sql = "SELECT body FROM rollouts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._rows(sql + " ORDER BY created_at", tuple(params))
         return [from_json(Rollout, r["body"]) for r in rows]
+
+    def count_rollouts(self) -> int:
+        return int(self._rows("SELECT count(*) FROM rollouts")[0][0])
 
     def put_loop(self, loop: Loop) -> None:
         with self._tx() as conn:

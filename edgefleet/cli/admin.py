@@ -285,6 +285,72 @@ def versions(name: str, as_json: bool, cloud: Connection) -> None:
     console.print(f"{len(rows)} version(s) of {name}")
 
 
+@models.command("download")
+@click.argument("name")
+@click.option("--version", "version", type=int, required=True, help="Version to download.")
+@click.option("--target", default="", help="Compile profile [default: onnx-cpu-fp32].")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace FOLDER even when it is not empty.")
+@click.option(
+    "--root-key",
+    default=None,
+    metavar="sha256:HEX",
+    help="Fingerprint of the cloud's root key (its DATA_DIR/trust/root-key.txt) to check the "
+    "manifest's signature against; without it the key is taken from the cloud's answer.",
+)
+@json_option
+@cloud_options
+def download(
+    name: str,
+    version: int,
+    target: str,
+    folder: Path,
+    force: bool,
+    root_key: str | None,
+    as_json: bool,
+    cloud: Connection,
+) -> None:
+    """Write NAME's verified artifact into FOLDER, to serve it elsewhere: its files as a
+    device assembles them (model.onnx, per-tensor files, golden samples...) and manifest.pb,
+    the signed manifest. Every file is checked against the manifest's sha256 and the
+    signature against the root key; nothing is written unless all of it checks out."""
+    with (
+        admin(cloud) as client,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar,
+    ):
+        task = bar.add_task(f"downloading {name} v{version}", total=None)
+        result = client.download(
+            name,
+            version,
+            folder,
+            target=target,
+            root_key=root_key,
+            force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    if as_json:
+        print_json(result)
+        return
+    checked = (
+        f"signature checked against pinned root key {result.key_fingerprint[:23]}…"
+        if result.signature_pinned
+        else f"signature checked against the cloud's key {result.key_fingerprint[:23]}… "
+        "(not pinned: pass --root-key to pin it)"
+    )
+    console.print(
+        f"[green]downloaded[/] {result.model} v{result.version} ({result.target}): "
+        f"{result.files} files, {human_bytes(result.bytes)} into {escape(result.folder)}, "
+        f"manifest sha256:{result.digest[:16]}; every file matches its sha256, {checked}"
+    )
+
+
 @models.command("show")
 @click.argument("name")
 @click.argument("version", type=int)

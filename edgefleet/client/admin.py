@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from edgefleet.client.download import ArtifactDownload
+from edgefleet.client.download import download as download_artifact
 from edgefleet.core.auth import bearer_metadata, read_secret
 from edgefleet.core.data import Capture, CapturePolicy, DataSet, DriftReport, VersionTelemetry
 from edgefleet.core.errors import InvalidArgument, Unavailable
@@ -32,7 +34,7 @@ from edgefleet.core.rollouts import Rollout, RolloutSpec
 from edgefleet.core.rpc import error_from_rpc
 from edgefleet.core.tls import ClientSecurity
 from edgefleet.core.tokens import AdminToken, EnrollToken
-from edgefleet.core.trust import RootKey
+from edgefleet.core.trust import RootKey, TrustChain
 from edgefleet.core.versions import Model, ModelVersion
 from edgefleet.core.wire import from_proto, to_proto
 from protos.admin.v1 import (
@@ -44,7 +46,7 @@ from protos.admin.v1 import (
     rollout_pb2,
 )
 from protos.artifact.v1 import artifact_pb2
-from protos.fleet.v1 import data_pb2
+from protos.fleet.v1 import data_pb2, fleet_pb2, fleet_pb2_grpc
 
 # 1 MiB pieces: well under gRPC's default 4 MiB message limit.
 UPLOAD_PIECE = 1 << 20
@@ -298,6 +300,56 @@ class AdminClient:
     def revoke_admin_token(self, token_id: str) -> AdminToken:
         request = admin_pb2.RevokeAdminTokenRequest(token_id=token_id)
         return from_proto(self._call(self._stub.RevokeAdminToken, request), AdminToken)
+
+    def download(
+        self,
+        model: str,
+        version: int,
+        folder: str | Path,
+        *,
+        target: str = "",
+        root_key: str | None = None,
+        force: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ArtifactDownload:
+        """Write `model` v`version`'s artifact for `target` (default onnx-cpu-fp32) into
+        `folder`: its files as a device assembles them plus `manifest.pb`, the signed
+        manifest, every byte checked against it and its signature against the cloud's root
+        key (pinned by `root_key`, a "sha256:..." fingerprint, when given). All or nothing;
+        a non-empty `folder` is refused unless `force`. `progress(done, total)` counts bytes."""
+        signed = self._call(
+            self._stub.GetManifest,
+            admin_pb2.GetManifestRequest(model=model, version=version, target=target),
+        )
+        chain = from_proto(
+            self._call(
+                fleet_pb2_grpc.AgentServiceStub(self._channel).GetTrust,
+                fleet_pb2.GetTrustRequest(),
+            ),
+            TrustChain,
+        )
+
+        def fetch(digest: str, sha256s: list[str]) -> Iterator[admin_pb2.ChunkBytes]:
+            request = admin_pb2.FetchChunksRequest(digest=digest, sha256s=sha256s)
+            try:
+                yield from self._stub.FetchChunks(
+                    request, metadata=self._metadata, timeout=max(self.timeout, 3600.0)
+                )
+            except grpc.RpcError as err:
+                raise error_from_rpc(err) from None
+
+        return download_artifact(
+            signed,
+            chain,
+            fetch,
+            folder,
+            model=model,
+            version=version,
+            target=target,
+            root_key=root_key,
+            force=force,
+            progress=progress,
+        )
 
     def rotate_root_key(self) -> RootKey:
         """Make a new root key, signed by the current one; devices follow without

@@ -28,6 +28,7 @@ from edgefleet.core.fleet import (
     ReportedState,
 )
 from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState, TargetOutcome, Trial
+from edgefleet.core.rollouts import Rollout, RolloutSpec, RolloutState
 from edgefleet.core.tokens import AdminToken, EnrollToken, Role
 from edgefleet.core.versions import (
     Artifact,
@@ -400,3 +401,43 @@ def test_sqlite_jobs_survive_reopen_and_ids_are_never_reused(tmp_path: Path) -> 
     assert again.list_job_events(job.job_id)[0].message == "started"
     assert again.create_job(Job("", "finetune", "clf", "{}")).job_id == "job-2"
     again.close()
+
+
+def test_rollouts_by_model_and_state_oldest_first(store: MetadataStore) -> None:
+    def rollout(rollout_id: str, model: str, state: RolloutState, at: float) -> Rollout:
+        return Rollout(rollout_id, RolloutSpec(model, 2), state, created_at=at)
+
+    store.put_rollout(rollout("r-1", "a", RolloutState.SUCCEEDED, 1.0))
+    store.put_rollout(rollout("r-2", "b", RolloutState.RUNNING, 2.0))
+    store.put_rollout(rollout("r-3", "a", RolloutState.RUNNING, 3.0))
+    store.put_rollout(rollout("r-3", "a", RolloutState.ABORTING, 3.0))  # its next state
+    assert store.count_rollouts() == 3
+    assert [r.rollout_id for r in store.list_rollouts()] == ["r-1", "r-2", "r-3"]
+    assert [r.rollout_id for r in store.list_rollouts("a")] == ["r-1", "r-3"]
+    stepped = store.list_rollouts(states=(RolloutState.RUNNING, RolloutState.ABORTING))
+    assert [(r.rollout_id, r.state) for r in stepped] == [
+        ("r-2", RolloutState.RUNNING),
+        ("r-3", RolloutState.ABORTING),
+    ]
+    assert store.list_rollouts("a", (RolloutState.RUNNING,)) == []
+    assert store.get_rollout("r-3") == rollout("r-3", "a", RolloutState.ABORTING, 3.0)
+    assert store.get_rollout("r-9") is None
+
+
+def test_unassign_takes_a_model_off_and_moves_the_generation_on(store: MetadataStore) -> None:
+    a = Assignment("m", 1, "onnx-cpu-fp32", "d" * 64)
+    b = Assignment("n", 1, "onnx-cpu-fp32", "e" * 64)
+    store.assign({"dev-1": a})
+    store.assign({"dev-1": b, "dev-2": b})
+    assert store.unassign("m", ["dev-1", "dev-2"]) == {"dev-1": 3}  # dev-2 never had it
+    desired = store.get_desired("dev-1")
+    assert desired.generation == 3 and [x.model for x in desired.assignments] == ["n"]
+
+
+def test_a_revoked_credential_reads_revoked_at_once(store: MetadataStore) -> None:
+    """Lookups by credential may be answered from memory; a revocation must not be."""
+    store.put_device(DeviceRecord("dev-1", "hash-1", 10))
+    assert store.device_by_token_hash("hash-1") is not None  # looked up once: may be kept
+    store.put_device(DeviceRecord("dev-1", "hash-1", 10, revoked=True))
+    found = store.device_by_token_hash("hash-1")
+    assert found is not None and found.revoked

@@ -169,6 +169,20 @@ RULES: dict[str, Rule] = {
     _A + "ListModels": _rule(OK, why=_EMPTY),
     _A + "ListVersions": _rule(OK, NF, why="NOT_FOUND for a model that does not exist"),
     _A + "GetVersion": _rule(OK, NF, why="NOT_FOUND for an unknown model or version"),
+    _A + "GetManifest": _rule(
+        OK,
+        IA,
+        NF,
+        why="INVALID_ARGUMENT for a bad target name; NOT_FOUND for an unknown model, version "
+        "or target",
+    ),
+    _A + "FetchChunks": _rule(
+        OK,
+        IA,
+        NF,
+        why="INVALID_ARGUMENT for a digest that is no sha256, over 1024 chunks or a chunk the "
+        "manifest does not name; NOT_FOUND for an unknown manifest",
+    ),
     _A + "Deploy": _rule(
         OK,
         IA,

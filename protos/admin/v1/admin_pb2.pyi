@@ -672,6 +672,89 @@ class GetVersionRequest(_message.Message):
 Global___GetVersionRequest: _TypeAlias = GetVersionRequest  # noqa: Y015
 
 @_typing.final
+class GetManifestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    target: _builtins.str
+    """Compile profile; empty: onnx-cpu-fp32."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        target: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "target", b"target", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetManifestRequest: _TypeAlias = GetManifestRequest  # noqa: Y015
+
+@_typing.final
+class FetchChunksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SHA256S_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The manifest digest (sha256 of its bytes) the chunks belong to."""
+    @_builtins.property
+    def sha256s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Chunk digests, each named by that manifest; at most 1024."""
+
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        sha256s: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "sha256s", b"sha256s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchChunksRequest: _TypeAlias = FetchChunksRequest  # noqa: Y015
+
+@_typing.final
+class ChunkBytes(_message.Message):
+    """A piece of one chunk: pieces of a chunk come in order, chunks in the order asked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    offset: _builtins.int
+    data: _builtins.bytes
+    total_size: _builtins.int
+    """Size of the whole chunk."""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkBytes: _TypeAlias = ChunkBytes  # noqa: Y015
+
+@_typing.final
 class DeployRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

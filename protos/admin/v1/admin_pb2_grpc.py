@@ -6,6 +6,7 @@ import warnings
 from protos.admin.v1 import admin_pb2 as protos_dot_admin_dot_v1_dot_admin__pb2
 from protos.admin.v1 import loop_pb2 as protos_dot_admin_dot_v1_dot_loop__pb2
 from protos.admin.v1 import rollout_pb2 as protos_dot_admin_dot_v1_dot_rollout__pb2
+from protos.artifact.v1 import artifact_pb2 as protos_dot_artifact_dot_v1_dot_artifact__pb2
 from protos.fleet.v1 import data_pb2 as protos_dot_fleet_dot_v1_dot_data__pb2
 from protos.fleet.v1 import fleet_pb2 as protos_dot_fleet_dot_v1_dot_fleet__pb2
 
@@ -87,6 +88,16 @@ class AdminServiceStub:
                 '/edgefleet.admin.v1.AdminService/GetVersion',
                 request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetVersionRequest.SerializeToString,
                 response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.GetManifest = channel.unary_unary(
+                '/edgefleet.admin.v1.AdminService/GetManifest',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetManifestRequest.SerializeToString,
+                response_deserializer=protos_dot_artifact_dot_v1_dot_artifact__pb2.SignedManifest.FromString,
+                _registered_method=True)
+        self.FetchChunks = channel.unary_stream(
+                '/edgefleet.admin.v1.AdminService/FetchChunks',
+                request_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.FetchChunksRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.ChunkBytes.FromString,
                 _registered_method=True)
         self.Deploy = channel.unary_unary(
                 '/edgefleet.admin.v1.AdminService/Deploy',
@@ -282,6 +293,21 @@ class AdminServiceServicer:
 
     def GetVersion(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetManifest(self, request, context):
+        """The signed manifest of one version's artifact for one target, as the cloud signed it
+        (plain bytes), so an operator can verify and assemble it elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchChunks(self, request, context):
+        """The bytes of chunks that one artifact's manifest names, in the order asked, in pieces.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -519,6 +545,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetVersion,
                     request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetVersionRequest.FromString,
                     response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'GetManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifest,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.GetManifestRequest.FromString,
+                    response_serializer=protos_dot_artifact_dot_v1_dot_artifact__pb2.SignedManifest.SerializeToString,
+            ),
+            'FetchChunks': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchChunks,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_admin__pb2.FetchChunksRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_admin__pb2.ChunkBytes.SerializeToString,
             ),
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
@@ -921,6 +957,60 @@ class AdminService:
             '/edgefleet.admin.v1.AdminService/GetVersion',
             protos_dot_admin_dot_v1_dot_admin__pb2.GetVersionRequest.SerializeToString,
             protos_dot_admin_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/GetManifest',
+            protos_dot_admin_dot_v1_dot_admin__pb2.GetManifestRequest.SerializeToString,
+            protos_dot_artifact_dot_v1_dot_artifact__pb2.SignedManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.admin.v1.AdminService/FetchChunks',
+            protos_dot_admin_dot_v1_dot_admin__pb2.FetchChunksRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_admin__pb2.ChunkBytes.FromString,
             options,
             channel_credentials,
             insecure,

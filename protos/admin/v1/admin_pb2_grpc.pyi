@@ -11,6 +11,7 @@ from grpc import aio as _aio
 from protos.admin.v1 import admin_pb2 as _admin_pb2
 from protos.admin.v1 import loop_pb2 as _loop_pb2
 from protos.admin.v1 import rollout_pb2 as _rollout_pb2
+from protos.artifact.v1 import artifact_pb2 as _artifact_pb2
 from protos.fleet.v1 import data_pb2 as _data_pb2
 from protos.fleet.v1 import fleet_pb2 as _fleet_pb2
 import abc as _abc_1
@@ -52,6 +53,12 @@ class AdminServiceStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]
     ListVersions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListVersionsRequest, _admin_pb2.ListVersionsResponse]
     GetVersion: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetVersionRequest, _admin_pb2.ModelVersion]
+    GetManifest: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetManifestRequest, _artifact_pb2.SignedManifest]
+    """The signed manifest of one version's artifact for one target, as the cloud signed it
+    (plain bytes), so an operator can verify and assemble it elsewhere.
+    """
+    FetchChunks: _grpc.UnaryStreamMultiCallable[_admin_pb2.FetchChunksRequest, _admin_pb2.ChunkBytes]
+    """The bytes of chunks that one artifact's manifest names, in the order asked, in pieces."""
     Deploy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeployRequest, _admin_pb2.DeployResponse]
     """Set the desired state of every device matching a label selector, and keep it as a
     standing deployment for devices that enroll later.
@@ -128,6 +135,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListModelsRequest, _admin_pb2.ListModelsResponse]  # type: ignore[assignment]
     ListVersions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListVersionsRequest, _admin_pb2.ListVersionsResponse]  # type: ignore[assignment]
     GetVersion: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetVersionRequest, _admin_pb2.ModelVersion]  # type: ignore[assignment]
+    GetManifest: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetManifestRequest, _artifact_pb2.SignedManifest]  # type: ignore[assignment]
+    """The signed manifest of one version's artifact for one target, as the cloud signed it
+    (plain bytes), so an operator can verify and assemble it elsewhere.
+    """
+    FetchChunks: _aio.UnaryStreamMultiCallable[_admin_pb2.FetchChunksRequest, _admin_pb2.ChunkBytes]  # type: ignore[assignment]
+    """The bytes of chunks that one artifact's manifest names, in the order asked, in pieces."""
     Deploy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeployRequest, _admin_pb2.DeployResponse]  # type: ignore[assignment]
     """Set the desired state of every device matching a label selector, and keep it as a
     standing deployment for devices that enroll later.
@@ -261,6 +274,24 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ModelVersion, _abc.Awaitable[_admin_pb2.ModelVersion]]: ...
+
+    @_abc_1.abstractmethod
+    def GetManifest(
+        self,
+        request: _admin_pb2.GetManifestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_artifact_pb2.SignedManifest, _abc.Awaitable[_artifact_pb2.SignedManifest]]:
+        """The signed manifest of one version's artifact for one target, as the cloud signed it
+        (plain bytes), so an operator can verify and assemble it elsewhere.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchChunks(
+        self,
+        request: _admin_pb2.FetchChunksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.ChunkBytes], _abc.AsyncIterator[_admin_pb2.ChunkBytes]]:
+        """The bytes of chunks that one artifact's manifest names, in the order asked, in pieces."""
 
     @_abc_1.abstractmethod
     def Deploy(

@@ -44,7 +44,7 @@ console = Console()
 MODEL = "shape-classifier"
 # Telemetry windows and syncs every few seconds (a minute and ten seconds by default), so
 # the way back shows within the demo.
-DEMO_AGENT = {"EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S": "2", "EDGEFLEET_AGENT_SYNC_INTERVAL_S": "1"}
+DEMO_AGENT = {"EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S": "1", "EDGEFLEET_AGENT_SYNC_INTERVAL_S": "1"}
 INPUT, OUTPUT = "image", "logits"
 
 
@@ -224,7 +224,7 @@ def _roll_out(cloud: AdminClient, version: int, gates: list[str], status: Any) -
         version,
         {"site": "plant-1"},
         (0.01, 1.0),
-        bake_s=6.0,
+        bake_s=4.0,
         max_failure=0.0,
         gates=tuple(parse_gate(g) for g in gates),
         wave_deadline_s=90.0,
@@ -269,7 +269,7 @@ def _wait_for_captures(cloud: AdminClient, labelled: int, status: Any) -> DataSe
         have = found.labelled if found else 0
         status.update(f"captures synced: {have}/{labelled} labelled rows")
         if found is not None and have >= labelled:
-            # And the telemetry windows that counted those requests (one every 2 s here).
+            # And the telemetry windows that counted those requests (one a second here).
             counted = sum(v.captured for v in cloud.telemetry(MODEL))
             status.update(f"telemetry synced: {counted}/{found.rows} captured requests counted")
             if counted >= found.rows:

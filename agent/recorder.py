@@ -226,6 +226,9 @@ class Recorder:
                 stats = channel_stats(array, bins.get(input_name, ()))
                 if stats:
                     with self._lock:
+                        # The window open now: the one counted above may have been flushed
+                        # meanwhile, and what is added to it after that would be lost.
+                        window = self._window(name, version, spec, now)
                         window.add_stats(input_name, stats)
                         window.edges[input_name] = bins.get(input_name, ())
         policy = spec.policy if spec else None
@@ -259,6 +262,7 @@ class Recorder:
                 self.stats.dropped_queue_full += 1
                 return
             self._queue.append(row)
+            window = self._window(name, version, spec, now)  # as above: the open one
             window.captured += 1
             window.totals.captured += 1
             self.stats.captured += 1

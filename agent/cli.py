@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from agent.errors import SettingsError
 from agent.settings import AgentSettings, load, parse_labels
+from agent.systemd import SERVICE_USER, STATE_DIRECTORY, UNIT_NAME, render_settings, render_unit
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.logs import configure as configure_logs
+from edgefleet.core.settings import describe_validation
 from edgefleet.core.tls import INSECURE_WARNING
 
 log = logging.getLogger("edgefleet.agent")
@@ -267,3 +273,204 @@ def run_agent(settings: AgentSettings, port_file: Path | None = None) -> None:
             f"{stats.chunks_fetched} chunk(s), skipped {stats.bytes_skipped} bytes already "
             f"held, resumed {stats.bytes_resumed} bytes; {stats.manifest_bytes} manifest bytes"
         )
+
+
+# install ----------------------------------------------------------------------------------
+
+
+def _agent_command() -> str:
+    """How systemd starts this installation's `edgefleet`: the script beside this Python
+    (a venv's bin/), else this Python with -m."""
+    script = Path(sys.executable).parent / "edgefleet"
+    if script.is_file() and os.access(script, os.X_OK):
+        return str(script)
+    return f"{sys.executable} -m edgefleet.cli"
+
+
+def _run_command(argv: list[str]) -> None:
+    """Run one setup command as root (`--now`), echoing it; a failure stops the install."""
+    click.echo(f"# {shlex.join(argv)}")
+    try:
+        subprocess.run(argv, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise click.ClickException(f"{shlex.join(argv)} failed: {err}") from None
+
+
+def _service_user() -> tuple[int, int] | None:
+    """uid and gid of the service user, None while it does not exist."""
+    import pwd  # POSIX only: the CLI module also imports where it is missing
+
+    try:
+        entry = pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _write(path: Path, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Write atomically (temp file + rename) with `mode` (and `owner`) set before the rename."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@agent.command("install")
+@click.option("--cloud", required=True, help="host:port of the cloud's agent port.")
+@click.option(
+    "--root-key",
+    required=True,
+    help="Fingerprint of the cloud's root key (its DATA_DIR/trust/root-key.txt).",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where the CA bundle that verifies the cloud lies on this device "
+    "[default: CONFIG_DIR/ca.pem].",
+)
+@click.option(
+    "--enroll-token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where the enrollment token lies on this device [default: CONFIG_DIR/enroll-token].",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Reach the cloud in plain text (no CA file). Trusted networks only.",
+)
+@click.option(
+    "--unit-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("/etc/systemd/system"),
+    show_default=True,
+    help="Where the systemd unit goes.",
+)
+@click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("/etc/edgefleet"),
+    show_default=True,
+    help="Where agent.toml goes.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing agent.toml.")
+@click.option(
+    "--now",
+    is_flag=True,
+    help="Also run what is left (as root): create the edgefleet user, reload systemd, "
+    "enable and start the agent.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be written and run; change nothing."
+)
+def install(
+    cloud: str,
+    root_key: str,
+    ca_file: Path | None,
+    enroll_token_file: Path | None,
+    insecure: bool,
+    unit_dir: Path,
+    config_dir: Path,
+    force: bool,
+    now: bool,
+    dry_run: bool,
+) -> None:
+    """Install the agent as a systemd service: the unit file and a commented agent.toml.
+
+    \b
+    On the device, as root, with ca.pem and the token copied to /etc/edgefleet:
+      edgefleet agent install --cloud cloud.example:50051 --root-key "$(cat root-key.txt)" --now
+    """
+    if insecure and ca_file is not None:
+        raise click.ClickException("--insecure and --ca-file contradict each other: give one")
+    config_dir = config_dir.absolute()
+    ca = None if insecure else (ca_file or config_dir / "ca.pem").absolute()
+    token = (enroll_token_file or config_dir / "enroll-token").absolute()
+    config = config_dir / "agent.toml"
+    unit_path = unit_dir.absolute() / UNIT_NAME
+    try:  # what `agent run` would refuse, refused now
+        AgentSettings(cloud=cloud, root_key=root_key, ca_file=ca, insecure=insecure)
+    except ValidationError as err:
+        raise click.ClickException(describe_validation(err, AgentSettings, None)) from None
+    root = os.geteuid() == 0
+    if now and not root and not dry_run:
+        raise click.ClickException("--now runs useradd and systemctl: run it as root")
+
+    command = _agent_command()
+    unit = render_unit(command, config)
+    settings = render_settings(
+        cloud=cloud, root_key=root_key, ca_file=ca, enroll_token_file=token, config_dir=config_dir
+    )
+    keep = config.exists() and not force
+    user = _service_user()
+    owner = user if root else None  # who the written settings and the token go to
+    left: list[list[str]] = []
+    if user is None:
+        left.append(
+            ["useradd", "--system", "--no-create-home", "--home-dir", f"/var/lib/{STATE_DIRECTORY}",
+             "--shell", "/usr/sbin/nologin", SERVICE_USER]
+        )  # fmt: skip
+    if owner is None:
+        # The service reads them as its user (ProtectSystem=strict keeps them read-only).
+        left.append(["chown", f"{SERVICE_USER}:", str(config), str(token)])
+    left += [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "edgefleet-agent"]]
+    notes = [
+        f"{path} is under a home folder, which the service cannot see (ProtectHome=yes): "
+        "move it (edgefleet itself: a venv in /opt/edgefleet, say) and run this again"
+        for path in (command.split()[0], ca, token)
+        if path is not None and str(path).startswith(("/home/", "/root/", "/run/user/"))
+    ]
+    notes += [
+        f"{path} does not exist yet: copy {what} there"
+        for path, what in ((ca, "the cloud's trust/ca.pem"), (token, "the enrollment token"))
+        if path is not None and not path.exists()
+    ]
+
+    if dry_run:
+        click.echo(f"--- {unit_path} (0644{', replaced' if unit_path.exists() else ''})")
+        click.echo(unit, nl=False)
+        click.echo(f"--- {config} ({'exists: kept, --force replaces it' if keep else '0600'})")
+        click.echo(settings, nl=False)
+        click.echo("--- then, as root:" if not now else "--- then (--now):")
+        for step in left:
+            click.echo(f"  {shlex.join(step)}")
+        for note in notes:
+            click.echo(f"note: {note}")
+        return
+
+    _write(unit_path, unit, 0o644)
+    click.echo(f"wrote {unit_path}")
+    if keep:
+        click.echo(f"kept {config} (it exists; --force replaces it)")
+    else:
+        _write(config, settings, 0o600, owner)
+        click.echo(f"wrote {config} (0600)")
+    if owner is not None and token.exists():
+        os.chown(token, *owner)
+    for note in notes:
+        click.echo(f"note: {note}")
+    if not now:
+        click.echo("left to do, as root:")
+        for step in left:
+            click.echo(f"  {shlex.join(step)}")
+        return
+    for step in left:
+        if step[0] == "chown":  # os.chown once the user exists: the paths may not yet
+            created = _service_user()
+            if created is None:
+                raise click.ClickException(f"there is no user {SERVICE_USER} to give files to")
+            for path in (config, token):
+                if path.exists():
+                    os.chown(path, *created)
+            continue
+        _run_command(step)
+    click.echo("edgefleet-agent started: systemctl status edgefleet-agent")

@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 from agent.artifacts import ArtifactStore
 from agent.chunks import ChunkStore
 from agent.cloud_link import CloudLink, GrpcCloudLink, Watcher
-from agent.errors import NotEnrolled
+from agent.errors import ModelNotFound, NotEnrolled
+from agent.inference.rest import RestServer, start_rest_server
 from agent.inference.server import (
     InferenceSecurity,
     InferenceServer,
@@ -36,6 +38,7 @@ from agent.settings import AgentSettings
 from agent.spool import Spool
 from agent.state import Identity, StateStore
 from agent.sync import Syncer
+from agent.systemd import Notifier
 from edgefleet.core.retry import Backoff
 
 if TYPE_CHECKING:
@@ -75,6 +78,7 @@ class Agent:
         self._link = link
         self._on_event = on_event
         self._server: InferenceServer | None = None
+        self._rest: RestServer | None = None  # KServe v2 REST, when rest_port is set
         self._state: StateStore | None = None
         self._reconciler: Reconciler | None = None
         self._watcher: Watcher | None = None
@@ -86,12 +90,18 @@ class Agent:
         self.recorder: Recorder | None = None
         self.syncer: Syncer | None = None
         self.metrics: MetricsEndpoint | None = None  # /metrics, when metrics_port is set
+        self._heartbeat = 0.0  # monotonic time of run_forever's last turn (the watchdog's)
 
     @property
     def inference_port(self) -> int:
         if self._server is None:
             raise RuntimeError("the agent is not started")
         return self._server.port
+
+    @property
+    def rest_port(self) -> int | None:
+        """The REST inference port (None: rest_port is not set)."""
+        return self._rest.port if self._rest is not None else None
 
     @property
     def exposure_warning(self) -> str:
@@ -161,6 +171,22 @@ class Agent:
             ),
             recorder=recorder,
         )
+        if s.rest_port is not None:
+            try:  # the same data plane, TLS and token as the gRPC port
+                self._rest = start_rest_server(
+                    self._server.plane,
+                    s.rest_host or s.inference_host,
+                    s.rest_port,
+                    cert_file=s.inference_cert_file,
+                    key_file=s.inference_key_file,
+                    token=s.inference_secret(),
+                    max_request_bytes=s.max_request_bytes,
+                    max_connections=s.rest_max_connections,
+                    timeout_s=s.rest_timeout_s,
+                )
+            except Exception:
+                self._server.stop(0)
+                raise
         recorder.start()
         self._reconciler.inference_endpoint = advertised_endpoint(s, self._server.port)
         if s.metrics_port is not None:
@@ -224,6 +250,8 @@ class Agent:
             self.mqtt.stop()  # says offline on the broker
         if self._reconciler is not None:
             self._reconciler.stop()
+        if self._rest is not None:
+            self._rest.stop(self.settings.stop_grace_s)
         if self._server is not None:
             self._server.stop(self.settings.stop_grace_s)
         if self.recorder is not None:
@@ -245,23 +273,77 @@ class Agent:
             self.spool.close()
 
     def run_forever(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly.
+
+        Under systemd (agent/systemd.py) it says READY=1 once it serves, keeps STATUS=
+        current, pings the watchdog while this loop and the agent's threads run, and says
+        STOPPING=1 on the way out."""
         done = threading.Event()
 
         def _handle(signum: int, frame: FrameType | None) -> None:
             log.info("received signal %d; stopping", signum)
             done.set()
 
+        systemd = Notifier.from_environ()
         previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             if self._server is None:
                 self.start()
-            while not done.wait(1.0):
-                pass
+            # Turns well inside a watchdog ping interval, so a live loop never misses one.
+            tick = min(1.0, systemd.watchdog_interval_s / 2 or 1.0)
+            self._heartbeat = time.monotonic()
+            shown = self._status() or ("serving", "")
+            shown_at = self._heartbeat
+            systemd.ready("; ".join(part for part in shown if part))
+            systemd.start_watchdog(functools.partial(self.alive, systemd.watchdog_interval_s))
+            while not done.wait(tick):
+                self._heartbeat = now = time.monotonic()
+                parts = self._status() if systemd.enabled else None
+                # A change of what is served or wrong at once; the sync's age every 5 s.
+                if parts and (parts[0] != shown[0] or (parts != shown and now - shown_at >= 5)):
+                    systemd.status("; ".join(parts))
+                    shown, shown_at = parts, now
         finally:
+            systemd.stopping()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.stop()
+            systemd.close()
+
+    def alive(self, within_s: float) -> bool:
+        """True while run_forever turned in the last `within_s` seconds and the reconcile and
+        report threads run: what the systemd watchdog pings on."""
+        if time.monotonic() - self._heartbeat > within_s:
+            return False
+        return all(thread.is_alive() for thread in self._threads)
+
+    def status_parts(self) -> tuple[str, str]:
+        """What `systemctl status` shows: what is served and what is wrong, then the sync
+        ("serving 2 models (a v3, b v1)", "last sync 3 s ago")."""
+        served = []
+        for name in self.repository.names():
+            try:
+                served.append(f"{name} v{self.repository.default_version(name)}")
+            except ModelNotFound:  # unloaded in between
+                continue
+        state = f"serving {len(served)} model{'' if len(served) == 1 else 's'}"
+        if served:
+            state += f" ({', '.join(served)})"
+        if not self.device_id:
+            state += "; not enrolled yet"
+        error = self._reconciler.device_error if self._reconciler is not None else ""
+        if error:
+            state += f"; {error[:200]}"
+        last = self.syncer.stats.last_success_at if self.syncer is not None else 0.0
+        sync = f"last sync {max(0.0, time.time() - last):.0f} s ago" if last else "not synced yet"
+        return state, sync
+
+    def _status(self) -> tuple[str, str] | None:
+        try:
+            return self.status_parts()
+        except Exception:  # a status line is never the reason the agent stops
+            log.debug("no status line", exc_info=True)
+            return None
 
 
 def reenroll_device(settings: AgentSettings) -> Identity:

@@ -20,6 +20,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException as OrtRuntimeException
 
 from agent.errors import ArtifactRejected, InvalidRequest, ModelNotFound
 from edgefleet.core.fleet import Variant
@@ -135,6 +136,14 @@ class LoadedModel:
                 names, feeds, _SHRINK if large else None
             )
         except (OrtInvalidArgument, OrtFail) as err:
+            raise InvalidRequest(
+                f"model {self.name!r} v{self.version} cannot run on these inputs: {err}"
+            ) from None
+        except OrtRuntimeException as err:
+            # ONNX Runtime up to 1.23 (the newest for Python 3.10) raises this for shapes
+            # that do not broadcast; anything else of this class stays the server's.
+            if "broadcast" not in str(err).lower():
+                raise
             raise InvalidRequest(
                 f"model {self.name!r} v{self.version} cannot run on these inputs: {err}"
             ) from None

@@ -85,6 +85,29 @@ class AgentSettings(LayeredSettings):
         le=65535,
         description="Port of the inference server; 0 picks a free one.",
     )
+    rest_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the KServe v2 HTTP/REST inference endpoint beside the gRPC one "
+        "(same models, TLS and bearer token); unset: off; 0 picks a free one.",
+    )
+    rest_host: str = Field(
+        default="",
+        description="Address the REST endpoint binds; empty: inference_host (loopback by "
+        "default; another address needs inference_token and TLS, as the gRPC port does).",
+    )
+    rest_max_connections: int = Field(
+        default=16,
+        ge=1,
+        description="REST connections served at once (each holds a thread); more are answered 503.",
+    )
+    rest_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="REST read timeout: an idle keep-alive connection closes after it, and a "
+        "request body must arrive within it.",
+    )
     advertise_address: str = Field(
         default="",
         description="host:port reported to the cloud as the inference endpoint; empty derives it.",

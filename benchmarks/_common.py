@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the small CNN, its ONNX export, timing and CPU pinning."""
+"""Helpers shared by the benchmarks: the small CNN, its ONNX export, timing, CPU pinning and
+what the machine is."""
 
 from __future__ import annotations
 
@@ -25,6 +26,44 @@ def pin_to_cpu(index: int) -> str:
     cpu = cpus[index % len(cpus)]
     os.sched_setaffinity(0, {cpu})
     return f"pinned to CPU {cpu}"
+
+
+_INT8_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, CPUs this process may use, the CPU flags integer kernels pick from, and
+    the load average (other people's work on a shared machine)."""
+    model, flags = "unknown", set[str]()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    cpus = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {
+        "cpu": model,
+        "cpus": cpus,
+        "cpus_usable": usable,  # after any pinning
+        "int8_flags": [f for f in _INT8_FLAGS if f in flags],
+        "load_average": [round(x, 2) for x in load],
+    }
+
+
+def describe_machine() -> str:
+    """One line, e.g. 'Intel(R) Xeon(R) Processor, 2 CPUs, int8 flags avx2 ...; load 1.2'."""
+    m = machine()
+    pinned = f" (this process: {m['cpus_usable']})" if m["cpus_usable"] != m["cpus"] else ""
+    return (
+        f"{m['cpu']}, {m['cpus']} CPUs{pinned}, int8 flags {' '.join(m['int8_flags']) or 'none'}; "
+        f"load average {m['load_average'][0]:.2f}"
+    )
 
 
 def export_small_cnn(path: Path) -> Any:

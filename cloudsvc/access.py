@@ -111,6 +111,7 @@ ROLES: dict[str, Role] = {
         "Upload": OPERATE,
         "SubmitFineTune": OPERATE,
         "SubmitCompile": OPERATE,
+        "SubmitEvaluate": OPERATE,
         "CancelJob": OPERATE,
         "RetryJob": OPERATE,
     }.items()

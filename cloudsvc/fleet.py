@@ -25,12 +25,13 @@ from cloudsvc.errors import (
     NotReady,
     UnknownResource,
 )
-from cloudsvc.registry import DEFAULT_TARGET, Registry
+from cloudsvc.registry import Registry
 from cloudsvc.signing import RootKeys
 from cloudsvc.store.metadata import (
     DeviceRecord,
     MetadataStore,
 )
+from cloudsvc.targets_choice import choose_target
 from cloudsvc.tokens import Tokens
 from edgefleet.core.auth import hash_token, new_token, same_secret
 from edgefleet.core.certs import CertificateAuthority
@@ -47,9 +48,10 @@ from edgefleet.core.fleet import (
     TrafficVariant,
     Variant,
 )
+from edgefleet.core.jobs import JobState
 from edgefleet.core.tokens import EnrollToken
 from edgefleet.core.trust import SignedDesiredState
-from edgefleet.core.versions import Artifact, ModelVersion
+from edgefleet.core.versions import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +60,11 @@ MAX_LABELS = 64
 MAX_MODELS_REPORTED = 1024
 # Generations are stored as signed 64-bit integers; the wire's uint64 can say more.
 MAX_GENERATION = 2**63 - 1
+# How many of a model's newest jobs say why a target was not built.
+_JOBS_SEARCHED = 50
 # Writing last_seen on every chunk fetch would be an fsync per chunk; once a second is plenty
 # for an "online within 30 s" view.
 _TOUCH_EVERY_S = 1.0
-
-
-def best_target(artifacts: Sequence[Artifact], caps: Capabilities) -> str | None:
-    """The artifact target a device with these capabilities runs best; None if none fits."""
-    providers = set(caps.execution_providers)
-    ranked: list[tuple[int, str]] = []
-    for a in artifacts:
-        if a.format != "onnx":
-            continue  # agents run ONNX graphs; a TensorRT plan is for TensorRT's own runtime
-        t = a.target
-        if t.startswith("tensorrt"):
-            rank = 0 if "TensorrtExecutionProvider" in providers else -1
-        elif "cuda" in t:
-            rank = 1 if "CUDAExecutionProvider" in providers else -1
-        elif t == DEFAULT_TARGET:
-            rank = 2
-        else:
-            rank = 3
-        if rank >= 0:
-            ranked.append((rank, t))
-    return min(ranked)[1] if ranked else None
 
 
 class Fleet:
@@ -313,9 +296,10 @@ class Fleet:
                     raise Conflict(busy)
             # Below a version a device was ever assigned, the assignment is a rollback: a
             # device that missed the operator's rollback still takes the versions after it.
+            why_not_built = self.not_built(record)
             plan = {
                 d.device_id: replace(
-                    self._assignment(record, d, target),
+                    self._assignment(record, d, target, why_not_built),
                     rollback=rollback or version < self.metadata.peaks(d.device_id).get(model, 0),
                 )
                 for d in devices
@@ -349,18 +333,19 @@ class Fleet:
         shadows = shadows or {}
         wanted = {*versions.values(), *shadows.values()} - {0}
         records = {v: self.registry.get_version(model, v) for v in wanted}
+        not_built = {v: self.not_built(r) for v, r in records.items()}
         with self._deploy_lock:
             plan = {}
             for device_id, version in versions.items():
                 if not version:
                     continue
                 device = self._enrolled(device_id)
-                assignment = self._assignment(records[version], device, target)
+                assignment = self._assignment(records[version], device, target, not_built[version])
                 peak = self.metadata.peaks(device_id).get(model, 0)
                 assignment = replace(assignment, rollback=rollback or version < peak)
                 shadow = shadows.get(device_id, 0)
                 if shadow and shadow != version:
-                    made = self._assignment(records[shadow], device, "")
+                    made = self._assignment(records[shadow], device, "", not_built[shadow])
                     variant = Variant(shadow, made.target, made.manifest_digest, 0.0, True)
                     assignment = replace(assignment, variants=(variant,))
                 plan[device_id] = assignment
@@ -389,10 +374,24 @@ class Fleet:
                 f"rollback {model} --to {version}` with the same selector"
             )
 
-    def _assignment(self, record: ModelVersion, device: DeviceRecord, target: str) -> Assignment:
-        chosen = target or best_target(record.artifacts, device.capabilities)
-        artifact = record.artifact(chosen) if chosen else None
-        if artifact is None:
+    def _assignment(
+        self,
+        record: ModelVersion,
+        device: DeviceRecord,
+        target: str,
+        why_not_built: Callable[[str], str] | None = None,
+    ) -> Assignment:
+        """What `device` runs of `record`: the operator's `target`, else the fastest one that
+        passed the accuracy gate and pays on the device (cloudsvc/targets_choice.py), with
+        the reason. `why_not_built`: :meth:`not_built` of `record`, when the caller has it."""
+        choice = choose_target(
+            record.artifacts,
+            device.capabilities,
+            target,
+            why_not_built or self.not_built(record),
+        )
+        artifact = record.artifact(choice.target) if choice else None
+        if choice is None or artifact is None:
             have = ", ".join(a.target for a in record.artifacts)
             raise NotReady(
                 f"none of {record.model} v{record.version}'s artifacts ({have}) runs on "
@@ -406,7 +405,45 @@ class Fleet:
             artifact.manifest_digest,
             capture=self.metadata.capture_policy(record.model),
             bins=bins,
+            target_reason=choice.reason,
         )
+
+    def not_built(self, record: ModelVersion) -> Callable[[str], str]:
+        """What became of a target `record` lacks ("" when no job says), looked up once per
+        target for as long as the caller keeps the function (a deploy, for all its
+        devices)."""
+        found: dict[str, str] = {}
+
+        def why(target: str) -> str:
+            if target not in found:
+                found[target] = self._why_not_built(record.model, record.version, target)
+            return found[target]
+
+        return why
+
+    def _why_not_built(self, model: str, version: int, target: str) -> str:
+        """The newest job that tried `target` for `model` v`version` and did not build it:
+        a fine-tune's refused or failed outcome, or a failed `edgefleet compile`."""
+        for job in self.metadata.list_jobs(model, limit=_JOBS_SEARCHED):
+            for outcome in job.targets:
+                if (job.result_version, outcome.target) != (version, target):
+                    continue
+                if outcome.status != "built":
+                    what = (
+                        "refused by the accuracy gate" if outcome.status == "refused" else "failed"
+                    )
+                    return f"{what} in {job.job_id} ({_short(outcome.reason)})"
+            request = job.request
+            if (
+                job.kind == "compile"
+                and job.state is JobState.FAILED
+                and request.get("version") == version
+                and request.get("target") == target
+            ):
+                refused = "a drop of" in job.error  # compilers' AccuracyDropError
+                what = "refused by the accuracy gate" if refused else "its compile failed"
+                return f"{what} in {job.job_id} ({_short(job.error)})"
+        return ""
 
     def set_capture_policy(self, model: str, policy: CapturePolicy) -> list[tuple[str, int]]:
         """What devices capture of `model`'s inferences, from now on: devices that run it
@@ -448,6 +485,7 @@ class Fleet:
         for version, record in records.items():
             if not record.artifacts:
                 raise NotReady(f"{model} v{version} has no artifact to serve; push it again")
+        not_built = {v: self.not_built(r) for v, r in records.items()}
         with self._deploy_lock:
             devices = [
                 d for d in self.metadata.list_devices() if d.matches(selector) and not d.revoked
@@ -468,7 +506,7 @@ class Fleet:
                             f"{device.device_id} runs {model} v{v.version} as its primary: a "
                             "variant is another version (deploy moves the primary)"
                         )
-                    made = self._assignment(records[v.version], device, "")
+                    made = self._assignment(records[v.version], device, "", not_built[v.version])
                     chosen.append(
                         Variant(v.version, made.target, made.manifest_digest, v.weight, v.shadow)
                     )
@@ -511,8 +549,11 @@ class Fleet:
         the current root key, issued now and expiring after desired_state_ttl_s: a device in
         contact always holds a fresh one."""
         now = time.time()
+        desired = desired if desired is not None else self.metadata.get_desired(device_id)
         state = replace(
-            desired if desired is not None else self.metadata.get_desired(device_id),
+            desired,
+            # Why a target was chosen is the operator's to read, not the device's.
+            assignments=tuple(replace(a, target_reason="") for a in desired.assignments),
             issued_at=now,
             expires_at=now + self.desired_state_ttl_s,
         )
@@ -657,6 +698,11 @@ class Fleet:
 
     def device(self, device_id: str) -> Device:
         return self.view(self._enrolled(device_id))
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def check_labels(labels: Mapping[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""JobService: fine-tune and compile jobs over gRPC. Converts messages and calls the
+"""JobService: fine-tune, compile and evaluate jobs over gRPC. Converts messages and calls the
 JobManager and the UploadStore; nothing else (access is decided in cloudsvc.access)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import grpc
 
 from cloudsvc.errors import InvalidRequest
 from cloudsvc.jobs.manager import JobManager
-from cloudsvc.jobs.spec import CompileSpec, FineTuneSpec, parse_spec
+from cloudsvc.jobs.spec import CompileSpec, EvaluateSpec, FineTuneSpec, parse_spec
 from cloudsvc.jobs.uploads import UploadKind, UploadStore
 from edgefleet.core.jobs import Job
 from edgefleet.core.wire import to_proto
@@ -31,6 +31,13 @@ def _data_options(options: jobs_pb2.DataOptions) -> dict[str, Any]:
     return out
 
 
+_FROM_PARENT = {
+    jobs_pb2.WARM_START_AUTO: "auto",
+    jobs_pb2.WARM_START_PARENT: "parent",
+    jobs_pb2.WARM_START_BASE: "base",
+}
+
+
 def finetune_spec(request: jobs_pb2.FineTuneRequest) -> FineTuneSpec:
     data: dict[str, Any] = {
         "model": request.model,
@@ -42,6 +49,11 @@ def finetune_spec(request: jobs_pb2.FineTuneRequest) -> FineTuneSpec:
         "targets": tuple(request.targets),
         "description": request.description,
         "parent_version": request.parent_version,
+        "test_data": request.test_data,
+        "test_fraction": request.test_fraction,
+        "final": request.final,
+        "from_parent": _FROM_PARENT.get(request.warm_start, "unknown"),
+        "seeds": request.seeds or 1,
     }
     if request.max_trials:
         data["max_trials"] = request.max_trials
@@ -64,6 +76,21 @@ def compile_spec(request: jobs_pb2.CompileRequest) -> CompileSpec:
         data["max_accuracy_drop"] = request.max_accuracy_drop
     spec = parse_spec(CompileSpec, data)
     assert isinstance(spec, CompileSpec)
+    return spec
+
+
+def evaluate_spec(request: jobs_pb2.EvaluateRequest) -> EvaluateSpec:
+    data: dict[str, Any] = {
+        "model": request.model,
+        "version": request.version,
+        "target": request.target,
+        "data": request.data,
+        "data_options": _data_options(request.data_options),
+    }
+    if request.sample:
+        data["sample"] = request.sample
+    spec = parse_spec(EvaluateSpec, data)
+    assert isinstance(spec, EvaluateSpec)
     return spec
 
 
@@ -111,6 +138,11 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.CompileRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.Job:
         return _job(self.jobs.submit(compile_spec(request)))
+
+    def SubmitEvaluate(
+        self, request: jobs_pb2.EvaluateRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Job:
+        return _job(self.jobs.submit(evaluate_spec(request)))
 
     def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext

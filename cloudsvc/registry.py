@@ -284,6 +284,7 @@ class Registry:
         parent_version: int = 0,
         lineage: Lineage | None = None,
         evaluation: Evaluation | None = None,
+        test: Evaluation | None = None,
         baseline: tuple[InputStats, ...] = (),
         metadata: Mapping[str, str] | None = None,
         created_by: str = "",
@@ -328,6 +329,7 @@ class Registry:
                 artifacts=artifacts,
                 lineage=lineage,
                 evaluation=evaluation,
+                test=test,
                 baseline=baseline,
             )
             self.metadata.add_version(record)

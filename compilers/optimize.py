@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 
 import onnx
@@ -18,6 +17,7 @@ import onnxruntime as ort
 
 from compilers.errors import CompileRefused
 from compilers.layout import save_per_tensor
+from edgefleet.core.compat import StrEnum
 
 
 class OptimizationLevel(StrEnum):

@@ -27,7 +27,6 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from compilers.errors import AccuracyDropError, CompileError, CompileRefused
 from compilers.fold import fold_for_quantization, unshare_weights
 from compilers.sampling import Score, paired_difference_interval, wilson_interval
+from edgefleet.core.compat import StrEnum
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-Z95 = 1.959963984540054
+from edgefleet.core.stats import Z95, wilson_interval
+
+__all__ = ["Z95", "Sample", "Score", "stratified_sample", "wilson_interval"]
 
 
 @dataclass(frozen=True)
@@ -92,18 +94,6 @@ def _allocate(sizes: dict[int, int], count: int) -> dict[int, int]:
             break
         quota[c] += min(left, sizes[c] - quota[c], 1 if exact[c] > quota[c] else left)
     return quota
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of a proportion successes/n."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    low = 0.0 if successes <= 0 else max(0.0, centre - half)
-    high = 1.0 if successes >= n else min(1.0, centre + half)
-    return (low, high)
 
 
 def paired_difference_interval(

@@ -8,9 +8,9 @@ adding a profile here and, if it needs a new step, teaching `compilers.compile` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from compilers.errors import UnknownTargetError
+from edgefleet.core.compat import StrEnum
 
 
 class Runtime(StrEnum):

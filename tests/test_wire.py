@@ -37,6 +37,8 @@ LINEAGE = versions.Lineage(
     4,
     3,
     1,
+    25,
+    True,
 )
 EVALUATION = versions.Evaluation(
     0.75,
@@ -44,6 +46,12 @@ EVALUATION = versions.Evaluation(
     (versions.ClassScore("a", 0.5, 1.0, 10), versions.ClassScore("b", 1.0, 0.5, 10)),
     ((10, 0), (5, 5)),
     "validation 20%",
+    (versions.EpochRecord(1, 0.9, 0.5, 0.8, 0.6, 0.001),),
+    0.42,
+    "onnx-cpu-int8",
+    "./field-images",
+    1700000100,
+    "20 examples, 10 per class for 2 classes",
 )
 ARTIFACT = versions.Artifact(
     "m",
@@ -75,8 +83,20 @@ VERSION = versions.ModelVersion(
     (ARTIFACT,),
     LINEAGE,
     EVALUATION,
+    (),
+    dataclasses.replace(EVALUATION, split="test: ./test"),
+    (EVALUATION,),
 )
-CAPS = fleet.Capabilities("x86_64", "Linux", ("CPUExecutionProvider",), 1 << 30, "0.1", "h", "1.2")
+CAPS = fleet.Capabilities(
+    "x86_64",
+    "Linux",
+    ("CPUExecutionProvider",),
+    1 << 30,
+    "0.1",
+    "h",
+    "1.2",
+    fleet.CpuFeatures(("avx512_vnni",)),
+)
 POLICY = data.CapturePolicy(0.1, 0.6, 1 << 20)
 BINS = (data.InputBins("image", (0.0, 0.5, 1.0)),)
 VARIANT = fleet.Variant(3, "onnx-cpu-int8", "ab" * 32, 0.25)
@@ -86,7 +106,15 @@ DESIRED = fleet.DesiredState(
     7,
     (
         fleet.Assignment(
-            "m", 2, "onnx-cpu-fp32", "ef" * 32, True, POLICY, BINS, (VARIANT, SHADOW_VARIANT)
+            "m",
+            2,
+            "onnx-cpu-fp32",
+            "ef" * 32,
+            True,
+            POLICY,
+            BINS,
+            (VARIANT, SHADOW_VARIANT),
+            "CPU has no VNNI/dotprod: INT8 would be slower",
         ),
     ),
     1.5,
@@ -109,7 +137,7 @@ ROOT = trust.RootKey(2, b"p" * 32)
 STATUS = fleet.ModelStatus("m", 2, "ef" * 32, 1, 2, fleet.ModelPhase.READY, "", "CPU")
 REPORTED = fleet.ReportedState("d1", 7, (STATUS,), CAPS, "", {"site": "a"}, "1.2.3.4:8001", 5.0)
 PROGRESS = jobs.JobProgress("training", 2, 10, 0.5, 0.9, 0.8, 12.0, 1, 2, "")
-TRIAL = jobs.Trial(1, {"lr": "0.1"}, 0.8, 5, 1.25, True, "")
+TRIAL = jobs.Trial(1, {"lr": "0.1"}, 0.8, 5, 1.25, True, "", 0.31, 3, 0.75, 0.85)
 OUTCOME = jobs.TargetOutcome("onnx-cpu-int8", "refused", "lost 2 points", {"accuracy": 0.9})
 
 # (an instance of every domain type, the message it travels as)
@@ -307,9 +335,9 @@ def test_round_trip_through_json(obj: object, message: type[Message]) -> None:
 
 
 def test_absent_optional_message_stays_none() -> None:
-    bare = dataclasses.replace(VERSION, lineage=None, evaluation=None)
+    bare = dataclasses.replace(VERSION, lineage=None, evaluation=None, test=None)
     back = from_proto(to_proto(bare, admin_pb2.ModelVersion), versions.ModelVersion)
-    assert back.lineage is None and back.evaluation is None
+    assert back.lineage is None and back.evaluation is None and back.test is None
 
 
 def test_deployment_round_trip() -> None:

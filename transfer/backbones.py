@@ -81,7 +81,13 @@ class Backbone:
 
     @cached_property
     def digest(self) -> str:
-        """sha256 over name, preprocessing and every weight: the feature cache's key."""
+        """sha256 over name, preprocessing and every weight: the feature cache's key. Read
+        once and kept: read it after any weights are loaded into the module."""
+        return self.weights_digest()
+
+    def weights_digest(self) -> str:
+        """The digest of the weights as they are now (not kept): a base's digest before
+        training changes it."""
         h = hashlib.sha256()
         h.update(self.name.encode())
         h.update(json.dumps(self.preprocessing.to_dict(), sort_keys=True).encode())

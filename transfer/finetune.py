@@ -59,6 +59,9 @@ class FineTuneConfig:
     cache_features: bool = True  # head only
     cache_dir: Path | None = None  # head only: keep features on disk across runs
     feature_batch_size: int = 64  # 256 ran 2x slower per image on CPU (EfficientNet-Lite0, 64px)
+    # best: end at the epoch with the best validation accuracy; last: keep the last epoch
+    # (a --final run, whose "validation" data is trained on and cannot choose).
+    keep: Literal["best", "last"] = "best"
 
     def hyperparameters(self) -> dict[str, Any]:
         out = asdict(self)
@@ -162,6 +165,7 @@ def check_config(config: FineTuneConfig, backbone: Backbone) -> None:
         (config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}"),
         (config.backbone_lr_scale > 0, "backbone_lr_scale must be > 0"),
         (config.patience is None or config.patience >= 1, "patience must be >= 1 or None"),
+        (config.keep in ("best", "last"), f"keep must be 'best' or 'last', got {config.keep!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -201,9 +205,7 @@ def fine_tune(
     backbone.check_inputs(dataset.kind, dataset.input_shape)
     if split is None:
         split = split_dataset(dataset, config.validation_fraction, config.seed)
-    elif len(split.train) + len(split.validation) != len(dataset) or not np.array_equal(
-        dataset.labels[split.validation_indices], split.validation.labels
-    ):
+    elif not _made_from(split, dataset):
         raise InvalidConfig("the split passed to fine_tune was not made from this data set")
     device = resolve_device(config.device)
     amp = (device.type == "cuda") if config.amp is None else config.amp
@@ -234,8 +236,10 @@ def fine_tune(
 
     model.eval()
     predictions = loop.final_predictions
+    kept = loop.history[loop.best_epoch - 1] if loop.best_epoch else None
     metrics = replace(
         evaluate(split.validation.labels, predictions, dataset.class_names),
+        loss=kept.val_loss if kept else 0.0,
         history=tuple(
             EpochRecord(
                 p.epoch, p.loss, p.train_accuracy, p.val_loss, p.val_accuracy, p.learning_rate
@@ -267,6 +271,63 @@ def fine_tune(
         preprocessing=backbone.preprocessing.to_dict(),
     )
     return model.cpu(), result
+
+
+def final_split(split: Split) -> Split:
+    """For a --final run: the training and validation examples both train; the validation
+    part is still scored each epoch (figures that are not held out, kept for the curves)."""
+    train_idx = np.sort(np.concatenate([split.train_indices, split.validation_indices]))
+    everything = Dataset(
+        split.train.kind,
+        np.concatenate([split.train.inputs, split.validation.inputs]),
+        np.concatenate([split.train.labels, split.validation.labels]),
+        split.train.class_names,
+        split.train.source,
+    )
+    order = np.argsort(np.concatenate([split.train_indices, split.validation_indices]))
+    return replace(split, train=everything.subset(order), train_indices=train_idx)
+
+
+def predict_logits(
+    model: Classifier,
+    backbone: Backbone,
+    inputs: npt.NDArray[Any],
+    *,
+    batch_size: int = 64,
+) -> npt.NDArray[np.float32]:
+    """The classifier's logits on raw examples, batch by batch, in eval mode on the CPU."""
+    model = model.cpu().eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            batch = backbone.prepare(inputs[start : start + batch_size])
+            out.append(model(*batch).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(model.class_names)), np.float32)
+
+
+def score(
+    logits: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], class_names: tuple[str, ...]
+) -> Evaluation:
+    """Accuracy, per-class figures, confusion and mean cross-entropy of logits."""
+    loss = float(
+        nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long())
+    )
+    return replace(evaluate(labels, logits.argmax(1), class_names), loss=loss)
+
+
+def _made_from(split: Split, dataset: Dataset) -> bool:
+    n = len(dataset)
+    for part, indices in (
+        (split.train, split.train_indices),
+        (split.validation, split.validation_indices),
+    ):
+        if len(indices) != len(part) or (
+            len(indices) and (indices.min() < 0 or indices.max() >= n)
+        ):
+            return False
+        if not np.array_equal(dataset.labels[indices], part.labels):
+            return False
+    return True
 
 
 def extract_features(
@@ -550,7 +611,7 @@ class _Runner:
                 nn.functional.cross_entropy(logits, torch.from_numpy(val_y).long()).item()
             )
             lr = float(optimiser.param_groups[0]["lr"]) if optimiser is not None else 0.0
-            improved = val_acc > best_acc + config.min_delta
+            improved = config.keep == "last" or val_acc > best_acc + config.min_delta
             if improved:
                 best_acc, best_epoch, best_preds = val_acc, n, preds
                 best_state = {
@@ -558,7 +619,11 @@ class _Runner:
                 }
             seconds = time.perf_counter() - t0
             per_epoch = (time.perf_counter() - started) / n
-            stopping = config.patience is not None and n - best_epoch >= config.patience
+            stopping = (
+                config.keep == "best"
+                and config.patience is not None
+                and n - best_epoch >= config.patience
+            )
             remaining = 0 if stopping else config.epochs - n
             progress = EpochProgress(
                 n,

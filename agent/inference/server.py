@@ -1,10 +1,15 @@
 """The agent's Open Inference Protocol (KServe v2) gRPC endpoint over a ModelRepository.
 
-A thin servicer: it looks the model up, hands the request to ``validation`` and runs the
-session (optionally through ``batching``, which runs requests that arrive while their model is
-busy together as one batch). Existing clients (Triton's, KServe's, ``edgefleet.client.inference``) work unchanged.
-gRPC health checking answers SERVING while the server is serving and a model is loaded;
-reflection is on so ``grpcurl`` can list the service.
+A thin servicer over the transport-free ``dataplane`` (which looks the model up, checks the
+request with ``validation``, runs the session, optionally through ``batching``, and answers).
+Existing clients (Triton's, KServe's, ``edgefleet.client.inference``) work unchanged.
+Beyond KServe's six methods it serves Triton's: ModelStreamInfer (each request's error in
+error_message, the stream open; at most half the worker threads as streams),
+ModelStatistics, ModelConfig, RepositoryIndex and the system shared-memory extension
+(``shm``: regions per connection, confined to /dev/shm, closed when the connection goes);
+the rest answer UNIMPLEMENTED saying so. gRPC health checking answers SERVING while the
+server is serving and a model is loaded; reflection is on so ``grpcurl`` can list the
+service.
 
     server = start_inference_server(repository, "127.0.0.1", 0)
     print(server.port)
@@ -14,71 +19,66 @@ reflection is on so ``grpcurl`` can list the service.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import secrets
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-import edgefleet
-from agent.errors import AgentError, InvalidRequest, NotAuthorized, Unavailable
-from agent.inference.batching import DEFAULT_MAX_BATCH, DynamicBatcher
-from agent.inference.limits import (
-    LargeRequests,
-    MemoryStats,
-    over_limit,
-    peek_model,
-    request_limit,
-    tune_allocator,
+from agent.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NotAuthorized,
+    NotImplementedHere,
+    RequestTooLarge,
+    Unavailable,
 )
+from agent.inference.batching import DEFAULT_MAX_BATCH
+from agent.inference.dataplane import DataPlane, RequestLimits
+from agent.inference.limits import LargeRequests, MemoryStats, tune_allocator
 from agent.inference.shadow import ShadowRunner
-from agent.inference.validation import ModelPlan, decode_request, encode_response, plan_for
+from agent.inference.shm import SHM_ROOT, SharedMemoryRegions
 from agent.recorder import Recorder
-from agent.runtime import LoadedModel, ModelRepository
+from agent.runtime import ModelRepository
 from edgefleet.core.auth import same_secret, token_from_metadata
-from edgefleet.core.errors import ErrorCode
-from edgefleet.core.rpc import CallGuard
+from edgefleet.core.errors import EdgefleetError
+from edgefleet.core.rpc import CallGuard, bounded
 from edgefleet.core.tls import server_credentials
-from edgefleet.core.wire import to_proto
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "edgefleet-agent"
-PLATFORM = "onnxruntime_onnx"
+__all__ = [
+    "BearerGate",
+    "InferenceSecurity",
+    "InferenceServer",
+    "InferenceServicer",
+    "RequestLimits",
+    "exposure_warning",
+    "start_inference_server",
+]
+
 SERVICE_NAME = "inference.GRPCInferenceService"
-# Protocol extensions served beyond the core (Triton's names).
-EXTENSIONS: tuple[str, ...] = ("classification",)
-# ModelMetadata's parameter holding the model's class names (a JSON list), when it has them.
-CLASS_NAMES_PARAMETER = "class_names"
-
-_PLAN_CACHE_LIMIT = 64
+# Protocol extensions served beyond the core (Triton's names; binary_tensor_data is the REST
+# port's, model_repository only its index).
+EXTENSIONS: tuple[str, ...] = (
+    "classification",
+    "model_configuration",
+    "model_repository(index)",
+    "statistics",
+    "system_shared_memory",
+    "binary_tensor_data",
+)
 INFER_METHOD = f"/{SERVICE_NAME}/ModelInfer"
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """How large inference requests may be, and how many large ones run at once."""
-
-    max_rows: int = 64  # a dynamic first dimension counts as this many rows
-    max_dynamic: int = 4096  # any other dynamic dimension (a sequence length, say)
-    max_request_bytes: int = 64 << 20  # no request is larger, whatever the model
-    large_in_flight: int = 2  # requests over 1 MiB served at once
-    # Hand the memory of finished large requests back to the system (glibc). Off only to
-    # measure what it saves (benchmarks/bench_inference_memory.py).
-    give_back_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,93 +95,33 @@ class InferenceSecurity:
         return self.cert_file is not None and self.key_file is not None
 
 
-@dataclass(frozen=True)
-class _ModelEntry:
-    plan: ModelPlan
-    batcher: DynamicBatcher | None  # None when batching is off
-    limit: int  # largest request, in bytes
-    limit_detail: str
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Open Inference Protocol over the models in a repository."""
+    """The Open Inference Protocol's gRPC methods over a DataPlane: each turns its message
+    into the plane's call and back; errors reach the client through the interceptor."""
 
-    def __init__(
-        self,
-        repository: ModelRepository,
-        is_serving: threading.Event,
-        *,
-        batching: bool = False,
-        max_batch: int = DEFAULT_MAX_BATCH,
-        limits: RequestLimits | None = None,
-        recorder: Recorder | None = None,
-        shadow_queue: int = 64,
-    ) -> None:
-        self._repository = repository
-        self._recorder = recorder
-        self.shadow = ShadowRunner(recorder, queue_size=shadow_queue)
-        self._serving = is_serving
-        self._batching = batching
-        self._max_batch = max_batch
-        self._limits = limits or RequestLimits()
-        self.large = LargeRequests(
-            self._limits.large_in_flight, give_back=self._limits.give_back_memory
-        )
-        # id(model) -> its plan and batcher; a plan holds its model, so an id is never reused
-        # while cached.
-        self._plans: dict[int, _ModelEntry] = {}
+    def __init__(self, plane: DataPlane, *, max_streams: int = 4) -> None:
+        self.plane = plane
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self._stream_limit = max_streams
         self._live = pb.ServerLiveResponse(live=True)
         self._ready_true = pb.ServerReadyResponse(ready=True)
         self._ready_false = pb.ServerReadyResponse(ready=False)
-        self._metadata = pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=edgefleet.__version__, extensions=EXTENSIONS
-        )
+        self._metadata = plane.server_metadata()
+
+    @property
+    def shadow(self) -> ShadowRunner:
+        return self.plane.shadow
+
+    @shadow.setter
+    def shadow(self, runner: ShadowRunner) -> None:
+        self.plane.shadow = runner
+
+    @property
+    def large(self) -> LargeRequests:
+        return self.plane.large
 
     def ready(self) -> bool:
-        return self._serving.is_set() and self._repository.ready()
-
-    def _entry(self, model: LoadedModel) -> _ModelEntry:
-        entry = self._plans.get(id(model))
-        if entry is None or entry.plan.model is not model:
-            batcher = (
-                DynamicBatcher.for_model(model, max_batch=self._max_batch)
-                if self._batching
-                else None
-            )
-            plan = plan_for(model)
-            lim = self._limits
-            limit = request_limit(
-                model.inputs,
-                [spec.dtype.itemsize for spec in plan.inputs.values()],
-                max_rows=lim.max_rows,
-                max_dynamic=lim.max_dynamic,
-                ceiling=lim.max_request_bytes,
-            )
-            detail = (
-                f"{', '.join(str(t) for t in model.inputs)[:300]} with at most {lim.max_rows} "
-                f"rows and {lim.max_dynamic} per other dynamic dimension"
-            )
-            entry = _ModelEntry(plan, batcher, limit, detail)
-            plans = self._plans if len(self._plans) < _PLAN_CACHE_LIMIT else {}
-            # Replaced whole rather than mutated while other threads read it.
-            self._plans = {**plans, id(model): entry}
-        return entry
-
-    @contextlib.contextmanager
-    def admit(self, raw: bytes) -> Iterator[None]:
-        """Refuse a request over its model's limit before it is parsed, and queue large
-        ones so that only a few are in memory (parsed, run, answered) at once."""
-        name, version = peek_model(raw)
-        if name:
-            try:
-                entry = self._entry(self._repository.get(name, version))
-            except AgentError:
-                entry = None  # the full parse and look-up answer properly
-            if entry is not None and len(raw) > entry.limit:
-                self.large.refused(len(raw))
-                raise over_limit(name, len(raw), entry.limit, entry.limit_detail)
-        with self.large.admit(len(raw)):
-            yield
+        return self.plane.ready()
 
     def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
@@ -191,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return self._ready_true if self.ready() else self._ready_false
+        return self._ready_true if self.plane.ready() else self._ready_false
 
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
@@ -201,195 +141,164 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
     ) -> pb.ModelReadyResponse:
-        if not self._serving.is_set():
-            return pb.ModelReadyResponse(ready=False)
-        try:
-            self._repository.get(request.name, request.version)
-        except AgentError as err:
-            if err.code is ErrorCode.NOT_FOUND:
-                return pb.ModelReadyResponse(ready=False)
-            raise
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model = self._repository.get(request.name, request.version)
-        T = pb.ModelMetadataResponse.TensorMetadata
-        response = pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[str(v) for v in self._repository.versions(model.name)],
-            platform=PLATFORM,
-            inputs=[to_proto(t, T) for t in model.inputs],
-            outputs=[to_proto(t, T) for t in model.outputs],
-        )
-        if model.class_names:
-            response.parameters[CLASS_NAMES_PARAMETER].string_param = json.dumps(
-                list(model.class_names), ensure_ascii=False
-            )
-        return response
+        return self.plane.model_metadata(request.name, request.version)
 
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        started = time.perf_counter()
-        label, routing_key = request_parameters(request.parameters)
-        for tensor in request.inputs:
-            if tensor.parameters:
-                _refuse_parameters(f"input {tensor.name[:64]!r}", tensor.parameters)
-        classify = {
-            output.name: classification_count(output.name, output.parameters)
-            for output in request.outputs
-            if output.parameters
-        }
-        shadow = None
-        if request.model_version:
-            model = self._repository.get(request.model_name, request.model_version)
-        else:
-            model, shadow = self._repository.route(request.model_name, routing_key)
-        entry = self._entry(model)
-        plan = entry.plan
-        recorder = self._recorder
+        return self.plane.infer(request, client=context.peer())
+
+    # -- Triton's additions -----------------------------------------------------------------
+
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        """Triton's bidirectional stream: one answer per request, in order; a request that
+        fails answers its error in error_message and the stream goes on. Each stream holds
+        a server thread, so at most `max_streams` are open at once."""
+        if not self._streams.acquire(blocking=False):
+            raise RequestTooLarge(
+                f"{self._stream_limit} inference streams are open already, the most this "
+                "server holds; close one or use ModelInfer"
+            )
         try:
-            # Decoded (and so checked) on the request's own thread: a bad request is refused
-            # here and never joins, or fails, a batch.
-            decoded = decode_request(plan, request)
-            if entry.batcher is None:
-                results = model.run(decoded.feeds, decoded.output_names)
-            else:
-                results = entry.batcher.run(decoded.feeds, decoded.output_names)
-        except AgentError:
-            if recorder is not None:
-                recorder.failed(model.name, model.version)
-            raise
-        if classify:
-            answered, datatypes = classified(model, decoded.output_names, results, classify)
-            response = encode_response(plan, request, decoded, answered, datatypes)
-        else:
-            response = encode_response(plan, request, decoded, results)
-        names = decoded.output_names or tuple(o.name for o in model.outputs)
-        if shadow is not None:
-            # Queued only: the shadow runs on its own thread and its outputs go nowhere.
-            self.shadow.submit(shadow, model.version, decoded.feeds, names, results)
-        if recorder is not None:
-            recorder.observe(
-                model.name,
-                model.version,
-                decoded.feeds,
-                names,
-                results,
-                started,
-                request_id=request.id,
-                label=label,
+            client = context.peer()
+            for request in request_iterator:
+                yield self._stream_one(request, client)
+        except grpc.RpcError:
+            return  # the client cancelled the stream or went away: no one to answer
+        finally:
+            self._streams.release()
+
+    def _stream_one(
+        self, request: pb.ModelInferRequest, client: str
+    ) -> pb.ModelStreamInferResponse:
+        plane = self.plane
+        try:
+            with plane.admit_size(request.model_name, request.model_version, request.ByteSize()):
+                return pb.ModelStreamInferResponse(
+                    infer_response=plane.infer(request, client=client)
+                )
+        except EdgefleetError as err:
+            message = bounded(err.message)
+        except Exception as err:  # the stream must outlive one request's fault
+            incident = secrets.token_hex(4)
+            log.error("unexpected error in ModelStreamInfer (incident %s)", incident, exc_info=err)
+            message = f"internal error (incident {incident}); the server's log has the details"
+        failed = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+    def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        return self.plane.model_config(request.name, request.version)
+
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        return self.plane.model_statistics_response(request.name, request.version)
+
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            raise ModelNotFound(
+                f"this server has one model repository, unnamed; not {request.repository_name!r}"
+            )
+        return self.plane.repository_index(request.ready)
+
+    def _regions(self) -> SharedMemoryRegions:
+        regions = self.plane.shared_memory
+        if regions is None:
+            raise NotImplementedHere(
+                "system shared memory is not served here (no /dev/shm); send tensors in the request"
+            )
+        return regions
+
+    def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._regions().register(
+            context.peer(), request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._regions().status(context.peer(), request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name,
+                    key=region.key,
+                    offset=region.offset,
+                    byte_size=region.byte_size,
+                )
             )
         return response
 
+    def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions().unregister(context.peer(), request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
-# The request parameters this server takes: the client's label for the request, kept with a
-# capture of it (how captured data comes back labelled), and the key that pins a client (a
-# user, a session, a camera) to one version of an A/B split.
-LABEL_PARAMETER = "label"
-ROUTING_PARAMETER = "routing_key"
-_PARAMETERS = (LABEL_PARAMETER, ROUTING_PARAMETER)
-
-
-def request_parameters(parameters: Any) -> tuple[str, str]:
-    """The request's "label" and "routing_key" parameters ("" when not given); any other
-    parameter is refused."""
-    others = [k for k in parameters if k not in _PARAMETERS]
-    if others:
-        _refuse_parameters("the request", others)
-    return _string(parameters, LABEL_PARAMETER), _string(parameters, ROUTING_PARAMETER)
-
-
-def request_label(parameters: Any) -> str:
-    """The request's "label" parameter ("" without one); unknown parameters are refused."""
-    return request_parameters(parameters)[0]
-
-
-def _string(parameters: Any, name: str) -> str:
-    if name not in parameters:
-        return ""
-    value = parameters[name]
-    if value.WhichOneof("parameter_choice") != "string_param" or len(value.string_param) > 256:
-        raise InvalidRequest(
-            f"the request's {name} parameter is a string of at most 256 characters"
+    def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        raise _unimplemented(
+            "RepositoryModelLoad", "models are loaded by the agent from its signed desired state"
         )
-    return str(value.string_param)
 
-
-# Triton's classification extension: an output requested with this parameter (an int64 N)
-# answers, per row, the N highest scores as BYTES "score:index:label" strings.
-CLASSIFICATION_PARAMETER = "classification"
-
-
-def classification_count(output: str, parameters: Any) -> int:
-    """The N of an output's "classification" parameter; any other parameter is refused."""
-    where = f"output {output[:64]!r}"
-    others = [k for k in parameters if k != CLASSIFICATION_PARAMETER]
-    if others:
-        _refuse_parameters(where, others)
-    value = parameters[CLASSIFICATION_PARAMETER]
-    kind = value.WhichOneof("parameter_choice")
-    count = value.int64_param if kind == "int64_param" else value.uint64_param
-    if kind not in ("int64_param", "uint64_param") or count < 1:
-        raise InvalidRequest(
-            f"{where}: the {CLASSIFICATION_PARAMETER!r} parameter is the number of top classes "
-            "to answer, an integer of at least 1"
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        raise _unimplemented(
+            "RepositoryModelUnload",
+            "models are unloaded by the agent from its signed desired state",
         )
-    return int(count)
+
+    def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        raise _unimplemented("CudaSharedMemoryStatus", _NO_CUDA_SHM)
+
+    def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise _unimplemented("CudaSharedMemoryRegister", _NO_CUDA_SHM)
+
+    def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        raise _unimplemented("CudaSharedMemoryUnregister", _NO_CUDA_SHM)
+
+    def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: grpc.ServicerContext
+    ) -> pb.TraceSettingResponse:
+        raise _unimplemented("TraceSetting", "request tracing is not offered")
+
+    def LogSettings(
+        self, request: pb.LogSettingsRequest, context: grpc.ServicerContext
+    ) -> pb.LogSettingsResponse:
+        raise _unimplemented("LogSettings", "logging is set in the agent's settings")
 
 
-def classified(
-    model: LoadedModel,
-    names: Sequence[str],
-    results: Sequence[Any],
-    counts: dict[str, int],
-) -> tuple[list[Any], dict[str, str]]:
-    """The results with each output in `counts` replaced by its top-N classes along the last
-    axis, as BYTES "score:index:label" (label: the model's class name, else the index)."""
-    names = list(names) or [o.name for o in model.outputs]
-    missing = sorted(set(counts) - set(names))
-    if missing:
-        raise InvalidRequest(f"classification asked for unknown output(s) {missing[:4]}")
-    labels = model.class_names
-    answered = list(results)
-    for i, name in enumerate(names):
-        count = counts.get(name)
-        if count is None:
-            continue
-        scores = np.asarray(results[i])
-        if scores.ndim == 0 or scores.dtype.kind not in "fiub":
-            raise InvalidRequest(
-                f"output {name!r} is not a vector of numeric scores, so it cannot answer "
-                "classification"
-            )
-        classes = scores.shape[-1]
-        if count > classes:
-            raise InvalidRequest(
-                f"output {name!r} has {classes} classes; classification asked for the top "
-                f"{count} (1 to {classes})"
-            )
-        order = np.argsort(-scores.astype(np.float64), axis=-1, kind="stable")[..., :count]
-        top = np.take_along_axis(scores, order, axis=-1)
-        out = np.empty(order.shape, dtype=object)
-        for at in np.ndindex(order.shape):
-            index = int(order[at])
-            label = labels[index] if index < len(labels) else str(index)
-            out[at] = f"{float(top[at]):f}:{index}:{label}".encode()
-        answered[i] = out
-    return answered, dict.fromkeys(counts, "BYTES")
+_NO_CUDA_SHM = "CUDA shared memory is not offered; use system shared memory"
 
 
-def _refuse_parameters(where: str, parameters: Any) -> None:
-    """A parameter this server would ignore is refused, never dropped silently: a client
-    asking for classification results or a sequence must know it does not get them."""
-    names = ", ".join(sorted(str(k)[:64] for k in parameters)[:8])
-    raise InvalidRequest(
-        f"{where} sets parameter(s) {names}, which this server does not support; it takes the "
-        f"request's {LABEL_PARAMETER!r} (a string kept with a capture) and "
-        f"{ROUTING_PARAMETER!r} (a string that keeps a client on one version of an A/B split), "
-        f"and an output's {CLASSIFICATION_PARAMETER!r} (an int64: the top N classes)"
+def _unimplemented(method: str, why: str) -> NotImplementedHere:
+    return NotImplementedHere(
+        f"{method} is not implemented by this server ({why}); it implements Triton's "
+        f"{', '.join(EXTENSIONS)}"
     )
 
 
@@ -447,6 +356,11 @@ class InferenceServer:
         self._health = health_servicer
         self._serving = serving
 
+    @property
+    def plane(self) -> DataPlane:
+        """The data plane behind the port (the REST port serves the same one)."""
+        return self._servicer.plane
+
     def set_serving(self, serving: bool) -> None:
         """Serving (the default) answers ready once a model is loaded; not serving answers
         not ready (to drain before a stop) while live calls and inference keep working."""
@@ -474,7 +388,7 @@ class InferenceServer:
         self._serving.clear()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
-        self._servicer.shadow.stop()
+        self.plane.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or `timeout` passes); True when it stopped."""
@@ -563,23 +477,27 @@ def start_inference_server(
     security = security or InferenceSecurity()
     if limits.give_back_memory:
         tune_allocator()
-    serving = threading.Event()
-    serving.set()
-    servicer = InferenceServicer(
+    shared = SharedMemoryRegions() if SHM_ROOT.is_dir() else None
+    plane = DataPlane(
         repository,
-        serving,
         batching=batching,
         max_batch=max_batch,
         limits=limits,
         recorder=recorder,
+        shared_memory=shared,
+        extensions=[e for e in EXTENSIONS if shared is not None or e != "system_shared_memory"],
     )
+    serving = plane.serving
+    # A stream holds a worker thread for its life: at most half of them, so unary calls are
+    # always served.
+    servicer = InferenceServicer(plane, max_streams=max(1, max_workers // 2))
     health_servicer = _HealthServicer(servicer.ready)
     # Each open health Watch (open to anyone, token or not) holds a worker thread: at most
     # half of them, so that inference is always served.
     guard = CallGuard(
         BearerGate(security.token),
         public_streams=max(1, max_workers // 2),
-        admit={INFER_METHOD: servicer.admit},
+        admit={INFER_METHOD: plane.admit},
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -33,10 +34,12 @@ from cloudsvc.jobs.env import (
     SPEC_FILE,
     WorkerEnv,
 )
+from cloudsvc.jobs.evaluate import ARTIFACT_DIR, ARTIFACT_MANIFEST
 from cloudsvc.jobs.events import parse_line
 from cloudsvc.jobs.results import ERROR_FILE, RESULT_FILE, JobResult, WorkerError
 from cloudsvc.jobs.spec import (
     CompileSpec,
+    EvaluateSpec,
     FineTuneSpec,
     JobSpec,
     check_base,
@@ -45,10 +48,10 @@ from cloudsvc.jobs.spec import (
     default_targets,
     spec_from_json,
 )
-from cloudsvc.registry import Registry, check_name
+from cloudsvc.registry import DEFAULT_TARGET, Registry, check_name
 from cloudsvc.settings import CloudSettings
 from cloudsvc.store.metadata import MetadataStore
-from compilers.targets import resolve_target
+from compilers.targets import TARGETS, resolve_target
 from edgefleet.core.jobs import Job, JobEvent, JobProgress, JobState
 from edgefleet.core.wire import from_json
 
@@ -134,6 +137,8 @@ class JobManager:
         """Check `spec` (cheap checks only), complete its defaults, and queue it."""
         if isinstance(spec, FineTuneSpec):
             spec = self._checked_finetune(spec)
+        elif isinstance(spec, EvaluateSpec):
+            spec = self._checked_evaluate(spec)
         else:
             spec = self._checked_compile(spec)
         slot_kind = spec.slot_kind(self.gpu_slots)
@@ -174,15 +179,50 @@ class JobManager:
         else:
             model = self.metadata.get_model(spec.model)
             parent = model.latest_version if model else 0
-        if spec.warm_start:
-            if not parent:
+        if spec.test_data:
+            check_data(spec.test_data, self.uploads_dir, self.settings.fashion_mnist_dir)
+            if spec.test_data in spec.data_references:
                 raise InvalidRequest(
-                    f"a warm start starts from a parent version's weights, and {spec.model} "
-                    "has no version yet; fine-tune without --warm-start first"
+                    f"the test set {spec.test_data} is also training data: a test set must be "
+                    "data the model never trains on"
                 )
+        warm_start = self._warm_start(spec, parent)
+        if warm_start:
             # Its kept source (the FP32 export) is where the weights are read from.
             self.registry.source_digest(spec.model, parent)
-        return spec.model_copy(update={"targets": targets, "parent_version": parent})
+        return spec.model_copy(
+            update={"targets": targets, "parent_version": parent, "warm_start": warm_start}
+        )
+
+    def _warm_start(self, spec: FineTuneSpec, parent: int) -> bool:
+        """Whether training starts from the parent's weights: asked for (`parent`, or a
+        spec that says so already, as the closed loop's do), or by default (`auto`) where
+        the parent was fine-tuned here from the same base."""
+        if spec.from_parent == "base" and not spec.warm_start:
+            return False
+        lineage = self.registry.get_version(spec.model, parent).lineage if parent else None
+        fits = (
+            lineage is not None and lineage.base_model == spec.base
+        )  # a backbone's name or an upload
+        if spec.warm_start or spec.from_parent == "parent":
+            if not parent:
+                raise InvalidRequest(
+                    f"starting from the parent's weights needs a parent version, and "
+                    f"{spec.model} has none yet; fine-tune from the base first"
+                )
+            if lineage is None:
+                raise InvalidRequest(
+                    f"{spec.model} v{parent} was pushed, not fine-tuned here: its weights "
+                    "cannot be started from; use --from-base"
+                )
+            if not fits:
+                raise InvalidRequest(
+                    f"{spec.model} v{parent} was fine-tuned from {lineage.base_model}, not "
+                    f"{spec.base}: start from the base (--from-base) or use --base "
+                    f"{lineage.base_model}"
+                )
+            return True
+        return fits
 
     def _checked_compile(self, spec: CompileSpec) -> CompileSpec:
         profile = resolve_target(spec.target)
@@ -197,6 +237,53 @@ class JobManager:
             check_data(spec.data, self.uploads_dir, self.settings.fashion_mnist_dir)
         source = self.registry.source_digest(spec.model, spec.version)
         return spec.model_copy(update={"target": profile.name, "source_digest": source})
+
+    def _checked_evaluate(self, spec: EvaluateSpec) -> EvaluateSpec:
+        """The version exists; the artifact scored is the one named, else onnx-cpu-fp32
+        where the version has it, else its first; the data reference exists."""
+        version = self.registry.get_version(spec.model, spec.version)
+        have = ", ".join(a.target for a in version.artifacts) or "none"
+        if spec.target:
+            known = spec.target.strip().lower()
+            name = known if known in TARGETS else spec.target
+            artifact = version.artifact(name)
+            if artifact is None:
+                compile_hint = (
+                    f"build it with `edgefleet compile {spec.model} --version {spec.version} "
+                    f"--target {name}`, or "
+                    if name in TARGETS
+                    else ""
+                )
+                raise UnknownResource(
+                    f"{spec.model} v{spec.version} has no {name} artifact (it has: {have}); "
+                    f"{compile_hint}pick one of those with --target"
+                )
+        else:
+            artifact = version.artifact(DEFAULT_TARGET) or next(iter(version.artifacts), None)
+            if artifact is None:
+                raise NotReady(f"{spec.model} v{spec.version} has no artifact to evaluate")
+        if artifact.format != "onnx":
+            raise InvalidRequest(
+                f"the {artifact.target} artifact of {spec.model} v{spec.version} is a "
+                f"{artifact.format} file, and evaluate runs ONNX artifacts; evaluate one of: "
+                + ", ".join(a.target for a in version.artifacts if a.format == "onnx")
+            )
+        profile = TARGETS.get(artifact.target)
+        if profile is not None and profile.needs_gpu and not self.gpu_slots:
+            raise NotReady(
+                f"{artifact.target} runs on a GPU, and this cloud has no GPU worker; evaluate "
+                "a CPU artifact (onnx-cpu-fp32, onnx-cpu-int8) or run the cloud on a machine "
+                "with a GPU"
+            )
+        if not spec.data:
+            raise InvalidRequest(
+                "evaluate needs labelled data: --data fashion-mnist:test, synthetic:N, "
+                "captures:MODEL, or a local folder, .csv/.parquet or .npz (uploaded for you)"
+            )
+        check_data(spec.data, self.uploads_dir, self.settings.fashion_mnist_dir)
+        return spec.model_copy(
+            update={"target": artifact.target, "artifact_digest": artifact.manifest_digest}
+        )
 
     def retry(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -319,6 +406,13 @@ class JobManager:
         if isinstance(spec, CompileSpec):
             manifest = self.registry.materialize(spec.source_digest, job_dir / "source")
             (job_dir / "source.manifest").write_bytes(manifest.SerializeToString())
+        elif isinstance(spec, EvaluateSpec):
+            manifest = self.registry.materialize(spec.artifact_digest, job_dir / ARTIFACT_DIR)
+            (job_dir / ARTIFACT_MANIFEST).write_bytes(manifest.SerializeToString())
+            # The classes in output order, where the manifest may not name them.
+            lineage = self.registry.get_version(spec.model, spec.version).lineage
+            if lineage is not None and lineage.class_names:
+                (job_dir / CLASS_NAMES_FILE).write_text(json.dumps(list(lineage.class_names)))
         elif spec.parent_version:
             if spec.warm_start:
                 # The parent's FP32 export: the worker reads its trained weights from it.
@@ -387,7 +481,7 @@ class JobManager:
     def _drop_bulky(self, job_dir: Path) -> None:
         """Builds and sources are registered (or worthless) once a job ends; logs stay."""
         if not self.settings.keep_files:
-            for bulky in ("builds", "source", PARENT_GOLDEN, PARENT_SOURCE):
+            for bulky in ("builds", "source", ARTIFACT_DIR, PARENT_GOLDEN, PARENT_SOURCE):
                 shutil.rmtree(job_dir / bulky, ignore_errors=True)
 
     def _failure(self, job_dir: Path, code: int) -> str:
@@ -421,6 +515,7 @@ class JobManager:
                 parent_version=spec.parent_version,
                 lineage=result.lineage,
                 evaluation=result.evaluation,
+                test=result.test,
                 baseline=result.baseline,
                 metadata={"job": job.job_id},
                 created_by=f"job {job.job_id}",
@@ -429,6 +524,17 @@ class JobManager:
             message = (
                 f"registered {spec.model} v{number} ({', '.join(b.target for b in builds)}); "
                 f"validation accuracy {result.evaluation.accuracy:.2%}"
+            )
+        elif isinstance(spec, EvaluateSpec):
+            scored = result.scored
+            assert scored is not None
+            self.metadata.add_evaluation(spec.model, spec.version, scored)
+            number = spec.version
+            low, high = scored.interval()
+            message = (
+                f"recorded with {spec.model} v{number}: {spec.target} accuracy "
+                f"{scored.accuracy:.2%} (95% CI {low:.2%} to {high:.2%}, n={scored.count}) "
+                f"on {spec.data}"
             )
         else:
             self.registry.add_target(spec.model, spec.version, builds[0])
@@ -495,12 +601,26 @@ def _tail(path: Path, lines: int) -> str:
 def _summary(spec: JobSpec) -> str:
     if isinstance(spec, CompileSpec):
         return f"compile {spec.model} v{spec.version} for {spec.target}"
+    if isinstance(spec, EvaluateSpec):
+        return (
+            f"evaluate {spec.model} v{spec.version} ({spec.target}) on {spec.data}, "
+            f"{spec.sample} examples at most"
+        )
     trials = spec.trials()
     search = f", search of {len(trials)} trial(s)" if spec.search else ""
     warm = f", warm start from v{spec.parent_version}" if spec.warm_start else ""
+    seeds = f", {spec.seeds} seeds each" if spec.seeds > 1 else ""
+    test = (
+        f"; test set {spec.test_data}"
+        if spec.test_data
+        else f"; {spec.test_fraction:.0%} kept as the test set"
+        if spec.test_fraction
+        else ""
+    )
+    final = "; a final run on training + validation data" if spec.final else ""
     return (
         f"fine-tune {spec.model} from {spec.base}{warm} on {' + '.join(spec.data_references)} "
-        f"({spec.params.strategy}, {spec.params.epochs} epochs{search}); "
+        f"({spec.params.strategy}, {spec.params.epochs} epochs{search}{seeds}){test}{final}; "
         f"targets {', '.join(spec.targets)}"
     )
 

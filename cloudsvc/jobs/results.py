@@ -21,7 +21,8 @@ ERROR_FILE = "error.json"
 @dataclass(frozen=True)
 class JobResult:
     """Everything a finished worker produced; `source`, lineage and evaluation only for
-    fine-tunes."""
+    fine-tunes (`test` where the fine-tune kept a test set), `scored` only for an evaluate
+    job (its result, recorded with the version)."""
 
     builds: tuple[Build, ...] = ()
     source: Build | None = None
@@ -30,6 +31,8 @@ class JobResult:
     lineage: Lineage | None = None
     evaluation: Evaluation | None = None
     baseline: tuple[InputStats, ...] = ()
+    test: Evaluation | None = None
+    scored: Evaluation | None = None
 
 
 @dataclass(frozen=True)

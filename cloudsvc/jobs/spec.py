@@ -24,6 +24,7 @@ UPLOAD_PREFIX = "upload:"
 BUILT_IN_DATA = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "synthetic")
 MAX_TRIALS_LIMIT = 64
 MAX_EXTRA_DATA = 8
+MAX_SEEDS = 8
 # Every trial of a search is scored on one split, on one device, at one input size, so
 # that their validation accuracies compare; these settings cannot vary between trials.
 SEARCHABLE = (
@@ -100,8 +101,23 @@ class FineTuneSpec(BaseModel):
     # classes are the union), e.g. captured rows plus the parent's original data.
     extra_data: tuple[str, ...] = Field(default=(), max_length=MAX_EXTRA_DATA)
     # Start from the parent version's trained weights (its head, and the backbone tensors
-    # it trained) instead of a fresh head: lineage records warm_start_from.
+    # it trained) instead of a fresh head: lineage records warm_start_from. Resolved at
+    # submission from `from_parent` (what the user asked for).
     warm_start: bool = False
+    # auto: from the parent where one exists and was fine-tuned from the same base; parent:
+    # always (refused without a fitting parent); base: never.
+    from_parent: Literal["auto", "parent", "base"] = "auto"
+    # The test set: a data set of its own, or a stratified share of `data` kept apart
+    # before the train/validation split. No training, early stopping, search or gate
+    # reads it; the chosen version is scored on it once.
+    test_data: str = ""
+    test_fraction: float = Field(default=0.0, ge=0, lt=1)
+    # Train the chosen settings again on training + validation data for the epoch count
+    # the validation run chose, keeping the last epoch.
+    final: bool = False
+    # Seeds each trial runs with (seed, seed+1, ...): their spread is reported, their mean
+    # ranks the trials.
+    seeds: int = Field(default=1, ge=1, le=MAX_SEEDS)
 
     @property
     def data_references(self) -> tuple[str, ...]:
@@ -110,6 +126,15 @@ class FineTuneSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_search(self) -> FineTuneSpec:
+        if self.test_data and self.test_fraction:
+            raise ValueError(
+                "give the test set one way: --test DATA or --test-split FRACTION, not both"
+            )
+        if self.test_fraction and self.test_fraction + self.params.validation_fraction >= 0.9:
+            raise ValueError(
+                f"test share {self.test_fraction} and validation share "
+                f"{self.params.validation_fraction} leave under 10% of the data to train on"
+            )
         seen: set[str] = set()
         for name, values in self.search:
             if name not in SEARCHABLE:
@@ -166,10 +191,34 @@ class CompileSpec(BaseModel):
         return "gpu" if TARGETS[self.target].needs_gpu else "cpu"
 
 
-JobSpec = FineTuneSpec | CompileSpec
+DEFAULT_EVALUATION_SAMPLE = 2000
 
 
-def parse_spec(cls: type[FineTuneSpec] | type[CompileSpec], data: dict[str, Any]) -> JobSpec:
+class EvaluateSpec(BaseModel):
+    """Score one artifact of a version on labelled data; the result is kept with it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["evaluate"] = "evaluate"
+    model: str
+    version: int = Field(ge=1)
+    target: str = ""  # resolved at submission: onnx-cpu-fp32 where it exists, else the first
+    data: str
+    data_options: DataOptions = DataOptions()
+    sample: int = Field(default=DEFAULT_EVALUATION_SAMPLE, ge=1, le=1_000_000)
+    # Resolved at submission: the manifest of the artifact scored.
+    artifact_digest: str = ""
+
+    def slot_kind(self, gpu_slots: int) -> Literal["gpu", "cpu"]:
+        return "gpu" if self.target in TARGETS and TARGETS[self.target].needs_gpu else "cpu"
+
+
+JobSpec = FineTuneSpec | CompileSpec | EvaluateSpec
+
+
+def parse_spec(
+    cls: type[FineTuneSpec] | type[CompileSpec] | type[EvaluateSpec], data: dict[str, Any]
+) -> JobSpec:
     """A spec from request fields; InvalidRequest naming every problem."""
     try:
         return cls.model_validate(data)
@@ -186,6 +235,8 @@ def spec_from_json(text: str) -> JobSpec:
     data = json.loads(text)
     if data.get("kind") == "compile":
         return CompileSpec.model_validate(data)
+    if data.get("kind") == "evaluate":
+        return EvaluateSpec.model_validate(data)
     return FineTuneSpec.model_validate(data)
 
 

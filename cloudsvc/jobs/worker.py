@@ -21,7 +21,7 @@ from typing import TextIO
 from cloudsvc.jobs.env import SPEC_FILE, WorkerEnv
 from cloudsvc.jobs.events import Reporter
 from cloudsvc.jobs.results import ERROR_FILE, RESULT_FILE, JobResult, WorkerError
-from cloudsvc.jobs.spec import CompileSpec, spec_from_json
+from cloudsvc.jobs.spec import CompileSpec, EvaluateSpec, JobSpec, spec_from_json
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.wire import to_json
 
@@ -51,6 +51,22 @@ def _events_stream() -> TextIO:
     return events
 
 
+def _run(spec: JobSpec, env: WorkerEnv, report: Reporter) -> JobResult:
+    # Imported here: the pipelines pull in torch (evaluate does not), which the manager
+    # never needs.
+    if isinstance(spec, EvaluateSpec):
+        from cloudsvc.jobs.evaluate import run_evaluate
+
+        return run_evaluate(spec, env, report)
+    if isinstance(spec, CompileSpec):
+        from cloudsvc.jobs.compile import run_compile
+
+        return run_compile(spec, env, report)
+    from cloudsvc.jobs.finetune import run_finetune
+
+    return run_finetune(spec, env, report)
+
+
 def run(job_dir: Path) -> int:
     report = Reporter(_events_stream())
     logging.basicConfig(
@@ -62,15 +78,7 @@ def run(job_dir: Path) -> int:
     try:
         env = WorkerEnv.read(job_dir)
         spec = spec_from_json((job_dir / SPEC_FILE).read_text())
-        # Imported here: the pipeline pulls in torch, which the manager never needs.
-        from cloudsvc.jobs.compile import run_compile
-        from cloudsvc.jobs.finetune import run_finetune
-
-        result: JobResult = (
-            run_compile(spec, env, report)
-            if isinstance(spec, CompileSpec)
-            else run_finetune(spec, env, report)
-        )
+        result = _run(spec, env, report)
     except EdgefleetError as err:
         error = WorkerError(message=err.message, code=err.code.value, phase=report.current.phase)
         _write_atomically(job_dir / ERROR_FILE, to_json(error))

@@ -19,7 +19,7 @@ from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.loop import Loop, LoopRun
 from edgefleet.core.rollouts import Rollout, RolloutState
 from edgefleet.core.tokens import AdminToken, EnrollToken
-from edgefleet.core.versions import Artifact, Model, ModelVersion
+from edgefleet.core.versions import Artifact, Evaluation, Model, ModelVersion
 
 
 class MemoryMetadataStore(MetadataStore):
@@ -86,6 +86,15 @@ class MemoryMetadataStore(MetadataStore):
                 )
             self._versions[key] = dataclasses.replace(
                 current, artifacts=(*current.artifacts, artifact)
+            )
+
+    def add_evaluation(self, model: str, version: int, evaluation: Evaluation) -> None:
+        with self._lock:
+            current = self._versions.get((model, version))
+            if current is None:
+                raise UnknownResource(f"{model} has no version {version}")
+            self._versions[(model, version)] = dataclasses.replace(
+                current, evaluations=(*current.evaluations, evaluation)
             )
 
     def get_version(self, model: str, version: int) -> ModelVersion | None:

@@ -19,7 +19,7 @@ from edgefleet.core.jobs import Job, JobEvent, JobState
 from edgefleet.core.loop import Loop, LoopRun
 from edgefleet.core.rollouts import Rollout, RolloutState
 from edgefleet.core.tokens import AdminToken, EnrollToken
-from edgefleet.core.versions import Artifact, Model, ModelVersion
+from edgefleet.core.versions import Artifact, Evaluation, Model, ModelVersion
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,11 @@ class MetadataStore(ABC):
     def add_artifact(self, artifact: Artifact) -> None:
         """Another target's artifact for an existing version; Conflict if the target exists,
         UnknownResource if the version does not."""
+
+    @abstractmethod
+    def add_evaluation(self, model: str, version: int, evaluation: Evaluation) -> None:
+        """Append a later scoring (`edgefleet evaluate`) to a version's record; the version
+        itself stays as it was made. UnknownResource if the version does not exist."""
 
     @abstractmethod
     def get_version(self, model: str, version: int) -> ModelVersion | None: ...

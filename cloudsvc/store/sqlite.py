@@ -228,6 +228,12 @@ def _loops(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration(10, "test-set scores and later evaluations of versions")
+def _evaluations(db: sqlite_utils.Database) -> None:
+    db.table("versions").add_column("test", str, not_null_default="")
+    db.table("versions").add_column("evaluations", str, not_null_default="[]")
+
+
 def _optional_json(cls: Any, text: str) -> Any:
     return from_json(cls, text) if text else None
 
@@ -329,8 +335,8 @@ class SqliteMetadataStore(MetadataStore):
                 conn.execute(
                     "INSERT INTO versions (model, version, description, created_at,"
                     " source_sha256, parent_version, metadata, inputs, outputs,"
-                    " golden_sample_count, created_by, lineage, evaluation, baseline)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " golden_sample_count, created_by, lineage, evaluation, baseline, test,"
+                    " evaluations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         version.model,
                         version.version,
@@ -346,6 +352,8 @@ class SqliteMetadataStore(MetadataStore):
                         to_json(version.lineage) if version.lineage else "",
                         to_json(version.evaluation) if version.evaluation else "",
                         to_json(version.baseline, tuple[InputStats, ...]),
+                        to_json(version.test) if version.test else "",
+                        to_json(version.evaluations, tuple[Evaluation, ...]),
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -391,6 +399,20 @@ class SqliteMetadataStore(MetadataStore):
                 raise UnknownResource(f"{artifact.model} has no version {artifact.version}")
             self._insert_artifact(conn, artifact)
 
+    def add_evaluation(self, model: str, version: int, evaluation: Evaluation) -> None:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT evaluations FROM versions WHERE model = ? AND version = ?",
+                (model, version),
+            ).fetchone()
+            if row is None:
+                raise UnknownResource(f"{model} has no version {version}")
+            kept = from_json(tuple[Evaluation, ...], row[0])
+            conn.execute(
+                "UPDATE versions SET evaluations = ? WHERE model = ? AND version = ?",
+                (to_json((*kept, evaluation), tuple[Evaluation, ...]), model, version),
+            )
+
     def _artifact(self, r: sqlite3.Row) -> Artifact:
         return Artifact(
             r["model"],
@@ -425,6 +447,8 @@ class SqliteMetadataStore(MetadataStore):
             lineage=_optional_json(Lineage, r["lineage"]),
             evaluation=_optional_json(Evaluation, r["evaluation"]),
             baseline=from_json(tuple[InputStats, ...], r["baseline"]),
+            test=_optional_json(Evaluation, r["test"]),
+            evaluations=from_json(tuple[Evaluation, ...], r["evaluations"]),
         )
 
     def get_version(self, model: str, version: int) -> ModelVersion | None:

@@ -81,6 +81,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "Fine-tune a backbone on your data as a cloud job: new version + artifacts.",
     ),
     "compile": ("edgefleet.cli.jobs:compile_command", "Build one more target for a version."),
+    "evaluate": (
+        "edgefleet.cli.evaluate:evaluate",
+        "Score a version's artifact on labelled data; the result is kept with it.",
+    ),
     "jobs": ("edgefleet.cli.jobs:jobs", "List, follow, cancel and retry fine-tune/compile jobs."),
     "runs": ("edgefleet.cli.jobs:runs", "Compare versions: settings, metrics, size, latency."),
 }

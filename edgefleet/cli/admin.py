@@ -22,6 +22,7 @@ from rich.table import Table
 from edgefleet.client.admin import AdminClient
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.fleet import Device, ModelPhase
+from edgefleet.core.versions import Evaluation
 from edgefleet.core.wire import to_jsonable
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,6 +146,17 @@ def points(drop: float) -> str:
     """An accuracy drop (0.01 = one point) as a signed change, e.g. '-0.40 pts'."""
     change = -drop * 100
     return f"{change + 0.0:+.2f} pts" if abs(change) >= 0.005 else "±0.00 pts"
+
+
+def scored(ev: Evaluation, loss: bool = True) -> str:
+    """An accuracy as a user can weigh it: its 95% interval, n, what one example is worth
+    (with 88 examples, 1.1 points), and the loss where measured."""
+    low, high = ev.interval()
+    text = (
+        f"{ev.accuracy:.2%} (95% CI {low:.1%}-{high:.1%}, n={ev.count}; one example = "
+        f"{ev.example_points:.2g} pts)"
+    )
+    return text + (f", loss {ev.loss:.4f}" if loss and ev.loss else "")
 
 
 def update_size(metrics: Mapping[str, float], size: int) -> str:
@@ -384,18 +396,46 @@ def show(name: str, version: int, as_json: bool, cloud: Connection) -> None:
         )
         settings = ", ".join(f"{k}={val}" for k, val in sorted(lin.hyperparameters.items()))
         console.print(f"  settings: {settings}")
+    if lin and (lin.test_examples or lin.final):
+        console.print(
+            "  "
+            + (f"{lin.test_examples} test examples kept apart" if lin.test_examples else "")
+            + ("; " if lin.test_examples and lin.final else "")
+            + (
+                f"final run: trained on training + validation data for {lin.epochs_run} "
+                "epoch(s), the validation run's best"
+                if lin.final
+                else ""
+            )
+        )
     ev = v.evaluation
     if ev:
+        console.print(f"  validation (chose the epoch and settings): {scored(ev)} [{ev.split}]")
+    if v.test:
         console.print(
-            f"  validation accuracy [bold]{ev.accuracy:.2%}[/] on {ev.count} ({ev.split})"
+            f"  [bold]test[/] (never trained on nor chosen with): {scored(v.test)} [{v.test.split}]"
         )
-        per_class = Table("class", "precision", "recall", "support")
-        for c in ev.per_class:
+    elif ev:
+        console.print(
+            "  [yellow]no test set was kept[/]: the validation figure chose this version, so it "
+            "is optimistic; fine-tune with --test DATA or --test-split 0.2, or score it with "
+            f"`edgefleet evaluate {name} --version {version} --data DATA`"
+        )
+    for later in v.evaluations:
+        console.print(
+            f"  evaluated {ago(later.created_at)} on {later.data} ({later.target}, "
+            f"{later.sample}): {scored(later)}"
+        )
+    shown = v.test or ev
+    if shown:
+        what = "test" if v.test else "validation"
+        per_class = Table("class", "precision", "recall", "support", title=f"{what} per class")
+        for c in shown.per_class:
             per_class.add_row(c.name, f"{c.precision:.1%}", f"{c.recall:.1%}", str(c.support))
         console.print(per_class)
-        names = [c.name for c in ev.per_class]
-        matrix = Table("true \\ predicted", *names, title="confusion matrix")
-        for name_, row in zip(names, ev.confusion, strict=True):
+        names = [c.name for c in shown.per_class]
+        matrix = Table("true \\ predicted", *names, title=f"{what} confusion matrix")
+        for name_, row in zip(names, shown.confusion, strict=True):
             matrix.add_row(
                 name_,
                 *(
@@ -633,9 +673,18 @@ def revoke_device(device_id: str, as_json: bool, cloud: Connection) -> None:
     console.print(f"device {device_id} revoked: the cloud refuses its every call from now on")
 
 
-def render_devices(rows: list[Device]) -> Table:
+def render_devices(rows: list[Device], reasons: bool = True) -> Table:
+    """The devices table; `reasons=False` names each model's target without the why (for
+    narrow output that says it once, as the demo does)."""
     table = Table(
-        "device", "labels", "online", "inference at", "running", "generation", "last error"
+        "device",
+        "labels",
+        "online",
+        "inference at",
+        "running",
+        "target (why)" if reasons else "target",
+        "generation",
+        "last error",
     )
     for d in rows:
         running = (
@@ -659,10 +708,23 @@ def render_devices(rows: list[Device]) -> Table:
             "[green]yes[/]" if d.online else f"[red]no[/] ({ago(d.last_seen_at)})",
             d.inference_endpoint or "-",
             running,
+            (target_reasons(d) if reasons else targets(d)) or "-",
             gen,
             "[red]" + escape("; ".join(d.errors)) + "[/]" if d.errors else "",
         )
     return table
+
+
+def targets(device: Device) -> str:
+    return "\n".join(f"{a.model}: {a.target}" for a in device.desired.assignments)
+
+
+def target_reasons(device: Device) -> str:
+    """Per model the device is told to run: which target, and why the cloud chose it."""
+    return "\n".join(
+        f"{a.model}: {a.target}" + (f" ({escape(a.target_reason)})" if a.target_reason else "")
+        for a in device.desired.assignments
+    )
 
 
 @click.command()

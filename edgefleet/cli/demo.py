@@ -24,6 +24,7 @@ import click
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.cli.admin import human_bytes, render_devices, update_size
@@ -69,6 +70,7 @@ class Step:
         started = time.monotonic()
         with console.status(f"[{self.n}/{self.total}] {title}...") as status:
             yield status
+        _check_signals()
         console.print(
             f"[green]✓[/] [{self.n}/{self.total}] {title} [dim]({time.monotonic() - started:.1f}s)[/]"
         )
@@ -341,8 +343,19 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_received: list[int] = []
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Also kept: the exception may surface inside code that swallows what it cannot handle
+    # (a finaliser, an extension's callback); each step's end raises it again.
+    _received.append(signum)
     raise Terminated(signum)
+
+
+def _check_signals() -> None:
+    if _received:
+        raise Terminated(_received[0])
 
 
 @click.command()
@@ -372,7 +385,12 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
     step = Step(11)
     procs: list[ManagedProcess] = []
     console.print(f"[bold]edgefleet demo[/] in {workdir}")
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    stoppers = (signal.SIGTERM, signal.SIGHUP)
+    _received.clear()
+    previous = {sig: signal.signal(sig, _terminate) for sig in stoppers}
+    # A parent that blocked them (some CI runners and init scripts do) must not keep the
+    # demo from stopping: a blocked SIGTERM would wait, pending, until the demo ended.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stoppers)
     try:
         with step("starting the cloud service (TLS with a private CA it makes)"):
             cloud_proc, trust = cloud_process(workdir)
@@ -491,7 +509,10 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
             final = _wait(cloud, 2, names, "every agent serving v2 again")
         _print_rollout(rollout3)
 
-        console.print(render_devices(final))
+        console.print(render_devices(final, reasons=False))
+        reasons = {a.target_reason for d in final for a in d.desired.assignments if a.target_reason}
+        for reason in sorted(reasons):
+            console.print(f"  [dim]target chosen per device: {escape(reason)}[/]")
         table = Table(
             "device", "v1 accuracy", "v2 accuracy", "p50 latency (batch 1)", "v1 still addressable"
         )
@@ -505,7 +526,9 @@ def demo(agents: int, keep: bool, workdir: Path | None) -> None:
             )
         console.print(table)
         requests = sum(s.requests for s in scores_v1 + scores_v2) + served
-        moved = v2.artifact("onnx-cpu-fp32") or v2.artifacts[0]
+        # What the fleet chose for these devices' hardware (INT8 where it pays and passed).
+        assigned = final[0].desired.assignment(MODEL)
+        moved = (assigned and v2.artifact(assigned.target)) or v2.artifacts[0]
         console.print(
             f"[bold green]demo complete[/] in {step.elapsed:.1f}s: {agents} agents captured "
             f"{served} labelled requests, v2 was fine-tuned on them, and every agent moved "

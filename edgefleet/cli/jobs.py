@@ -38,6 +38,7 @@ from edgefleet.cli.admin import (
     json_option,
     points,
     print_json,
+    scored,
     update_size,
 )
 from edgefleet.client.admin import AdminClient
@@ -107,6 +108,20 @@ def _check_local_data(path: Path, label_column: str, text_column: str, limit: in
     )
 
 
+def _data_reference(
+    client: AdminClient, data: str, label_column: str, text_column: str, limit: int, what: str
+) -> str:
+    """A data set as the cloud names it: a local path is checked here and uploaded;
+    cloud:/path names a path on the cloud machine; anything else goes as it is."""
+    path = Path(data).expanduser()
+    if data.startswith("cloud:"):
+        return data.removeprefix("cloud:")
+    if path.exists():
+        _check_local_data(path, label_column, text_column, limit)
+        return _upload_local(client, path, what)
+    return data
+
+
 def follow(client: AdminClient, job_id: str) -> Job:
     """Show the job live until it ends; Ctrl-C detaches. The finished (or current) job."""
     columns = (
@@ -136,10 +151,11 @@ def follow(client: AdminClient, job_id: str) -> Job:
                         bar.update(task, total=None, completed=0)
                     bar.update(task, description=f"{job_id} {label}", detail=detail)
                 elif event.kind == "log":
-                    bar.console.print(f"[dim]{escape(event.message)}[/]")
+                    # emoji=False: "synthetic:100:3" must not print as an emoji
+                    bar.console.print(f"[dim]{escape(event.message)}[/]", emoji=False)
                 elif event.kind == "state":
                     style = STATE_STYLE.get(event.state, "white")
-                    bar.console.print(f"[{style}]{escape(event.message)}[/]")
+                    bar.console.print(f"[{style}]{escape(event.message)}[/]", emoji=False)
 
             return client.wait_job(job_id, on_event=show)
     except KeyboardInterrupt:
@@ -168,12 +184,26 @@ def _targets_table(job: Job) -> Table:
 def _trials_table(job: Job) -> Table:
     names = sorted({k for t in job.trials for k in t.params})
     varying = [n for n in names if len({t.params.get(n) for t in job.trials}) > 1] or names[:3]
-    table = Table("trial", *varying, "val accuracy", "epochs", "time", "")
+    seeded = any(t.seeds > 1 for t in job.trials)
+    spread = ("seeds: min-max",) if seeded else ()
+    table = Table(
+        "trial",
+        *varying,
+        "val accuracy" + (" (mean)" if seeded else ""),
+        *spread,
+        "val loss",
+        "epochs",
+        "time",
+        "",
+        caption="ranked by validation accuracy; ties: lower validation loss, then earlier trial",
+    )
     for t in job.trials:
         table.add_row(
             str(t.number),
             *(t.params.get(n, "") for n in varying),
             f"{t.val_accuracy:.2%}" if not t.error else f"[red]{escape(t.error[:60])}[/]",
+            *((f"{t.seeds}: {t.val_accuracy_min:.1%}-{t.val_accuracy_max:.1%}",) if seeded else ()),
+            f"{t.val_loss:.4f}" if t.val_loss else "-",
             str(t.epochs_run),
             _duration(t.seconds),
             "[green]best[/]" if t.best else "",
@@ -194,6 +224,14 @@ def summarise(client: AdminClient, job: Job) -> None:
             console.print(f"run it again with `edgefleet jobs retry {job.job_id}`")
         raise SystemExit(1)
     version = client.version(job.model, job.result_version)
+    if job.kind == "evaluate":
+        last = version.evaluations[-1] if version.evaluations else None
+        result = f": {last.target} on {last.data}: {scored(last)}" if last else ""
+        console.print(
+            f"[green]{job.job_id} succeeded[/] in {took}: {job.model} v{version.version}{result}",
+            emoji=False,
+        )
+        return
     accuracy = (
         f", validation accuracy {version.evaluation.accuracy:.2%}" if version.evaluation else ""
     )
@@ -201,6 +239,13 @@ def summarise(client: AdminClient, job: Job) -> None:
         f"[green]{job.job_id} succeeded[/] in {took}: {job.model} [bold]v{version.version}[/]"
         f"{accuracy}; artifacts {', '.join(a.target for a in version.artifacts)}"
     )
+    if version.test is not None:
+        console.print(f"  test accuracy {scored(version.test)}")
+    else:
+        console.print(
+            "  [yellow]no test set kept[/]: the validation figure chose this version and "
+            "flatters it (use --test or --test-split)"
+        )
     fp32 = version.artifact("onnx-cpu-fp32") or version.artifacts[0]
     if "update_bytes" in fp32.metrics:
         console.print(
@@ -298,6 +343,38 @@ def _parse_search(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.option("--label-column", default="", help="Tables: the label column [default: label].")
 @click.option("--text-column", default="", help="Tables: the text column (text models).")
 @click.option("--limit", type=int, default=0, help="Use a stratified sample of this many examples.")
+@click.option(
+    "--test",
+    "test_data",
+    default="",
+    help="A labelled data set kept as the test set: nothing trains, stops early, searches or "
+    "chooses on it; the chosen version is scored on it once (same forms as --data).",
+)
+@click.option(
+    "--test-split",
+    type=float,
+    default=0.0,
+    help="Or keep this share of --data apart as the test set (stratified), e.g. 0.2.",
+)
+@click.option(
+    "--final",
+    is_flag=True,
+    help="After choosing settings and epochs on the validation split, train once more on "
+    "training + validation data for that many epochs and keep the last epoch.",
+)
+@click.option(
+    "--from-parent/--from-base",
+    "from_parent",
+    default=None,
+    help="Start from the parent version's trained weights, or from the base backbone with a "
+    "fresh head [default: from the parent where it was fine-tuned from the same base].",
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(1, 8),
+    default=1,
+    help="Run each trial with this many seeds; trials rank by their mean, the spread is shown.",
+)
 @click.option("--parent", type=int, default=0, help="Lineage parent [default: the latest version].")
 @click.option("-d", "--description", default="", help="What this version is for.")
 @click.option("--detach", is_flag=True, help="Submit and return; do not follow the job.")
@@ -313,6 +390,11 @@ def finetune(
     label_column: str,
     text_column: str,
     limit: int,
+    test_data: str,
+    test_split: float,
+    final: bool,
+    from_parent: bool | None,
+    seeds: int,
     parent: int,
     description: str,
     detach: bool,
@@ -331,17 +413,19 @@ def finetune(
       edgefleet finetune apparel --base efficientnet-lite0 --data fashion-mnist --limit 2000 --image-size 64
       edgefleet finetune tickets --base minilm-l6 --data tickets.csv --text-column text
       edgefleet finetune apparel --base small-cnn --data ./images --search lr=1e-3,3e-3 --search strategy=head,last-n
+      edgefleet finetune apparel --base small-cnn --data ./train --test ./test --final
+      edgefleet finetune tickets --base minilm-l6 --data tickets.csv --text-column text --test-split 0.2 --seeds 3
+
+    Validation figures chose the epoch and the settings, so they flatter the model; keep a
+    test set (--test or --test-split) for a figure you can trust.
     """
     params = {k: v for k, v in settings.items() if v is not None}
     with admin(cloud) as client:
         if Path(base).expanduser().is_file():
             base = _upload_local(client, Path(base).expanduser(), "backbone")
-        data_path = Path(data).expanduser()
-        if data.startswith("cloud:"):
-            data = data.removeprefix("cloud:")
-        elif data_path.exists():
-            _check_local_data(data_path, label_column, text_column, limit)
-            data = _upload_local(client, data_path, "data set")
+        data = _data_reference(client, data, label_column, text_column, limit, "data set")
+        if test_data:
+            test_data = _data_reference(client, test_data, label_column, text_column, 0, "test set")
         job = client.finetune(
             name,
             base=base,
@@ -356,6 +440,11 @@ def finetune(
             text_column=text_column,
             limit=limit,
             max_accuracy_drop=max_accuracy_drop,
+            test_data=test_data,
+            test_fraction=test_split,
+            final=final,
+            from_parent={None: "auto", True: "parent", False: "base"}[from_parent],
+            seeds=seeds,
         )
         console.print(f"submitted [bold]{job.job_id}[/]: fine-tune {name} from {base} on {data}")
         if detach:
@@ -523,7 +612,7 @@ def job_logs(job_id: str, follow_: bool, as_json: bool, cloud: Connection) -> No
                 continue
             stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
             style = STATE_STYLE.get(event.state, "white") if event.kind == "state" else "white"
-            console.print(f"[dim]{stamp}[/] [{style}]{escape(event.message)}[/]")
+            console.print(f"[dim]{stamp}[/] [{style}]{escape(event.message)}[/]", emoji=False)
             count += 1
         job = client.job(job_id)
     console.print(f"{count} line(s); {job_id} is {_state(job.state)}")
@@ -622,10 +711,18 @@ def compare(
         if len({v.lineage.hyperparameters.get(k) if v.lineage else None for v in rows}) > 1
         or k in ("strategy", "lr", "epochs")
     ]
-    best = max((v.evaluation.accuracy for v in rows if v.evaluation), default=None)
+    # Versions are chosen among on test figures where every version has them: validation
+    # figures chose each version's epoch and settings, and flatter it.
+    on_test = all(v.test for v in rows)
+    figure = {v.version: (v.test if on_test else v.evaluation) for v in rows}
+    best = max((f.accuracy for f in figure.values() if f), default=None)
 
     def lineage_row(label: str, get: Any) -> None:
         table.add_row(label, *(escape(str(get(v.lineage))) if v.lineage else "-" for v in rows))
+
+    def mark(v: ModelVersion, text: str) -> str:
+        f = figure[v.version]
+        return f"[bold green]{text}[/]" if f and f.accuracy == best else text
 
     table.add_row("parent", *(f"v{v.parent_version}" if v.parent_version else "-" for v in rows))
     table.add_row("created", *(ago(v.created_at) for v in rows))
@@ -634,30 +731,65 @@ def compare(
     lineage_row("data digest", lambda lin: lin.dataset_digest[:12])
     for key in shown:
         lineage_row(key, lambda lin, key=key: lin.hyperparameters.get(key, "-"))
-    lineage_row("epochs run (best)", lambda lin: f"{lin.epochs_run} ({lin.best_epoch})")
-    lineage_row("examples train/val", lambda lin: f"{lin.train_examples}/{lin.validation_examples}")
+    lineage_row(
+        "epochs run (best)",
+        lambda lin: f"{lin.epochs_run} ({lin.best_epoch})" + (", final" if lin.final else ""),
+    )
+    lineage_row(
+        "examples train/val/test",
+        lambda lin: f"{lin.train_examples}/{lin.validation_examples}/{lin.test_examples}",
+    )
+    lineage_row(
+        "warm start", lambda lin: f"from v{lin.warm_start_from}" if lin.warm_start_from else "-"
+    )
     lineage_row("trained on", lambda lin: f"{lin.device}, {_duration(lin.training_seconds)}")
     table.add_row(
-        "val accuracy",
+        "val accuracy (chose it)",
         *(
             (
-                f"[bold green]{v.evaluation.accuracy:.2%}[/]"
-                if v.evaluation.accuracy == best
+                mark(v, f"{v.evaluation.accuracy:.2%}")
+                if not on_test
                 else f"{v.evaluation.accuracy:.2%}"
             )
+            + f" n={v.evaluation.count}"
             if v.evaluation
             else "-"
             for v in rows
         ),
     )
     table.add_row(
+        "val loss",
+        *(f"{v.evaluation.loss:.4f}" if v.evaluation and v.evaluation.loss else "-" for v in rows),
+    )
+    table.add_row(
+        "test accuracy",
+        *(
+            mark(v, f"{v.test.accuracy:.2%}") + " (95% CI {:.1%}-{:.1%})".format(*v.test.interval())
+            if v.test
+            else "-"
+            for v in rows
+        ),
+    )
+    table.add_row(
+        "test n (one example =)",
+        *(f"{v.test.count} ({v.test.example_points:.2g} pts)" if v.test else "-" for v in rows),
+    )
+    table.add_row(
         "worst class recall",
         *(
-            (lambda c: f"{c.recall:.1%} {c.name}")(
-                min(v.evaluation.per_class, key=lambda c: c.recall)
-            )
-            if v.evaluation and v.evaluation.per_class
+            (lambda c: f"{c.recall:.1%} {c.name}")(min(f.per_class, key=lambda c: c.recall))
+            if (f := figure[v.version]) and f.per_class
             else "-"
+            for v in rows
+        ),
+    )
+    table.add_row(
+        "later evaluations",
+        *(
+            "; ".join(
+                f"{e.accuracy:.1%} on {e.data} ({e.target}, n={e.count})" for e in v.evaluations
+            )
+            or "-"
             for v in rows
         ),
     )
@@ -687,11 +819,24 @@ def compare(
         console.print(f"wrote {html_out}")
     console.print(table)
     if best is not None:
-        leaders = [v.version for v in rows if v.evaluation and v.evaluation.accuracy == best]
+        leaders = [v.version for v in rows if (f := figure[v.version]) and f.accuracy == best]
+        if on_test:
+            smallest = min((v.test.count for v in rows if v.test), default=0)
+            console.print(
+                f"best test accuracy: {best:.2%} (v{', v'.join(map(str, leaders))}); on "
+                f"{smallest} test examples one example is {100 / max(smallest, 1):.2g} points: "
+                "versions whose intervals overlap are not told apart by this test set."
+            )
+        else:
+            console.print(
+                f"best validation accuracy: {best:.2%} (v{', v'.join(map(str, leaders))}). "
+                "[yellow]Not every version has a test set[/]: validation figures chose each "
+                "version's epoch and settings and flatter it; score them alike with "
+                f"`edgefleet evaluate {name} --version N --data TEST-DATA`."
+            )
         console.print(
-            f"best validation accuracy: {best:.2%} (v{', v'.join(map(str, leaders))}); "
-            "target cells: size, download from the parent version, p50 latency at batch 1 "
-            "on the cloud's CPU, accuracy change vs FP32. Deploy with `edgefleet deploy "
+            "target cells: size, download from the parent version, p50 latency at batch 1 on "
+            "the cloud's CPU, accuracy change vs FP32. Deploy with `edgefleet deploy "
             f"{name} --version {leaders[-1]}`"
         )
     else:

@@ -171,11 +171,19 @@ def _mlflow() -> Any:
         ) from None
 
 
-def _evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
-    metrics = {"val_accuracy": evaluation.accuracy, "val_count": float(evaluation.count)}
+def _evaluation_metrics(evaluation: Evaluation, prefix: str = "val") -> dict[str, float]:
+    low, high = evaluation.interval()
+    metrics = {
+        f"{prefix}_accuracy": evaluation.accuracy,
+        f"{prefix}_count": float(evaluation.count),
+        f"{prefix}_accuracy_ci_low": low,
+        f"{prefix}_accuracy_ci_high": high,
+    }
+    if evaluation.loss:
+        metrics[f"{prefix}_loss"] = evaluation.loss
     for c in evaluation.per_class:
-        metrics[f"precision_{c.name}"] = c.precision
-        metrics[f"recall_{c.name}"] = c.recall
+        metrics[f"{prefix}_precision_{c.name}"] = c.precision
+        metrics[f"{prefix}_recall_{c.name}"] = c.recall
     return metrics
 
 
@@ -203,6 +211,9 @@ def export_mlflow(
         for artifact in version.artifacts:
             for key, value in artifact.metrics.items():
                 mlflow.log_metric(f"{artifact.target}.{key}", float(value))
+        if version.test is not None:
+            for key, value in _evaluation_metrics(version.test, "test").items():
+                mlflow.log_metric(key, float(value))
         if evaluation is not None:
             for key, value in _evaluation_metrics(evaluation).items():
                 mlflow.log_metric(key, float(value))

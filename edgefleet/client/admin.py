@@ -53,6 +53,11 @@ UPLOAD_PIECE = 1 << 20
 MAX_MESSAGE = 64 << 20
 
 T = TypeVar("T")
+_WARM_START = {
+    "auto": jobs_pb2.WARM_START_AUTO,
+    "parent": jobs_pb2.WARM_START_PARENT,
+    "base": jobs_pb2.WARM_START_BASE,
+}
 
 
 class AdminClient:
@@ -566,9 +571,14 @@ class AdminClient:
         text_column: str = "",
         limit: int = 0,
         max_accuracy_drop: float | None = None,
+        test_data: str = "",
+        test_fraction: float = 0.0,
+        final: bool = False,
+        from_parent: str = "auto",
+        seeds: int = 1,
     ) -> Job:
-        """Submit a fine-tune job; the queued job. `data` and `base` are names the cloud
-        knows or references from `upload()`."""
+        """Submit a fine-tune job; the queued job. `data`, `test_data` and `base` are names
+        the cloud knows or references from `upload()`. `from_parent`: auto, parent or base."""
         request = jobs_pb2.FineTuneRequest(
             model=model,
             base=base,
@@ -586,6 +596,11 @@ class AdminClient:
             description=description,
             parent_version=parent_version,
             max_accuracy_drop=max_accuracy_drop,
+            test_data=test_data,
+            test_fraction=test_fraction,
+            final=final,
+            warm_start=_WARM_START[from_parent],
+            seeds=seeds,
         )
         return _job(self._call(self._jobs.SubmitFineTune, request))
 
@@ -609,6 +624,34 @@ class AdminClient:
             max_accuracy_drop=max_accuracy_drop,
         )
         return _job(self._call(self._jobs.SubmitCompile, request))
+
+    def evaluate(
+        self,
+        model: str,
+        version: int,
+        *,
+        data: str,
+        target: str = "",
+        sample: int = 0,
+        label_column: str = "",
+        text_column: str = "",
+        limit: int = 0,
+    ) -> Job:
+        """Submit a job that scores `version`'s `target` artifact (default: onnx-cpu-fp32
+        where it has one, else its first) on labelled `data`, a stratified sample of at most
+        `sample` examples (0: 2000); the result is recorded with the version (its
+        `evaluations`)."""
+        request = jobs_pb2.EvaluateRequest(
+            model=model,
+            version=version,
+            target=target,
+            data=data,
+            data_options=jobs_pb2.DataOptions(
+                label_column=label_column, text_column=text_column, limit=limit
+            ),
+            sample=sample,
+        )
+        return _job(self._call(self._jobs.SubmitEvaluate, request))
 
     def jobs(self, model: str = "", *, active_only: bool = False, limit: int = 0) -> list[Job]:
         response = self._call(

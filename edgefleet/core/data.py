@@ -373,12 +373,15 @@ def parse_since(text: str) -> float:
     except ValueError:
         pass
     try:
-        when = dt.datetime.fromisoformat(text)
+        # 3.10's fromisoformat takes no Z suffix (3.11's does): spell it +00:00.
+        when = dt.datetime.fromisoformat(
+            text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+        )
     except ValueError:
         raise ValueError(
             f"{text[:40]!r}: give a date (2026-11-30), a time (2026-11-30T08:00) or unix seconds"
         ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
 # drift ------------------------------------------------------------------------------------

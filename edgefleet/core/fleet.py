@@ -11,6 +11,18 @@ from dataclasses import dataclass, field
 from edgefleet.core.data import CapturePolicy, InputBins
 from edgefleet.core.wire import WireEnum
 
+# CPU instructions that make INT8 inference pay (integer dot products): x86 VNNI and AMX,
+# ARM's dot-product and int8 matrix-multiply extensions. Names as /proc/cpuinfo spells them.
+INT8_CPU_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What the device's CPU has for integer inference, as the agent read it."""
+
+    # Those of INT8_CPU_FEATURES the CPU has (every core of it); empty: none of them.
+    int8: tuple[str, ...] = ()
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -22,6 +34,8 @@ class Capabilities:
     agent_version: str = ""
     hostname: str = ""
     onnxruntime_version: str = ""
+    # None: unknown (an older agent, or no /proc/cpuinfo to read: macOS, some containers).
+    cpu_features: CpuFeatures | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,9 @@ class Assignment:
     bins: tuple[InputBins, ...] = ()
     # Other versions served beside the primary (A/B share or shadow); empty: none.
     variants: tuple[Variant, ...] = ()
+    # Why the cloud chose `target` for this device, for the operator (`edgefleet devices`).
+    # Cloud-side only: cleared before the desired state is signed; devices ignore it.
+    target_reason: str = ""
 
     def digests(self) -> set[str]:
         """The manifests the device needs for this model: the primary's and its variants'."""

@@ -66,6 +66,11 @@ class Trial:
     seconds: float = 0.0
     best: bool = False
     error: str = ""
+    val_loss: float = 0.0
+    # With several seeds: val_accuracy and val_loss are their means, these the range.
+    seeds: int = 1
+    val_accuracy_min: float = 0.0
+    val_accuracy_max: float = 0.0
 
 
 @dataclass(frozen=True)

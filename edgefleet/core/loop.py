@@ -9,10 +9,10 @@ One type each, for the controller, the metadata store, the client and the CLI.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from edgefleet.core.stats import wilson_interval
 from edgefleet.core.wire import WireEnum
 
 DEFAULT_MIN_NEW_ROWS = 50
@@ -104,7 +104,7 @@ class HoldoutScore:
 
     @classmethod
     def of(cls, version: int, correct: int, count: int) -> HoldoutScore:
-        low, high = wilson(correct, count)
+        low, high = wilson_interval(correct, count)
         return cls(version, correct / count if count else 0.0, count, correct, low, high)
 
     def describe(self) -> str:
@@ -112,17 +112,6 @@ class HoldoutScore:
             f"v{self.version} {self.accuracy:.1%} ({self.correct}/{self.count}, 95% "
             f"{self.low:.1%}-{self.high:.1%})"
         )
-
-
-def wilson(correct: int, count: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (sound at small n and at 0% or 100%)."""
-    if count <= 0:
-        return 0.0, 1.0
-    p = correct / count
-    denominator = 1 + z * z / count
-    centre = (p + z * z / (2 * count)) / denominator
-    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)

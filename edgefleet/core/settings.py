@@ -15,12 +15,15 @@ import os
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
 
 from edgefleet.core.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing's own from 3.11
 
 log = logging.getLogger(__name__)
 # What the admin commands read (edgefleet.client): not a process's setting.

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
+
+from edgefleet.core.compat import StrEnum
 
 
 class Role(StrEnum):

@@ -17,13 +17,18 @@ import functools
 import types
 import typing
 from collections.abc import Callable, Mapping
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from pydantic import ConfigDict, TypeAdapter
+
+from edgefleet.core.compat import StrEnum
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing's own from 3.11
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)

@@ -2,16 +2,27 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cloudsvc.errors import Forbidden, NotAuthenticated, NotReady, UnknownResource
-from cloudsvc.fleet import Fleet, best_target
+from cloudsvc.fleet import Fleet
 from cloudsvc.registry import Registry
 from cloudsvc.store.metadata import EnrollTokenRecord
+from cloudsvc.targets_choice import TargetChoice, choose_target
+from compilers.build import Build
 from edgefleet.core.auth import hash_token
-from edgefleet.core.fleet import Capabilities, Enrollment, ModelPhase, ModelStatus, ReportedState
+from edgefleet.core.fleet import (
+    Capabilities,
+    CpuFeatures,
+    Enrollment,
+    ModelPhase,
+    ModelStatus,
+    ReportedState,
+)
+from edgefleet.core.jobs import Job, JobState, TargetOutcome
 from edgefleet.core.tokens import EnrollToken
 from edgefleet.core.trust import TrustError, accept_desired
 from edgefleet.core.versions import Artifact
@@ -282,16 +293,170 @@ def test_reports_are_stored_and_devices_listed_with_online(
         fleet.device("nope")
 
 
-def test_best_target_follows_the_device_providers() -> None:
-    arts = [
-        Artifact("m", 1, t, "0" * 64, 1, 1, 1)
-        for t in ("onnx-cpu-fp32", "onnx-cpu-int8", "tensorrt-fp16")
+def _artifacts(**metrics: dict[str, float]) -> list[Artifact]:
+    """One artifact per target (underscores for dashes), with its compile metrics."""
+    return [
+        Artifact("m", 1, t.replace("_", "-"), "0" * 64, 1, 1, 1, metrics=m)
+        for t, m in metrics.items()
     ]
-    cpu = Capabilities(execution_providers=("CPUExecutionProvider",))
-    trt = Capabilities(execution_providers=("TensorrtExecutionProvider", "CPUExecutionProvider"))
-    assert best_target(arts, cpu) == "onnx-cpu-fp32"
-    assert best_target(arts, trt) == "tensorrt-fp16"
-    assert best_target(arts[2:], cpu) is None
+
+
+FP32 = {"latency_p50_ms": 0.9}
+INT8 = {"latency_p50_ms": 0.5, "accuracy": 0.955, "accuracy_drop": 0.004}
+CPU = ("CPUExecutionProvider",)
+VNNI = Capabilities(execution_providers=CPU, cpu_features=CpuFeatures(("avx512_vnni",)))
+DOTPROD = Capabilities(execution_providers=CPU, cpu_features=CpuFeatures(("asimddp",)))
+PLAIN_CPU = Capabilities(execution_providers=CPU, cpu_features=CpuFeatures())
+UNKNOWN_CPU = Capabilities(execution_providers=CPU)
+
+
+def test_a_cpu_with_int8_dot_products_runs_int8_when_it_passed_the_gate_and_is_faster() -> None:
+    arts = _artifacts(onnx_cpu_fp32=FP32, onnx_cpu_int8=INT8)
+    for caps in (VNNI, DOTPROD):
+        choice = choose_target(arts, caps)
+        assert choice is not None and choice.target == "onnx-cpu-int8"
+        assert caps.cpu_features is not None
+        assert f"CPU has {caps.cpu_features.int8[0]}" in choice.reason
+        assert (
+            "INT8 p50 0.5 ms vs FP32 0.9 ms on the cloud" in choice.reason
+            and "(1.8x)" in choice.reason
+        )
+        assert "passed the accuracy gate (accuracy 95.50%, -0.40 pts)" in choice.reason
+    # FP32's latency unknown (a pushed model): INT8 still pays on such a CPU.
+    pushed = _artifacts(onnx_cpu_fp32={}, onnx_cpu_int8=INT8)
+    choice = choose_target(pushed, VNNI)
+    assert choice is not None and choice.target == "onnx-cpu-int8"
+    assert "FP32 latency not measured" in choice.reason
+
+
+def test_a_cpu_without_int8_dot_products_or_a_slower_int8_keeps_fp32() -> None:
+    arts = _artifacts(onnx_cpu_fp32=FP32, onnx_cpu_int8=INT8)
+    choice = choose_target(arts, PLAIN_CPU)
+    assert choice == TargetChoice("onnx-cpu-fp32", "CPU has no VNNI/dotprod: INT8 would be slower")
+    unheard_of = replace(PLAIN_CPU, cpu_features=CpuFeatures(("<b>turbo</b>",)))
+    assert choose_target(arts, unheard_of) == choice  # only known instructions count
+    choice = choose_target(arts, UNKNOWN_CPU)
+    assert choice is not None and choice.target == "onnx-cpu-fp32"
+    assert "did not report its CPU's int8 features" in choice.reason
+    slower = _artifacts(onnx_cpu_fp32=FP32, onnx_cpu_int8={**INT8, "latency_p50_ms": 1.2})
+    choice = choose_target(slower, VNNI)
+    assert choice is not None and choice.target == "onnx-cpu-fp32"
+    assert choice.reason == "INT8 measured slower than FP32 on the cloud (p50 1.2 ms vs 0.9 ms)"
+
+
+def test_int8_refused_by_the_gate_leaves_fp32_with_the_reason() -> None:
+    arts = _artifacts(onnx_cpu_fp32=FP32)  # INT8 exists only when it passed the gate
+    choice = choose_target(arts, VNNI, why_not_built=lambda t: "refused by the accuracy gate")
+    assert choice == TargetChoice(
+        "onnx-cpu-fp32", "onnx-cpu-int8 not built: refused by the accuracy gate"
+    )
+    choice = choose_target(arts, VNNI)
+    assert choice is not None and choice.reason.startswith("onnx-cpu-int8 not built for v1")
+    # Without FP32, INT8 is what a CPU device has, whatever its instructions.
+    only = choose_target(_artifacts(onnx_cpu_int8=INT8), PLAIN_CPU)
+    assert only is not None and only.target == "onnx-cpu-int8"
+    assert "the only CPU artifact" in only.reason
+
+
+def test_gpu_targets_go_where_the_device_has_their_provider() -> None:
+    plan = Artifact("m", 1, "tensorrt-fp16", "0" * 64, 1, 1, 1, format="tensorrt-plan")
+    cpu_and_gpu = _artifacts(
+        onnx_cpu_fp32=FP32, onnx_cpu_int8=INT8, onnx_gpu_fp16={}, onnx_cuda_fp16={}
+    )
+    arts = [*cpu_and_gpu, plan]
+    cuda = Capabilities(execution_providers=("CUDAExecutionProvider", *CPU))
+    choice = choose_target(arts, cuda)
+    assert choice == TargetChoice("onnx-cuda-fp16", "the device has CUDAExecutionProvider")
+    trt = replace(
+        cuda, execution_providers=("TensorrtExecutionProvider", *cuda.execution_providers)
+    )
+    onnx_trt = [*arts, Artifact("m", 1, "tensorrt-onnx", "0" * 64, 1, 1, 1)]
+    choice = choose_target(onnx_trt, trt)
+    assert choice == TargetChoice("tensorrt-onnx", "the device has TensorrtExecutionProvider")
+    # A TensorRT plan is not what agents run; GPU artifacts never go to a CPU-only device.
+    choice = choose_target(arts, trt)
+    assert choice is not None and choice.target == "onnx-cuda-fp16"
+    assert choose_target(arts[2:], VNNI) is None
+
+
+def test_the_operators_target_wins() -> None:
+    arts = _artifacts(onnx_cpu_fp32=FP32, onnx_cpu_int8=INT8)
+    assert choose_target(arts, VNNI, "onnx-cpu-fp32") == TargetChoice(
+        "onnx-cpu-fp32", "chosen by the operator"
+    )
+    assert choose_target(arts, PLAIN_CPU, "onnx-cpu-int8") == TargetChoice(
+        "onnx-cpu-int8", "chosen by the operator"
+    )
+    assert choose_target(arts, VNNI, "onnx-gpu-fp16") is None
+
+
+def _add_int8(registry: Registry, model_path: Path, model: str, version: int) -> None:
+    registry.add_target(
+        model,
+        version,
+        Build("onnx-cpu-int8", model_path.parent, (model_path.name,), metrics=INT8),
+    )
+
+
+def test_deploys_keep_each_devices_target_and_why_off_the_signed_state(
+    fleet: Fleet, registry: Registry, model_path: Path
+) -> None:
+    registry.push("clf", model_path)
+    _add_int8(registry, model_path, "clf", 1)
+    for device_id, caps in (("vnni", VNNI), ("old", PLAIN_CPU)):
+        secret, _ = fleet.tokens.create_enroll_token(max_uses=1)
+        fleet.enroll(secret, device_id, caps)
+    fleet.deploy("clf", 1)
+    fast = fleet.device("vnni").desired.assignment("clf")
+    assert fast is not None and fast.target == "onnx-cpu-int8"
+    assert fast.target_reason.startswith("CPU has avx512_vnni; FP32 latency not measured")
+    old = fleet.device("old").desired.assignment("clf")
+    assert old is not None and old.target == "onnx-cpu-fp32"
+    assert old.target_reason == "CPU has no VNNI/dotprod: INT8 would be slower"
+    # The reason is the operator's: the signed state the device gets carries none.
+    state = accept_desired(fleet.signed_desired_state("vnni"), fleet.keys.current, "vnni", 0, 0.0)
+    signed = state.assignment("clf")
+    assert signed is not None and signed.target == "onnx-cpu-int8"
+    assert signed == replace(fast, target_reason="")
+    # An explicit target is the operator's choice.
+    fleet.deploy("clf", 1, target="onnx-cpu-fp32")
+    pinned = fleet.device("vnni").desired.assignment("clf")
+    assert pinned is not None
+    assert (pinned.target, pinned.target_reason) == ("onnx-cpu-fp32", "chosen by the operator")
+
+
+def test_a_refusal_by_the_gate_is_the_reason_a_device_runs_fp32(
+    fleet: Fleet, registry: Registry, model_path: Path
+) -> None:
+    registry.push("clf", model_path)
+    job = fleet.metadata.create_job(Job("", "finetune", "clf", "{}"))
+    refused = TargetOutcome("onnx-cpu-int8", "refused", "int8 scored 0.8, a drop of 0.1")
+    fleet.metadata.update_job(
+        replace(
+            job,
+            result_version=1,
+            targets=(TargetOutcome("onnx-cpu-fp32", "built"), refused),
+        )
+    )
+    fleet.enroll(ENROLL_TOKEN, "vnni", VNNI)
+    fleet.deploy("clf", 1)
+    got = fleet.device("vnni").desired.assignment("clf")
+    assert got is not None and got.target == "onnx-cpu-fp32"
+    assert got.target_reason == (
+        f"onnx-cpu-int8 not built: refused by the accuracy gate in {job.job_id} "
+        "(int8 scored 0.8, a drop of 0.1)"
+    )
+    # A later `edgefleet compile --target onnx-cpu-int8` that failed: the newest job says.
+    request = '{"kind": "compile", "model": "clf", "version": 1, "target": "onnx-cpu-int8"}'
+    compile_job = fleet.metadata.create_job(Job("", "compile", "clf", request))
+    error = "no target could be built: onnx-cpu-int8: calibration data has no images"
+    fleet.metadata.update_job(replace(compile_job, state=JobState.FAILED, error=error))
+    fleet.deploy("clf", 1, target="onnx-cpu-fp32")
+    fleet.deploy("clf", 1)
+    got = fleet.device("vnni").desired.assignment("clf")
+    assert got is not None and got.target_reason == (
+        f"onnx-cpu-int8 not built: its compile failed in {compile_job.job_id} ({error})"
+    )
 
 
 def test_device_enrolling_later_gets_what_its_labels_were_deployed(

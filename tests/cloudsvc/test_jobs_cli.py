@@ -46,10 +46,12 @@ def test_finetune_a_local_folder_then_inspect_compile_and_compare(
     data = write_image_folder(tmp_path / "parts")
     done = run(
         "finetune", "parts", "--base", "small-cnn", "--data", str(data), "--epochs", "3",
-        "--target", "onnx-cpu-fp32",
+        "--target", "onnx-cpu-fp32", "--test-split", "0.25",
     )  # fmt: skip
     assert done.exit_code == 0, done.output
     out = done.output
+    # 6 of the 24 images were the test set: the summary says so, with what one is worth
+    assert "test accuracy" in out and "n=6; one example = 17 pts" in out
     assert "data set" in out and "24 image examples, 2 classes" in out
     assert "uploaded data set" in out and "submitted job-1" in out
     assert "job-1 succeeded" in out and "parts v1" in out
@@ -58,7 +60,10 @@ def test_finetune_a_local_folder_then_inspect_compile_and_compare(
     shown = run("models", "show", "parts", "1")
     assert shown.exit_code == 0, shown.output
     assert "confusion matrix" in shown.output and "class-0" in shown.output
-    assert "onnx-cpu-fp32" in shown.output and "validation accuracy" in shown.output
+    assert "onnx-cpu-fp32" in shown.output
+    assert "validation (chose the epoch and settings)" in shown.output
+    assert "test (never trained on nor chosen with)" in shown.output
+    assert "6 test examples kept apart" in shown.output
 
     compiled = run(
         "compile", "parts", "--version", "1", "--target", "onnx-cpu-int8",
@@ -80,8 +85,9 @@ def test_finetune_a_local_folder_then_inspect_compile_and_compare(
 
     compared = run("runs", "compare", "parts")
     assert compared.exit_code == 0, compared.output
-    assert "val accuracy" in compared.output and "onnx-cpu-int8" in compared.output
-    assert "best validation accuracy" in compared.output
+    assert "val accuracy (chose it)" in compared.output and "onnx-cpu-int8" in compared.output
+    assert "test accuracy" in compared.output and "6 (17 pts)" in compared.output
+    assert "best test accuracy" in compared.output and "one example is 17 points" in compared.output
 
     # Every list and show command speaks JSON for scripts: the same fields as the types.
     version = json.loads(run("models", "show", "parts", "1", "--json").output)

@@ -259,7 +259,7 @@ def test_the_warm_start_begins_from_the_parents_trained_head(world: World, tmp_p
     for name, tensor in parent.items():
         np.testing.assert_allclose(warm[name], tensor, atol=1e-5, err_msg=name)
     # A warm start needs a parent with a kept export.
-    with pytest.raises(InvalidArgument, match="warm start"):
+    with pytest.raises(InvalidArgument, match=r"parent.s weights needs a parent version"):
         cloud.jobs.submit(spec.model_copy(update={"model": "fresh", "parent_version": 0}))
 
 

@@ -22,8 +22,8 @@ from edgefleet.core.loop import (
     LoopRun,
     LoopTrigger,
     RunState,
-    wilson,
 )
+from edgefleet.core.stats import wilson_interval
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -125,10 +125,10 @@ def test_the_held_out_share_is_stable_and_left_out_of_training() -> None:
 
 
 def test_wilson_interval() -> None:
-    assert wilson(0, 0) == (0.0, 1.0)
-    low, high = wilson(8, 10)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
-    low, high = wilson(10, 10)
+    low, high = wilson_interval(10, 10)
     assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-3)
     score = HoldoutScore.of(3, 45, 50)
     assert score.accuracy == 0.9 and score.low < 0.9 < score.high

@@ -76,6 +76,7 @@ from tests.faults import figures
 C = grpc.StatusCode
 OK, IA, NF, FP = C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION
 PD, RE, UA, DE = C.PERMISSION_DENIED, C.RESOURCE_EXHAUSTED, C.UNAUTHENTICATED, C.DEADLINE_EXCEEDED
+AE, UI = C.ALREADY_EXISTS, C.UNIMPLEMENTED
 
 CALL_DEADLINE_S = 10.0  # no call that should end may take longer: that would be a hang
 WATCH_S = 0.25  # how long a watch that stays open is read before its deadline cuts it
@@ -309,6 +310,9 @@ RULES: dict[str, Rule] = {
         "FAILED_PRECONDITION for GPU work on a cloud without a GPU, or data not installed",
     ),
     _J + "SubmitCompile": _rule(OK, IA, NF, FP, why="as SubmitFineTune"),
+    _J + "SubmitEvaluate": _rule(
+        OK, IA, NF, FP, why="as SubmitCompile: an unknown version or target is NOT_FOUND"
+    ),
     _J + "ListJobs": _rule(OK, why="any filter is a filter; no match is an empty list"),
     _J + "GetJob": _rule(OK, NF, why="NOT_FOUND for an unknown job"),
     _J + "WatchJob": _rule(
@@ -394,6 +398,44 @@ RULES: dict[str, Rule] = {
         junk_extra=frozenset({RE}),
         examples=80,
     ),
+    _OIP + "ModelStreamInfer": _rule(
+        OK,
+        RE,
+        why="each request's own error answers in the stream's error_message (OK); "
+        "RESOURCE_EXHAUSTED past the port's open streams (each holds a thread)",
+        examples=40,
+    ),
+    _OIP + "ModelConfig": _rule(OK, NF, why="NOT_FOUND for an unknown model or version"),
+    _OIP + "ModelStatistics": _rule(OK, NF, why="NOT_FOUND for an unknown model or version"),
+    _OIP + "RepositoryIndex": _rule(
+        OK, NF, why="NOT_FOUND for a repository name (the agent has one, unnamed)"
+    ),
+    _OIP + "SystemSharedMemoryStatus": _rule(OK, NF, why="NOT_FOUND for an unknown region"),
+    _OIP + "SystemSharedMemoryRegister": _rule(
+        OK,
+        IA,
+        NF,
+        PD,
+        AE,
+        RE,
+        why="INVALID_ARGUMENT for a bad name, key, size or a region beyond its object; "
+        "NOT_FOUND for no such object in /dev/shm; PERMISSION_DENIED for a link, another "
+        "user's object or a remote client; ALREADY_EXISTS for a name registered already; "
+        "RESOURCE_EXHAUSTED past the per-client caps; OK for an object that exists",
+    ),
+    _OIP + "SystemSharedMemoryUnregister": _rule(OK, why="an unknown region is no error"),
+    **{
+        _OIP + name: _rule(UI, why="not implemented here; the message says so")
+        for name in (
+            "RepositoryModelLoad",
+            "RepositoryModelUnload",
+            "CudaSharedMemoryStatus",
+            "CudaSharedMemoryRegister",
+            "CudaSharedMemoryUnregister",
+            "TraceSetting",
+            "LogSettings",
+        )
+    },
     _H + "Check": _rule(OK, NF, why="NOT_FOUND for a service the server does not know"),
     _H + "Watch": _rule(
         OK,
@@ -1229,6 +1271,12 @@ def _exemplars(p: Mapping[str, Any], model_file: bytes) -> dict[str, Exemplar]:
             search=[jb.SearchAxis(name="lr", values=["0.1", "0.01"])],
             max_trials=2,
             targets=["onnx-cpu-fp32"],
+            test_fraction=0.2,
+            seeds=2,
+            warm_start=jb.WARM_START_BASE,
+        ),
+        _J + "SubmitEvaluate": jb.EvaluateRequest(
+            model="m", version=1, target="onnx-cpu-fp32", data="synthetic", sample=100
         ),
         _J + "SubmitCompile": jb.CompileRequest(
             model="m", version=1, target="onnx-cpu-int8", data="synthetic"
@@ -1515,8 +1563,10 @@ def call(rig: Rig, method: Method, case: Case, deadline: float) -> tuple[grpc.St
     answers: list[bytes] = []
     kwargs: Any = {"timeout": deadline, "metadata": case.credential.metadata}
     try:
-        if method.client_streams:
-            assert not method.server_streams, "no bidirectional method is fuzzed"
+        if method.client_streams and method.server_streams:
+            both: Any = channel.stream_stream(method.path)  # ModelStreamInfer
+            answers.extend(both(iter(case.bodies), **kwargs))
+        elif method.client_streams:
             stream: Any = channel.stream_unary(method.path)  # bytes in, bytes out
             answers.append(stream(iter(case.bodies), **kwargs))
         elif method.server_streams:
@@ -1613,7 +1663,6 @@ def test_every_method_has_a_rule() -> None:
     """Every method of every fuzzed service says what it may answer: a new method is
     fuzzed as soon as it has its rule."""
     assert sorted(RULES) == sorted({m.path for m in METHODS})
-    assert not [m.path for m in METHODS if m.client_streams and m.server_streams]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.label)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -11,7 +12,14 @@ import torch
 from transfer.backbones import Backbone, load_backbone
 from transfer.datasets import Dataset, from_arrays, split_dataset
 from transfer.errors import IncompatibleData, InvalidConfig, SingleClassDataset
-from transfer.finetune import EpochProgress, FineTuneConfig, fine_tune
+from transfer.finetune import (
+    EpochProgress,
+    FineTuneConfig,
+    final_split,
+    fine_tune,
+    predict_logits,
+    score,
+)
 
 HAS_EFFICIENTNET = all(
     importlib.util.find_spec(p)
@@ -117,6 +125,29 @@ def test_early_stopping_keeps_the_best_epoch(small_cnn_weights: Path, pixels: Da
         _backbone(small_cnn_weights), pixels, FineTuneConfig(epochs=20, lr=1e-12, patience=2)
     )
     assert (result.epochs_run, result.best_epoch, result.stopped_early) == (3, 1, True)
+
+
+def test_a_final_run_trains_on_validation_too_and_keeps_its_last_epoch(
+    small_cnn_weights: Path, pixels: Dataset
+) -> None:
+    split = split_dataset(pixels, 0.2, 0)
+    final = final_split(split)
+    assert len(final.train) == len(pixels) and final.validation is split.validation
+    assert np.array_equal(final.train.labels, pixels.labels)  # every example, in place
+    # A vanishing rate never beats epoch 1 on validation: "best" would go back to it,
+    # "last" keeps epoch 3, and trains on the validation rows too.
+    backbone = _backbone(small_cnn_weights)
+    config = FineTuneConfig(epochs=3, lr=1e-12, patience=None, keep="last")
+    model, result = fine_tune(backbone, pixels, config, split=final)
+    assert (result.epochs_run, result.best_epoch) == (3, 3)
+    assert result.train_examples == len(pixels)
+    logits = predict_logits(model, backbone, split.validation.inputs)
+    scored = score(logits, split.validation.labels, pixels.class_names)
+    assert scored.count == len(split.validation) and scored.loss > 0
+    assert scored.accuracy == float((logits.argmax(1) == split.validation.labels).mean())
+    wrong = dataclasses.replace(split, validation_indices=split.validation_indices[::-1].copy())
+    with pytest.raises(InvalidConfig, match="not made from this data set"):
+        fine_tune(backbone, pixels, config, split=wrong)
 
 
 def test_a_raising_progress_callback_cancels(small_cnn_weights: Path, pixels: Dataset) -> None:

@@ -299,6 +299,8 @@ class Lineage(_message.Message):
     EPOCHS_RUN_FIELD_NUMBER: _builtins.int
     BEST_EPOCH_FIELD_NUMBER: _builtins.int
     WARM_START_FROM_FIELD_NUMBER: _builtins.int
+    TEST_EXAMPLES_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """Backbone name (small-cnn, efficientnet-lite0, minilm-l6, or an uploaded file's name)."""
     base_digest: _builtins.str
@@ -318,6 +320,12 @@ class Lineage(_message.Message):
     best_epoch: _builtins.int
     warm_start_from: _builtins.int
     """The version whose trained weights training started from (0: a fresh head)."""
+    test_examples: _builtins.int
+    """Examples of the test set no training, early stopping, search or gate saw (0: none kept)."""
+    final: _builtins.bool
+    """--final: trained on training + validation data for the epoch count a validation run
+    chose (`best_epoch`), keeping the last epoch; its validation figures come from that run.
+    """
     @_builtins.property
     def hyperparameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -341,10 +349,12 @@ class Lineage(_message.Message):
         epochs_run: _builtins.int = ...,
         best_epoch: _builtins.int = ...,
         warm_start_from: _builtins.int = ...,
+        test_examples: _builtins.int = ...,
+        final: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "base_model", b"base_model", "best_epoch", b"best_epoch", "class_names", b"class_names", "dataset", b"dataset", "dataset_digest", b"dataset_digest", "device", b"device", "epochs_run", b"epochs_run", "hyperparameters", b"hyperparameters", "job_id", b"job_id", "seed", b"seed", "strategy", b"strategy", "train_examples", b"train_examples", "training_seconds", b"training_seconds", "validation_examples", b"validation_examples", "warm_start_from", b"warm_start_from"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "base_model", b"base_model", "best_epoch", b"best_epoch", "class_names", b"class_names", "dataset", b"dataset", "dataset_digest", b"dataset_digest", "device", b"device", "epochs_run", b"epochs_run", "final", b"final", "hyperparameters", b"hyperparameters", "job_id", b"job_id", "seed", b"seed", "strategy", b"strategy", "test_examples", b"test_examples", "train_examples", b"train_examples", "training_seconds", b"training_seconds", "validation_examples", b"validation_examples", "warm_start_from", b"warm_start_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -412,10 +422,25 @@ class Evaluation(_message.Message):
     CONFUSION_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
     accuracy: _builtins.float
     count: _builtins.int
     split: _builtins.str
     """How the split was made, e.g. "validation 20%, stratified, seed 0"."""
+    loss: _builtins.float
+    """Mean cross-entropy on the scored examples (0 where not measured)."""
+    target: _builtins.str
+    """The artifact scored ("" : the trained model in the job that made the version)."""
+    data: _builtins.str
+    """The data set scored, as the user named it."""
+    created_at: _builtins.int
+    """Unix seconds it was measured (0: when the version was made)."""
+    sample: _builtins.str
+    """How the scored examples were drawn, e.g. "1000 examples, 100 per class for 10 classes"."""
     @_builtins.property
     def per_class(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassScore]: ...
     @_builtins.property
@@ -435,10 +460,15 @@ class Evaluation(_message.Message):
         confusion: _abc.Iterable[Global___ConfusionRow] | None = ...,
         split: _builtins.str = ...,
         history: _abc.Iterable[Global___EpochRecord] | None = ...,
+        loss: _builtins.float = ...,
+        target: _builtins.str = ...,
+        data: _builtins.str = ...,
+        created_at: _builtins.int = ...,
+        sample: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confusion", b"confusion", "count", b"count", "history", b"history", "per_class", b"per_class", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confusion", b"confusion", "count", b"count", "created_at", b"created_at", "data", b"data", "history", b"history", "loss", b"loss", "per_class", b"per_class", "sample", b"sample", "split", b"split", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,6 +549,8 @@ class ModelVersion(_message.Message):
     LINEAGE_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
     BASELINE_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     description: _builtins.str
@@ -548,6 +580,14 @@ class ModelVersion(_message.Message):
         histogram bins): what devices' input statistics are compared with.
         """
 
+    @_builtins.property
+    def test(self) -> Global___Evaluation:
+        """Scores on the test set the fine-tune job kept apart (unset where none was kept)."""
+
+    @_builtins.property
+    def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evaluation]:
+        """Later scorings by `edgefleet evaluate`, oldest first."""
+
     def __init__(
         self,
         *,
@@ -566,10 +606,12 @@ class ModelVersion(_message.Message):
         lineage: Global___Lineage | None = ...,
         evaluation: Global___Evaluation | None = ...,
         baseline: _abc.Iterable[_data_pb2.InputStats] | None = ...,
+        test: Global___Evaluation | None = ...,
+        evaluations: _abc.Iterable[Global___Evaluation] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "lineage", b"lineage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "lineage", b"lineage", "test", b"test"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "baseline", b"baseline", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "evaluation", b"evaluation", "golden_sample_count", b"golden_sample_count", "inputs", b"inputs", "lineage", b"lineage", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "parent_version", b"parent_version", "source_sha256", b"source_sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "baseline", b"baseline", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "evaluation", b"evaluation", "evaluations", b"evaluations", "golden_sample_count", b"golden_sample_count", "inputs", b"inputs", "lineage", b"lineage", "metadata", b"metadata", "model", b"model", "outputs", b"outputs", "parent_version", b"parent_version", "source_sha256", b"source_sha256", "test", b"test", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

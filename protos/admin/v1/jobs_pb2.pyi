@@ -41,6 +41,29 @@ UPLOAD_KIND_FOLDER_TAR: UploadKind.ValueType  # 2
 """An uncompressed tar of a folder (e.g. an image folder with one subfolder per class)."""
 Global___UploadKind: _TypeAlias = UploadKind  # noqa: Y015
 
+class _WarmStart:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WarmStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WarmStart.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WARM_START_AUTO: _WarmStart.ValueType  # 0
+    """From the parent version's weights where the parent exists and was fine-tuned from the
+    same base; else from the base.
+    """
+    WARM_START_PARENT: _WarmStart.ValueType  # 1
+    WARM_START_BASE: _WarmStart.ValueType  # 2
+
+class WarmStart(_WarmStart, metaclass=_WarmStartEnumTypeWrapper): ...
+
+WARM_START_AUTO: WarmStart.ValueType  # 0
+"""From the parent version's weights where the parent exists and was fine-tuned from the
+same base; else from the base.
+"""
+WARM_START_PARENT: WarmStart.ValueType  # 1
+WARM_START_BASE: WarmStart.ValueType  # 2
+Global___WarmStart: _TypeAlias = WarmStart  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -233,6 +256,11 @@ class FineTuneRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARENT_VERSION_FIELD_NUMBER: _builtins.int
     MAX_ACCURACY_DROP_FIELD_NUMBER: _builtins.int
+    TEST_DATA_FIELD_NUMBER: _builtins.int
+    TEST_FRACTION_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    WARM_START_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model the result becomes a new version of (created if new)."""
     base: _builtins.str
@@ -249,6 +277,19 @@ class FineTuneRequest(_message.Message):
     """Lineage parent; 0: the model's latest version at submission, if it has one."""
     max_accuracy_drop: _builtins.float
     """Largest accuracy loss a lower-precision target may cost (0.01 = one point); unset: 0.01."""
+    test_data: _builtins.str
+    """A labelled data set kept as the test set (no training, early stopping, search or gate
+    reads it until the version is chosen); references as for `data`.
+    """
+    test_fraction: _builtins.float
+    """Or: this share of `data`, stratified, kept apart as the test set (0: none)."""
+    final: _builtins.bool
+    """Train the chosen settings again on training + validation data for the epoch count the
+    validation run chose, keeping the last epoch.
+    """
+    warm_start: Global___WarmStart.ValueType
+    seeds: _builtins.int
+    """Seeds each search trial runs with (its spread is reported); 0 or 1: one."""
     @_builtins.property
     def data_options(self) -> Global___DataOptions: ...
     @_builtins.property
@@ -282,16 +323,60 @@ class FineTuneRequest(_message.Message):
         description: _builtins.str = ...,
         parent_version: _builtins.int = ...,
         max_accuracy_drop: _builtins.float | None = ...,
+        test_data: _builtins.str = ...,
+        test_fraction: _builtins.float = ...,
+        final: _builtins.bool = ...,
+        warm_start: Global___WarmStart.ValueType = ...,
+        seeds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_accuracy_drop", b"_max_accuracy_drop", "data_options", b"data_options", "max_accuracy_drop", b"max_accuracy_drop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_accuracy_drop", b"_max_accuracy_drop", "base", b"base", "data", b"data", "data_options", b"data_options", "description", b"description", "max_accuracy_drop", b"max_accuracy_drop", "max_trials", b"max_trials", "model", b"model", "params", b"params", "parent_version", b"parent_version", "search", b"search", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_accuracy_drop", b"_max_accuracy_drop", "base", b"base", "data", b"data", "data_options", b"data_options", "description", b"description", "final", b"final", "max_accuracy_drop", b"max_accuracy_drop", "max_trials", b"max_trials", "model", b"model", "params", b"params", "parent_version", b"parent_version", "search", b"search", "seeds", b"seeds", "targets", b"targets", "test_data", b"test_data", "test_fraction", b"test_fraction", "warm_start", b"warm_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_accuracy_drop: _TypeAlias = _typing.Literal["max_accuracy_drop"]  # noqa: Y015
     _WhichOneofArgType__max_accuracy_drop: _TypeAlias = _typing.Literal["_max_accuracy_drop", b"_max_accuracy_drop"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_accuracy_drop) -> _WhichOneofReturnType__max_accuracy_drop | None: ...
 
 Global___FineTuneRequest: _TypeAlias = FineTuneRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateRequest(_message.Message):
+    """Score a version's artifact on labelled data, recorded with the version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    DATA_OPTIONS_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    target: _builtins.str
+    """Empty: onnx-cpu-fp32 where the version has it, else its first artifact."""
+    data: _builtins.str
+    sample: _builtins.int
+    """Examples scored, drawn per class; 0: 2000."""
+    @_builtins.property
+    def data_options(self) -> Global___DataOptions: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        target: _builtins.str = ...,
+        data: _builtins.str = ...,
+        data_options: Global___DataOptions | None = ...,
+        sample: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_options", b"data_options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_options", b"data_options", "model", b"model", "sample", b"sample", "target", b"target", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
 
 @_typing.final
 class CompileRequest(_message.Message):
@@ -418,12 +503,21 @@ class Trial(_message.Message):
     SECONDS_FIELD_NUMBER: _builtins.int
     BEST_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    VAL_LOSS_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
+    VAL_ACCURACY_MIN_FIELD_NUMBER: _builtins.int
+    VAL_ACCURACY_MAX_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     val_accuracy: _builtins.float
     epochs_run: _builtins.int
     seconds: _builtins.float
     best: _builtins.bool
     error: _builtins.str
+    val_loss: _builtins.float
+    seeds: _builtins.int
+    """With several seeds: val_accuracy and val_loss are their means, these the range."""
+    val_accuracy_min: _builtins.float
+    val_accuracy_max: _builtins.float
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -436,10 +530,14 @@ class Trial(_message.Message):
         seconds: _builtins.float = ...,
         best: _builtins.bool = ...,
         error: _builtins.str = ...,
+        val_loss: _builtins.float = ...,
+        seeds: _builtins.int = ...,
+        val_accuracy_min: _builtins.float = ...,
+        val_accuracy_max: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "epochs_run", b"epochs_run", "error", b"error", "number", b"number", "params", b"params", "seconds", b"seconds", "val_accuracy", b"val_accuracy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "epochs_run", b"epochs_run", "error", b"error", "number", b"number", "params", b"params", "seconds", b"seconds", "seeds", b"seeds", "val_accuracy", b"val_accuracy", "val_accuracy_max", b"val_accuracy_max", "val_accuracy_min", b"val_accuracy_min", "val_loss", b"val_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,7 +616,7 @@ class Job(_message.Message):
     RETRY_OF_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     kind: _builtins.str
-    """finetune or compile"""
+    """finetune, compile or evaluate"""
     model: _builtins.str
     state: Global___JobState.ValueType
     created_at: _builtins.float

@@ -49,6 +49,11 @@ class JobServiceStub:
                 request_serializer=protos_dot_admin_dot_v1_dot_jobs__pb2.CompileRequest.SerializeToString,
                 response_deserializer=protos_dot_admin_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.SubmitEvaluate = channel.unary_unary(
+                '/edgefleet.admin.v1.JobService/SubmitEvaluate',
+                request_serializer=protos_dot_admin_dot_v1_dot_jobs__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=protos_dot_admin_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/edgefleet.admin.v1.JobService/ListJobs',
                 request_serializer=protos_dot_admin_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
@@ -98,6 +103,13 @@ class JobServiceServicer:
 
     def SubmitCompile(self, request, context):
         """Build one more target's artifact for an existing version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitEvaluate(self, request, context):
+        """Score a version's artifact on labelled data as a job; the result is kept with it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +166,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             'SubmitCompile': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitCompile,
                     request_deserializer=protos_dot_admin_dot_v1_dot_jobs__pb2.CompileRequest.FromString,
+                    response_serializer=protos_dot_admin_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'SubmitEvaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvaluate,
+                    request_deserializer=protos_dot_admin_dot_v1_dot_jobs__pb2.EvaluateRequest.FromString,
                     response_serializer=protos_dot_admin_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
@@ -262,6 +279,33 @@ class JobService:
             target,
             '/edgefleet.admin.v1.JobService/SubmitCompile',
             protos_dot_admin_dot_v1_dot_jobs__pb2.CompileRequest.SerializeToString,
+            protos_dot_admin_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.admin.v1.JobService/SubmitEvaluate',
+            protos_dot_admin_dot_v1_dot_jobs__pb2.EvaluateRequest.SerializeToString,
             protos_dot_admin_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,

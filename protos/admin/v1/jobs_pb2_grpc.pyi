@@ -45,6 +45,8 @@ class JobServiceStub:
     """
     SubmitCompile: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CompileRequest, _jobs_pb2.Job]
     """Build one more target's artifact for an existing version."""
+    SubmitEvaluate: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.EvaluateRequest, _jobs_pb2.Job]
+    """Score a version's artifact on labelled data as a job; the result is kept with it."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     """Jobs, newest first."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.Job]
@@ -71,6 +73,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     SubmitCompile: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CompileRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """Build one more target's artifact for an existing version."""
+    SubmitEvaluate: _aio.UnaryUnaryMultiCallable[_jobs_pb2.EvaluateRequest, _jobs_pb2.Job]  # type: ignore[assignment]
+    """Score a version's artifact on labelled data as a job; the result is kept with it."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Jobs, newest first."""
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
@@ -112,6 +116,14 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
         """Build one more target's artifact for an existing version."""
+
+    @_abc_1.abstractmethod
+    def SubmitEvaluate(
+        self,
+        request: _jobs_pb2.EvaluateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
+        """Score a version's artifact on labelled data as a job; the result is kept with it."""
 
     @_abc_1.abstractmethod
     def ListJobs(

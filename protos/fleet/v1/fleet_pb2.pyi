@@ -65,6 +65,7 @@ class Capabilities(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     ONNXRUNTIME_VERSION_FIELD_NUMBER: _builtins.int
+    CPU_FEATURES_FIELD_NUMBER: _builtins.int
     arch: _builtins.str
     os: _builtins.str
     memory_bytes: _builtins.int
@@ -74,6 +75,10 @@ class Capabilities(_message.Message):
     @_builtins.property
     def execution_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ONNX Runtime execution providers available on the device, best first."""
+
+    @_builtins.property
+    def cpu_features(self) -> Global___CpuFeatures:
+        """Unset: unknown (an older agent, or no /proc/cpuinfo to read)."""
 
     def __init__(
         self,
@@ -85,14 +90,41 @@ class Capabilities(_message.Message):
         agent_version: _builtins.str = ...,
         hostname: _builtins.str = ...,
         onnxruntime_version: _builtins.str = ...,
+        cpu_features: Global___CpuFeatures | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_features", b"cpu_features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "execution_providers", b"execution_providers", "hostname", b"hostname", "memory_bytes", b"memory_bytes", "onnxruntime_version", b"onnxruntime_version", "os", b"os"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "cpu_features", b"cpu_features", "execution_providers", b"execution_providers", "hostname", b"hostname", "memory_bytes", b"memory_bytes", "onnxruntime_version", b"onnxruntime_version", "os", b"os"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Capabilities: _TypeAlias = Capabilities  # noqa: Y015
+
+@_typing.final
+class CpuFeatures(_message.Message):
+    """What the device's CPU has for integer inference, as the agent read it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INT8_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def int8(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Integer dot-product instructions every core has, as /proc/cpuinfo names them
+        (avx512_vnni, avx_vnni, amx_int8, asimddp, i8mm); empty: none of them.
+        """
+
+    def __init__(
+        self,
+        *,
+        int8: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["int8", b"int8"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CpuFeatures: _TypeAlias = CpuFeatures  # noqa: Y015
 
 @_typing.final
 class EnrollRequest(_message.Message):
@@ -350,6 +382,7 @@ class Assignment(_message.Message):
     CAPTURE_FIELD_NUMBER: _builtins.int
     BINS_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
+    TARGET_REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     target: _builtins.str
@@ -357,6 +390,10 @@ class Assignment(_message.Message):
     """sha256 hex of the SignedManifest.manifest bytes."""
     rollback: _builtins.bool
     """An operator's rollback: the device may go below the highest version it ran."""
+    target_reason: _builtins.str
+    """Why the cloud chose `target` for this device, for the operator. Cloud-side only: empty
+    in every signed desired state; devices ignore it.
+    """
     @_builtins.property
     def capture(self) -> _data_pb2.CapturePolicy:
         """What of the model's inferences the device captures (unset: nothing)."""
@@ -382,10 +419,11 @@ class Assignment(_message.Message):
         capture: _data_pb2.CapturePolicy | None = ...,
         bins: _abc.Iterable[_data_pb2.InputBins] | None = ...,
         variants: _abc.Iterable[Global___Variant] | None = ...,
+        target_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "capture", b"capture", "manifest_digest", b"manifest_digest", "model", b"model", "rollback", b"rollback", "target", b"target", "variants", b"variants", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "capture", b"capture", "manifest_digest", b"manifest_digest", "model", b"model", "rollback", b"rollback", "target", b"target", "target_reason", b"target_reason", "variants", b"variants", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,6 +114,18 @@ def _settings_options(fn: Callable[..., None]) -> Callable[..., None]:
 )
 @click.option("--inference-port", type=int, help="Inference port (default 8001; 0 picks one).")
 @click.option(
+    "--rest-port",
+    type=int,
+    help="Also serve KServe v2 REST on this port (same models, TLS and token; 0 picks one) "
+    "[default: off].",
+)
+@click.option(
+    "--inference-workers",
+    type=click.IntRange(1, 256),
+    help="Inference server processes sharing the port(s) (default 1: the agent's own "
+    "process; more use more cores, Linux).",
+)
+@click.option(
     "--metrics-port",
     type=int,
     help="Serve Prometheus /metrics on this port (plain HTTP, on metrics_host: 127.0.0.1 "
@@ -137,6 +149,8 @@ def run(
     labels: tuple[str, ...],
     inference_host: str | None,
     inference_port: int | None,
+    rest_port: int | None,
+    inference_workers: int | None,
     metrics_port: int | None,
     port_file: Path | None,
 ) -> None:
@@ -161,6 +175,8 @@ def run(
         labels=_labels(labels),
         inference_host=inference_host,
         inference_port=inference_port,
+        rest_port=rest_port,
+        inference_workers=inference_workers,
         metrics_port=metrics_port,
     )
     run_agent(settings, port_file)

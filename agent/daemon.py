@@ -18,27 +18,33 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from agent.activation import load_and_check
 from agent.artifacts import ArtifactStore
 from agent.chunks import ChunkStore
 from agent.cloud_link import CloudLink, GrpcCloudLink, Watcher
 from agent.errors import ModelNotFound, NotEnrolled
+from agent.inference.limits import MemoryStats
 from agent.inference.rest import RestServer, start_rest_server
 from agent.inference.server import (
     InferenceSecurity,
     InferenceServer,
     RequestLimits,
+    exposure_warning,
     start_inference_server,
 )
+from agent.inference.worker import WorkerConfig
+from agent.inference.workers import WorkerPool, WorkerRepository, threads_per_session
 from agent.mqtt.notices import MqttNotices
 from agent.ratelimit import RateLimiter
-from agent.reconciler import Reconciler
+from agent.reconciler import Loader, Reconciler
 from agent.recorder import Recorder
-from agent.runtime import ModelRepository
+from agent.runtime import ModelRepository, SessionOptions
 from agent.settings import AgentSettings
 from agent.spool import Spool
 from agent.state import Identity, StateStore
 from agent.sync import Syncer
 from agent.systemd import Notifier
+from edgefleet.core.fleet import DesiredState
 from edgefleet.core.retry import Backoff
 
 if TYPE_CHECKING:
@@ -65,6 +71,47 @@ def advertised_endpoint(settings: AgentSettings, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def request_limits(settings: AgentSettings) -> RequestLimits:
+    s = settings
+    return RequestLimits(
+        max_rows=s.inference_max_rows,
+        max_dynamic=s.inference_max_dynamic,
+        max_request_bytes=s.max_request_bytes,
+        large_in_flight=s.inference_large_in_flight,
+    )
+
+
+def worker_config(settings: AgentSettings) -> WorkerConfig:
+    """How the inference worker processes serve (inference_workers > 1): the settings of the
+    single server, with ONNX Runtime's threads and the input statistics' rate divided among
+    them."""
+    s, n = settings, settings.inference_workers
+    return WorkerConfig(
+        count=n,
+        host=s.inference_host,
+        port=s.inference_port,
+        stats_dir="",
+        rest_host=s.rest_host,
+        rest_port=s.rest_port,
+        rest_max_connections=s.rest_max_connections,
+        rest_timeout_s=s.rest_timeout_s,
+        batching=s.inference_batching,
+        max_batch=s.inference_max_batch,
+        limits=request_limits(s),
+        cert_file=s.inference_cert_file,
+        key_file=s.inference_key_file,
+        token=s.inference_secret(),
+        options=SessionOptions(
+            providers=tuple(s.providers),
+            intra_op_threads=threads_per_session(s.intra_op_threads, n),
+        ),
+        stats_per_second=-(-s.input_stats_per_second // n),
+        max_row_bytes=s.capture_max_row_bytes,
+        log_format=s.log_format,
+        log_level=logging.getLogger().getEffectiveLevel(),
+    )
+
+
 class Agent:
     def __init__(
         self,
@@ -74,7 +121,13 @@ class Agent:
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.repository = ModelRepository()
+        # With inference workers, every change to what is served is made in each of them
+        # first (agent.inference.workers), then here, where reports read it.
+        self.repository = (
+            WorkerRepository() if settings.inference_workers > 1 else ModelRepository()
+        )
+        self.workers: WorkerPool | None = None  # inference_workers > 1
+        self._warning = ""
         self._link = link
         self._on_event = on_event
         self._server: InferenceServer | None = None
@@ -94,6 +147,8 @@ class Agent:
 
     @property
     def inference_port(self) -> int:
+        if self.workers is not None:
+            return self.workers.port
         if self._server is None:
             raise RuntimeError("the agent is not started")
         return self._server.port
@@ -101,12 +156,14 @@ class Agent:
     @property
     def rest_port(self) -> int | None:
         """The REST inference port (None: rest_port is not set)."""
+        if self.workers is not None:
+            return self.workers.rest_port
         return self._rest.port if self._rest is not None else None
 
     @property
     def exposure_warning(self) -> str:
         """Non-empty when the inference port is open to the network unprotected."""
-        return self._server.warning if self._server is not None else ""
+        return self._server.warning if self._server is not None else self._warning
 
     @property
     def reconciler(self) -> Reconciler:
@@ -143,6 +200,17 @@ class Agent:
             stats_per_second=s.input_stats_per_second,
             max_row_bytes=s.capture_max_row_bytes,
         )
+        pool = None
+        loader: Loader = load_and_check
+        if isinstance(self.repository, WorkerRepository):
+            pool = self.workers = WorkerPool(self.repository, worker_config(s), recorder=recorder)
+            loader = pool.loader(load_and_check)  # every worker loads a version, or none
+
+        def on_desired(desired: DesiredState) -> None:
+            recorder.configure(desired.assignments)
+            if pool is not None:
+                pool.configure(desired.assignments)
+
         self._reconciler = Reconciler(
             s,
             self._state,
@@ -151,24 +219,55 @@ class Agent:
             self._link,
             self.repository,
             on_event=self._on_event,
-            on_desired=lambda desired: recorder.configure(desired.assignments),
+            on_desired=on_desired,
+            loader=loader,
         )
         self._reconciler.restore()
+        security = InferenceSecurity(
+            s.inference_cert_file, s.inference_key_file, s.inference_secret()
+        )
+        if pool is not None:
+            pool.start()  # what restore() loaded, in every worker, before they listen
+            self._warning = exposure_warning(s.inference_host, security)
+        else:
+            self._start_server(security, recorder)
+        recorder.start()
+        self._reconciler.inference_endpoint = advertised_endpoint(s, self.inference_port)
+        if s.metrics_port is not None:
+            from agent.metrics import serve_metrics  # prometheus-client only when asked for
+
+            self.metrics = serve_metrics(
+                host=s.metrics_host,
+                port=s.metrics_port,
+                repository=self.repository,
+                reconciler=self._reconciler,
+                recorder=recorder,
+                spool=self.spool,
+                syncer=lambda: self.syncer,
+                memory=self._memory_stats,
+                device_id=lambda: self.device_id,
+                workers=pool.figures if pool is not None else None,
+            )
+        if not reconcile:
+            return
+        self._start_loops()
+
+    def _memory_stats(self) -> MemoryStats:
+        if self.workers is not None:
+            return self.workers.memory_stats
+        return self._server.memory_stats if self._server is not None else MemoryStats()
+
+    def _start_server(self, security: InferenceSecurity, recorder: Recorder) -> None:
+        """The inference server (and REST port) in this process: inference_workers = 1."""
+        s = self.settings
         self._server = start_inference_server(
             self.repository,
             s.inference_host,
             s.inference_port,
             batching=s.inference_batching,
             max_batch=s.inference_max_batch,
-            limits=RequestLimits(
-                max_rows=s.inference_max_rows,
-                max_dynamic=s.inference_max_dynamic,
-                max_request_bytes=s.max_request_bytes,
-                large_in_flight=s.inference_large_in_flight,
-            ),
-            security=InferenceSecurity(
-                s.inference_cert_file, s.inference_key_file, s.inference_secret()
-            ),
+            limits=request_limits(s),
+            security=security,
             recorder=recorder,
         )
         if s.rest_port is not None:
@@ -187,25 +286,11 @@ class Agent:
             except Exception:
                 self._server.stop(0)
                 raise
-        recorder.start()
-        self._reconciler.inference_endpoint = advertised_endpoint(s, self._server.port)
-        if s.metrics_port is not None:
-            from agent.metrics import serve_metrics  # prometheus-client only when asked for
 
-            server = self._server
-            self.metrics = serve_metrics(
-                host=s.metrics_host,
-                port=s.metrics_port,
-                repository=self.repository,
-                reconciler=self._reconciler,
-                recorder=recorder,
-                spool=self.spool,
-                syncer=lambda: self.syncer,
-                memory=lambda: server.memory_stats,
-                device_id=lambda: self.device_id,
-            )
-        if not reconcile:
-            return
+    def _start_loops(self) -> None:
+        s = self.settings
+        assert self._link is not None and self._reconciler is not None
+        assert self.spool is not None and self._state is not None
         self.syncer = Syncer(
             self.spool,
             self._link,
@@ -254,6 +339,8 @@ class Agent:
             self._rest.stop(self.settings.stop_grace_s)
         if self._server is not None:
             self._server.stop(self.settings.stop_grace_s)
+        if self.workers is not None:
+            self.workers.stop(self.settings.stop_grace_s)  # their last telemetry taken over
         if self.recorder is not None:
             self.recorder.stop()  # what was recorded goes to the spool, windows closed
         if self.syncer is not None:
@@ -287,7 +374,7 @@ class Agent:
         systemd = Notifier.from_environ()
         previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            if self._server is None:
+            if self._server is None and self.workers is None:
                 self.start()
             # Turns well inside a watchdog ping interval, so a live loop never misses one.
             tick = min(1.0, systemd.watchdog_interval_s / 2 or 1.0)

@@ -21,6 +21,7 @@ from prometheus_client.core import (
 
 import edgefleet
 from agent.inference.limits import MemoryStats
+from agent.inference.workers import WorkerFigures
 from agent.reconciler import Reconciler
 from agent.recorder import Recorder
 from agent.runtime import ModelRepository
@@ -49,8 +50,10 @@ class AgentCollector(SafeCollector):
         syncer: Callable[[], Syncer | None],
         memory: Callable[[], MemoryStats],
         device_id: Callable[[], str],
+        workers: Callable[[], WorkerFigures] | None = None,
     ) -> None:
         self.repository = repository
+        self.workers = workers
         self.reconciler = reconciler
         self.recorder = recorder
         self.spool = spool
@@ -62,6 +65,7 @@ class AgentCollector(SafeCollector):
         return (
             self.agent,
             self.inference,
+            self.inference_workers,
             self.capture,
             self.spool_metrics,
             self.sync,
@@ -139,6 +143,33 @@ class AgentCollector(SafeCollector):
             for m in models:
                 loaded.add_metric((name, str(m.version), m.execution_provider), 1)
         yield from (loaded, serving)
+
+    def inference_workers(self) -> Iterator[Metric]:
+        """With inference_workers > 1: how many serve, how often one was restarted, and
+        the requests each answered (from the statistics they share)."""
+        if self.workers is None:
+            return
+        figures = self.workers()
+        yield GaugeMetricFamily(
+            "edgefleet_agent_inference_workers",
+            "Inference worker processes serving (inference_workers configured; fewer while "
+            "one restarts).",
+            value=figures.serving,
+        )
+        yield CounterMetricFamily(
+            "edgefleet_agent_inference_worker_restarts",
+            "Inference worker processes that ended unasked and were started again.",
+            value=figures.restarts,
+        )
+        requests = CounterMetricFamily(
+            "edgefleet_inference_worker_requests",
+            "Inference requests each worker process answered or failed (its restarts "
+            "included), every model.",
+            labels=("worker",),
+        )
+        for worker in figures.workers:
+            requests.add_metric((str(worker.index),), worker.requests)
+        yield requests
 
     def capture(self) -> Iterator[Metric]:
         stats = self.recorder.stats
@@ -331,6 +362,7 @@ def serve_metrics(
     syncer: Callable[[], Syncer | None],
     memory: Callable[[], MemoryStats],
     device_id: Callable[[], str],
+    workers: Callable[[], WorkerFigures] | None = None,
 ) -> MetricsEndpoint:
     """Serve the agent's metrics on host:port (0: a free port) until `stop()`."""
     registry = new_registry()
@@ -343,6 +375,7 @@ def serve_metrics(
             syncer=syncer,
             memory=memory,
             device_id=device_id,
+            workers=workers,
         )
     )
     return MetricsEndpoint(registry, host, port)

@@ -145,6 +145,25 @@ class RecorderStats:
     windows: int = 0
 
 
+@dataclass(frozen=True)
+class Handover:
+    """What a worker process's recorder counted and captured since its last hand-over
+    (agent.inference.workers): its open windows and queued captures, taken out of it, so that
+    the control process's recorder, the only one that writes the spool, counts each request
+    once. With the worker's CPU time since then and its memory, for the device window."""
+
+    windows: tuple[_Window, ...] = ()
+    captures: tuple[bytes, ...] = ()  # serialized data_pb2.Capture rows
+    dropped_queue_full: int = 0
+    dropped_too_large: int = 0
+    cpu_seconds: float = 0.0
+    rss: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.windows or self.captures or self.dropped_queue_full)
+
+
 class Recorder:
     def __init__(
         self,
@@ -177,6 +196,11 @@ class Recorder:
         self._cpu_mark = _process_cpu()
         # A device window counts the captures evicted in it (the spool counts since it began).
         self._dropped_mark = spool.stats().captures_dropped
+        # Worker processes (hand_over / take_over): what was handed over so far, their CPU
+        # time not yet in a device window, and their memory by worker.
+        self._handed = RecorderStats()
+        self._taken_cpu = 0.0
+        self._rss: dict[int, int] = {}
 
     # what the cloud asks for ------------------------------------------------------------
     def configure(self, assignments: Sequence[Assignment]) -> None:
@@ -321,6 +345,72 @@ class Recorder:
         """Captures waiting for the recorder's thread to write them to the spool."""
         return len(self._queue)
 
+    # worker processes (agent.inference.workers) ----------------------------------------
+    def hand_over(self) -> Handover:
+        """Take the open windows and queued captures out of this recorder (a worker
+        process's, whose thread is never started): what was counted since the last call."""
+        with self._lock:
+            windows = tuple(replace(w, totals=VersionTotals()) for w in self._windows.values())
+            self._windows = {}
+            rows = tuple(row.SerializeToString() for row in self._queue)
+            self._queue.clear()
+        now, then = replace(self.stats), self._handed
+        self._handed = now
+        return Handover(
+            windows,
+            rows,
+            now.dropped_queue_full - then.dropped_queue_full,
+            now.dropped_too_large - then.dropped_too_large,
+        )
+
+    def take_over(self, handover: Handover, source: int = 0) -> None:
+        """Add a worker's hand-over (`source`: the worker's number) to the open windows and
+        the capture queue, as if its requests had been observed here."""
+        now = time.time()
+        rows = [data_pb2.Capture.FromString(raw) for raw in handover.captures]
+        with self._lock:
+            self._taken_cpu += handover.cpu_seconds
+            if handover.rss:
+                self._rss[source] = handover.rss
+            for w in handover.windows:
+                mine = self._window(w.model, w.version, self._models.get(w.model), now)
+                totals = mine.totals
+                mine.requests += w.requests
+                mine.errors += w.errors
+                mine.busy_seconds += w.busy_seconds
+                mine.latency_sum_ms += w.latency_sum_ms
+                mine.captured += w.captured
+                for i, n in enumerate(w.latency):
+                    mine.latency[i] += n
+                    totals.latency[i] += n
+                totals.requests += w.requests
+                totals.errors += w.errors
+                totals.captured += w.captured
+                totals.latency_sum_ms += w.latency_sum_ms
+                for name, stats in w.inputs.items():
+                    mine.add_stats(name, stats)
+                    mine.edges[name] = w.edges.get(name, ())
+                if w.compared:
+                    mine.compared += w.compared
+                    mine.agreed += w.agreed
+                    mine.compared_with = w.compared_with
+            self.stats.dropped_queue_full += handover.dropped_queue_full
+            self.stats.dropped_too_large += handover.dropped_too_large
+            for row in rows:
+                if len(self._queue) >= self._queue_rows:
+                    self.stats.dropped_queue_full += 1
+                    window = self._window(row.model, row.version, self._models.get(row.model), now)
+                    window.captured -= 1
+                    window.totals.captured -= 1
+                    continue
+                self._queue.append(row)
+                self.stats.captured += 1
+
+    def forget(self, source: int) -> None:
+        """A worker is gone: its memory no longer counts in the device window."""
+        with self._lock:
+            self._rss.pop(source, None)
+
     # on the recorder's thread -----------------------------------------------------------
     def start(self) -> Recorder:
         self._thread = threading.Thread(target=self._run, name="edgefleet-recorder", daemon=True)
@@ -355,8 +445,10 @@ class Recorder:
             windows = list(self._windows.values())
             self._windows = {}
             start, self._last_flush = self._last_flush, now
+            taken, self._taken_cpu = self._taken_cpu, 0.0
+            workers_rss = sum(self._rss.values())
         cpu = _process_cpu()
-        cpu_seconds, self._cpu_mark = cpu - self._cpu_mark, cpu
+        cpu_seconds, self._cpu_mark = cpu - self._cpu_mark + taken, cpu
         busy = sum(w.busy_seconds for w in windows)
         requests = sum(w.requests for w in windows)
         span = now - start
@@ -366,12 +458,15 @@ class Recorder:
                 w.busy_seconds / busy if busy > 0 else (w.requests / requests if requests else 0)
             )
             records.append(TelemetryRecord(0, model=w.window(now, span * share)))
-        records.append(TelemetryRecord(0, device=self._device_window(start, now, cpu_seconds)))
+        device = self._device_window(start, now, cpu_seconds, workers_rss)
+        records.append(TelemetryRecord(0, device=device))
         self.spool.append(TELEMETRY, [to_proto(r, data_pb2.TelemetryRecord) for r in records])
         self.stats.windows += len(records)
         return len(records)
 
-    def _device_window(self, start: float, end: float, cpu_seconds: float) -> DeviceWindow:
+    def _device_window(
+        self, start: float, end: float, cpu_seconds: float, workers_rss: int = 0
+    ) -> DeviceWindow:
         spool = self.spool.stats()
         dropped = spool.captures_dropped - self._dropped_mark
         self._dropped_mark = spool.captures_dropped
@@ -381,7 +476,7 @@ class Recorder:
             end,
             cpu_seconds,
             os.cpu_count() or 1,
-            int(psutil.Process().memory_info().rss),
+            int(psutil.Process().memory_info().rss) + workers_rss,
             int(memory.available),
             -1.0,
             spool.bytes,

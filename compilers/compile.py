@@ -20,6 +20,7 @@ import onnxruntime as ort
 from compilers.build import Build
 from compilers.errors import CompileRefused
 from compilers.layout import save_per_tensor
+from compilers.fold import fold_file
 from compilers.optimize import OptimizationLevel, optimize_graph
 from compilers.quantize import (
     AccuracyChange,
@@ -80,6 +81,16 @@ def compile_target(
         current = onnx_path
         for step in profile.steps:
             if step is Step.OPTIMIZE:
+                if Step.QUANTIZE_INT8 not in profile.steps:  # INT8 folds as it quantises
+                    # The export computes conv biases through CastLike/Expand on the
+                    # activation, so ORT's optimiser folds no BatchNorm: EfficientNet-Lite0's
+                    # FP32 graph ran 3.9x slower than folded (32 vs 8.3 ms at 224 px).
+                    folded = work / "folded" / "model.onnx"
+                    report = fold_file(current, folded)
+                    current = folded
+                    if report.batchnorms_folded:
+                        steps.append("fold-batchnorm")
+                        extra["batchnorms_folded"] = float(report.batchnorms_folded)
                 # CPU targets get ORT's fusions; others only portable rewrites, because a
                 # fusion chosen for the CPU provider may not exist for the device's provider.
                 level = (

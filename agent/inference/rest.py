@@ -781,8 +781,10 @@ class _HttpServer(ThreadingHTTPServer):
         tls: ssl.SSLContext | None,
         max_connections: int,
         timeout_s: float,
+        reuse_port: bool = False,
     ) -> None:
         self.api = api
+        self._reuse_port = reuse_port
         self.timeout_s = timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
         self._tls = tls
@@ -794,7 +796,10 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
-        # No SO_REUSEADDR-style sharing: a second agent on the port must fail, as with gRPC.
+        # No SO_REUSEADDR-style sharing: a second agent on the port must fail, as with gRPC;
+        # only an agent's worker processes share it (agent.inference.workers).
+        if self._reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.socket.bind(self.server_address)
         host, port = self.socket.getsockname()[:2]
         self.server_name = str(host)
@@ -893,11 +898,13 @@ def start_rest_server(
     max_request_bytes: int | None = None,
     max_connections: int = 16,
     timeout_s: float = 30.0,
+    reuse_port: bool = False,
 ) -> RestServer:
     """Serve the KServe v2 REST protocol over `plane` on host:port (0 picks a free port).
 
     With `cert_file` and `key_file` the port speaks TLS only; with `token` every endpoint but
-    health needs ``Authorization: Bearer <token>`` (the gRPC port's rules)."""
+    health needs ``Authorization: Bearer <token>`` (the gRPC port's rules). `reuse_port`:
+    share the port with the agent's other worker processes (SO_REUSEPORT)."""
     from agent.inference.server import InferenceSecurity, exposure_warning
 
     tls = None
@@ -913,7 +920,12 @@ def start_rest_server(
     bind = host.strip("[]")
     try:
         server = _HttpServer(
-            (bind, port), api, tls=tls, max_connections=max_connections, timeout_s=timeout_s
+            (bind, port),
+            api,
+            tls=tls,
+            max_connections=max_connections,
+            timeout_s=timeout_s,
+            reuse_port=reuse_port,
         )
     except OSError as err:
         raise Unavailable(

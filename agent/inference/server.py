@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -395,12 +395,14 @@ class InferenceServer:
         return bool(self._server.wait_for_termination(timeout))
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def server_options(max_message_bytes: int, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Two agents on one port would split traffic silently; fail the second bind instead.
-        ("grpc.so_reuseport", 0),
+        # Worker processes (agent.inference.workers) share their agent's port on purpose;
+        # its control process keeps another agent off it.
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.optimization_target", "latency"),
     ]
 
@@ -454,6 +456,8 @@ def start_inference_server(
     limits: RequestLimits | None = None,
     security: InferenceSecurity | None = None,
     recorder: Recorder | None = None,
+    plane_factory: Callable[..., DataPlane] = DataPlane,
+    reuse_port: bool = False,
 ) -> InferenceServer:
     """Serve the repository's models over the Open Inference Protocol on host:port.
 
@@ -468,6 +472,8 @@ def start_inference_server(
     thread a small CNN costs the same per row at any batch size, and the benchmark showed no
     gain (``benchmarks/bench_inference.py --batching`` compares).
     `security` adds TLS and a bearer token (see InferenceSecurity).
+    A worker process (``agent.inference.workers``) passes its own `plane_factory` (called as
+    DataPlane is) and `reuse_port`, to share the port with the other workers.
     """
     if max_batch < 1:
         raise InvalidRequest(f"max_batch must be at least 1, got {max_batch}")
@@ -478,7 +484,7 @@ def start_inference_server(
     if limits.give_back_memory:
         tune_allocator()
     shared = SharedMemoryRegions() if SHM_ROOT.is_dir() else None
-    plane = DataPlane(
+    plane = plane_factory(
         repository,
         batching=batching,
         max_batch=max_batch,
@@ -502,7 +508,7 @@ def start_inference_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),
         interceptors=[guard],
-        options=server_options(limits.max_request_bytes),
+        options=server_options(limits.max_request_bytes, reuse_port=reuse_port),
         maximum_concurrent_rpcs=None,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

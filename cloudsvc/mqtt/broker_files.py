@@ -147,11 +147,13 @@ def mosquitto_conf(
         *([f"user {user}"] if user else []),
         "per_listener_settings false",
         "allow_anonymous false",
-        # A device's session is its own: nobody can connect under its client id.
-        "use_username_as_clientid true",
         f"password_file {password_file}",
         f"acl_file {acl_file}",
         f"listener {port}{f' {host}' if host else ''}",
+        # A device's session is its own: nobody can connect under its client id. A
+        # listener's option: set before any `listener` line, Mosquitto opens its default
+        # listener (plain MQTT on port 1883, every interface) to hold it.
+        "use_username_as_clientid true",
     ]
     if certfile is not None and keyfile is not None:
         lines += [

@@ -3,13 +3,14 @@ on a free loopback port -> generated stubs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner, Result
 from onnx import TensorProto, helper
 
 from cloudsvc.fleet import Fleet
@@ -101,6 +102,26 @@ def cloud(settings: CloudSettings) -> Iterator[CloudServer]:
     server = serve(settings)
     yield server
     server.stop(grace=1.0)
+
+
+@pytest.fixture
+def run(cloud: CloudServer) -> Callable[..., Result]:
+    """`edgefleet ...` as a user types it, against this cloud (its address, CA and admin
+    token from the environment, as the README says); exceptions surface as failures."""
+    runner = CliRunner()
+    env = {
+        "EDGEFLEET_CLOUD": cloud.address,
+        "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
+        "EDGEFLEET_CA_FILE": str(cloud.trust_dir / "ca.pem"),
+        "COLUMNS": "200",
+    }
+
+    def invoke(*args: str) -> Result:
+        from edgefleet.cli import cli
+
+        return runner.invoke(cli, list(args), env=env, catch_exceptions=False)
+
+    return invoke
 
 
 def secure_channel(cloud: CloudServer) -> grpc.Channel:

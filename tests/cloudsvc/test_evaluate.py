@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +16,18 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from cloudsvc.errors import InvalidRequest, UnknownResource
 from cloudsvc.job_service import evaluate_spec
 from cloudsvc.jobs.evaluate import load_tokenizer
 from cloudsvc.jobs.spec import EvaluateSpec
 from cloudsvc.jobs.uploads import UploadKind
-from cloudsvc.server import CloudServer
 from cloudsvc.settings import CloudSettings
 from compilers.sampling import stratified_sample
-from edgefleet.cli import cli
 from edgefleet.core.jobs import JobState
 from protos.admin.v1 import jobs_pb2
-from tests.cloudsvc.conftest import ADMIN_TOKEN, write_linear_model
+from tests.cloudsvc.conftest import write_linear_model
 from tests.cloudsvc.test_jobs import REVIEWS, Rig, events, finetune, make_rig, phases
 from transfer.datasets import load_dataset
 from transfer.synthetic import CLASSES
@@ -336,19 +334,8 @@ def settings(settings: CloudSettings) -> CloudSettings:
 
 
 def test_the_evaluate_command_scores_uploads_records_and_explains(
-    cloud: CloudServer, tmp_path: Path
+    run: Callable[..., Result], tmp_path: Path
 ) -> None:
-    runner = CliRunner()
-    env = {
-        "EDGEFLEET_CLOUD": cloud.address,
-        "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
-        "EDGEFLEET_CA_FILE": str(cloud.trust_dir / "ca.pem"),
-        "COLUMNS": "200",
-    }
-
-    def run(*args: str) -> Result:
-        return runner.invoke(cli, list(args), env=env, catch_exceptions=False)
-
     pushed = run("models", "push", "linear", str(write_linear_model(tmp_path / "m.onnx")))
     assert pushed.exit_code == 0, pushed.output
     # Labels the pushed linear model gets right: 0..2 by its own weights (no class names, so

@@ -4,7 +4,6 @@ default, and one digest per base whatever the strategy."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,9 @@ from cloudsvc.jobs.uploads import UploadKind
 from cloudsvc.registry import SOURCE_KEY
 from cloudsvc.sessions import open_session
 from edgefleet.core.jobs import JobState
-from tests.cloudsvc.test_jobs import Rig, events, finetune, make_rig
+from tests.cloudsvc.test_jobs import Rig, events, finetune
+from tests.cloudsvc.test_jobs import rig as rig  # the fixture: a job manager on real stores
 from transfer.datasets import load_dataset, split_dataset
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = make_rig(tmp_path)
-    yield r
-    r.manager.stop()
-    r.metadata.close()
 
 
 def _kept_evaluation(rig: Rig, model: str, version: int, tmp: Path) -> EvaluationData:

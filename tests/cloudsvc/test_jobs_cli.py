@@ -9,34 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
 from cloudsvc.server import CloudServer
 from cloudsvc.settings import CloudSettings
-from edgefleet.cli import cli
-from tests.cloudsvc.conftest import ADMIN_TOKEN
 from tests.cloudsvc.test_job_service import write_image_folder
 
 
 @pytest.fixture
 def settings(settings: CloudSettings) -> CloudSettings:
     return settings.model_copy(update={"max_upload_bytes": 4 << 20})
-
-
-@pytest.fixture
-def run(cloud: CloudServer) -> object:
-    runner = CliRunner()
-    env = {
-        "EDGEFLEET_CLOUD": cloud.address,
-        "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
-        "EDGEFLEET_CA_FILE": str(cloud.trust_dir / "ca.pem"),
-        "COLUMNS": "200",
-    }
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(cli, list(args), env=env, catch_exceptions=False)
-
-    return invoke
 
 
 def test_finetune_a_local_folder_then_inspect_compile_and_compare(

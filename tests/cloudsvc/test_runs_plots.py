@@ -14,16 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
-from cloudsvc.server import CloudServer
 from cloudsvc.settings import CloudSettings
 from cloudsvc.store.memory import MemoryMetadataStore
 from cloudsvc.store.metadata import MetadataStore
 from cloudsvc.store.sqlite import SqliteMetadataStore
 from edgefleet.cli import cli
 from edgefleet.core.versions import ClassScore, EpochRecord, Evaluation, ModelVersion
-from tests.cloudsvc.conftest import ADMIN_TOKEN
 from tests.cloudsvc.test_job_service import write_image_folder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,22 +32,6 @@ HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 @pytest.fixture
 def settings(settings: CloudSettings) -> CloudSettings:
     return settings.model_copy(update={"max_upload_bytes": 4 << 20})
-
-
-@pytest.fixture
-def run(cloud: CloudServer) -> object:
-    runner = CliRunner()
-    env = {
-        "EDGEFLEET_CLOUD": cloud.address,
-        "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
-        "EDGEFLEET_CA_FILE": str(cloud.trust_dir / "ca.pem"),
-        "COLUMNS": "200",
-    }
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(cli, list(args), env=env, catch_exceptions=False)
-
-    return invoke
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -4,6 +4,7 @@ passwords, strangers and revoked devices are turned away; a forged notice moves 
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 from pathlib import Path
@@ -26,6 +27,12 @@ from protos.fleet.v1 import fleet_pb2
 from tests.mqtt.conftest import ENROLL_SECRET, Rig, connect, probe, wait_for
 
 NOT_AUTHORIZED = {134, 135}  # bad user name or password / not authorized
+
+
+def test_the_broker_listens_only_where_its_configuration_says(rig: Rig) -> None:
+    # A listener option set before `listener` made Mosquitto open plain MQTT on 1883 too.
+    opened = re.findall(r"Opening ipv[46] listen socket on port (\d+)", rig.broker.log_tail(200))
+    assert opened and set(opened) == {str(rig.broker.port)}
 
 
 def test_devices_reach_only_their_own_topics(rig: Rig) -> None:

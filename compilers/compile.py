@@ -19,8 +19,8 @@ import onnxruntime as ort
 
 from compilers.build import Build
 from compilers.errors import CompileRefused
-from compilers.layout import save_per_tensor
 from compilers.fold import fold_file
+from compilers.layout import save_per_tensor
 from compilers.optimize import OptimizationLevel, optimize_graph
 from compilers.quantize import (
     AccuracyChange,

@@ -7,6 +7,10 @@ classifier's output when the policy asks for it, a few counters, and (for a capt
 request, or up to `stats_per_second` requests a second per version) copying tensors or
 summing them. Everything else, building rows and writing them to SQLite in batches, runs on
 the recorder's own thread.
+
+With inference worker processes (agent.inference.workers), each worker's recorder does the
+request's part and hands what it counted and captured over (``hand_over``) to the agent's
+own recorder (``take_over``), the only one with a thread and a spool.
 """
 
 from __future__ import annotations

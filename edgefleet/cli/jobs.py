@@ -661,7 +661,7 @@ def runs() -> None:
       edgefleet runs compare apparel --versions 3,4,7
       edgefleet runs compare apparel --html apparel.html
       edgefleet runs plot apparel --versions 3,4 --out plots/
-      edgefleet runs export-mlflow apparel --version 4 --tracking-uri file:./mlruns
+      edgefleet runs export-mlflow apparel --version 4 --tracking-uri http://mlflow:5000
     """
 
 
@@ -892,7 +892,12 @@ def plot(name: str, versions: str, out_dir: Path, as_json: bool, cloud: Connecti
 @runs.command("export-mlflow")
 @click.argument("name")
 @click.option("--version", "number", type=int, required=True, help="The version to export.")
-@click.option("--tracking-uri", required=True, help="MLflow tracking URI, e.g. file:./mlruns.")
+@click.option(
+    "--tracking-uri",
+    required=True,
+    help="MLflow tracking URI: a server (http://mlflow:5000), sqlite:///mlflow.db (full mlflow), "
+    "or a folder (file:./mlruns; MLflow 3 asks for MLFLOW_ALLOW_FILE_STORE=true).",
+)
 @click.option("--experiment", default="", help="MLflow experiment [default: NAME].")
 @json_option
 @cloud_options
@@ -905,7 +910,12 @@ def export_mlflow(
     with admin(cloud) as client:
         (version,) = _pick(client.versions(name), str(number))
     with tempfile.TemporaryDirectory(prefix="edgefleet-mlflow-") as tmp:
-        run_id = plots.export_mlflow(name, version, tracking_uri, experiment or name, Path(tmp))
+        try:
+            run_id = plots.export_mlflow(name, version, tracking_uri, experiment or name, Path(tmp))
+        except Exception as err:  # MLflow's own errors: a refused store, an unreachable server
+            if type(err).__module__.split(".")[0] != "mlflow":
+                raise
+            raise click.ClickException(f"MLflow refused the export: {err}") from None
     if as_json:
         print_json({"run_id": run_id, "tracking_uri": tracking_uri})
         return

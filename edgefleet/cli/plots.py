@@ -167,7 +167,8 @@ def _mlflow() -> Any:
         return importlib.import_module("mlflow")
     except ImportError:
         raise click.ClickException(
-            "export-mlflow needs mlflow, which is not installed: pip install mlflow"
+            "export-mlflow needs mlflow, which is not installed: pip install mlflow-skinny "
+            '(or pip install "edgefleet[mlflow]")'
         ) from None
 
 

@@ -162,3 +162,70 @@ def test_both_metadata_stores_keep_the_history(store: MetadataStore) -> None:
     again = store.get_version("m", 2)
     assert again is not None and again.evaluation is not None
     assert again.evaluation.history == ()
+
+
+@pytest.mark.skipif(
+    not HAS_MLFLOW,
+    reason="mlflow is an optional extra (edgefleet[mlflow]); the dev extra installs it",
+)
+def test_export_mlflow_logs_parameters_metrics_curves_and_artifacts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from edgefleet.cli import plots
+    from edgefleet.core.versions import Artifact, Lineage
+
+    history = (EpochRecord(1, 1.2, 0.5, 1.4, 0.45, 3e-3), EpochRecord(2, 0.7, 0.8, 0.9, 0.7, 3e-3))
+    validation = Evaluation(
+        0.7,
+        20,
+        (ClassScore("cat", 0.8, 0.6, 10), ClassScore("dog", 0.65, 0.8, 10)),
+        ((6, 4), (2, 8)),
+        "validation 20%",
+        history=history,
+        loss=0.9,
+    )
+    version = ModelVersion(
+        "pets",
+        3,
+        "d",
+        1000,
+        "ab" * 32,
+        artifacts=(
+            Artifact(
+                "pets", 3, "onnx-cpu-int8", "cd" * 32, 10, 1, 1000, metrics={"latency_p50_ms": 0.4}
+            ),
+        ),
+        lineage=Lineage(
+            "small-cnn", "ef" * 32, "./pets", "12" * 32, {"lr": "0.003"}, strategy="head"
+        ),
+        evaluation=validation,
+        test=dataclasses.replace(validation, accuracy=0.65, count=40, split="test: ./test"),
+    )
+    # A folder store (what mlflow-skinny has; MLflow 3 asks to opt in to it); a user's
+    # tracking server or sqlite:///mlflow.db takes the same calls.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    run_id = plots.export_mlflow("pets", version, uri, "pets", tmp_path / "work")
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.params["lr"] == "0.003" and run.data.params["strategy"] == "head"
+    metrics = run.data.metrics
+    assert metrics["val_accuracy"] == 0.7 and metrics["test_accuracy"] == 0.65
+    assert metrics["test_count"] == 40 and metrics["val_loss"] == 0.9
+    assert metrics["test_accuracy_ci_low"] < 0.65 < metrics["test_accuracy_ci_high"]
+    assert metrics["onnx-cpu-int8.latency_p50_ms"] == 0.4
+    curve = client.get_metric_history(run_id, "epoch_val_accuracy")
+    assert [(m.step, m.value) for m in curve] == [(1, 0.45), (2, 0.7)]
+    files = {a.path for a in client.list_artifacts(run_id)}
+    assert "confusion.json" in files
+    confusion = json.loads(
+        Path(client.download_artifacts(run_id, "confusion.json", str(tmp_path))).read_text()
+    )
+    assert confusion == {"classes": ["cat", "dog"], "rows": [[6, 4], [2, 8]]}
+    plotted = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/pets-curves.png", "plots/pets-v3-confusion.png"} <= plotted

@@ -239,7 +239,7 @@ def test_both_workers_answer_switch_together_and_every_request_is_counted_once(
         wait_for(lambda: hammer.sent > at + 100, what="requests after the report")
     assert not hammer.errors
     after = [version for sent, version in hammer.answers if sent > reported[0]]
-    assert len(after) >= 100 and set(after) == {"2"}
+    assert len(after) >= 90 and set(after) == {"2"}
     assert {v for _, v in hammer.answers} == {"1", "2"} and late
 
     # Every request counted once: Triton's statistics (whichever worker answers them, as

@@ -78,6 +78,7 @@ def request_limits(settings: AgentSettings) -> RequestLimits:
         max_dynamic=s.inference_max_dynamic,
         max_request_bytes=s.max_request_bytes,
         large_in_flight=s.inference_large_in_flight,
+        stream_idle_s=s.inference_stream_idle_s,
     )
 
 
@@ -95,6 +96,9 @@ def worker_config(settings: AgentSettings) -> WorkerConfig:
         rest_port=s.rest_port,
         rest_max_connections=s.rest_max_connections,
         rest_timeout_s=s.rest_timeout_s,
+        rest_header_timeout_s=s.rest_header_timeout_s,
+        rest_max_connections_per_client=s.rest_max_connections_per_client,
+        rest_max_json_bytes=s.rest_max_json_bytes,
         batching=s.inference_batching,
         max_batch=s.inference_max_batch,
         limits=request_limits(s),
@@ -282,6 +286,9 @@ class Agent:
                     max_request_bytes=s.max_request_bytes,
                     max_connections=s.rest_max_connections,
                     timeout_s=s.rest_timeout_s,
+                    header_timeout_s=s.rest_header_timeout_s,
+                    max_connections_per_client=s.rest_max_connections_per_client,
+                    max_json_bytes=s.rest_max_json_bytes,
                 )
             except Exception:
                 self._server.stop(0)

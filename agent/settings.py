@@ -108,6 +108,26 @@ class AgentSettings(LayeredSettings):
         description="REST read timeout: an idle keep-alive connection closes after it, and a "
         "request body must arrive within it.",
     )
+    rest_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="REST deadline for a request's line and headers (and, on a new "
+        "connection, the TLS handshake before them), however slowly they trickle in.",
+    )
+    rest_max_connections_per_client: int = Field(
+        default=0,
+        ge=0,
+        description="REST connections one client address may hold at once; 0: half of "
+        "rest_max_connections (at least 1). Behind a proxy every client has its address: "
+        "raise it to rest_max_connections there.",
+    )
+    rest_max_json_bytes: int = Field(
+        default=8 << 20,
+        ge=1,
+        description="Largest JSON part of a REST inference body (parsed JSON takes many times "
+        "its size in memory); larger tensors travel as binary data (the binary-data "
+        "extension), up to the model's request limit.",
+    )
     advertise_address: str = Field(
         default="",
         description="host:port reported to the cloud as the inference endpoint; empty derives it.",
@@ -154,6 +174,12 @@ class AgentSettings(LayeredSettings):
         default=64 << 20,
         ge=0,
         description="Free space that must remain on the data disk after a download.",
+    )
+    inference_stream_idle_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="An inference stream (ModelStreamInfer) that sends no request for this "
+        "long is closed (DEADLINE_EXCEEDED), so idle streams cannot hold the server's threads.",
     )
     max_request_bytes: int = Field(
         default=64 << 20,

@@ -43,6 +43,11 @@ class JobSettings(BaseModel):
     keep_files: bool = Field(
         False, description="Keep a job's builds after registering them (for debugging)."
     )
+    data_roots: tuple[Path, ...] = Field(
+        (),
+        description="Folders on the cloud machine whose data sets jobs may name by path "
+        "(`--data cloud:/srv/datasets/parts`); empty: uploads, built-in data and captures only.",
+    )
 
 
 class RolloutSettings(BaseModel):

@@ -114,6 +114,7 @@ class RequestLimits:
     max_dynamic: int = 4096  # any other dynamic dimension (a sequence length, say)
     max_request_bytes: int = 64 << 20  # no request is larger, whatever the model
     large_in_flight: int = 2  # requests over 1 MiB served at once
+    stream_idle_s: float = 300.0  # an inference stream without a request this long is closed
     # Hand the memory of finished large requests back to the system (glibc). Off only to
     # measure what it saves (benchmarks/bench_inference_memory.py).
     give_back_memory: bool = True
@@ -366,6 +367,18 @@ class DataPlane:
         with self.admit_size(name, version, len(raw)):
             yield
 
+    def check_size(self, name: str, version: str, size: int) -> None:
+        """REST's check before a body is read (and before :meth:`admit_size` takes a
+        large-request slot): ModelNotFound for a model or version not served here,
+        RequestTooLarge for a body over the model's limit."""
+        entry = self.entry(self.repository.get(name, version))
+        self._within_limit(entry, name, size)
+
+    def _within_limit(self, entry: _ModelEntry, name: str, size: int) -> None:
+        if size > entry.limit:
+            self.large.refused(size)
+            raise over_limit(name, size, entry.limit, entry.limit_detail)
+
     @contextlib.contextmanager
     def admit_size(self, name: str, version: str, size: int) -> Iterator[None]:
         """Admission of a request of `size` bytes to model `name` (REST: the body's length;
@@ -376,9 +389,8 @@ class DataPlane:
                 entry = self.entry(self.repository.get(name, version))
             except AgentError:
                 entry = None  # the full parse and look-up answer properly
-            if entry is not None and size > entry.limit:
-                self.large.refused(size)
-                raise over_limit(name, size, entry.limit, entry.limit_detail)
+            if entry is not None:
+                self._within_limit(entry, name, size)
         local = self._local
         with self.large.admit(size):
             local.arrived = arrived

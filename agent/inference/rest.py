@@ -18,17 +18,31 @@ contents. Errors answer ``{"error": "..."}`` with the HTTP status of their code
 (``agent.errors.STATUS``: 400 where gRPC says INVALID_ARGUMENT, 404 for NOT_FOUND, 413 for
 RESOURCE_EXHAUSTED, 503 for UNAVAILABLE, ...).
 
+A float output holding NaN or an infinity, which JSON cannot carry (and which the protocol
+says nothing about), is answered in binary, as if its ``binary_data`` parameter were true:
+its values arrive exact and the answer stays strict JSON (clients of the binary-data
+extension, tritonclient's among them, read such an output as any other; a JSON-only client
+sees ``binary_data_size`` in its place). Every JSON answer is strict (no NaN, no Infinity).
+
 The server is the standard library's threading HTTP server with HTTP/1.1 keep-alive, at most
-`max_connections` connections at once (the next is answered 503 and closed), a read timeout
-on every connection (idle keep-alive included) and a deadline for a whole body, and bodies no
-larger than the model's request limit (never more than the inference port's
-max_request_bytes), refused before they are read. TLS and the bearer token are those of the
-gRPC port; health stays open for probes.
+`max_connections` connections at once and `max_connections_per_client` from one address (the
+next is answered 503 and closed), a read timeout on every connection (idle keep-alive
+included), a deadline for the TLS handshake, request line and headers however slowly they
+trickle in (`header_timeout_s`), and a deadline for a whole body. A request is framed by one
+Content-Length of ASCII digits only: a Transfer-Encoding, several Content-Lengths or any other
+spelling is answered 400 and the connection closed (a proxy in front might frame it
+otherwise). An inference body is refused before it is read when its model or version is not
+served (404), when it is larger than the model's request limit (never more than the inference
+port's max_request_bytes) or its JSON part larger than `max_json_bytes` (413: parsed JSON takes
+many times its size; large tensors travel as binary data); it is read whole before it takes
+one of the few large-request slots. TLS and the bearer token are those of the gRPC port;
+health stays open for probes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -40,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -74,6 +89,8 @@ BINARY_DATA_SIZE = "binary_data_size"
 BINARY_DATA_OUTPUT = "binary_data_output"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
+DEFAULT_MAX_JSON_BYTES = 8 << 20
+DEFAULT_HEADER_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +102,38 @@ class Reply:
 
 
 def json_reply(status: int, payload: Any, *headers: tuple[str, str], close: bool = False) -> Reply:
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
     return Reply(status, body, (("Content-Type", JSON_TYPE), *headers), close)
+
+
+def _digits(value: str) -> int | None:
+    """A byte count as HTTP writes it: ASCII digits only (optional spaces or tabs around
+    them, which HTTP strips from any field); None for anything else ("+7", "1_0", "7\x0b",
+    non-ASCII digits), which int() would take."""
+    text = value.strip(" \t")
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
+def content_length(headers: Message) -> int | None:
+    """The request's body length, read in this one place: None when it has none. Anything a
+    proxy in front could frame differently is refused (InvalidRequest, and the connection
+    closes): a Transfer-Encoding, more than one Content-Length, a value not all digits."""
+    if "Transfer-Encoding" in headers:
+        raise InvalidRequest(
+            "Transfer-Encoding is not supported: send the body with a Content-Length (and no "
+            "Transfer-Encoding)"
+        )
+    values = headers.get_all("Content-Length") or []
+    if len(values) > 1:
+        raise InvalidRequest("the request has more than one Content-Length header")
+    if not values:
+        return None
+    length = _digits(str(values[0]))
+    if length is None:
+        raise InvalidRequest("Content-Length must be a byte count (ASCII digits only)")
+    return length
 
 
 def error_reply(err: EdgefleetError, *, close: bool = False) -> Reply:
@@ -340,6 +387,11 @@ def _json_data(datatype: str, array: Array) -> list[Any]:
     return values
 
 
+def _non_finite(array: Array) -> bool:
+    """Whether a floating-point output holds NaN or an infinity, which JSON cannot carry."""
+    return array.dtype.kind == "f" and not bool(np.isfinite(array).all())
+
+
 def rest_encoder(
     choice: OutputChoice,
 ) -> Callable[..., InferReply]:
@@ -365,7 +417,7 @@ def rest_encoder(
             }
             if placed and name in placed:
                 out["parameters"] = dict(placed[name])
-            elif choice.of(name):
+            elif choice.of(name) or _non_finite(array):
                 if datatype == "BYTES":
                     data: bytes | memoryview = to_raw(datatype, array)
                 else:
@@ -380,7 +432,7 @@ def rest_encoder(
         if request.id:
             answer["id"] = request.id
         answer["outputs"] = outputs
-        header = json.dumps(answer, separators=(",", ":")).encode()
+        header = json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
         return InferReply(header, tuple(chunks))
 
     return encode
@@ -401,10 +453,18 @@ class RestApi:
     """Routes a request (method, path, headers, body reader) to the data plane; transport
     details (sockets, TLS, keep-alive) stay in the handler."""
 
-    def __init__(self, plane: DataPlane, *, token: str = "", max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        *,
+        token: str = "",
+        max_request_bytes: int,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    ) -> None:
         self.plane = plane
         self._token = token
         self.max_request_bytes = max_request_bytes
+        self.max_json_bytes = max_json_bytes
 
     def authorize(self, parts: list[str], headers: Mapping[str, str]) -> None:
         """With a token set, every endpoint but the two health probes needs it."""
@@ -423,15 +483,18 @@ class RestApi:
         target: str,
         headers: Mapping[str, str],
         read_body: Callable[[int], bytes],
+        length: int | None = None,
     ) -> Reply:
-        """The reply to one request; `headers` by lower-case name."""
+        """The reply to one request; `headers` by lower-case name, `length` the body's
+        Content-Length (None: none; the handler reads and checks it, see
+        :func:`content_length`)."""
         path = urlsplit(target).path
         parts = [unquote(p) for p in path.split("/")[1:]]
         if parts and parts[-1] == "":
             parts.pop()
         try:
             self.authorize(parts, headers)
-            return self._route(method, path, parts, headers, read_body)
+            return self._route(method, path, parts, headers, read_body, length)
         except EdgefleetError as err:
             return error_reply(err)
         except Exception as err:
@@ -457,6 +520,7 @@ class RestApi:
         parts: list[str],
         headers: Mapping[str, str],
         read_body: Callable[[int], bytes],
+        length: int | None,
     ) -> Reply:
         if parts[:1] != ["v2"]:
             return _no_endpoint(path)
@@ -466,7 +530,7 @@ class RestApi:
                 "over gRPC only; CUDA shared memory, model load and unload, trace and log "
                 "settings not at all"
             )
-        route = self._find(parts[1:])
+        route = self._find(parts[1:], length)
         if route is None:
             return _no_endpoint(path)
         allowed, call = route
@@ -479,7 +543,7 @@ class RestApi:
         return call(headers, read_body)
 
     def _find(
-        self, rest: list[str]
+        self, rest: list[str], length: int | None
     ) -> tuple[str, Callable[[Mapping[str, str], Callable[[int], bytes]], Reply]] | None:
         plane = self.plane
         if rest == []:
@@ -509,7 +573,7 @@ class RestApi:
 
             return "GET", ready
         if tail == ["infer"]:
-            return "POST", lambda h, r: self._infer(name, version, h, r)
+            return "POST", lambda h, r: self._infer(name, version, h, r, length)
         if tail == ["config"]:
             return "GET", lambda h, r: json_reply(
                 200, config_json(plane.model_config(name, version).config)
@@ -526,41 +590,48 @@ class RestApi:
         version: str,
         headers: Mapping[str, str],
         read_body: Callable[[int], bytes],
+        length: int | None,
     ) -> Reply:
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise InvalidRequest(
                 f"Content-Encoding {encoding[:32]!r} is not supported; send the body uncompressed"
             )
-        length_text = headers.get("content-length")
-        if length_text is None:
+        if length is None:
             raise InvalidRequest(
                 "an inference request needs a Content-Length header (chunked bodies are refused)"
             )
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise InvalidRequest("Content-Length is not a number") from None
-        if length < 0:
-            raise InvalidRequest("Content-Length is negative")
         if length > self.max_request_bytes:
             raise RequestTooLarge(
                 f"the request is {length} bytes; this port takes at most {self.max_request_bytes} "
                 "(max_request_bytes)"
             )
+        json_end = length
+        header_length = headers.get(HEADER_LENGTH.lower())
+        if header_length is not None:
+            json_end_given = _digits(header_length)
+            if json_end_given is None:
+                raise InvalidRequest(f"{HEADER_LENGTH} is not a number")
+            json_end = json_end_given
+            if json_end > length:
+                raise InvalidRequest(
+                    f"{HEADER_LENGTH} {json_end} is not within the body ({length} bytes)"
+                )
+        # Everything that the headers can refuse is refused before the body is read: an
+        # unknown model or version (404), a body over its model's limit, JSON over its cap
+        # (413). The body is then read whole (within the body deadline) before admission
+        # takes one of the few large-request slots, so a slow upload holds none.
+        self.plane.check_size(name, version, length)
+        if json_end > self.max_json_bytes:
+            raise RequestTooLarge(
+                f"the request's JSON is {json_end} bytes; this port parses at most "
+                f"{self.max_json_bytes} bytes of JSON (rest_max_json_bytes): send large "
+                "tensors as binary data (the binary-data extension: the input's "
+                f'"parameters": {{"{BINARY_DATA_SIZE}": n}}, its bytes after the JSON, and an '
+                f"{HEADER_LENGTH} header)"
+            )
+        body = read_body(length)
         with self.plane.admit_size(name, version, length):
-            body = read_body(length)
-            header_length = headers.get(HEADER_LENGTH.lower())
-            json_end = length
-            if header_length is not None:
-                try:
-                    json_end = int(header_length)
-                except ValueError:
-                    raise InvalidRequest(f"{HEADER_LENGTH} is not a number") from None
-                if not 0 <= json_end <= length:
-                    raise InvalidRequest(
-                        f"{HEADER_LENGTH} {json_end} is not within the body ({length} bytes)"
-                    )
             view = memoryview(body)
             try:
                 header = json.loads(body if json_end == length else view[:json_end].tobytes())
@@ -662,6 +733,40 @@ def metadata_json(meta: pb.ModelMetadataResponse) -> dict[str, Any]:
 # -- the HTTP server ------------------------------------------------------------------------
 
 
+class _DeadlineReader(socket.SocketIO):
+    """A connection's reads: each waits at most the idle read timeout, and never past the
+    deadline when one is set (the TLS handshake, request line and headers; a body), so bytes
+    trickled in one at a time cannot hold a connection open past it."""
+
+    def __init__(self, conn: socket.socket, idle_s: float) -> None:
+        super().__init__(conn, "rb")
+        self._conn = conn
+        self._idle_s = idle_s
+        self._timeout: float | None = None
+        self.deadline: float | None = None  # time.monotonic()
+
+    def wait(self, most: float | None = None) -> None:
+        """Set the socket's timeout for the next operation: the idle timeout (or `most`),
+        cut to what is left before the deadline."""
+        timeout = self._idle_s if most is None else most
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the connection's deadline passed")
+            timeout = min(timeout, left)
+        if timeout != self._timeout:
+            self._conn.settimeout(timeout)
+            self._timeout = timeout
+
+    def readinto(self, b: Any) -> int | None:
+        self.wait()
+        return super().readinto(b)
+
+    def disarm(self) -> None:
+        self.deadline = None
+        self.wait()
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
     server_version = "edgefleet-agent"
@@ -671,16 +776,48 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         conn = self.request
-        conn.settimeout(self.server.timeout_s)
+        # The deadline for a new connection's TLS handshake, request line and headers runs
+        # from its accept; later requests on it get theirs from their first byte.
+        reader = _DeadlineReader(conn, self.server.timeout_s)
+        reader.deadline = time.monotonic() + self.server.header_timeout_s
+        self._reader = reader
+        self._first = True
+        reader.wait()
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(conn, ssl.SSLSocket):
-            conn.do_handshake()
+            conn.do_handshake()  # one deadline for the whole handshake (the socket timeout)
         super().setup()
+        self.rfile.close()
+        self._buffered = io.BufferedReader(reader)
+        self.rfile = self._buffered
+
+    def handle_one_request(self) -> None:
+        reader = self._reader
+        if self._first:
+            self._first = False
+        else:
+            # A keep-alive connection waits for its next request up to the idle timeout;
+            # from its first byte the request line and headers have their deadline.
+            reader.disarm()
+            try:
+                if not self._buffered.peek(1):
+                    self.close_connection = True
+                    return
+            except OSError:  # TimeoutError included
+                self.close_connection = True
+                return
+            reader.deadline = time.monotonic() + self.server.header_timeout_s
+        super().handle_one_request()
 
     def _serve(self) -> None:
+        self._reader.disarm()  # the headers are in; the answer is written under the timeout
         api = self.server.api
-        length = self.headers.get("Content-Length")
+        try:
+            length = content_length(self.headers)
+        except InvalidRequest as err:
+            self._send(error_reply(err, close=True))
+            return
         consumed = False
 
         def read_body(size: int) -> bytes:
@@ -690,16 +827,15 @@ class _Handler(BaseHTTPRequestHandler):
 
         headers = {key.lower(): value for key, value in self.headers.items()}
         with self.server.busy():
-            reply = api.handle(self.command, self.path, headers, read_body)
+            reply = api.handle(self.command, self.path, headers, read_body, length)
         # Refused before its body was read: read it past (within the port's size limit, so
         # the client is not cut off mid-send and the connection stays usable), else close
         # the connection after the answer.
-        if (
-            not consumed
-            and not reply.close
-            and ("transfer-encoding" in headers or not self._skip(length, api.max_request_bytes))
-        ):
+        if not consumed and not reply.close and not self._skip(length, api.max_request_bytes):
             reply = Reply(reply.status, reply.body, reply.headers, close=True)
+        self._send(reply)
+
+    def _send(self, reply: Reply) -> None:
         self.send_response(reply.status)
         for key, value in reply.headers:
             self.send_header(key, value)
@@ -711,14 +847,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(reply.body)
 
-    def _skip(self, length: str | None, most: int) -> bool:
+    def _skip(self, length: int | None, most: int) -> bool:
         """Read and drop an unread body of at most `most` bytes; False when it cannot be."""
-        try:
-            size = int(length or 0)
-        except ValueError:
-            return False
-        if size <= 0:
-            return size == 0
+        size = length or 0
         if size > most:
             return False
         try:
@@ -731,29 +862,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read(self, size: int) -> bytes:
         """The body, within the connection's deadline for a whole body."""
-        deadline = time.monotonic() + self.server.timeout_s
+        reader = self._reader
+        reader.deadline = time.monotonic() + self.server.timeout_s
         chunks: list[bytes] = []
         left = size
-        while left:
-            if time.monotonic() > deadline:
-                self.close_connection = True
-                raise Unavailable(
-                    f"the request body did not arrive within {self.server.timeout_s:g} s"
-                )
-            try:
-                chunk = self.rfile.read1(min(left, 1 << 20))
-            except TimeoutError:
-                self.close_connection = True
-                raise Unavailable(
-                    f"the request body did not arrive within {self.server.timeout_s:g} s"
-                ) from None
-            if not chunk:
-                self.close_connection = True
-                raise InvalidRequest(
-                    f"the body ended after {size - left} of its {size} bytes (Content-Length)"
-                )
-            chunks.append(chunk)
-            left -= len(chunk)
+        try:
+            while left:
+                try:
+                    chunk = self.rfile.read1(min(left, 1 << 20))
+                except TimeoutError:
+                    self.close_connection = True
+                    raise Unavailable(
+                        f"the request body did not arrive within {self.server.timeout_s:g} s"
+                    ) from None
+                if not chunk:
+                    self.close_connection = True
+                    raise InvalidRequest(
+                        f"the body ended after {size - left} of its {size} bytes (Content-Length)"
+                    )
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            reader.disarm()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     do_GET = _serve
@@ -781,14 +911,20 @@ class _HttpServer(ThreadingHTTPServer):
         tls: ssl.SSLContext | None,
         max_connections: int,
         timeout_s: float,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        max_connections_per_client: int = 0,
         reuse_port: bool = False,
     ) -> None:
         self.api = api
         self._reuse_port = reuse_port
         self.timeout_s = timeout_s
+        self.header_timeout_s = header_timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
+        # One address may not take every slot (0: half of them, at least one).
+        self._per_client = max_connections_per_client or max(1, max_connections // 2)
         self._tls = tls
-        self._open: set[socket.socket] = set()
+        self._open: dict[socket.socket, str] = {}  # each connection's client address
+        self._clients: dict[str, int] = {}  # connections per client address
         self._open_lock = threading.Lock()
         self.in_flight = 0  # requests being answered (not idle keep-alive connections)
         if ":" in address[0]:
@@ -810,27 +946,47 @@ class _HttpServer(ThreadingHTTPServer):
             )
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        host = str(client_address[0]) if isinstance(client_address, tuple) else ""
+        with self._open_lock:
+            mine = self._clients.get(host, 0)
+            if mine < self._per_client:
+                self._clients[host] = mine + 1
+        if mine >= self._per_client:
+            self._refuse(request, "too many connections from this address; try again later")
+            return
         if not self._slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):
-                request.settimeout(1.0)
-                if not isinstance(request, ssl.SSLSocket):  # no handshake here: just close
-                    body = b'{"error":"too many connections; try again later"}'
-                    request.sendall(
-                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                        b"Connection: close\r\nContent-Length: "
-                        + str(len(body)).encode()
-                        + b"\r\n\r\n"
-                        + body
-                    )
-            self.shutdown_request(request)
+            self._forget(host)
+            self._refuse(request, "too many connections; try again later")
             return
         with self._open_lock:
-            self._open.add(request)
+            self._open[request] = host
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._release(request)
             raise
+
+    def _refuse(self, request: Any, message: str) -> None:
+        with contextlib.suppress(OSError):
+            request.settimeout(1.0)
+            if not isinstance(request, ssl.SSLSocket):  # no handshake here: just close
+                body = json.dumps({"error": message}, separators=(",", ":")).encode()
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+        self.shutdown_request(request)
+
+    def _forget(self, host: str) -> None:
+        with self._open_lock:
+            left = self._clients.get(host, 0) - 1
+            if left > 0:
+                self._clients[host] = left
+            else:
+                self._clients.pop(host, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -842,7 +998,8 @@ class _HttpServer(ThreadingHTTPServer):
         with self._open_lock:
             if request not in self._open:
                 return
-            self._open.discard(request)
+            host = self._open.pop(request)
+        self._forget(host)
         self._slots.release()
 
     @contextlib.contextmanager
@@ -898,13 +1055,20 @@ def start_rest_server(
     max_request_bytes: int | None = None,
     max_connections: int = 16,
     timeout_s: float = 30.0,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    max_connections_per_client: int = 0,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     reuse_port: bool = False,
 ) -> RestServer:
     """Serve the KServe v2 REST protocol over `plane` on host:port (0 picks a free port).
 
     With `cert_file` and `key_file` the port speaks TLS only; with `token` every endpoint but
     health needs ``Authorization: Bearer <token>`` (the gRPC port's rules). `reuse_port`:
-    share the port with the agent's other worker processes (SO_REUSEPORT)."""
+    share the port with the agent's other worker processes (SO_REUSEPORT). `timeout_s`: the
+    idle read timeout and a body's deadline; `header_timeout_s`: the deadline for the TLS
+    handshake, request line and headers; `max_connections_per_client`: connections one
+    address may hold (0: half of `max_connections`); `max_json_bytes`: the largest JSON part
+    of an inference body."""
     from agent.inference.server import InferenceSecurity, exposure_warning
 
     tls = None
@@ -916,6 +1080,7 @@ def start_rest_server(
         plane,
         token=token,
         max_request_bytes=max_request_bytes or plane.limits.max_request_bytes,
+        max_json_bytes=max_json_bytes,
     )
     bind = host.strip("[]")
     try:
@@ -925,6 +1090,8 @@ def start_rest_server(
             tls=tls,
             max_connections=max_connections,
             timeout_s=timeout_s,
+            header_timeout_s=header_timeout_s,
+            max_connections_per_client=max_connections_per_client,
             reuse_port=reuse_port,
         )
     except OSError as err:

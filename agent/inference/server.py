@@ -4,7 +4,8 @@ A thin servicer over the transport-free ``dataplane`` (which looks the model up,
 request with ``validation``, runs the session, optionally through ``batching``, and answers).
 Existing clients (Triton's, KServe's, ``edgefleet.client.inference``) work unchanged.
 Beyond KServe's six methods it serves Triton's: ModelStreamInfer (each request's error in
-error_message, the stream open; at most half the worker threads as streams),
+error_message, the stream open; streams of every method share one budget below the worker
+threads, and an inference stream idle for ``limits.stream_idle_s`` is closed),
 ModelStatistics, ModelConfig, RepositoryIndex and the system shared-memory extension
 (``shm``: regions per connection, confined to /dev/shm, closed when the connection goes);
 the rest answer UNIMPLEMENTED saying so. gRPC health checking answers SERVING while the
@@ -20,6 +21,7 @@ service.
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -99,8 +101,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The Open Inference Protocol's gRPC methods over a DataPlane: each turns its message
     into the plane's call and back; errors reach the client through the interceptor."""
 
-    def __init__(self, plane: DataPlane, *, max_streams: int = 4) -> None:
+    def __init__(
+        self, plane: DataPlane, *, max_streams: int = 4, stream_idle_s: float | None = None
+    ) -> None:
         self.plane = plane
+        self._stream_idle_s = stream_idle_s
         self._streams = threading.BoundedSemaphore(max_streams)
         self._stream_limit = max_streams
         self._live = pb.ServerLiveResponse(live=True)
@@ -160,7 +165,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Triton's bidirectional stream: one answer per request, in order; a request that
         fails answers its error in error_message and the stream goes on. Each stream holds
-        a server thread, so at most `max_streams` are open at once."""
+        a server thread, so at most `max_streams` are open at once, and one that sends no
+        request for `stream_idle_s` is closed with DEADLINE_EXCEEDED."""
         if not self._streams.acquire(blocking=False):
             raise RequestTooLarge(
                 f"{self._stream_limit} inference streams are open already, the most this "
@@ -168,7 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         try:
             client = context.peer()
-            for request in request_iterator:
+            for request in _idle_bounded(request_iterator, self._stream_idle_s, context):
                 yield self._stream_one(request, client)
         except grpc.RpcError:
             return  # the client cancelled the stream or went away: no one to answer
@@ -444,6 +450,64 @@ def exposure_warning(host: str, security: InferenceSecurity) -> str:
     )
 
 
+def stream_budget(max_workers: int) -> int:
+    """How many streams, of all methods together, a server of `max_workers` threads holds
+    open: at least one thread is always left for unary calls."""
+    return max(min(1, max_workers - 1), max_workers - 2)
+
+
+def _idle_bounded(
+    requests: Iterator[Any], idle_s: float | None, context: grpc.ServicerContext
+) -> Iterator[Any]:
+    """The stream's requests; the call ends with DEADLINE_EXCEEDED when none comes for
+    `idle_s` seconds (None: waits forever). A reader thread waits on the stream, at most one
+    request ahead (gRPC's flow control holds the rest back)."""
+    if idle_s is None:
+        yield from requests
+        return
+    box: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def hand(item: tuple[Any, BaseException | None]) -> bool:
+        while not done.is_set():
+            try:
+                box.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        end: tuple[Any, BaseException | None] = (None, None)
+        try:
+            for request in requests:
+                if not hand((request, None)):
+                    return
+        except BaseException as err:  # handed to the stream's thread, raised there
+            end = (None, err)
+        hand(end)
+
+    threading.Thread(target=read, name="oip-stream-read", daemon=True).start()
+    try:
+        while True:
+            try:
+                request, err = box.get(timeout=idle_s)
+            except queue.Empty:
+                context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no request on this stream for {idle_s:g} s (inference_stream_idle_s): "
+                    "it is closed; open a new one",
+                )
+                return  # unreachable: abort raises
+            if err is not None:
+                raise err
+            if request is None:
+                return
+            yield request
+    finally:
+        done.set()
+
+
 def start_inference_server(
     repository: ModelRepository,
     host: str,
@@ -494,16 +558,20 @@ def start_inference_server(
         extensions=[e for e in EXTENSIONS if shared is not None or e != "system_shared_memory"],
     )
     serving = plane.serving
-    # A stream holds a worker thread for its life: at most half of them, so unary calls are
-    # always served.
-    servicer = InferenceServicer(plane, max_streams=max(1, max_workers // 2))
+    # A stream (an inference stream, a health Watch, reflection) holds a worker thread for
+    # its life: all of them together at most max_workers - 2 (one with 2 workers, none with
+    # 1), so unary calls are always served; those without a credential (health Watch is
+    # open to anyone) at most half of that, so inference streams are left room.
+    streams = stream_budget(max_workers)
+    servicer = InferenceServicer(
+        plane, max_streams=max(1, streams), stream_idle_s=limits.stream_idle_s
+    )
     health_servicer = _HealthServicer(servicer.ready)
-    # Each open health Watch (open to anyone, token or not) holds a worker thread: at most
-    # half of them, so that inference is always served.
     guard = CallGuard(
         BearerGate(security.token),
-        public_streams=max(1, max_workers // 2),
+        public_streams=max(1, streams // 2),
         admit={INFER_METHOD: plane.admit},
+        max_streams=streams,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),

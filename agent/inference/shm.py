@@ -19,13 +19,20 @@ Confined:
 - a client holds at most `max_regions` regions of at most `max_bytes` in all; the agent at
   most `max_total` open regions.
 
-Cleaned: regions belong to the connection (the gRPC peer address) that registered them;
-another connection neither sees nor uses them. They are closed when unregistered (by name, or
+Cleaned: regions belong to the connection that registered them: its gRPC peer address and
+the kernel's socket behind it (the inode and user of the client's TCP socket in
+/proc/net/tcp{,6}, recorded when registering). Every use, status and unregister checks that
+the peer address still is that same socket: a client that connects later from the same
+source port (another user can bind a port the victim just freed) is another socket, and
+neither sees nor uses the regions, which are closed. Another connection neither sees nor
+uses them. They are closed when unregistered (by name, or
 all of the client's with an empty name) and when the connection is gone: a sweeper thread,
 running while any region is open, reads the kernel's socket table (Linux /proc/net/tcp and
 tcp6) every `sweep_interval_s` and closes the regions of connections that are no longer
-established. Where that table cannot be read the regions stay until unregistered or the
-server stops (the per-client and total caps still bound them). A region in use by a request
+established or whose socket is another than the one that registered. Where that table
+cannot be read (not Linux) regions are keyed by the peer address alone, as before: they stay
+until unregistered or the server stops (the per-client and total caps still bound them), and
+a later connection from the same address and port would inherit them. A region in use by a request
 is closed once that request is done with it.
 """
 
@@ -62,6 +69,18 @@ _ESTABLISHED = "01"
 
 
 @dataclass(frozen=True)
+class Connection:
+    """The client's end of a TCP connection as the kernel knows it."""
+
+    inode: int
+    uid: int
+
+
+# The table was read and the peer has no established socket in it (any more).
+GONE = Connection(0, -1)
+
+
+@dataclass(frozen=True)
 class RegionStatus:
     name: str
     key: str
@@ -70,12 +89,31 @@ class RegionStatus:
 
 
 class _Region:
-    __slots__ = ("byte_size", "closing", "fd", "key", "name", "offset", "users", "writable")
+    __slots__ = (
+        "byte_size",
+        "closing",
+        "connection",
+        "fd",
+        "key",
+        "name",
+        "offset",
+        "users",
+        "writable",
+    )
 
     def __init__(
-        self, name: str, key: str, fd: int, offset: int, byte_size: int, writable: bool
+        self,
+        name: str,
+        key: str,
+        fd: int,
+        offset: int,
+        byte_size: int,
+        writable: bool,
+        connection: Connection | None = None,
     ) -> None:
         self.name = name
+        # The socket that registered it; None where the socket table cannot be read.
+        self.connection = connection
         self.key = key
         self.fd = fd
         self.offset = offset
@@ -121,8 +159,62 @@ def _address(hex_address: str) -> str:
     return str(address.ipv4_mapped) if address.ipv4_mapped is not None else str(address)
 
 
+_PROC_TCP = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+
+# (local address, port) -> every socket bound there: (state, uid, inode, remote address, port)
+Sockets = dict[tuple[str, int], list[tuple[str, int, int, tuple[str, int]]]]
+
+
+def socket_entries(paths: tuple[Path, ...] = _PROC_TCP) -> Sockets | None:
+    """Every TCP socket of this network namespace, by its local address and port; None where
+    the table cannot be read (not Linux)."""
+    table: Sockets = {}
+    read = False
+    for path in paths:
+        try:
+            lines = path.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        read = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10:
+                continue
+            host, _, port = fields[1].partition(":")
+            remote_host, _, remote_port = fields[2].partition(":")
+            try:
+                key = (_address(host), int(port, 16))
+                remote = (_address(remote_host), int(remote_port, 16))
+                uid = int(fields[7])
+                inode = int(fields[9])
+            except (ValueError, OSError):
+                continue
+            table.setdefault(key, []).append((fields[3], uid, inode, remote))
+    return table if read else None
+
+
+def connection_of(client: str, table: Sockets | None) -> Connection | None:
+    """The client's socket (the established one whose local end is the gRPC peer address):
+    GONE where there is none, or no telling which; None where that cannot be told at all
+    (no socket table, or a peer that is not an IP address)."""
+    peer = parse_peer(client)
+    if peer is None or table is None:
+        return None
+    found = [e for e in table.get(peer, []) if e[0] == _ESTABLISHED and e[2]]
+    if len(found) > 1:  # several sockets on that port: the one connected to one of ours
+        me = os.geteuid()
+        found = [
+            e
+            for e in found
+            if any(o[0] == _ESTABLISHED and o[1] == me for o in table.get(e[3], []))
+        ]
+    if len(found) != 1:
+        return GONE
+    return Connection(found[0][2], found[0][1])
+
+
 def socket_table(
-    paths: tuple[Path, ...] = (Path("/proc/net/tcp"), Path("/proc/net/tcp6")),
+    paths: tuple[Path, ...] = _PROC_TCP,
 ) -> dict[tuple[str, int], tuple[str, int]] | None:
     """Every TCP socket of this network namespace: (local address, port) -> (state, uid);
     None where the table cannot be read (not Linux)."""
@@ -196,44 +288,95 @@ class SharedMemoryRegions:
                 "names it)"
             )
         filename = match.group(1)
+        connection = self._connection(client)
+        if connection == GONE:
+            raise Forbidden(
+                "cannot find this call's connection in the kernel's socket table, which "
+                "shared-memory regions are tied to; connect over TCP on this device"
+            )
+        self._drop_stale(client, connection)
         with self._lock:
-            regions = self._clients.get(client, {})
-            if name in regions:
-                raise AlreadyExists(
-                    f"a shared-memory region named {name!r} is registered already; unregister "
-                    "it first"
-                )
-            if len(regions) >= self.max_regions:
-                raise RequestTooLarge(
-                    f"this client has {len(regions)} shared-memory regions registered, the most "
-                    "allowed; unregister some first"
-                )
-            held = sum(r.byte_size for r in regions.values())
-            if held + byte_size > self.max_bytes:
-                raise RequestTooLarge(
-                    f"region {name!r}: this client's regions would hold {held + byte_size} "
-                    f"bytes; at most {self.max_bytes} are allowed"
-                )
-            if sum(len(r) for r in self._clients.values()) >= self.max_total:
-                raise RequestTooLarge(
-                    f"the server has {self.max_total} shared-memory regions open, the most it "
-                    "takes; try again later"
-                )
-        fd, writable = self._open(name, key, filename, client, offset, byte_size)
-        region = _Region(name, key, fd, offset, byte_size, writable)
+            self._check_caps_locked(client, name, byte_size)
+        fd, writable = self._open(name, key, filename, connection, offset, byte_size)
+        region = _Region(name, key, fd, offset, byte_size, writable, connection)
         with self._lock:
-            regions = self._clients.get(client, {})
-            if name in regions:  # registered by a racing call meanwhile
+            try:  # checked again: racing registrations of this client may have filled it
+                self._check_caps_locked(client, name, byte_size)
+            except BaseException:
                 os.close(fd)
-                raise AlreadyExists(f"a shared-memory region named {name!r} is registered already")
+                raise
+            regions = self._clients.get(client, {})
             self._clients = {**self._clients, client: {**regions, name: region}}
         log.info(
             "shared memory %r registered by %s: %s [%d, +%d)", name, client, key, offset, byte_size
         )
         self._start_sweeper()
 
+    def _check_caps_locked(self, client: str, name: str, byte_size: int) -> None:
+        regions = self._clients.get(client, {})
+        if name in regions:
+            raise AlreadyExists(
+                f"a shared-memory region named {name!r} is registered already; unregister it first"
+            )
+        if len(regions) >= self.max_regions:
+            raise RequestTooLarge(
+                f"this client has {len(regions)} shared-memory regions registered, the most "
+                "allowed; unregister some first"
+            )
+        held = sum(r.byte_size for r in regions.values())
+        if held + byte_size > self.max_bytes:
+            raise RequestTooLarge(
+                f"region {name!r}: this client's regions would hold {held + byte_size} "
+                f"bytes; at most {self.max_bytes} are allowed"
+            )
+        if sum(len(r) for r in self._clients.values()) >= self.max_total:
+            raise RequestTooLarge(
+                f"the server has {self.max_total} shared-memory regions open, the most it "
+                "takes; try again later"
+            )
+
+    def _connection(self, client: str) -> Connection | None:
+        """The client's socket now (see connection_of)."""
+        if parse_peer(client) is None:
+            return None
+        return connection_of(client, socket_entries())
+
+    def _drop_stale(self, client: str, now: Connection | None) -> None:
+        """Close the regions registered under the client's address by another socket than
+        `now` (a connection gone, its port taken by a new one). `now` None: cannot tell,
+        nothing is dropped (no socket table: regions go by the peer address alone)."""
+        if now is None:
+            return
+        regions = self._clients.get(client, {})
+        stale = [n for n, r in regions.items() if r.connection is not None and r.connection != now]
+        if not stale:
+            return
+        with self._lock:
+            regions = self._clients.get(client, {})
+            gone = [r for r in regions.values() if r.connection is not None and r.connection != now]
+            kept = {n: r for n, r in regions.items() if r not in gone}
+            clients = {c: r for c, r in self._clients.items() if c != client}
+            if kept:
+                clients[client] = kept
+            self._clients = clients
+            for region in gone:
+                self._close_locked(region)
+            self.swept += len(gone)
+        if not gone:
+            return
+        log.info(
+            "closed %d shared-memory region(s) of %s: its connection is gone (the address is "
+            "another socket's now)",
+            len(gone),
+            client,
+        )
+
     def unregister(self, client: str, name: str = "") -> None:
         """Close one region of the client's ("" : all of them); an unknown name is no error."""
+        self._drop_stale(client, self._connection(client))
+        self._unregister(client, name)
+
+    def _unregister(self, client: str, name: str = "") -> None:
         with self._lock:
             regions = self._clients.get(client, {})
             if name:
@@ -249,6 +392,7 @@ class SharedMemoryRegions:
                 self._close_locked(region)
 
     def status(self, client: str, name: str = "") -> list[RegionStatus]:
+        self._drop_stale(client, self._connection(client))
         regions = self._clients.get(client, {})
         if name:
             region = regions.get(name)
@@ -265,6 +409,8 @@ class SharedMemoryRegions:
         return SharedMemoryUse(self, client)
 
     def _acquire(self, client: str, name: str) -> _Region:
+        if any(r.connection is not None for r in self._clients.get(client, {}).values()):
+            self._drop_stale(client, self._connection(client))
         with self._lock:
             region = self._clients.get(client, {}).get(name)
             if region is None or region.closing:
@@ -291,7 +437,13 @@ class SharedMemoryRegions:
     # -- opening, checks ------------------------------------------------------------------
 
     def _open(
-        self, name: str, key: str, filename: str, client: str, offset: int, byte_size: int
+        self,
+        name: str,
+        key: str,
+        filename: str,
+        connection: Connection | None,
+        offset: int,
+        byte_size: int,
     ) -> tuple[int, bool]:
         path = self.root / filename
         flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -314,7 +466,8 @@ class SharedMemoryRegions:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise InvalidRequest(f"region {name!r}: {key!r} is not a shared-memory object")
-            owner, known = self._client_uid(client)
+            known = connection is not None and connection != GONE
+            owner = connection.uid if connection is not None and known else os.geteuid()
             if not (known and owner == 0) and info.st_uid != owner:
                 raise Forbidden(
                     f"region {name!r}: the shared-memory object {key!r} belongs to another user "
@@ -341,17 +494,6 @@ class SharedMemoryRegions:
             return Forbidden(f"region {name!r}: {key!r} is a symbolic link, which is refused")
         return InvalidRequest(f"region {name!r}: cannot open {key!r}: {err.strerror}")
 
-    def _client_uid(self, client: str) -> tuple[int, bool]:
-        """The user of the client's socket and True; (our own user, False) where it cannot
-        be told. Only a client known to be root may register any user's object."""
-        peer = parse_peer(client)
-        table = socket_table() if peer is not None else None
-        if peer is not None and table is not None:
-            found = table.get(peer)
-            if found is not None and found[0] == _ESTABLISHED:
-                return found[1], True
-        return os.geteuid(), False
-
     # -- cleaning ----------------------------------------------------------------------
 
     def _start_sweeper(self) -> None:
@@ -377,21 +519,24 @@ class SharedMemoryRegions:
 
     def sweep(self) -> int:
         """Close the regions of connections that are gone; how many were closed."""
-        table = socket_table()
+        table = socket_entries()
         if table is None:
             return 0
         gone = []
-        for client in list(self._clients):
-            peer = parse_peer(client)
-            if peer is None:
+        for client, regions in list(self._clients.items()):
+            now = connection_of(client, table)
+            if now is None:
                 continue
-            state = table.get(peer)
-            if state is None or state[0] != _ESTABLISHED:
+            # Gone: no established socket at the address any more, or another one than the
+            # socket that registered (its port reused by a new connection).
+            if now == GONE or any(
+                r.connection is not None and r.connection != now for r in regions.values()
+            ):
                 gone.append(client)
         closed = 0
         for client in gone:
             count = len(self._clients.get(client, {}))
-            self.unregister(client)
+            self._unregister(client)
             closed += count
             log.info(
                 "closed %d shared-memory region(s) of %s: its connection is gone", count, client
@@ -401,7 +546,7 @@ class SharedMemoryRegions:
 
     def forget(self, client: str) -> None:
         """The client's connection is known to be gone: close its regions now."""
-        self.unregister(client)
+        self._unregister(client)
 
     def open_regions(self) -> int:
         return sum(len(r) for r in self._clients.values())

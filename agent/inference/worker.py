@@ -38,7 +38,12 @@ import psutil
 
 from agent.inference.batching import DEFAULT_MAX_BATCH
 from agent.inference.dataplane import DataPlane, Encoder, RequestLimits, _ModelEntry
-from agent.inference.rest import RestServer, start_rest_server
+from agent.inference.rest import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_JSON_BYTES,
+    RestServer,
+    start_rest_server,
+)
 from agent.inference.server import InferenceSecurity, InferenceServer, start_inference_server
 from agent.inference.sharedstats import SharedStatistics, SharedVersionStats
 from agent.recorder import Recorder
@@ -88,6 +93,9 @@ class WorkerConfig:
     rest_port: int | None = None
     rest_max_connections: int = 16
     rest_timeout_s: float = 30.0
+    rest_header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    rest_max_connections_per_client: int = 0
+    rest_max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     batching: bool = False
     max_batch: int = DEFAULT_MAX_BATCH
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -254,6 +262,9 @@ class Worker:
                 max_request_bytes=c.limits.max_request_bytes,
                 max_connections=c.rest_max_connections,
                 timeout_s=c.rest_timeout_s,
+                header_timeout_s=c.rest_header_timeout_s,
+                max_connections_per_client=c.rest_max_connections_per_client,
+                max_json_bytes=c.rest_max_json_bytes,
                 reuse_port=True,
             )
         threading.Thread(

@@ -166,7 +166,12 @@ class JobManager:
         check_name("model", spec.model)
         check_base(spec.base, self.uploads_dir)
         for reference in spec.data_references:
-            check_data(reference, self.uploads_dir, self.settings.fashion_mnist_dir)
+            check_data(
+                reference,
+                self.uploads_dir,
+                self.settings.fashion_mnist_dir,
+                self.settings.data_roots,
+            )
         if len(set(spec.data_references)) != len(spec.data_references):
             raise InvalidRequest(
                 f"data sets {list(spec.data_references)} name one twice; give each once"
@@ -180,7 +185,12 @@ class JobManager:
             model = self.metadata.get_model(spec.model)
             parent = model.latest_version if model else 0
         if spec.test_data:
-            check_data(spec.test_data, self.uploads_dir, self.settings.fashion_mnist_dir)
+            check_data(
+                spec.test_data,
+                self.uploads_dir,
+                self.settings.fashion_mnist_dir,
+                self.settings.data_roots,
+            )
             if spec.test_data in spec.data_references:
                 raise InvalidRequest(
                     f"the test set {spec.test_data} is also training data: a test set must be "
@@ -234,7 +244,12 @@ class JobManager:
                 "it, or fine-tune a new version"
             )
         if spec.data:
-            check_data(spec.data, self.uploads_dir, self.settings.fashion_mnist_dir)
+            check_data(
+                spec.data,
+                self.uploads_dir,
+                self.settings.fashion_mnist_dir,
+                self.settings.data_roots,
+            )
         source = self.registry.source_digest(spec.model, spec.version)
         return spec.model_copy(update={"target": profile.name, "source_digest": source})
 
@@ -280,7 +295,9 @@ class JobManager:
                 "evaluate needs labelled data: --data fashion-mnist:test, synthetic:N, "
                 "captures:MODEL, or a local folder, .csv/.parquet or .npz (uploaded for you)"
             )
-        check_data(spec.data, self.uploads_dir, self.settings.fashion_mnist_dir)
+        check_data(
+            spec.data, self.uploads_dir, self.settings.fashion_mnist_dir, self.settings.data_roots
+        )
         return spec.model_copy(
             update={"target": artifact.target, "artifact_digest": artifact.manifest_digest}
         )

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cloudsvc.errors import InvalidRequest, NotReady, UnknownResource
+from cloudsvc.errors import Forbidden, InvalidRequest, NotReady, UnknownResource
 from compilers.targets import TARGETS, Precision, resolve_target
 from transfer.catalog import known_backbones
 
@@ -256,8 +256,13 @@ def check_base(base: str, uploads_dir: Path) -> None:
     )
 
 
-def check_data(data: str, uploads_dir: Path, fashion_mnist_dir: Path) -> None:
-    """A built-in data set, an upload or a path that exists on this machine."""
+def check_data(
+    data: str, uploads_dir: Path, fashion_mnist_dir: Path, data_roots: tuple[Path, ...] = ()
+) -> None:
+    """A built-in data set, an upload, captures, or a path on this machine under one of
+    `data_roots` (the operator's `jobs.data_roots`; none by default). A job reads what it
+    names and may echo its class names in errors that viewers read, so no request may
+    name an arbitrary file of the cloud machine, nor learn whether one exists."""
     if not data:
         raise InvalidRequest(
             "a fine-tune needs a data set: --data fashion-mnist, synthetic, captures:MODEL, or a "
@@ -283,11 +288,23 @@ def check_data(data: str, uploads_dir: Path, fashion_mnist_dir: Path) -> None:
     if data.startswith(UPLOAD_PREFIX):
         resolve_upload(data, uploads_dir)
         return
-    if not _exists(Path(data)):
-        raise UnknownResource(
+    if not within(Path(data), data_roots):
+        raise Forbidden(
             f"data set {data!r} is neither built in ({', '.join(BUILT_IN_DATA)}), an upload, "
-            "nor a path on the cloud machine; give a local path to the CLI to upload it"
+            "nor captures; paths on the cloud machine are read only under the folders its "
+            "operator lists in jobs.data_roots. Give a local path to the CLI to upload it"
         )
+    if not _exists(Path(data)):
+        raise UnknownResource(f"data set {data!r} does not exist under jobs.data_roots")
+
+
+def within(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path`, with links and `..` resolved, lies in one of `roots` (resolved too)."""
+    try:
+        resolved = path.resolve()
+        return any(resolved.is_relative_to(root.resolve()) for root in roots)
+    except (OSError, RuntimeError):  # a name the file system refuses, a link loop
+        return False
 
 
 def _exists(path: Path) -> bool:

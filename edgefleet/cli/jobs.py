@@ -290,7 +290,8 @@ def _parse_search(values: tuple[str, ...]) -> dict[str, list[str]]:
     required=True,
     help="Data set: fashion-mnist, synthetic[:COUNT], captures:MODEL[@VERSION][?since=DATE] "
     "(what devices captured, labelled), a local folder of class subfolders, "
-    ".csv/.parquet or .npz (checked here, then uploaded), or cloud:/path on the cloud machine.",
+    ".csv/.parquet or .npz (checked here, then uploaded), or cloud:/path on the cloud machine "
+    "(under the folders its jobs.data_roots setting lists).",
 )
 @click.option(
     "--strategy",

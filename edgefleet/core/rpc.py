@@ -147,6 +147,7 @@ class CallGuard(grpc.ServerInterceptor):
         public_streams: int = 16,
         admit: Mapping[str, Admit] | None = None,
         observe: Observe | None = None,
+        max_streams: int | None = None,
     ) -> None:
         self._authorize = authorize
         self._observe = observe
@@ -156,6 +157,10 @@ class CallGuard(grpc.ServerInterceptor):
         # reflection, anything on an open port) may hold this many at once, no more.
         self._public_streams = threading.BoundedSemaphore(public_streams)
         self._public_limit = public_streams
+        # Every stream (any method, any caller) out of one budget: below the server's
+        # threads, so that unary calls are always served. None: no budget but the above.
+        self._streams = None if max_streams is None else threading.BoundedSemaphore(max_streams)
+        self._stream_limit = max_streams
 
     def intercept_service(
         self,
@@ -227,14 +232,24 @@ class CallGuard(grpc.ServerInterceptor):
 
         public = self._public_streams
         limit = self._public_limit
+        budget = self._streams
+        budget_limit = self._stream_limit
 
         def streaming(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             token = None
             held = False
+            budgeted = False
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 token = enter(context)
+                if budget is not None:
+                    budgeted = budget.acquire(blocking=False)
+                    if not budgeted:
+                        raise ResourceExhausted(
+                            f"{budget_limit} streams are open already, the most this server "
+                            "holds; close one or try later"
+                        )
                 if caller() is None:
                     held = public.acquire(blocking=False)
                     if not held:
@@ -250,6 +265,8 @@ class CallGuard(grpc.ServerInterceptor):
             finally:
                 if held:
                     public.release()
+                if budgeted and budget is not None:
+                    budget.release()
                 leave(token)
                 ended(started, code)
 

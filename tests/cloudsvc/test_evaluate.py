@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import Result
 
-from cloudsvc.errors import InvalidRequest, UnknownResource
+from cloudsvc.errors import Forbidden, InvalidRequest, UnknownResource
 from cloudsvc.job_service import evaluate_spec
 from cloudsvc.jobs.evaluate import load_tokenizer
 from cloudsvc.jobs.spec import EvaluateSpec
@@ -155,8 +155,11 @@ def test_refused_requests_say_why(trained: Rig, tmp_path: Path) -> None:
         evaluate_job(rig, target="onnx-gpu-fp16", data=HELD_OUT)
     with pytest.raises(UnknownResource, match="has no nonsense artifact"):
         evaluate_job(rig, target="nonsense", data=HELD_OUT)
-    with pytest.raises(UnknownResource, match="neither built in"):
-        evaluate_job(rig, data=str(tmp_path / "missing"))
+    # A path on the cloud machine is read only under jobs.data_roots (none here), and
+    # whether it exists is not told: /etc/passwd as a "data set" would echo its fields.
+    for path in (str(tmp_path / "missing"), "/etc/passwd", "/etc"):
+        with pytest.raises(Forbidden, match=r"jobs\.data_roots"):
+            evaluate_job(rig, data=path)
     with pytest.raises(InvalidRequest, match="evaluate needs labelled data"):
         evaluate_job(rig, data="")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudsvc.errors import InvalidRequest, NotReady, TooLarge, UnknownResource
+from cloudsvc.errors import Forbidden, InvalidRequest, NotReady, TooLarge, UnknownResource
 from cloudsvc.jobs.spec import (
     CompileSpec,
     FineTuneSpec,
@@ -108,11 +108,26 @@ def test_backbone_and_data_references_must_exist(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="upload reference"):
         check_base("upload:../../etc/passwd", uploads)
     check_data("synthetic:500", uploads, tmp_path)
-    check_data(str(tmp_path), uploads, tmp_path)  # a path on the cloud machine
+    # A path on the cloud machine: only under the operator's jobs.data_roots, links and
+    # `..` resolved first, and whether it exists is told only there.
+    (tmp_path / "sets" / "parts").mkdir(parents=True)
+    roots = (tmp_path / "sets",)
+    check_data(str(tmp_path / "sets" / "parts"), uploads, tmp_path, roots)
+    with pytest.raises(UnknownResource, match="does not exist"):
+        check_data(str(tmp_path / "sets" / "gone"), uploads, tmp_path, roots)
+    (tmp_path / "sets" / "escape").symlink_to("/etc")
+    for outside in (
+        "/etc/passwd",
+        str(tmp_path / "sets" / ".." / ".."),
+        str(tmp_path / "sets" / "escape"),
+        "imagenet",
+    ):
+        with pytest.raises(Forbidden, match="neither built in"):
+            check_data(outside, uploads, tmp_path, roots)
+    with pytest.raises(Forbidden, match="neither built in"):
+        check_data(str(tmp_path / "sets" / "parts"), uploads, tmp_path)  # no roots: none
     with pytest.raises(NotReady, match="apt-get install dataset-fashion-mnist"):
         check_data("fashion-mnist", uploads, tmp_path / "nowhere")
-    with pytest.raises(UnknownResource, match="neither built in"):
-        check_data("imagenet", uploads, tmp_path)
     with pytest.raises(InvalidRequest, match="needs a data set"):
         check_data("", uploads, tmp_path)
 

@@ -305,13 +305,15 @@ RULES: dict[str, Rule] = {
         IA,
         NF,
         FP,
+        PD,
         why="OK queues it (this cloud has no slot: it never runs); INVALID_ARGUMENT for bad "
         "names, params or search; NOT_FOUND for an unknown base, data set or parent; "
-        "FAILED_PRECONDITION for GPU work on a cloud without a GPU, or data not installed",
+        "FAILED_PRECONDITION for GPU work on a cloud without a GPU, or data not installed; "
+        "PERMISSION_DENIED for a path outside jobs.data_roots",
     ),
-    _J + "SubmitCompile": _rule(OK, IA, NF, FP, why="as SubmitFineTune"),
+    _J + "SubmitCompile": _rule(OK, IA, NF, FP, PD, why="as SubmitFineTune"),
     _J + "SubmitEvaluate": _rule(
-        OK, IA, NF, FP, why="as SubmitCompile: an unknown version or target is NOT_FOUND"
+        OK, IA, NF, FP, PD, why="as SubmitCompile: an unknown version or target is NOT_FOUND"
     ),
     _J + "ListJobs": _rule(OK, why="any filter is a filter; no match is an empty list"),
     _J + "GetJob": _rule(OK, NF, why="NOT_FOUND for an unknown job"),

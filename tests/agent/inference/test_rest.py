@@ -503,3 +503,223 @@ def test_tritons_config_statistics_and_index_over_rest(rest: RestServer) -> None
         assert {"name": "affine", "version": "2", "state": "READY"} in index
     finally:
         client.close()
+
+
+# -- the attacker review's findings ---------------------------------------------------------
+
+
+def _raw(port: int, data: bytes, *, wait: float = 3.0) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it (or `wait`)."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as conn:
+        conn.sendall(data)
+        end = time.monotonic() + wait
+        try:
+            while time.monotonic() < end:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return out + b"<closed>"
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out
+
+
+def _closed_within(conn: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
+    """Whether the server closes `conn` within `seconds` while a byte of `trickle` is sent
+    every 0.2 s."""
+    conn.settimeout(0.2)
+    end = time.monotonic() + seconds
+    for byte in (trickle * 1000) or iter(int, 1):
+        if time.monotonic() > end:
+            return False
+        try:
+            if conn.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            pass
+        except OSError:
+            return True
+        if trickle:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                return True
+    return False
+
+
+def test_trickled_headers_meet_a_deadline_and_one_address_cannot_take_every_slot(
+    server: InferenceServer,
+) -> None:
+    # Slowloris: a request line and headers sent a byte at a time kept every connection
+    # open (each read reset the read timeout), and 503 answered everyone else, probes too.
+    srv = start_rest_server(
+        server.plane, "127.0.0.1", 0, max_connections=4, timeout_s=5.0, header_timeout_s=1.0
+    )
+    attackers = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+    try:
+        for conn in attackers:
+            conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nX-Slow: ")
+        time.sleep(0.2)
+        # The same address may hold half the slots; another address is still served.
+        status, _, body = call(srv.port, "GET", "/v2/health/live")
+        assert status == 503 and b"too many connections from this address" in body
+        other = http.client.HTTPConnection(
+            "127.0.0.1", srv.port, timeout=5, source_address=("127.0.0.2", 0)
+        )
+        other.request("GET", "/v2/health/live")
+        assert other.getresponse().read() == b'{"live":true}'
+        other.close()
+        # However the bytes trickle, the headers' deadline (1 s, not the 5 s read timeout)
+        # closes the connections.
+        started = time.monotonic()
+        assert all(_closed_within(conn, 3.0, trickle=b"abcdef") for conn in attackers)
+        assert time.monotonic() - started < 3.0
+        # A connection that sends nothing at all is closed at the same deadline.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as silent:
+            assert _closed_within(silent, 3.0)
+        assert call(srv.port, "GET", "/v2/health/live")[0] == 200
+    finally:
+        for conn in attackers:
+            conn.close()
+        srv.stop(0)
+
+
+def test_an_unknown_model_is_404_before_its_body_is_parsed_and_slow_bodies_hold_no_slot(
+    repository: ModelRepository,
+) -> None:
+    from agent.inference.server import RequestLimits
+
+    limits = RequestLimits(max_rows=1 << 20, max_request_bytes=64 << 20, large_in_flight=1)
+    server = start_inference_server(repository, "127.0.0.1", 0, limits=limits, max_workers=2)
+    srv = start_rest_server(server.plane, "127.0.0.1", 0, timeout_s=5.0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    slow = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+    try:
+        # The model is looked up before the body is read, let alone parsed.
+        status, _, body = call(srv.port, "POST", "/v2/models/no-such/infer", b"{" * 100)
+        assert status == 404 and "'no-such' is not served here" in json.loads(body)["error"]
+        # Uploads still arriving (to no model, or a legal 2 MiB one) hold no large-request
+        # slot: a large gRPC request (there is one slot) is served meanwhile.
+        for conn, model in zip(slow, (b"no-such", b"id-fp32"), strict=True):
+            conn.sendall(
+                b"POST /v2/models/" + model + b"/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 2097152\r\n\r\n{"
+            )
+        time.sleep(0.3)
+        request = pb.ModelInferRequest(model_name="id-fp32")
+        request.inputs.add(name="in", datatype="FP32", shape=[400_000])
+        request.raw_input_contents.append(np.zeros(400_000, np.float32).tobytes())
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelInfer(request, timeout=3).model_name == "id-fp32"
+    finally:
+        for conn in slow:
+            conn.close()
+        channel.close()
+        srv.stop(0)
+        server.stop(0)
+
+
+def test_json_bodies_have_a_smaller_cap_than_binary_ones(server: InferenceServer) -> None:
+    srv = start_rest_server(server.plane, "127.0.0.1", 0, max_json_bytes=1024)
+    try:
+        status, answer = post_json(srv.port, "/v2/models/affine/infer", affine_json(id="r" * 2000))
+        assert status == 413 and "binary data" in answer["error"]
+        assert "rest_max_json_bytes" in answer["error"]
+        # The same tensors, larger, as binary data behind a small JSON header: served.
+        x = np.ones((64, 4), np.float32)
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [64, 4],
+                        "parameters": {"binary_data_size": x.nbytes},
+                    },
+                    {"name": "b", "datatype": "FP32", "shape": [4], "data": B.tolist()},
+                ]
+            }
+        ).encode()
+        status, _, _ = call(
+            srv.port,
+            "POST",
+            "/v2/models/affine/infer",
+            header + x.tobytes(),
+            {"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert status == 200 and len(header) + x.nbytes > 1024
+    finally:
+        srv.stop(0)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: chunked\r\nContent-Length: {n}\r\n",
+        b"Content-Length: {n}\r\nTransfer-Encoding: identity\r\n",
+        b"Content-Length: 0\r\nContent-Length: {n}\r\n",
+        b"Content-Length: {n}\r\nContent-Length: {n}\r\n",
+        b"Content-Length: +{n}\r\n",
+        b"Content-Length: {n}\x0b\r\n",
+        b"Content-Length: 0{n}_0\r\n",
+        b"Content-Length: -1\r\n",
+        "Content-Length: \u0661\r\n".encode(),
+    ],
+)
+def test_framing_a_proxy_could_read_otherwise_is_400_and_closes(
+    rest: RestServer, framing: bytes
+) -> None:
+    # Request smuggling: a body framed one way here and another way by a proxy in front
+    # hides a second request in it.
+    body = json.dumps(
+        {"inputs": [{"name": "in", "datatype": "INT32", "shape": [1], "data": [7]}]}
+    ).encode()
+    smuggled = b"GET /v2/models/stats HTTP/1.1\r\nHost: x\r\n\r\n"
+    for path in (b"/v2/models/id-int32/infer", b"/v2/repository/index"):
+        head = framing.replace(b"{n}", str(len(body)).encode())
+        answer = _raw(
+            rest.port,
+            b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + body + smuggled,
+        )
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert answer.count(b"HTTP/1.1 ") == 1 and answer.endswith(b"<closed>")
+
+
+def test_non_finite_outputs_are_answered_as_binary_data(rest: RestServer) -> None:
+    # NaN and Infinity are not JSON: answering them as JSON numbers broke strict parsers.
+    x = X.copy()
+    x[0, 1], x[1, 2] = np.nan, np.inf
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [2, 4],
+                    "parameters": {"binary_data_size": x.nbytes},
+                },
+                {"name": "b", "datatype": "FP32", "shape": [4], "data": B.tolist()},
+            ],
+        }
+    ).encode()
+    status, headers, body = call(
+        rest.port,
+        "POST",
+        "/v2/models/affine/infer",
+        header + x.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+    split = int(headers["Inference-Header-Content-Length"])
+
+    def strict(constant: str) -> Any:
+        raise AssertionError(f"{constant} in a JSON answer")
+
+    y, total = json.loads(body[:split], parse_constant=strict)["outputs"]
+    assert y["parameters"] == {"binary_data_size": 32} and "data" not in y
+    assert total["parameters"] == {"binary_data_size": 8} and "data" not in total
+    np.testing.assert_array_equal(
+        np.frombuffer(body[split : split + 32], np.float32).reshape(2, 4), x * 3 + B
+    )
+    np.testing.assert_array_equal(np.frombuffer(body[split + 32 :], np.float32), [np.nan, np.inf])

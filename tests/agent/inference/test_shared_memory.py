@@ -6,7 +6,10 @@ regions), and its regions closed when the client's connection goes away."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +22,15 @@ import pytest
 
 from agent.errors import AlreadyExists, Forbidden, InvalidRequest, RegionNotFound, RequestTooLarge
 from agent.inference.server import InferenceServer
-from agent.inference.shm import SHM_ROOT, SharedMemoryRegions, is_loopback, parse_peer, socket_table
+from agent.inference.shm import (
+    GONE,
+    SHM_ROOT,
+    Connection,
+    SharedMemoryRegions,
+    is_loopback,
+    parse_peer,
+    socket_table,
+)
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 from protos.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -243,11 +254,15 @@ def test_registry_caps_and_confinement(tmp_path: Path) -> None:
     regions = SharedMemoryRegions(root=tmp_path, max_regions=2, max_bytes=3000, max_total=3)
     try:
         owner = (tmp_path / "obj").stat().st_uid
-        other = regions._client_uid  # the client's user, as the kernel's socket table says
-        regions._client_uid = lambda client: (owner + 1, True)  # type: ignore[method-assign]
+        # The client's socket, as the kernel's socket table says: one per port here.
+        regions._connection = lambda client: Connection(  # type: ignore[method-assign]
+            int(client.rsplit(":", 1)[1]), owner + 1
+        )
         with pytest.raises(Forbidden, match="belongs to another user"):
             regions.register(_client(), "a", "/obj", 0, 1000)
-        regions._client_uid = other  # type: ignore[method-assign]
+        regions._connection = lambda client: Connection(  # type: ignore[method-assign]
+            int(client.rsplit(":", 1)[1]), owner
+        )
         regions.register(_client(), "a", "/obj", 0, 1000)
         with pytest.raises(AlreadyExists):
             regions.register(_client(), "a", "/obj", 0, 1000)
@@ -309,3 +324,169 @@ def test_peers_and_the_socket_table() -> None:
             table = socket_table()
             assert table is not None
             assert table[("::1", sock6.getsockname()[1])] == ("01", os.geteuid())
+
+
+def test_a_registry_region_is_its_sockets_not_its_ports(tmp_path: Path) -> None:
+    """Another socket at the same address and port (a new connection from the port the
+    registering one left) neither sees, uses nor unregisters its regions: they are closed."""
+    (tmp_path / "obj").write_bytes(b"\0" * 64)
+    regions = SharedMemoryRegions(root=tmp_path)
+    owner = (tmp_path / "obj").stat().st_uid
+    now = [Connection(7, owner)]
+    regions._connection = lambda client: now[0]  # type: ignore[method-assign]
+    try:
+        regions.register(_client(), "cam", "/obj", 0, 64)
+        assert [r.name for r in regions.status(_client())] == ["cam"]
+        now[0] = Connection(8, owner + 1)  # the port is another user's socket now
+        with pytest.raises(InvalidRequest, match="no shared-memory region"):
+            regions.use(_client()).read("cam", 0, 4)
+        assert regions.status(_client()) == []
+        assert regions.open_regions() == 0
+        now[0] = Connection(9, owner)
+        regions.register(_client(), "cam", "/obj", 0, 64)
+        now[0] = GONE  # the connection is gone: registering from nowhere is refused
+        assert regions.status(_client()) == []
+        with pytest.raises(Forbidden, match="socket table"):
+            regions.register(_client(), "again", "/obj", 0, 64)
+    finally:
+        regions.close()
+
+
+def test_concurrent_registrations_keep_the_cap(tmp_path: Path) -> None:
+    (tmp_path / "obj").write_bytes(b"\0" * 64)
+    regions = SharedMemoryRegions(root=tmp_path, max_regions=4, max_total=100)
+    owner = (tmp_path / "obj").stat().st_uid
+    regions._connection = lambda client: Connection(1, owner)  # type: ignore[method-assign]
+    opening = regions._open
+    together = threading.Barrier(12, timeout=10)
+
+    def slow_open(*args: Any) -> tuple[int, bool]:
+        opened = opening(*args)
+        together.wait()  # every registration has passed the first check
+        return opened
+
+    regions._open = slow_open  # type: ignore[method-assign,assignment]
+    refused: list[Exception] = []
+
+    def register(i: int) -> None:
+        try:
+            regions.register(_client(), f"r{i}", "/obj", 0, 1)
+        except RequestTooLarge as err:
+            refused.append(err)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(12)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert regions.open_regions() == 4
+        assert len(refused) == 8
+    finally:
+        regions.close()
+    # The refused registrations closed the objects they had opened.
+    assert not [f for f in os.listdir("/proc/self/fd") if _is(f, tmp_path / "obj")]
+
+
+def _is(fd: str, path: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    except OSError:
+        return False
+
+
+class _Relay:
+    """A TCP relay to the server whose upstream connection leaves from a chosen source port
+    (as another local user can bind the port a client just left)."""
+
+    def __init__(self, server_port: int, source_port: int = 0) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.up = socket.socket()
+        self.up.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.up.bind(("127.0.0.1", source_port))
+        self.up.connect(("127.0.0.1", server_port))
+        self.source_port = self.up.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        down, _ = self.listener.accept()
+        back = threading.Thread(target=self._pipe, args=(self.up, down), daemon=True)
+        back.start()
+        self._pipe(down, self.up)
+        back.join(10)
+        down.close()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for sock in (a, b):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def reset(self) -> None:
+        """Drop the upstream connection (once its client closed) at once: a reset, so no
+        TIME_WAIT holds the port."""
+        self.thread.join(10)
+        self.up.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        self.up.close()
+        self.listener.close()
+
+
+def test_a_new_connection_from_the_same_port_does_not_inherit_regions(
+    region: Any, server: InferenceServer
+) -> None:
+    if socket_table() is None:
+        pytest.skip("no /proc/net/tcp here")
+    regions = server.plane.shared_memory
+    assert regions is not None
+    _, key = region()
+    victim = _Relay(server.port)
+    client = tg.InferenceServerClient(f"127.0.0.1:{victim.port}", channel_args=OWN_CONNECTION)
+    client.register_system_shared_memory("cam", key, 64)
+    assert regions.open_regions() == 1
+    client.close()
+    victim.reset()
+    # The attacker connects from the victim's source port before any sweep ran.
+    attacker = _Relay(server.port, victim.source_port)
+    assert attacker.source_port == victim.source_port
+    other = tg.InferenceServerClient(f"127.0.0.1:{attacker.port}", channel_args=OWN_CONNECTION)
+    try:
+        assert len(other.get_system_shared_memory_status().regions) == 0
+        with pytest.raises(InferenceServerException, match="no shared-memory region named 'cam'"):
+            other.infer("affine", _inputs_from("cam"))
+        assert regions.open_regions() == 0
+    finally:
+        other.close()
+        attacker.reset()
+
+
+def test_the_sweep_closes_regions_whose_port_another_socket_took(
+    region: Any, server: InferenceServer
+) -> None:
+    if socket_table() is None:
+        pytest.skip("no /proc/net/tcp here")
+    regions = server.plane.shared_memory
+    assert regions is not None
+    _, key = region()
+    victim = _Relay(server.port)
+    client = tg.InferenceServerClient(f"127.0.0.1:{victim.port}", channel_args=OWN_CONNECTION)
+    client.register_system_shared_memory("cam", key, 64)
+    client.close()
+    victim.reset()
+    attacker = _Relay(server.port, victim.source_port)
+    other = tg.InferenceServerClient(f"127.0.0.1:{attacker.port}", channel_args=OWN_CONNECTION)
+    try:
+        assert other.is_server_live()  # its connection is established
+        assert regions.sweep() == 1
+        assert regions.open_regions() == 0
+    finally:
+        other.close()
+        attacker.reset()

@@ -289,9 +289,14 @@ def check_data(
         resolve_upload(data, uploads_dir)
         return
     if not within(Path(data), data_roots):
-        raise Forbidden(
+        unknown = (
             f"data set {data!r} is neither built in ({', '.join(BUILT_IN_DATA)}), an upload, "
-            "nor captures; paths on the cloud machine are read only under the folders its "
+            "nor captures"
+        )
+        if "/" not in data and not data.startswith("."):
+            raise UnknownResource(f"{unknown}; give a local path to the CLI to upload it")
+        raise Forbidden(
+            f"{unknown}; paths on the cloud machine are read only under the folders its "
             "operator lists in jobs.data_roots. Give a local path to the CLI to upload it"
         )
     if not _exists(Path(data)):
@@ -303,7 +308,7 @@ def within(path: Path, roots: tuple[Path, ...]) -> bool:
     try:
         resolved = path.resolve()
         return any(resolved.is_relative_to(root.resolve()) for root in roots)
-    except (OSError, RuntimeError):  # a name the file system refuses, a link loop
+    except (OSError, RuntimeError, ValueError):  # a refused name, a link loop, a NUL byte
         return False
 
 

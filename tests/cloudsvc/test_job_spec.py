@@ -120,12 +120,15 @@ def test_backbone_and_data_references_must_exist(tmp_path: Path) -> None:
         "/etc/passwd",
         str(tmp_path / "sets" / ".." / ".."),
         str(tmp_path / "sets" / "escape"),
-        "imagenet",
+        "./imagenet",
+        "/etc/pass\0wd",
     ):
         with pytest.raises(Forbidden, match="neither built in"):
             check_data(outside, uploads, tmp_path, roots)
     with pytest.raises(Forbidden, match="neither built in"):
         check_data(str(tmp_path / "sets" / "parts"), uploads, tmp_path)  # no roots: none
+    with pytest.raises(UnknownResource, match="neither built in"):
+        check_data("imagenet", uploads, tmp_path, roots)  # a name, not a path: unknown
     with pytest.raises(NotReady, match="apt-get install dataset-fashion-mnist"):
         check_data("fashion-mnist", uploads, tmp_path / "nowhere")
     with pytest.raises(InvalidRequest, match="needs a data set"):

@@ -308,7 +308,7 @@ def test_peers_and_the_socket_table() -> None:
         with socket.create_connection(listener.getsockname()) as sock:
             table = socket_table()
             if table is None:
-                pytest.skip("no /proc/net/tcp here")
+                pytest.skip(reason="no /proc/net/tcp here: regions cannot be bound to a socket")
             state, uid = table[sock.getsockname()[:2]]
             assert (state, uid) == ("01", os.geteuid())
     if not socket.has_ipv6:
@@ -444,7 +444,7 @@ def test_a_new_connection_from_the_same_port_does_not_inherit_regions(
     region: Any, server: InferenceServer
 ) -> None:
     if socket_table() is None:
-        pytest.skip("no /proc/net/tcp here")
+        pytest.skip(reason="no /proc/net/tcp here: regions cannot be bound to a socket")
     regions = server.plane.shared_memory
     assert regions is not None
     _, key = region()
@@ -472,7 +472,7 @@ def test_the_sweep_closes_regions_whose_port_another_socket_took(
     region: Any, server: InferenceServer
 ) -> None:
     if socket_table() is None:
-        pytest.skip("no /proc/net/tcp here")
+        pytest.skip(reason="no /proc/net/tcp here: regions cannot be bound to a socket")
     regions = server.plane.shared_memory
     assert regions is not None
     _, key = region()

@@ -380,6 +380,9 @@ class Agent:
 
         systemd = Notifier.from_environ()
         previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # A parent that blocked them (some init scripts and CI runners do) must not keep the
+        # agent from stopping: a blocked SIGTERM waits, pending, until SIGKILL.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
             if self._server is None and self.workers is None:
                 self.start()

@@ -156,6 +156,8 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Stoppable even under a parent that blocked them (a blocked SIGTERM waits for SIGKILL).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     if server.admin_token.path is not None:
         log.info("admin token is in %s", server.admin_token.path)
     if server.tls is None:

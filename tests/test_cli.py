@@ -92,12 +92,18 @@ def test_demo_on_sigterm_stops_its_children_and_keeps_a_users_folder(tmp_path: P
     workdir = tmp_path / "mine"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("the user's own file")
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "edgefleet.cli", "demo", "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # Started with SIGTERM blocked, as some CI runners and init scripts start processes: the
+    # demo (and its children) must still stop on it. (A child inherits this thread's mask.)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet.cli", "demo", "--workdir", str(workdir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     try:
         deadline = time.monotonic() + 120
         # Once the agents' ports are written, the cloud and three agents run as children.

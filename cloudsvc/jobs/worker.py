@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -97,6 +98,9 @@ def run(job_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The manager stops a cancelled worker with SIGTERM; a mask inherited from a thread or
+    # parent that blocked it would leave the worker running until SIGKILL.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m cloudsvc.jobs.worker JOB_DIR")

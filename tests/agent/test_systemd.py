@@ -303,18 +303,24 @@ def test_agent_run_under_systemd_notify(tmp_path: Path, systemd: tuple[FakeSyste
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "edgefleet.cli", "agent", "run",
-            "--cloud", f"127.0.0.1:{dead}",
-            "--insecure",
-            "--root-key", "sha256:" + "ab" * 32,
-            "--data-dir", str(tmp_path / "agent"),
-            "--inference-port", "0",
-            "--port-file", str(port_file),
-        ],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    # Started with SIGTERM blocked (some init scripts and CI runners do that): the agent
+    # unblocks it, so systemd's stop is still a clean one. A child inherits this mask.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "edgefleet.cli", "agent", "run",
+                "--cloud", f"127.0.0.1:{dead}",
+                "--insecure",
+                "--root-key", "sha256:" + "ab" * 32,
+                "--data-dir", str(tmp_path / "agent"),
+                "--inference-port", "0",
+                "--port-file", str(port_file),
+            ],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     try:
         ready_at, _ = fake.wait_for("READY", timeout=90)
         assert serving_when_ready == [True]

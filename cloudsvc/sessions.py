@@ -14,6 +14,13 @@ from cloudsvc.errors import BadModel
 CPU = ("CPUExecutionProvider",)
 
 
+def providers_for(wanted: Sequence[str]) -> list[str]:
+    """Those of a target's execution providers this machine's ONNX Runtime has, in order;
+    the CPU where it has none of them."""
+    have = set(ort.get_available_providers())
+    return [p for p in wanted if p in have] or ["CPUExecutionProvider"]
+
+
 def open_session(path: Path, providers: Sequence[str] = CPU) -> ort.InferenceSession:
     """A one-thread session on `providers` (ONNX Runtime lists Azure first unless told);
     BadModel naming ONNX Runtime's reason when the model does not load."""

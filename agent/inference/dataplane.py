@@ -54,12 +54,11 @@ from agent.inference.validation import (
     decode_request,
     encode_response,
     plan_for,
-    to_raw,
+    raw_view,
 )
 from agent.recorder import Recorder
 from agent.runtime import LoadedModel, ModelRepository
 from edgefleet.core.errors import ErrorCode
-from edgefleet.core.tensors import DATATYPE_TO_NUMPY
 from edgefleet.core.wire import to_proto
 from protos.inference.v2 import grpc_predict_v2_pb2 as pb
 
@@ -594,11 +593,7 @@ def _place_outputs(
         if ref is None:
             continue
         datatype = types[name]
-        if datatype == "BYTES":
-            data: bytes | memoryview = to_raw(datatype, array)
-        else:
-            contiguous = np.ascontiguousarray(array, dtype=DATATYPE_TO_NUMPY[datatype])
-            data = contiguous.data.cast("B")
+        data = raw_view(datatype, array)
         if len(data) > ref.byte_size:
             raise InvalidRequest(
                 f"output {name!r} is {len(data)} bytes ({datatype} of shape "
@@ -617,11 +612,6 @@ def request_parameters(parameters: Any) -> tuple[str, str]:
     if others:
         _refuse_parameters("the request", others)
     return _string(parameters, LABEL_PARAMETER), _string(parameters, ROUTING_PARAMETER)
-
-
-def request_label(parameters: Any) -> str:
-    """The request's "label" parameter ("" without one); unknown parameters are refused."""
-    return request_parameters(parameters)[0]
 
 
 def _string(parameters: Any, name: str) -> str:

@@ -74,7 +74,7 @@ from agent.errors import (
 )
 from agent.inference.dataplane import DataPlane
 from agent.inference.stats import Duration, VersionFigures
-from agent.inference.validation import Array, DecodedRequest, ModelPlan, Placed, to_raw
+from agent.inference.validation import Array, DecodedRequest, ModelPlan, Placed, raw_view
 from edgefleet.core.auth import same_secret, token_from_metadata
 from edgefleet.core.errors import EdgefleetError
 from edgefleet.core.rpc import bounded
@@ -418,11 +418,7 @@ def rest_encoder(
             if placed and name in placed:
                 out["parameters"] = dict(placed[name])
             elif choice.of(name) or _non_finite(array):
-                if datatype == "BYTES":
-                    data: bytes | memoryview = to_raw(datatype, array)
-                else:
-                    contiguous = np.ascontiguousarray(array, dtype=DATATYPE_TO_NUMPY[datatype])
-                    data = contiguous.data.cast("B")
+                data = raw_view(datatype, array)
                 out["parameters"] = {BINARY_DATA_SIZE: len(data)}
                 chunks.append(data)
             else:

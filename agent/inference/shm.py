@@ -216,31 +216,15 @@ def connection_of(client: str, table: Sockets | None) -> Connection | None:
 def socket_table(
     paths: tuple[Path, ...] = _PROC_TCP,
 ) -> dict[tuple[str, int], tuple[str, int]] | None:
-    """Every TCP socket of this network namespace: (local address, port) -> (state, uid);
-    None where the table cannot be read (not Linux)."""
-    table: dict[tuple[str, int], tuple[str, int]] = {}
-    read = False
-    for path in paths:
-        try:
-            lines = path.read_text().splitlines()[1:]
-        except OSError:
-            continue
-        read = True
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 8:
-                continue
-            host, _, port = fields[1].partition(":")
-            try:
-                key = (_address(host), int(port, 16))
-                uid = int(fields[7])
-            except (ValueError, OSError):
-                continue
-            state = fields[3]
-            # A TIME_WAIT entry of an old connection must not hide an established one.
-            if key not in table or state == _ESTABLISHED:
-                table[key] = (state, uid)
-    return table if read else None
+    """`socket_entries` as (local address, port) -> (state, uid) of one socket there: the
+    established one where there is one (an old connection's TIME_WAIT must not hide it)."""
+    entries = socket_entries(paths)
+    if entries is None:
+        return None
+    return {
+        key: next(((e[0], e[1]) for e in found if e[0] == _ESTABLISHED), found[0][:2])
+        for key, found in entries.items()
+    }
 
 
 class SharedMemoryRegions:
@@ -408,9 +392,13 @@ class SharedMemoryRegions:
     def use(self, client: str) -> SharedMemoryUse:
         return SharedMemoryUse(self, client)
 
-    def _acquire(self, client: str, name: str) -> _Region:
+    def _verify(self, client: str) -> None:
+        """Drop the client's regions if its socket is not the one that registered them: once
+        per request (it reads the kernel's socket table)."""
         if any(r.connection is not None for r in self._clients.get(client, {}).values()):
             self._drop_stale(client, self._connection(client))
+
+    def _acquire(self, client: str, name: str) -> _Region:
         with self._lock:
             region = self._clients.get(client, {}).get(name)
             if region is None or region.closing:
@@ -569,10 +557,14 @@ class SharedMemoryUse:
         self._regions = regions
         self._client = client
         self._held: dict[str, _Region] = {}
+        self._verified = False
 
     def _region(self, name: str) -> _Region:
         region = self._held.get(name)
         if region is None:
+            if not self._verified:
+                self._regions._verify(self._client)
+                self._verified = True
             region = self._held[name] = self._regions._acquire(self._client, name)
         return region
 

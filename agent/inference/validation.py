@@ -372,6 +372,13 @@ def to_raw(datatype: str, array: Array) -> bytes:
     return array.tobytes()
 
 
+def raw_view(datatype: str, array: Array) -> bytes | memoryview:
+    """An output's raw bytes without a copy where it can (BYTES: length-prefixed)."""
+    if datatype == "BYTES":
+        return to_raw(datatype, array)
+    return np.ascontiguousarray(array, dtype=DATATYPE_TO_NUMPY[datatype]).data.cast("B")
+
+
 def _fill_typed(contents: pb.InferTensorContents, datatype: str, array: Array) -> None:
     field_name = TYPED_CONTENTS_FIELD.get(datatype)
     if field_name is None:

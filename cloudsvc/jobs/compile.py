@@ -26,7 +26,7 @@ from cloudsvc.jobs.feeds import (
 )
 from cloudsvc.jobs.results import JobResult
 from cloudsvc.jobs.spec import CompileSpec
-from cloudsvc.sessions import open_session
+from cloudsvc.sessions import open_session, providers_for
 from compilers.build import Build
 from compilers.errors import AccuracyDropError, CompileError, TargetUnavailableError
 from compilers.sampling import Score, stratified_sample
@@ -116,14 +116,6 @@ def _metrics_line(metrics: Mapping[str, float]) -> str:
     return ", ".join(parts)
 
 
-def _providers(profile: TargetProfile) -> list[str]:
-    import onnxruntime as ort
-
-    have = set(ort.get_available_providers())
-    wanted = [p for p in profile.providers if p in have]
-    return wanted or ["CPUExecutionProvider"]
-
-
 def _compile_one(
     profile: TargetProfile,
     source: Path,
@@ -147,7 +139,9 @@ def _compile_one(
             def evaluate(path: Path) -> float | Score:
                 return engine_score(path) if path.suffix == ".plan" else source_score(path)
         else:
-            evaluate = accuracy_evaluator(data.validation, data.labels, _providers(profile))
+            evaluate = accuracy_evaluator(
+                data.validation, data.labels, providers_for(profile.providers)
+            )
     calibration = (
         [take(data.calibration, i, i + 16) for i in range(0, rows(data.calibration), 16)]
         if data.calibration

@@ -22,7 +22,7 @@ from cloudsvc.jobs.events import Reporter
 from cloudsvc.jobs.feeds import Feeds
 from cloudsvc.jobs.results import JobResult
 from cloudsvc.jobs.spec import EvaluateSpec
-from cloudsvc.sessions import open_session
+from cloudsvc.sessions import open_session, providers_for
 from compilers.sampling import stratified_sample
 from compilers.targets import TARGETS
 from edgefleet.core.tensors import CLASS_NAMES_KEY, ORT_TO_DATATYPE, numpy_dtype, parse_class_names
@@ -53,7 +53,9 @@ def run_evaluate(spec: EvaluateSpec, env: WorkerEnv, report: Reporter) -> JobRes
     manifest.ParseFromString((env.job_dir / ARTIFACT_MANIFEST).read_bytes())
     params = dict(manifest.preprocessing.params)
     entry = folder / manifest.entrypoint
-    run = open_session(entry, _providers(spec.target))
+    run = open_session(
+        entry, providers_for(TARGETS[spec.target].providers if spec.target in TARGETS else ())
+    )
     dataset = load_job_data(spec.data, spec.data_options, env, seed=0)
     what = f"{spec.model} v{spec.version} ({spec.target})"
     encode = _encoder(run, dataset, folder, params, what)
@@ -319,15 +321,6 @@ def cross_entropy(
     log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     out: npt.NDArray[np.float64] = -log_softmax[rows, labels]
     return out
-
-
-def _providers(target: str) -> list[str]:
-    import onnxruntime as ort
-
-    profile = TARGETS.get(target)
-    have = set(ort.get_available_providers())
-    wanted = [p for p in (profile.providers if profile else ()) if p in have]
-    return wanted or ["CPUExecutionProvider"]
 
 
 def _first_line(err: Exception) -> str:

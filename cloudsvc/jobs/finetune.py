@@ -273,7 +273,7 @@ def _test_set(
 
     if spec.test_fraction:
         parts = split_dataset(dataset, spec.test_fraction, seed + 7919)
-        test = replace_source(parts.validation, f"{spec.test_fraction:.0%} of {dataset.source}")
+        test = replace(parts.validation, source=f"{spec.test_fraction:.0%} of {dataset.source}")
         report.log(
             f"test set: {len(test)} examples ({spec.test_fraction:.0%} of the data, stratified)"
             " kept apart: no training, early stopping or search reads them"
@@ -301,10 +301,6 @@ def _test_set(
         raise JobFailed(f"the test set {spec.test_data} is the training data itself")
     report.log(f"test set {spec.test_data}: {len(test)} examples, kept apart until the end")
     return dataset, test
-
-
-def replace_source(dataset: Dataset, source: str) -> Dataset:
-    return Dataset(dataset.kind, dataset.inputs, dataset.labels, dataset.class_names, source)
 
 
 def _final_run(

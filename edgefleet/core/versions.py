@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from edgefleet.core.data import InputStats
+from edgefleet.core.stats import wilson_interval
 from edgefleet.core.wire import wire_field
 
 
@@ -144,8 +145,6 @@ class Evaluation:
 
     def interval(self) -> tuple[float, float]:
         """The accuracy's 95% Wilson interval on `count` examples."""
-        from edgefleet.core.stats import wilson_interval
-
         return wilson_interval(self.accuracy * self.count, self.count)
 
     @property
